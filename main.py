@@ -1,0 +1,578 @@
+"""A Clustera kernel: consume Kafka topics and do one job per message.
+
+Edit the three things at the top (KERNEL_NAME, DEFAULT_TOPIC, process_message) and leave the rest:
+it is the at-least-once machinery every kernel shares. Configuration comes from the environment
+(or a .env file); README.md lists every variable.
+
+Delivery contract of process_message(message):
+  return True   the message is done; its offset may be committed.
+  return False  retriable; the same message is tried again after a backoff, never skipped.
+  raise         fatal; the kernel commits what finished before it and exits with code 1.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import os
+import random
+import shutil
+import signal
+import ssl
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from dotenv import load_dotenv
+from kafka import ConsumerRebalanceListener, KafkaConsumer, OffsetAndMetadata, TopicPartition
+from kafka.errors import CommitFailedError, KafkaError, NoBrokersAvailable
+
+# What to edit
+
+KERNEL_NAME = "example-kernel"
+DEFAULT_TOPIC = "example-topic"
+
+log = logging.getLogger(KERNEL_NAME)
+
+
+def process_message(message) -> bool:
+    """Handle one Kafka record; return True when done, False to have it retried.
+
+    `message` is a kafka-python ConsumerRecord: .topic, .partition, .offset, .key and .value
+    (bytes or None), .headers (list of (str, bytes)), .timestamp (ms since the epoch).
+    Delivery is at-least-once: after a crash a message can arrive again, so make the work
+    idempotent (an upsert keyed by topic/partition/offset, or by an id inside the message).
+    """
+    log.info(
+        "Received %s[%d]@%d key=%s value=%s timestamp=%s",
+        message.topic,
+        message.partition,
+        message.offset,
+        describe_bytes(message.key),
+        describe_bytes(message.value),
+        describe_timestamp(message.timestamp),
+    )
+    return True
+
+
+def describe_bytes(data: bytes | None, limit: int = 200) -> str:
+    """Text for a log line: UTF-8 shown (truncated to `limit` characters), binary as a size."""
+    if data is None:
+        return "None"
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return f"<{len(data)} bytes>"
+    if len(text) > limit:
+        return repr(text[:limit]) + f"... ({len(text)} characters)"
+    return repr(text)
+
+
+def describe_timestamp(timestamp_ms: int | None) -> str:
+    if timestamp_ms is None or timestamp_ms < 0:
+        return "none"
+    return datetime.fromtimestamp(timestamp_ms / 1000, timezone.utc).isoformat(timespec="milliseconds")
+
+
+# Settings
+
+EXIT_OK = 0
+EXIT_FATAL = 1  # process_message raised, or returned something other than True or False
+EXIT_CONFIG = 2  # a setting is missing or invalid
+EXIT_BROKER = 3  # the broker was unreachable at start-up, or gave an unrecoverable error
+EXIT_FORCED = 128  # + signal number: a second SIGTERM/SIGINT during shutdown
+
+POLL_TIMEOUT_MS = 1000  # bounds how long a stop request waits for poll() to return
+CERT_VARIABLES = ("KAFKA_CA_CERT", "KAFKA_CLIENT_CERT", "KAFKA_CLIENT_KEY")
+
+
+class ConfigError(Exception):
+    """A setting is missing or invalid; the message names the variable, never a secret value."""
+
+
+class MessageFailed(Exception):
+    """process_message raised, or returned something other than True or False."""
+
+    def __init__(self, record):
+        super().__init__(f"{record.topic}[{record.partition}]@{record.offset}")
+
+
+class BrokerUnavailable(Exception):
+    """The bootstrap servers could not be reached within KAFKA_BOOTSTRAP_TIMEOUT_MS."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    bootstrap_servers: list[str]
+    topics: list[str]
+    group_id: str
+    client_id: str
+    ca_cert: str | None  # base64 (or PEM) text as given; decoded by write_tls_material
+    client_cert: str | None
+    client_key: str | None
+    ssl_check_hostname: bool = True
+    auto_offset_reset: str = "earliest"
+    max_poll_records: int = 500
+    session_timeout_ms: int = 45_000
+    heartbeat_interval_ms: int = 3_000
+    max_poll_interval_ms: int = 300_000
+    bootstrap_timeout_ms: int = 30_000
+    commit_timeout_ms: int = 10_000
+    retry_initial_ms: int = 500
+    retry_max_ms: int = 30_000
+    log_level: str = "INFO"
+
+    def __post_init__(self):
+        if self.heartbeat_interval_ms >= self.session_timeout_ms:
+            raise ConfigError(
+                f"KAFKA_HEARTBEAT_INTERVAL_MS ({self.heartbeat_interval_ms}) must be lower than "
+                f"KAFKA_SESSION_TIMEOUT_MS ({self.session_timeout_ms})"
+            )
+        if self.retry_initial_ms > self.retry_max_ms:
+            raise ConfigError(
+                f"KERNEL_RETRY_INITIAL_MS ({self.retry_initial_ms}) must not exceed "
+                f"KERNEL_RETRY_MAX_MS ({self.retry_max_ms})"
+            )
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.ca_cert is not None
+
+
+def load_settings(env: Mapping[str, str]) -> Settings:
+    """Build the settings from environment variables; raise ConfigError naming the bad one."""
+    certs = {name: env.get(name, "").strip() or None for name in CERT_VARIABLES}
+    missing = [name for name, value in certs.items() if value is None]
+    if 0 < len(missing) < len(CERT_VARIABLES):
+        raise ConfigError(
+            f"{', '.join(missing)} not set: mutual TLS needs all of {', '.join(CERT_VARIABLES)} "
+            "(or none of them for PLAINTEXT)"
+        )
+    return Settings(
+        bootstrap_servers=parse_list(env, "KAFKA_BOOTSTRAP_SERVERS", default=None),
+        topics=parse_list(env, "KAFKA_TOPIC", default=DEFAULT_TOPIC),
+        group_id=env.get("KAFKA_CONSUMER_GROUP") or f"{KERNEL_NAME}-group",
+        client_id=env.get("KAFKA_CLIENT_ID") or f"{KERNEL_NAME}-consumer-{os.getpid()}",
+        ca_cert=certs["KAFKA_CA_CERT"],
+        client_cert=certs["KAFKA_CLIENT_CERT"],
+        client_key=certs["KAFKA_CLIENT_KEY"],
+        ssl_check_hostname=parse_bool(env, "KAFKA_SSL_CHECK_HOSTNAME", True),
+        auto_offset_reset=parse_choice(env, "KAFKA_AUTO_OFFSET_RESET", "earliest", ("earliest", "latest")),
+        max_poll_records=parse_int(env, "KAFKA_MAX_POLL_RECORDS", 500, minimum=1),
+        session_timeout_ms=parse_int(env, "KAFKA_SESSION_TIMEOUT_MS", 45_000, minimum=1_000),
+        heartbeat_interval_ms=parse_int(env, "KAFKA_HEARTBEAT_INTERVAL_MS", 3_000, minimum=100),
+        max_poll_interval_ms=parse_int(env, "KAFKA_MAX_POLL_INTERVAL_MS", 300_000, minimum=1_000),
+        bootstrap_timeout_ms=parse_int(env, "KAFKA_BOOTSTRAP_TIMEOUT_MS", 30_000, minimum=1_000),
+        commit_timeout_ms=parse_int(env, "KAFKA_COMMIT_TIMEOUT_MS", 10_000, minimum=100),
+        retry_initial_ms=parse_int(env, "KERNEL_RETRY_INITIAL_MS", 500, minimum=1),
+        retry_max_ms=parse_int(env, "KERNEL_RETRY_MAX_MS", 30_000, minimum=1),
+        log_level=parse_choice(env, "LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
+    )
+
+
+def parse_list(env: Mapping[str, str], name: str, default: str | None) -> list[str]:
+    items = [item.strip() for item in (env.get(name) or default or "").split(",") if item.strip()]
+    if not items:
+        raise ConfigError(f"{name} is required: a comma-separated list")
+    return items
+
+
+def parse_int(env: Mapping[str, str], name: str, default: int, minimum: int) -> int:
+    text = env.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = int(text.replace("_", ""))
+    except ValueError:
+        raise ConfigError(f"{name} must be a whole number, got {text!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+def parse_bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    text = env.get(name, "").strip().lower()
+    if not text:
+        return default
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be true or false, got {text!r}")
+
+
+def parse_choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    text = env.get(name, "").strip() or default
+    value = text.upper() if choices[0].isupper() else text.lower()
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {text!r}")
+    return value
+
+
+# TLS material
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    directory: str
+    ca_file: str
+    cert_file: str
+    key_file: str
+
+
+def decode_pem(name: str, value: str, block: str) -> bytes:
+    """Decode a base64 variable to PEM. Line breaks, missing padding and raw PEM are accepted."""
+    text = value.strip()
+    if text.startswith("-----BEGIN"):
+        pem = text.encode()
+    else:
+        compact = "".join(text.split())
+        try:
+            pem = base64.b64decode(compact + "=" * (-len(compact) % 4), validate=True)
+        except (binascii.Error, ValueError):
+            raise ConfigError(f"{name} is not valid base64 (nor PEM text)") from None
+    if f"-----BEGIN {block}".encode() not in pem and not (
+        block == "PRIVATE KEY" and b"PRIVATE KEY-----" in pem
+    ):
+        raise ConfigError(f"{name} does not decode to a PEM {block.lower()} ('-----BEGIN {block}...')")
+    return pem
+
+
+def write_tls_material(settings: Settings) -> TlsFiles:
+    """Write the decoded certificates into a private directory and check that they fit together.
+
+    The directory is 0700 and the files 0600; the caller removes the directory on every exit path.
+    """
+    material = {
+        "ca.pem": decode_pem("KAFKA_CA_CERT", settings.ca_cert, "CERTIFICATE"),
+        "client.pem": decode_pem("KAFKA_CLIENT_CERT", settings.client_cert, "CERTIFICATE"),
+        "client.key": decode_pem("KAFKA_CLIENT_KEY", settings.client_key, "PRIVATE KEY"),
+    }
+    directory = tempfile.mkdtemp(prefix=f"{KERNEL_NAME}-tls-")  # created 0700
+    files = TlsFiles(directory, *(os.path.join(directory, name) for name in material))
+    try:
+        for path, pem in zip((files.ca_file, files.cert_file, files.key_file), material.values()):
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(descriptor, "wb") as file:
+                file.write(pem)
+        check_tls_material(files)
+    except BaseException:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
+    return files
+
+
+def check_tls_material(files: TlsFiles) -> None:
+    """Load the files the way the client will, so a bad one fails now with its variable's name."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    for name, path in (("KAFKA_CA_CERT", files.ca_file), ("KAFKA_CLIENT_CERT", files.cert_file)):
+        try:
+            context.load_verify_locations(cafile=path)
+        except ssl.SSLError:
+            raise ConfigError(f"{name} is not a valid PEM certificate") from None
+
+    def refuse_encrypted_key():
+        raise ConfigError("KAFKA_CLIENT_KEY is encrypted: provide the key without a passphrase")
+
+    try:
+        context.load_cert_chain(files.cert_file, files.key_file, password=refuse_encrypted_key)
+    except ssl.SSLError as error:
+        if "KEY_VALUES_MISMATCH" in str(error):
+            raise ConfigError("KAFKA_CLIENT_KEY does not match KAFKA_CLIENT_CERT") from None
+        raise ConfigError("KAFKA_CLIENT_KEY is not a valid PEM private key") from None
+
+
+# The consumer loop
+
+
+def consumer_config(settings: Settings, tls: TlsFiles | None) -> dict:
+    """kafka-python KafkaConsumer arguments; see the KafkaConsumer docstring for each."""
+    config = dict(
+        bootstrap_servers=settings.bootstrap_servers,
+        client_id=settings.client_id,
+        group_id=settings.group_id,
+        # Offsets are committed by the loop, explicitly and only for finished messages.
+        enable_auto_commit=False,
+        auto_offset_reset=settings.auto_offset_reset,
+        max_poll_records=settings.max_poll_records,
+        session_timeout_ms=settings.session_timeout_ms,
+        heartbeat_interval_ms=settings.heartbeat_interval_ms,
+        max_poll_interval_ms=settings.max_poll_interval_ms,
+        # Bootstrap is retried by connect() in short attempts so that a stop request is honoured.
+        api_version_auto_timeout_ms=min(settings.bootstrap_timeout_ms, 2_000),
+        security_protocol="PLAINTEXT",
+    )
+    if tls is not None:
+        config.update(
+            security_protocol="SSL",
+            ssl_cafile=tls.ca_file,
+            ssl_certfile=tls.cert_file,
+            ssl_keyfile=tls.key_file,
+            ssl_check_hostname=settings.ssl_check_hostname,
+        )
+    return config
+
+
+def connect(settings: Settings, tls: TlsFiles | None, stop: StopSignal) -> KafkaConsumer | None:
+    """Create the consumer, retrying until the bootstrap timeout; None if a stop was requested."""
+    deadline = time.monotonic() + settings.bootstrap_timeout_ms / 1000
+    while not stop.requested:
+        try:
+            return KafkaConsumer(**consumer_config(settings, tls))
+        except NoBrokersAvailable:
+            if time.monotonic() >= deadline:
+                raise BrokerUnavailable(
+                    f"no broker of KAFKA_BOOTSTRAP_SERVERS={','.join(settings.bootstrap_servers)} "
+                    f"answered within {settings.bootstrap_timeout_ms} ms "
+                    f"(KAFKA_BOOTSTRAP_TIMEOUT_MS) over {'SSL' if tls else 'PLAINTEXT'}: check the "
+                    "address and port, the network, and that the certificates match the cluster"
+                ) from None
+            time.sleep(0.5)
+        except ssl.SSLCertVerificationError as error:
+            raise BrokerUnavailable(
+                f"the broker's certificate failed verification ({error.verify_message}): check that "
+                "KAFKA_CA_CERT is the CA that signed the brokers' certificates, and the host names "
+                "in KAFKA_BOOTSTRAP_SERVERS (or set KAFKA_SSL_CHECK_HOSTNAME=false)"
+            ) from None
+    return None
+
+
+@dataclass
+class Retry:
+    """A message that returned False: its partition waits (paused) until `due_s`."""
+
+    offset: int
+    attempts: int
+    due_s: float  # time.monotonic() of the next attempt
+
+
+class Kernel:
+    """Polls, hands each record to process_message in partition order, commits finished offsets.
+
+    Per partition it keeps the offset after the last finished message (`finished`, until committed)
+    and the pending retry, if any. A partition whose message returned False is paused and seeked
+    back to that message, so poll() keeps the group membership alive while later messages of the
+    partition wait and the other partitions go on.
+    """
+
+    def __init__(self, consumer: KafkaConsumer, settings: Settings, stop: StopSignal):
+        self.consumer = consumer
+        self.settings = settings
+        self.stop = stop
+        self.finished: dict[TopicPartition, int] = {}
+        self.retries: dict[TopicPartition, Retry] = {}
+
+    def run(self) -> int:
+        self.consumer.subscribe(self.settings.topics, listener=RebalanceListener(self))
+        try:
+            while not self.stop.requested:
+                self.run_once()
+            log.info("Stop requested: finishing")
+            return EXIT_OK
+        except MessageFailed as failure:
+            log.exception("process_message failed on %s; it stays uncommitted. Stopping", failure)
+            return EXIT_FATAL
+        except KafkaError:
+            log.exception("Unrecoverable Kafka error; stopping")
+            return EXIT_BROKER
+        finally:
+            self.commit_finished()
+            self.consumer.close(autocommit=False)  # leaves the group: the others rebalance at once
+            log.info("Consumer closed")
+
+    def run_once(self) -> None:
+        self.resume_due_partitions()
+        batch = self.consumer.poll(timeout_ms=self.poll_timeout_ms())
+        for partition, records in batch.items():
+            if self.stop.requested:
+                break
+            self.process_partition(partition, records)
+        self.commit_finished()
+
+    def process_partition(self, partition: TopicPartition, records: list) -> None:
+        for record in records:
+            if self.stop.requested:
+                return
+            try:
+                result = process_message(record)  # looked up at call time: tests may replace it
+            except Exception as error:
+                raise MessageFailed(record) from error
+            if result is True:
+                self.finished[partition] = record.offset + 1
+                self.retries.pop(partition, None)
+            elif result is False:
+                self.schedule_retry(partition, record.offset)
+                return
+            else:
+                raise MessageFailed(record) from TypeError(
+                    f"process_message must return True or False, got {result!r}"
+                )
+
+    def schedule_retry(self, partition: TopicPartition, offset: int) -> None:
+        previous = self.retries.get(partition)
+        attempts = previous.attempts + 1 if previous and previous.offset == offset else 1
+        delay_s = retry_delay_ms(attempts, self.settings.retry_initial_ms, self.settings.retry_max_ms) / 1000
+        self.retries[partition] = Retry(offset, attempts, time.monotonic() + delay_s)
+        # Pausing stops fetching; seeking back makes the message the first one poll() returns
+        # after resume(), and drops the later records of this partition already fetched.
+        self.consumer.pause(partition)
+        self.consumer.seek(partition, offset)
+        log.warning(
+            "process_message returned False for %s[%d]@%d (attempt %d); retrying in %.1f s",
+            partition.topic, partition.partition, offset, attempts, delay_s,
+        )
+
+    def resume_due_partitions(self) -> None:
+        now = time.monotonic()
+        due = [tp for tp, retry in self.retries.items() if 0 < retry.due_s <= now]
+        for partition in due:
+            self.retries[partition].due_s = 0  # attempt count kept until the message succeeds
+        if due:
+            self.consumer.resume(*due)
+
+    def poll_timeout_ms(self) -> int:
+        """Poll no longer than until the next retry is due."""
+        waits = [retry.due_s for retry in self.retries.values() if retry.due_s > 0]
+        if not waits:
+            return POLL_TIMEOUT_MS
+        return max(0, min(POLL_TIMEOUT_MS, int((min(waits) - time.monotonic()) * 1000)))
+
+    def commit_finished(self, partitions: set[TopicPartition] | None = None) -> None:
+        """Commit the offsets of finished messages (of `partitions`, or all), synchronously."""
+        offsets = {
+            tp: OffsetAndMetadata(offset, "", -1)
+            for tp, offset in self.finished.items()
+            if partitions is None or tp in partitions
+        }
+        if not offsets:
+            return
+        try:
+            self.consumer.commit(offsets, timeout_ms=self.settings.commit_timeout_ms)
+        except CommitFailedError:
+            # The group rebalanced: partitions we lost are re-read by their new owner from the
+            # last committed offset (at-least-once). Offsets of partitions we keep are retried.
+            assigned = self.consumer.assignment()
+            log.warning("Commit failed because the group rebalanced; the new owners re-read from the last commit")
+            self.forget([tp for tp in offsets if tp not in assigned])
+            return
+        except KafkaError as error:
+            log.warning("Commit failed (%s); will retry after the next poll", type(error).__name__)
+            return
+        for tp, committed in offsets.items():
+            if self.finished.get(tp) == committed.offset:
+                del self.finished[tp]
+        log.debug("Committed %s", {f"{tp.topic}[{tp.partition}]": o.offset for tp, o in offsets.items()})
+
+    def forget(self, partitions) -> None:
+        for partition in partitions:
+            self.finished.pop(partition, None)
+            self.retries.pop(partition, None)
+
+
+def retry_delay_ms(attempts: int, initial_ms: int, maximum_ms: int) -> int:
+    """Exponential backoff with up to 10% jitter, so replicas retrying together spread out."""
+    delay = min(initial_ms * 2 ** min(attempts - 1, 32), maximum_ms)
+    return int(delay * random.uniform(0.9, 1.0))
+
+
+class RebalanceListener(ConsumerRebalanceListener):
+    """kafka-python 2.x calls these from inside poll(), on the loop's own thread."""
+
+    def __init__(self, kernel: Kernel):
+        self.kernel = kernel
+
+    def on_partitions_revoked(self, revoked):
+        # Revocations may be partial (cooperative rebalancing): handle only the partitions named.
+        revoked = set(revoked)
+        self.kernel.commit_finished(revoked)
+        self.kernel.forget(revoked)
+        if revoked:
+            log.info("Partitions revoked: %s", format_partitions(revoked))
+
+    def on_partitions_assigned(self, assigned):
+        if assigned:
+            committed = {tp: self.kernel.consumer.committed(tp) for tp in assigned}
+            log.info("Partitions assigned (committed offset): %s", format_partitions(assigned, committed))
+        else:
+            log.info("No partitions assigned (the group has more members than partitions)")
+
+
+def format_partitions(partitions, offsets: Mapping | None = None) -> str:
+    return ", ".join(
+        f"{tp.topic}[{tp.partition}]" + (f"@{offsets.get(tp)}" if offsets is not None else "")
+        for tp in sorted(partitions)
+    )
+
+
+# Shutdown
+
+
+class StopSignal:
+    """SIGTERM/SIGINT handling: the first signal asks the loop to stop, a second one exits at once."""
+
+    def __init__(self):
+        self.requested = False
+        self.cleanups: list[Callable[[], None]] = []
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self.handle)
+        signal.signal(signal.SIGINT, self.handle)
+
+    def handle(self, signum, frame) -> None:
+        """Meant to be a signal handler: it only sets a flag, unless the stop was already asked."""
+        if self.requested:
+            for cleanup in self.cleanups:
+                cleanup()
+            os._exit(EXIT_FORCED + signum)
+        self.requested = True
+        log.info("Received %s: stopping after the message in hand", signal.Signals(signum).name)
+
+
+# Entry point
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(format=f"%(asctime)s %(levelname)s [{KERNEL_NAME}] %(name)s: %(message)s")
+    logging.getLogger().setLevel(level)
+    # The client logs every connection step at INFO; its warnings and errors still show.
+    logging.getLogger("kafka").setLevel(max(logging.WARNING, logging.getLevelName(level)))
+
+
+def main() -> int:
+    load_dotenv(override=False)  # the real environment wins over .env
+    stop = StopSignal()
+    stop.install()
+    configure_logging("INFO")  # until LOG_LEVEL is known to be valid
+    tls = None
+    try:
+        settings = load_settings(os.environ)
+        configure_logging(settings.log_level)
+        if settings.uses_tls:
+            tls = write_tls_material(settings)
+            stop.cleanups.append(lambda: shutil.rmtree(tls.directory, ignore_errors=True))
+        log.info(
+            "Starting: topics=%s group=%s client=%s bootstrap=%s security=%s",
+            ",".join(settings.topics), settings.group_id, settings.client_id,
+            ",".join(settings.bootstrap_servers), "SSL" if tls else "PLAINTEXT",
+        )
+        consumer = connect(settings, tls, stop)
+        if consumer is None:
+            return EXIT_OK
+        return Kernel(consumer, settings, stop).run()
+    except ConfigError as error:
+        log.error("Configuration error: %s", error)
+        return EXIT_CONFIG
+    except BrokerUnavailable as error:
+        log.error("Cannot reach the broker: %s", error)
+        return EXIT_BROKER
+    finally:
+        if tls is not None:
+            shutil.rmtree(tls.directory, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,241 @@
+"""Shared fixtures: a real broker behind a TLS proxy that requires a client certificate, the kernel as
+a subprocess configured only through environment variables, and an independent client
+(confluent-kafka, librdkafka) to produce and to read committed offsets."""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import signal
+import ssl
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trustme
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from devtools.broker import Broker, free_port
+from tests.tls_proxy import TlsProxy
+
+REPO = Path(__file__).resolve().parent.parent
+MAIN = REPO / "main.py"
+KERNEL_UNDER_TEST = REPO / "tests" / "kernel_under_test.py"
+HELLO_LINE = re.compile(r"Received (\S+)\[(\d+)\]@(\d+) ")
+
+
+def wait_until(condition, timeout_s: float, what: str, interval_s: float = 0.1):
+    """Poll `condition` until it returns something truthy; fail the test after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        result = condition()
+        if result:
+            return result
+        time.sleep(interval_s)
+    pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def base64_lines(data: bytes) -> str:
+    """What `base64` prints on Linux: wrapped at 76 characters."""
+    text = base64.b64encode(data).decode()
+    return "\n".join(text[i : i + 76] for i in range(0, len(text), 76))
+
+
+@dataclass
+class Pki:
+    ca: trustme.CA
+    server: trustme.LeafCert
+    client: trustme.LeafCert
+    directory: Path
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The three certificate variables, base64-encoded as a user would paste them."""
+        return {
+            "KAFKA_CA_CERT": base64_lines(self.ca.cert_pem.bytes()),
+            "KAFKA_CLIENT_CERT": base64_lines(self.client.cert_chain_pems[0].bytes()),
+            "KAFKA_CLIENT_KEY": base64_lines(self.client.private_key_pem.bytes()),
+        }
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory) -> Pki:
+    ca = trustme.CA()
+    directory = tmp_path_factory.mktemp("pki")
+    pki = Pki(ca, ca.issue_cert("127.0.0.1", "localhost"), ca.issue_cert("kernel-client"), directory)
+    ca.cert_pem.write_to_path(str(directory / "ca.pem"))
+    pki.client.cert_chain_pems[0].write_to_path(str(directory / "client.pem"))
+    pki.client.private_key_pem.write_to_path(str(directory / "client.key"))
+    return pki
+
+
+class Cluster:
+    """The broker as clients see it: TLS with a client certificate, through the proxy."""
+
+    def __init__(self, broker: Broker, proxy: TlsProxy, pki: Pki):
+        self.broker = broker
+        self.proxy = proxy
+        self.pki = pki
+
+    @property
+    def bootstrap(self) -> str:
+        return self.broker.bootstrap
+
+    def client_config(self, **extra) -> dict:
+        return {
+            "bootstrap.servers": self.bootstrap,
+            "security.protocol": "SSL",
+            "ssl.ca.location": str(self.pki.directory / "ca.pem"),
+            "ssl.certificate.location": str(self.pki.directory / "client.pem"),
+            "ssl.key.location": str(self.pki.directory / "client.key"),
+            **extra,
+        }
+
+    def create_topic(self, partitions: int) -> str:
+        name = f"t-{uuid.uuid4().hex[:10]}"
+        self.broker.create_topic(name, partitions)
+        return name
+
+    def produce(self, topic: str, messages) -> Counter:
+        """Produce (partition, key, value) triples, acks=all; returns the count per partition."""
+        producer = Producer(self.client_config(**{"acks": "all", "linger.ms": 5}))
+        counts: Counter = Counter()
+        for partition, key, value in messages:
+            while True:
+                try:
+                    producer.produce(topic, value=value, key=key, partition=partition)
+                    break
+                except BufferError:
+                    producer.poll(0.1)
+            counts[partition] += 1
+        assert producer.flush(30) == 0, "the test producer could not deliver every message"
+        return counts
+
+    def committed(self, group: str, topic: str, partitions: int) -> dict[int, int | None]:
+        """Committed offsets per partition, read by an independent client (None: no commit)."""
+        consumer = Consumer(self.client_config(**{"group.id": group}))
+        try:
+            found = consumer.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=20)
+        finally:
+            consumer.close()
+        return {tp.partition: (tp.offset if tp.offset >= 0 else None) for tp in found}
+
+
+@pytest.fixture(scope="session")
+def cluster(pki, tmp_path_factory):
+    proxy_port = free_port()
+    broker = Broker(advertised_port=proxy_port, log_path=str(tmp_path_factory.mktemp("broker") / "tansu.log"))
+    broker.start()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.verify_mode = ssl.CERT_REQUIRED
+    pki.ca.configure_trust(context)
+    pki.server.configure_cert(context)
+    proxy = TlsProxy(proxy_port, broker.port, context).start()
+    yield Cluster(broker, proxy, pki)
+    proxy.stop()
+    broker.stop()
+
+
+class KernelProcess:
+    """`python main.py` (or the kernel with the test handler) as a subprocess."""
+
+    def __init__(self, env: dict[str, str], workdir: Path, script: Path = MAIN):
+        self.env = env
+        self.workdir = workdir
+        self.log_path = workdir / f"kernel-{uuid.uuid4().hex[:6]}.log"
+        self.process = subprocess.Popen(
+            [sys.executable, str(script)],
+            env=env,
+            cwd=workdir,
+            stdin=subprocess.DEVNULL,
+            stdout=self.log_path.open("wb"),
+            stderr=subprocess.STDOUT,
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for_log(self, pattern: str, timeout_s: float = 30) -> None:
+        wait_until(lambda: re.search(pattern, self.log()), timeout_s, f"log line {pattern!r}\n{self.log()[-3000:]}")
+
+    def hello_processed(self) -> list[tuple[int, int]]:
+        """(partition, offset) of every message the unmodified hello-world handler logged."""
+        return [(int(p), int(o)) for _, p, o in HELLO_LINE.findall(self.log())]
+
+    def wait(self, timeout_s: float = 30) -> int:
+        try:
+            return self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            pytest.fail(f"the kernel did not exit within {timeout_s} s\n{self.log()[-3000:]}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 20) -> int:
+        self.process.send_signal(sig)
+        return self.wait(timeout_s)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+
+def read_records(path: Path) -> list[tuple[int, int, str, str]]:
+    """(partition, offset, value, result) per handler attempt recorded by kernel_under_test.py."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        _topic, partition, offset, value, result = line.split(" ")
+        rows.append((int(partition), int(offset), value, result))
+    return rows
+
+
+@pytest.fixture
+def kernels(cluster, pki, tmp_path):
+    """Starts kernels for a test; every one still running at the end is killed."""
+    started: list[KernelProcess] = []
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+
+    class Factory:
+        record_path = tmp_path / "records.txt"
+        certificate_tmpdir = tmpdir
+
+        def env(self, topic: str, group: str, tls: bool = True, **overrides) -> dict[str, str]:
+            env = {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "KERNEL_", "TEST_"))}
+            env.update(
+                KAFKA_BOOTSTRAP_SERVERS=cluster.bootstrap,
+                KAFKA_TOPIC=topic,
+                KAFKA_CONSUMER_GROUP=group,
+                KAFKA_CA_CERT="",
+                KAFKA_CLIENT_CERT="",
+                KAFKA_CLIENT_KEY="",
+                KAFKA_SESSION_TIMEOUT_MS="6000",
+                KAFKA_HEARTBEAT_INTERVAL_MS="1000",
+                KAFKA_BOOTSTRAP_TIMEOUT_MS="10000",
+                TMPDIR=str(tmpdir),  # where the kernel puts its certificate directory
+                TEST_RECORD_PATH=str(self.record_path),
+                PYTHONUNBUFFERED="1",
+            )
+            if tls:
+                env.update(pki.env)
+            env.update({k: str(v) for k, v in overrides.items()})
+            return env
+
+        def start(self, env: dict[str, str], script: Path = KERNEL_UNDER_TEST) -> KernelProcess:
+            kernel = KernelProcess(env, tmp_path, script)
+            started.append(kernel)
+            return kernel
+
+        def records(self):
+            return read_records(self.record_path)
+
+    yield Factory()
+    for kernel in started:
+        kernel.kill()

@@ -1,0 +1,50 @@
+"""The real kernel (main.main) with a test process_message, run as `python tests/kernel_under_test.py`.
+
+It substitutes main.process_message the way a user's code would, then records every call, one line
+per attempt, "topic partition offset value result", to $TEST_RECORD_PATH (appended and flushed per
+line, so it survives SIGKILL). What the handler does depends on the message value:
+  "false:N"  return False for the first N attempts in this process, then True
+  "raise"    raise RuntimeError while $TEST_RAISE is not "0"
+  "sleep:S"  sleep S seconds, then True
+  anything   True, after sleeping $TEST_SLEEP_S seconds (default 0)
+"""
+
+import os
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import main  # noqa: E402
+
+RECORD = os.open(os.environ["TEST_RECORD_PATH"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+SLEEP_S = float(os.environ.get("TEST_SLEEP_S", "0"))
+attempts: Counter = Counter()
+
+
+def record(message, result: str) -> None:
+    value = message.value.decode()
+    os.write(RECORD, f"{message.topic} {message.partition} {message.offset} {value} {result}\n".encode())
+
+
+def process_message(message) -> bool:
+    value = message.value.decode()
+    attempts[message.topic, message.partition, message.offset] += 1
+    if value.startswith("false:"):
+        done = attempts[message.topic, message.partition, message.offset] > int(value.split(":")[1])
+        record(message, "true" if done else "false")
+        return done
+    if value == "raise" and os.environ.get("TEST_RAISE") != "0":
+        record(message, "raise")
+        raise RuntimeError("poison message")
+    time.sleep(float(value.split(":")[1]) if value.startswith("sleep:") else SLEEP_S)
+    record(message, "true")
+    return True
+
+
+main.process_message = process_message
+
+if __name__ == "__main__":
+    sys.exit(main.main())

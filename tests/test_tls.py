@@ -1,0 +1,98 @@
+"""The unmodified kernel over mutual TLS: a whole stream processed and committed, certificate files
+private and removed, and TLS that really fails without the right certificates."""
+
+import signal
+import socket
+import ssl
+import stat
+import struct
+import time
+
+import trustme
+
+from devtools.broker import free_port
+from tests.conftest import MAIN, wait_until
+
+
+def test_stream_over_mutual_tls_is_processed_committed_and_cleaned_up(cluster, kernels):
+    topic = cluster.create_topic(partitions=4)
+    produced = cluster.produce(topic, [(i % 4, f"k{i}".encode(), f"message {i}".encode()) for i in range(2000)])
+    kernel = kernels.start(kernels.env(topic, "tls-stream"), script=MAIN)
+
+    wait_until(lambda: len(set(kernel.hello_processed())) == 2000, 60, "2,000 messages processed")
+    tls_dirs = list(kernels.certificate_tmpdir.iterdir())
+    assert len(tls_dirs) == 1 and stat.S_IMODE(tls_dirs[0].stat().st_mode) == 0o700
+    assert sorted(f.name for f in tls_dirs[0].iterdir()) == ["ca.pem", "client.key", "client.pem"]
+    assert all(stat.S_IMODE(f.stat().st_mode) == 0o600 for f in tls_dirs[0].iterdir())
+
+    assert kernel.stop(signal.SIGTERM) == 0
+    assert sorted(set(kernel.hello_processed())) == [(p, o) for p in range(4) for o in range(produced[p])]
+    assert cluster.committed("tls-stream", topic, 4) == {p: produced[p] for p in range(4)}
+    assert list(kernels.certificate_tmpdir.iterdir()) == [], "the certificate directory was left behind"
+    assert "security=SSL" in kernel.log()
+
+
+def test_sigint_stops_cleanly_too(cluster, kernels):
+    topic = cluster.create_topic(partitions=1)
+    cluster.produce(topic, [(0, None, b"one")])
+    kernel = kernels.start(kernels.env(topic, "tls-sigint"), script=MAIN)
+    kernel.wait_for_log(r"Received \S+\[0\]@0 ")
+    started = time.monotonic()
+    assert kernel.stop(signal.SIGINT) == 0
+    assert time.monotonic() - started < 5
+    assert "Consumer closed" in kernel.log()
+    assert list(kernels.certificate_tmpdir.iterdir()) == []
+
+
+def api_versions_request() -> bytes:
+    client_id = b"probe"
+    body = struct.pack(">hhih", 18, 0, 7, len(client_id)) + client_id
+    return struct.pack(">i", len(body)) + body
+
+
+def tls_exchange(cluster, context: ssl.SSLContext) -> bytes:
+    """Send an ApiVersions request through the proxy; return the first bytes of the answer."""
+    host, port = cluster.bootstrap.split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as raw:
+        with context.wrap_socket(raw, server_hostname=host) as tls:
+            tls.sendall(api_versions_request())
+            return tls.recv(8)
+
+
+def test_proxy_rejects_a_client_without_a_certificate(cluster, pki):
+    with_certificate = ssl.create_default_context(cafile=str(pki.directory / "ca.pem"))
+    with_certificate.load_cert_chain(str(pki.directory / "client.pem"), str(pki.directory / "client.key"))
+    answer = tls_exchange(cluster, with_certificate)
+    assert struct.unpack(">i", answer[4:8])[0] == 7, "the broker answered the probe's correlation id"
+
+    without_certificate = ssl.create_default_context(cafile=str(pki.directory / "ca.pem"))
+    try:
+        answer = tls_exchange(cluster, without_certificate)
+    except (ssl.SSLError, ConnectionError):
+        answer = b""
+    assert answer == b"", "a client without a certificate got an answer"
+
+
+def test_wrong_ca_fails_with_a_clear_error_instead_of_hanging(cluster, kernels):
+    wrong_ca = trustme.CA()
+    env = kernels.env("unused", "tls-wrong-ca", KAFKA_BOOTSTRAP_TIMEOUT_MS=3000)
+    env["KAFKA_CA_CERT"] = wrong_ca.cert_pem.bytes().decode()  # raw PEM is accepted too
+    started = time.monotonic()
+    kernel = kernels.start(env, script=MAIN)
+    assert kernel.wait(timeout_s=30) == 3
+    assert time.monotonic() - started < 20
+    log = kernel.log()
+    assert "Cannot reach the broker" in log and "failed verification" in log and "KAFKA_CA_CERT" in log
+    assert "Traceback" not in log
+    assert list(kernels.certificate_tmpdir.iterdir()) == []
+
+
+def test_unreachable_broker_ends_start_up_after_the_bootstrap_timeout(kernels):
+    env = kernels.env("unused", "unreachable", KAFKA_BOOTSTRAP_TIMEOUT_MS=2000)
+    env["KAFKA_BOOTSTRAP_SERVERS"] = f"127.0.0.1:{free_port()}"  # nothing listens there
+    started = time.monotonic()
+    kernel = kernels.start(env, script=MAIN)
+    assert kernel.wait(timeout_s=30) == 3
+    assert 2 <= time.monotonic() - started < 15
+    assert "Cannot reach the broker" in kernel.log() and "KAFKA_BOOTSTRAP_TIMEOUT_MS" in kernel.log()
+    assert list(kernels.certificate_tmpdir.iterdir()) == []
