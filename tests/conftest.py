@@ -206,6 +206,7 @@ def kernels(cluster, pki, tmp_path):
     class Factory:
         record_path = tmp_path / "records.txt"
         certificate_tmpdir = tmpdir
+        repo = str(REPO)
 
         def env(self, topic: str, group: str, tls: bool = True, **overrides) -> dict[str, str]:
             env = {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "KERNEL_", "TEST_"))}

@@ -1,0 +1,88 @@
+"""Configuration errors: exit code 2 within a second, one line naming the variable, no traceback,
+no secret in the output, and no certificate file left behind."""
+
+import base64
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import trustme
+
+from tests.conftest import MAIN, base64_lines
+
+
+@pytest.fixture(scope="module")
+def other_client(pki):
+    return trustme.CA().issue_cert("someone-else")
+
+
+def run_kernel(env: dict[str, str], cwd, script=MAIN) -> tuple[int, str, float]:
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, str(script)], env=env, cwd=cwd, capture_output=True,
+                            text=True, timeout=30)
+    return result.returncode, result.stdout + result.stderr, time.monotonic() - started
+
+
+def b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+CASES = {
+    "missing bootstrap servers": ({"KAFKA_BOOTSTRAP_SERVERS": ""}, "KAFKA_BOOTSTRAP_SERVERS is required"),
+    "some certificates": ({"KAFKA_CLIENT_CERT": "", "KAFKA_CLIENT_KEY": ""},
+                          "KAFKA_CLIENT_CERT, KAFKA_CLIENT_KEY not set"),
+    "key not base64": ({"KAFKA_CLIENT_KEY": "this is not base64 %%%"}, "KAFKA_CLIENT_KEY is not valid base64"),
+    "CA not PEM": ({"KAFKA_CA_CERT": b64("hello world")}, "KAFKA_CA_CERT does not decode to a PEM certificate"),
+    "certificate PEM garbage": (
+        {"KAFKA_CLIENT_CERT": b64("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")},
+        "KAFKA_CLIENT_CERT is not a valid PEM certificate",
+    ),
+    "key given as certificate": ({"KAFKA_CLIENT_KEY": "@client-cert"},
+                                 "KAFKA_CLIENT_KEY does not decode to a PEM private key"),
+    "key of another certificate": ({"KAFKA_CLIENT_KEY": "@other-key"},
+                                   "KAFKA_CLIENT_KEY does not match KAFKA_CLIENT_CERT"),
+    "unreadable number": ({"KAFKA_MAX_POLL_RECORDS": "lots"}, "KAFKA_MAX_POLL_RECORDS must be a whole number, got 'lots'"),
+    "number too small": ({"KAFKA_SESSION_TIMEOUT_MS": "0"}, "KAFKA_SESSION_TIMEOUT_MS must be at least"),
+    "heartbeat above session": ({"KAFKA_HEARTBEAT_INTERVAL_MS": "7000"}, "KAFKA_HEARTBEAT_INTERVAL_MS (7000) must be lower"),
+    "not a boolean": ({"KAFKA_SSL_CHECK_HOSTNAME": "maybe"}, "KAFKA_SSL_CHECK_HOSTNAME must be true or false"),
+    "unknown offset reset": ({"KAFKA_AUTO_OFFSET_RESET": "middle"}, "KAFKA_AUTO_OFFSET_RESET must be one of earliest, latest"),
+    "unknown log level": ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_configuration_error(case, kernels, pki, other_client, tmp_path):
+    overrides, expected = CASES[case]
+    env = kernels.env("topic", "group")
+    aliases = {"@client-cert": env["KAFKA_CLIENT_CERT"],
+               "@other-key": base64_lines(other_client.private_key_pem.bytes())}
+    env.update({name: aliases.get(value, value) for name, value in overrides.items()})
+    code, output, elapsed_s = run_kernel(env, tmp_path)
+
+    assert code == 2, output
+    errors = [line for line in output.splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and f"Configuration error: {expected}" in errors[0], output
+    assert "Traceback" not in output
+    assert elapsed_s < 3, f"took {elapsed_s:.1f} s"
+    for secret in (pki.env["KAFKA_CLIENT_KEY"], aliases["@other-key"]):
+        for line in secret.splitlines()[1:-1]:
+            assert line not in output, "a secret appeared in the output"
+    assert pki.client.private_key_pem.bytes().decode().splitlines()[1] not in output
+    assert list(kernels.certificate_tmpdir.iterdir()) == []
+
+
+def test_dotenv_fills_in_but_the_real_environment_wins(kernels, tmp_path):
+    shutil.copy(MAIN, tmp_path / "main.py")  # .env is read from beside main.py
+    (tmp_path / ".env").write_text("KAFKA_MAX_POLL_RECORDS=lots\nKAFKA_BOOTSTRAP_TIMEOUT_MS=1000\n")
+    env = kernels.env("topic", "group", tls=False)
+    env["KAFKA_BOOTSTRAP_SERVERS"] = "127.0.0.1:1"
+    del env["KAFKA_BOOTSTRAP_TIMEOUT_MS"]
+
+    code, output, _ = run_kernel(env, tmp_path, tmp_path / "main.py")
+    assert code == 2 and "KAFKA_MAX_POLL_RECORDS must be a whole number" in output
+
+    env["KAFKA_MAX_POLL_RECORDS"] = "10"
+    code, output, _ = run_kernel(env, tmp_path, tmp_path / "main.py")
+    assert code == 3 and "within 1000 ms" in output, output

@@ -1,0 +1,88 @@
+"""Unit tests: settings parsing, certificate decoding, retry backoff."""
+
+import base64
+
+import pytest
+
+import main
+from main import ConfigError, decode_pem, load_settings, retry_delay_ms
+
+PEM = b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+
+
+def test_defaults():
+    settings = load_settings({"KAFKA_BOOTSTRAP_SERVERS": "a:9092, b:9092"})
+    assert settings.bootstrap_servers == ["a:9092", "b:9092"]
+    assert settings.topics == [main.DEFAULT_TOPIC]
+    assert settings.group_id == f"{main.KERNEL_NAME}-group"
+    assert settings.client_id.startswith(f"{main.KERNEL_NAME}-consumer-")
+    assert not settings.uses_tls
+    assert (settings.auto_offset_reset, settings.max_poll_records, settings.ssl_check_hostname) == ("earliest", 500, True)
+
+
+def test_values_are_read_and_normalised():
+    settings = load_settings({
+        "KAFKA_BOOTSTRAP_SERVERS": "a:1", "KAFKA_TOPIC": "orders, payments,", "KAFKA_MAX_POLL_RECORDS": " 2_000 ",
+        "KAFKA_SSL_CHECK_HOSTNAME": "FALSE", "KAFKA_AUTO_OFFSET_RESET": "Latest", "LOG_LEVEL": "debug",
+        "KAFKA_CONSUMER_GROUP": "g", "KAFKA_CLIENT_ID": "c",
+    })
+    assert settings.topics == ["orders", "payments"]
+    assert settings.max_poll_records == 2000
+    assert settings.ssl_check_hostname is False
+    assert (settings.auto_offset_reset, settings.log_level) == ("latest", "DEBUG")
+    assert (settings.group_id, settings.client_id) == ("g", "c")
+
+
+@pytest.mark.parametrize("env, message", [
+    ({}, "KAFKA_BOOTSTRAP_SERVERS is required"),
+    ({"KAFKA_BOOTSTRAP_SERVERS": " , "}, "KAFKA_BOOTSTRAP_SERVERS is required"),
+    ({"KAFKA_BOOTSTRAP_SERVERS": "a:1", "KAFKA_TOPIC": ","}, "KAFKA_TOPIC is required"),
+    ({"KAFKA_BOOTSTRAP_SERVERS": "a:1", "KAFKA_CA_CERT": "x"}, "KAFKA_CLIENT_CERT, KAFKA_CLIENT_KEY not set"),
+    ({"KAFKA_BOOTSTRAP_SERVERS": "a:1", "KAFKA_COMMIT_TIMEOUT_MS": "1.5"}, "KAFKA_COMMIT_TIMEOUT_MS must be a whole number"),
+    ({"KAFKA_BOOTSTRAP_SERVERS": "a:1", "KERNEL_RETRY_INITIAL_MS": "5000", "KERNEL_RETRY_MAX_MS": "100"},
+     "KERNEL_RETRY_INITIAL_MS (5000) must not exceed KERNEL_RETRY_MAX_MS (100)"),
+])
+def test_invalid_settings_name_the_variable(env, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_settings(env)
+
+
+def test_certificate_values_are_kept_for_decoding_later():
+    settings = load_settings({"KAFKA_BOOTSTRAP_SERVERS": "a:1", "KAFKA_CA_CERT": " x ",
+                              "KAFKA_CLIENT_CERT": "y", "KAFKA_CLIENT_KEY": "z"})
+    assert settings.uses_tls and (settings.ca_cert, settings.client_cert, settings.client_key) == ("x", "y", "z")
+
+
+@pytest.mark.parametrize("encode", [
+    lambda pem: base64.b64encode(pem).decode(),
+    lambda pem: base64.encodebytes(pem).decode(),  # wrapped at 76 like `base64` on Linux
+    lambda pem: base64.b64encode(pem).decode().rstrip("="),  # padding lost
+    lambda pem: "\r\n".join(base64.b64encode(pem).decode()[i:i + 64] for i in range(0, 200, 64)) + "\n",
+    lambda pem: pem.decode(),  # raw PEM
+])
+def test_decode_pem_tolerates_what_users_paste(encode):
+    assert decode_pem("KAFKA_CA_CERT", encode(PEM), "CERTIFICATE").strip() == PEM.strip()
+
+
+def test_decode_pem_accepts_every_private_key_flavour():
+    for header in ("PRIVATE KEY", "EC PRIVATE KEY", "RSA PRIVATE KEY"):
+        pem = f"-----BEGIN {header}-----\nMIIB\n-----END {header}-----\n".encode()
+        assert decode_pem("KAFKA_CLIENT_KEY", base64.b64encode(pem).decode(), "PRIVATE KEY") == pem
+
+
+@pytest.mark.parametrize("value, message", [
+    ("not base64!", "KAFKA_CA_CERT is not valid base64"),
+    (base64.b64encode(b"plain text").decode(), "KAFKA_CA_CERT does not decode to a PEM certificate"),
+    (base64.b64encode(b"-----BEGIN PRIVATE KEY-----\n").decode(), "does not decode to a PEM certificate"),
+])
+def test_decode_pem_errors(value, message):
+    with pytest.raises(ConfigError, match=message):
+        decode_pem("KAFKA_CA_CERT", value, "CERTIFICATE")
+
+
+def test_retry_backoff_doubles_up_to_the_maximum_with_bounded_jitter():
+    delays = [retry_delay_ms(attempt, 500, 30_000) for attempt in range(1, 12)]
+    for attempt, delay in enumerate(delays, start=1):
+        ideal = min(500 * 2 ** (attempt - 1), 30_000)
+        assert 0.9 * ideal <= delay <= ideal
+    assert retry_delay_ms(10_000, 500, 30_000) <= 30_000  # no overflow on very long retries
