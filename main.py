@@ -107,6 +107,8 @@ class BrokerUnavailable(Exception):
 
 @dataclass(frozen=True)
 class Settings:
+    """Everything the kernel reads from the environment; load_settings holds the defaults."""
+
     bootstrap_servers: list[str]
     topics: list[str]
     group_id: str
@@ -114,17 +116,17 @@ class Settings:
     ca_cert: str | None  # base64 (or PEM) text as given; decoded by write_tls_material
     client_cert: str | None
     client_key: str | None
-    ssl_check_hostname: bool = True
-    auto_offset_reset: str = "earliest"
-    max_poll_records: int = 500
-    session_timeout_ms: int = 45_000
-    heartbeat_interval_ms: int = 3_000
-    max_poll_interval_ms: int = 300_000
-    bootstrap_timeout_ms: int = 30_000
-    commit_timeout_ms: int = 10_000
-    retry_initial_ms: int = 500
-    retry_max_ms: int = 30_000
-    log_level: str = "INFO"
+    ssl_check_hostname: bool
+    auto_offset_reset: str
+    max_poll_records: int
+    session_timeout_ms: int
+    heartbeat_interval_ms: int
+    max_poll_interval_ms: int
+    bootstrap_timeout_ms: int
+    commit_timeout_ms: int
+    retry_initial_ms: int
+    retry_max_ms: int
+    log_level: str
 
     def __post_init__(self):
         if self.heartbeat_interval_ms >= self.session_timeout_ms:
@@ -343,11 +345,11 @@ def connect(settings: Settings, tls: TlsFiles | None, stop: StopSignal) -> Kafka
 
 @dataclass
 class Retry:
-    """A message that returned False: its partition waits (paused) until `due_s`."""
+    """A message that returned False: its partition is paused until `due_s`, then resumed."""
 
     offset: int
     attempts: int
-    due_s: float  # time.monotonic() of the next attempt
+    due_s: float | None  # time.monotonic() of the next attempt; None once resumed
 
 
 class Kernel:
@@ -428,15 +430,15 @@ class Kernel:
 
     def resume_due_partitions(self) -> None:
         now = time.monotonic()
-        due = [tp for tp, retry in self.retries.items() if 0 < retry.due_s <= now]
+        due = [tp for tp, retry in self.retries.items() if retry.due_s is not None and retry.due_s <= now]
         for partition in due:
-            self.retries[partition].due_s = 0  # attempt count kept until the message succeeds
+            self.retries[partition].due_s = None  # the attempt count is kept until it succeeds
         if due:
             self.consumer.resume(*due)
 
     def poll_timeout_ms(self) -> int:
         """Poll no longer than until the next retry is due."""
-        waits = [retry.due_s for retry in self.retries.values() if retry.due_s > 0]
+        waits = [retry.due_s for retry in self.retries.values() if retry.due_s is not None]
         if not waits:
             return POLL_TIMEOUT_MS
         return max(0, min(POLL_TIMEOUT_MS, int((min(waits) - time.monotonic()) * 1000)))

@@ -26,7 +26,7 @@ from tests.tls_proxy import TlsProxy
 
 REPO = Path(__file__).resolve().parent.parent
 MAIN = REPO / "main.py"
-KERNEL_UNDER_TEST = REPO / "tests" / "kernel_under_test.py"
+RECORDING_KERNEL = REPO / "tests" / "recording_kernel.py"
 HELLO_LINE = re.compile(r"Received (\S+)\[(\d+)\]@(\d+) ")
 
 
@@ -186,7 +186,7 @@ class KernelProcess:
 
 
 def read_records(path: Path) -> list[tuple[int, int, str, str]]:
-    """(partition, offset, value, result) per handler attempt recorded by kernel_under_test.py."""
+    """(partition, offset, value, result) per handler attempt recorded by recording_kernel.py."""
     if not path.exists():
         return []
     rows = []
@@ -229,7 +229,7 @@ def kernels(cluster, pki, tmp_path):
             env.update({k: str(v) for k, v in overrides.items()})
             return env
 
-        def start(self, env: dict[str, str], script: Path = KERNEL_UNDER_TEST) -> KernelProcess:
+        def start(self, env: dict[str, str], script: Path = RECORDING_KERNEL) -> KernelProcess:
             kernel = KernelProcess(env, tmp_path, script)
             started.append(kernel)
             return kernel

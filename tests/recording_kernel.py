@@ -1,4 +1,4 @@
-"""The real kernel (main.main) with a test process_message, run as `python tests/kernel_under_test.py`.
+"""The real kernel (main.main) with a test process_message, run as `python tests/recording_kernel.py`.
 
 It substitutes main.process_message the way a user's code would, then records every call, one line
 per attempt, "topic partition offset value result", to $TEST_RECORD_PATH (appended and flushed per

@@ -1,0 +1,27 @@
+"""README.md, CLAUDE.md and .env.template name every setting main.py reads, with the same defaults."""
+
+import re
+
+import main
+from tests.conftest import REPO
+
+VARIABLES = sorted(set(re.findall(r'"((?:KAFKA|KERNEL)_[A-Z_]+|LOG_LEVEL)"', (REPO / "main.py").read_text())))
+
+
+def test_every_setting_is_documented():
+    assert "KAFKA_BOOTSTRAP_SERVERS" in VARIABLES and len(VARIABLES) >= 15
+    for document in ("README.md", "CLAUDE.md", ".env.template"):
+        text = (REPO / document).read_text()
+        missing = [name for name in VARIABLES if name not in text]
+        assert not missing, f"{document} does not mention {missing}"
+
+
+def test_documented_defaults_are_the_real_ones():
+    readme = (REPO / "README.md").read_text()
+    template_defaults = dict(re.findall(r"^#((?:KAFKA|KERNEL)_[A-Z_]+|LOG_LEVEL)=(\S+)$", (REPO / ".env.template").read_text(), re.M))
+    settings = main.load_settings({"KAFKA_BOOTSTRAP_SERVERS": "a:1"})
+    for name, default in template_defaults.items():
+        assert f"| `{name}` | `{default}` |" in readme, f"README and .env.template disagree on {name}"
+        assert main.load_settings({"KAFKA_BOOTSTRAP_SERVERS": "a:1", name: default}) == settings, (
+            f"{name}={default} is documented as the default but changes the settings"
+        )
