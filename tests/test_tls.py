@@ -87,6 +87,21 @@ def test_wrong_ca_fails_with_a_clear_error_instead_of_hanging(cluster, kernels):
     assert list(kernels.certificate_tmpdir.iterdir()) == []
 
 
+def test_hostname_checking_is_on_by_default_and_can_be_turned_off(cluster, kernels):
+    topic = cluster.create_topic(partitions=1)
+    cluster.produce(topic, [(0, None, b"hello")])
+    env = kernels.env(topic, "hostname-check", KAFKA_BOOTSTRAP_TIMEOUT_MS=3000)
+    env["KAFKA_BOOTSTRAP_SERVERS"] = cluster.bootstrap.replace("127.0.0.1", "127.0.0.2")  # not in the cert
+    kernel = kernels.start(env, script=MAIN)
+    assert kernel.wait(timeout_s=30) == 3
+    assert "failed verification" in kernel.log() and "KAFKA_SSL_CHECK_HOSTNAME" in kernel.log()
+
+    env["KAFKA_SSL_CHECK_HOSTNAME"] = "false"
+    kernel = kernels.start(env, script=MAIN)
+    kernel.wait_for_log(r"Received \S+\[0\]@0 key=None value='hello'", 30)
+    assert kernel.stop() == 0
+
+
 def test_unreachable_broker_ends_start_up_after_the_bootstrap_timeout(kernels):
     env = kernels.env("unused", "unreachable", KAFKA_BOOTSTRAP_TIMEOUT_MS=2000)
     env["KAFKA_BOOTSTRAP_SERVERS"] = f"127.0.0.1:{free_port()}"  # nothing listens there

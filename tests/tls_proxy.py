@@ -28,7 +28,10 @@ class TlsProxy:
         return self
 
     async def _listen(self) -> None:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", self.listen_port, ssl=self.context)
+        # 127.0.0.2 is also served: its name is not in the broker's certificate (hostname checks).
+        self.server = await asyncio.start_server(
+            self._serve, ["127.0.0.1", "127.0.0.2"], self.listen_port, ssl=self.context
+        )
 
     async def _serve(self, client_reader, client_writer) -> None:
         if time.monotonic() < self.refuse_until:
