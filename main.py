@@ -24,11 +24,13 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from dotenv import load_dotenv
-from kafka import ConsumerRebalanceListener, KafkaConsumer, OffsetAndMetadata, TopicPartition
+from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
 from kafka.errors import CommitFailedError, KafkaError, NoBrokersAvailable
 
 # What to edit
@@ -84,9 +86,13 @@ EXIT_OK = 0
 EXIT_FATAL = 1  # process_message raised, or returned something other than True or False
 EXIT_CONFIG = 2  # a setting is missing or invalid
 EXIT_BROKER = 3  # the broker was unreachable at start-up, or gave an unrecoverable error
+EXIT_RETRIES_EXHAUSTED = 4  # KERNEL_MAX_ATTEMPTS reached and no KERNEL_DEAD_LETTER_TOPIC set
 EXIT_FORCED = 128  # + signal number: a second SIGTERM/SIGINT during shutdown
 
 POLL_TIMEOUT_MS = 1000  # bounds how long a stop request waits for poll() to return
+KEEPALIVE_INTERVAL_S = 1.0  # while a handler runs, the group membership is renewed this often
+REPEATED_WARNING_INTERVAL_S = 30.0  # a warning that repeats is logged at most this often
+REPEATING = {"repeating": True}  # extra= for such a warning (see RepeatFilter)
 CERT_VARIABLES = ("KAFKA_CA_CERT", "KAFKA_CLIENT_CERT", "KAFKA_CLIENT_KEY")
 
 
@@ -99,6 +105,13 @@ class MessageFailed(Exception):
 
     def __init__(self, record):
         super().__init__(f"{record.topic}[{record.partition}]@{record.offset}")
+
+
+class RetriesExhausted(Exception):
+    """A message returned False KERNEL_MAX_ATTEMPTS times and there is no dead-letter topic."""
+
+    def __init__(self, record, attempts: int):
+        super().__init__(f"{record.topic}[{record.partition}]@{record.offset} returned False {attempts} times")
 
 
 class BrokerUnavailable(Exception):
@@ -117,6 +130,7 @@ class Settings:
     client_cert: str | None
     client_key: str | None
     ssl_check_hostname: bool
+    group_instance_id: str | None
     auto_offset_reset: str
     max_poll_records: int
     session_timeout_ms: int
@@ -124,8 +138,11 @@ class Settings:
     max_poll_interval_ms: int
     bootstrap_timeout_ms: int
     commit_timeout_ms: int
+    produce_timeout_ms: int
     retry_initial_ms: int
     retry_max_ms: int
+    max_attempts: int  # 0: unlimited
+    dead_letter_topic: str | None
     log_level: str
 
     def __post_init__(self):
@@ -134,6 +151,10 @@ class Settings:
                 f"KAFKA_HEARTBEAT_INTERVAL_MS ({self.heartbeat_interval_ms}) must be lower than "
                 f"KAFKA_SESSION_TIMEOUT_MS ({self.session_timeout_ms})"
             )
+        if self.dead_letter_topic and not self.max_attempts:
+            raise ConfigError("KERNEL_DEAD_LETTER_TOPIC needs KERNEL_MAX_ATTEMPTS (retries are unlimited by default)")
+        if self.dead_letter_topic in self.topics:
+            raise ConfigError(f"KERNEL_DEAD_LETTER_TOPIC ({self.dead_letter_topic}) must not be a consumed topic")
         if self.retry_initial_ms > self.retry_max_ms:
             raise ConfigError(
                 f"KERNEL_RETRY_INITIAL_MS ({self.retry_initial_ms}) must not exceed "
@@ -163,6 +184,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         client_cert=certs["KAFKA_CLIENT_CERT"],
         client_key=certs["KAFKA_CLIENT_KEY"],
         ssl_check_hostname=parse_bool(env, "KAFKA_SSL_CHECK_HOSTNAME", True),
+        group_instance_id=env.get("KAFKA_GROUP_INSTANCE_ID", "").strip() or None,
         auto_offset_reset=parse_choice(env, "KAFKA_AUTO_OFFSET_RESET", "earliest", ("earliest", "latest")),
         max_poll_records=parse_int(env, "KAFKA_MAX_POLL_RECORDS", 500, minimum=1),
         session_timeout_ms=parse_int(env, "KAFKA_SESSION_TIMEOUT_MS", 45_000, minimum=1_000),
@@ -170,8 +192,11 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         max_poll_interval_ms=parse_int(env, "KAFKA_MAX_POLL_INTERVAL_MS", 300_000, minimum=1_000),
         bootstrap_timeout_ms=parse_int(env, "KAFKA_BOOTSTRAP_TIMEOUT_MS", 30_000, minimum=1_000),
         commit_timeout_ms=parse_int(env, "KAFKA_COMMIT_TIMEOUT_MS", 10_000, minimum=100),
+        produce_timeout_ms=parse_int(env, "KAFKA_PRODUCE_TIMEOUT_MS", 10_000, minimum=100),
         retry_initial_ms=parse_int(env, "KERNEL_RETRY_INITIAL_MS", 500, minimum=1),
         retry_max_ms=parse_int(env, "KERNEL_RETRY_MAX_MS", 30_000, minimum=1),
+        max_attempts=parse_int(env, "KERNEL_MAX_ATTEMPTS", 0, minimum=0),
+        dead_letter_topic=env.get("KERNEL_DEAD_LETTER_TOPIC", "").strip() or None,
         log_level=parse_choice(env, "LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
     )
 
@@ -291,12 +316,27 @@ def check_tls_material(files: TlsFiles) -> None:
 # The consumer loop
 
 
+def security_config(settings: Settings, tls: TlsFiles | None) -> dict:
+    """Connection settings shared by the consumer and the producer."""
+    if tls is None:
+        return dict(bootstrap_servers=settings.bootstrap_servers, security_protocol="PLAINTEXT")
+    return dict(
+        bootstrap_servers=settings.bootstrap_servers,
+        security_protocol="SSL",
+        ssl_cafile=tls.ca_file,
+        ssl_certfile=tls.cert_file,
+        ssl_keyfile=tls.key_file,
+        ssl_check_hostname=settings.ssl_check_hostname,
+    )
+
+
 def consumer_config(settings: Settings, tls: TlsFiles | None) -> dict:
     """kafka-python KafkaConsumer arguments; see the KafkaConsumer docstring for each."""
-    config = dict(
-        bootstrap_servers=settings.bootstrap_servers,
+    return dict(
+        security_config(settings, tls),
         client_id=settings.client_id,
         group_id=settings.group_id,
+        group_instance_id=settings.group_instance_id,
         # Offsets are committed by the loop, explicitly and only for finished messages.
         enable_auto_commit=False,
         auto_offset_reset=settings.auto_offset_reset,
@@ -306,17 +346,7 @@ def consumer_config(settings: Settings, tls: TlsFiles | None) -> dict:
         max_poll_interval_ms=settings.max_poll_interval_ms,
         # Bootstrap is retried by connect() in short attempts so that a stop request is honoured.
         api_version_auto_timeout_ms=min(settings.bootstrap_timeout_ms, 2_000),
-        security_protocol="PLAINTEXT",
     )
-    if tls is not None:
-        config.update(
-            security_protocol="SSL",
-            ssl_cafile=tls.ca_file,
-            ssl_certfile=tls.cert_file,
-            ssl_keyfile=tls.key_file,
-            ssl_check_hostname=settings.ssl_check_hostname,
-        )
-    return config
 
 
 def connect(settings: Settings, tls: TlsFiles | None, stop: StopSignal) -> KafkaConsumer | None:
@@ -344,6 +374,44 @@ def connect(settings: Settings, tls: TlsFiles | None, stop: StopSignal) -> Kafka
 
 
 @dataclass
+class Work:
+    """One partition's polled records, handed to the worker thread, processed in offset order.
+
+    The worker writes `finished` and `failed`; the loop reads them, and sets `cancelled` when the
+    partition is revoked or a stop is requested, so the worker stops after the message in hand.
+    """
+
+    partition: TopicPartition
+    records: list
+    finished: int | None = None  # offset after the last message that returned True
+    failed: object | None = None  # the record that returned False
+    current: object | None = None  # the record in process_message right now
+    started_s: float = 0.0  # time.monotonic() when `current` started
+    warned_slow: object | None = None  # the record a slowness warning was logged for
+    cancelled: bool = False
+
+
+def process_work(work: Work, stop: StopSignal) -> None:
+    """Runs on the worker thread: call process_message for each record until one is not done."""
+    for record in work.records:
+        if work.cancelled or stop.requested:
+            break
+        work.current, work.started_s = record, time.monotonic()
+        try:
+            result = process_message(record)  # looked up at call time: tests may replace it
+        except Exception as error:
+            raise MessageFailed(record) from error
+        if result is True:
+            work.finished = record.offset + 1
+        elif result is False:
+            work.failed = record
+            break
+        else:
+            raise MessageFailed(record) from TypeError(f"process_message must return True or False, got {result!r}")
+    work.current = None
+
+
+@dataclass
 class Retry:
     """A message that returned False: its partition is paused until `due_s`, then resumed."""
 
@@ -353,20 +421,28 @@ class Retry:
 
 
 class Kernel:
-    """Polls, hands each record to process_message in partition order, commits finished offsets.
+    """Polls, has process_message run on each record in partition order, commits finished offsets.
 
-    Per partition it keeps the offset after the last finished message (`finished`, until committed)
-    and the pending retry, if any. A partition whose message returned False is paused and seeked
-    back to that message, so poll() keeps the group membership alive while later messages of the
-    partition wait and the other partitions go on.
+    process_message runs on one worker thread while this thread keeps polling (with every partition
+    paused), so however long a message takes, the member stays in its group and takes part in
+    rebalances. Per partition the loop keeps the offset after the last finished message
+    (`finished`, until committed) and the pending retry, if any: a partition whose message returned
+    False is paused and seeked back to it, so later messages of that partition wait while the other
+    partitions go on.
     """
 
-    def __init__(self, consumer: KafkaConsumer, settings: Settings, stop: StopSignal):
+    def __init__(self, consumer: KafkaConsumer, settings: Settings, stop: StopSignal,
+                 tls: TlsFiles | None = None):
         self.consumer = consumer
         self.settings = settings
         self.stop = stop
+        self.tls = tls
+        self.owned: set[TopicPartition] = set()
         self.finished: dict[TopicPartition, int] = {}
         self.retries: dict[TopicPartition, Retry] = {}
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="process_message")
+        self.in_flight: tuple[Work, Future] | None = None
+        self.producer: KafkaProducer | None = None  # created on the first dead letter
 
     def run(self) -> int:
         self.consumer.subscribe(self.settings.topics, listener=RebalanceListener(self))
@@ -378,11 +454,18 @@ class Kernel:
         except MessageFailed as failure:
             log.exception("process_message failed on %s; it stays uncommitted. Stopping", failure)
             return EXIT_FATAL
+        except RetriesExhausted as exhausted:
+            log.error("%s (KERNEL_MAX_ATTEMPTS) and no KERNEL_DEAD_LETTER_TOPIC is set: it stays "
+                      "uncommitted. Stopping", exhausted)
+            return EXIT_RETRIES_EXHAUSTED
         except KafkaError:
             log.exception("Unrecoverable Kafka error; stopping")
             return EXIT_BROKER
         finally:
             self.commit_finished()
+            self.worker.shutdown(wait=False)
+            if self.producer is not None:
+                self.producer.close(timeout=self.settings.produce_timeout_ms / 1000)
             self.consumer.close(autocommit=False)  # leaves the group: the others rebalance at once
             log.info("Consumer closed")
 
@@ -392,41 +475,100 @@ class Kernel:
         for partition, records in batch.items():
             if self.stop.requested:
                 break
-            self.process_partition(partition, records)
+            if partition in self.owned:  # a rebalance during an earlier partition may have taken it
+                self.process(Work(partition, records))
         self.commit_finished()
 
-    def process_partition(self, partition: TopicPartition, records: list) -> None:
-        for record in records:
-            if self.stop.requested:
-                return
-            try:
-                result = process_message(record)  # looked up at call time: tests may replace it
-            except Exception as error:
-                raise MessageFailed(record) from error
-            if result is True:
+    def process(self, work: Work) -> None:
+        """Run `work` on the worker thread, keeping the group membership alive meanwhile."""
+        future = self.worker.submit(process_work, work, self.stop)
+        self.in_flight = (work, future)
+        try:
+            while not wait(future, KEEPALIVE_INTERVAL_S):
+                self.keep_membership(work)
+            future.result()  # re-raises MessageFailed
+        finally:
+            self.in_flight = None
+            self.settle(work)
+        if work.failed is not None and work.partition in self.owned:
+            self.retry_or_dead_letter(work.partition, work.failed)
+
+    def keep_membership(self, work: Work) -> None:
+        """Poll with every partition paused (no records come back): the group sees us alive, and
+        a rebalance runs its callbacks here. Also commits what the worker finished so far."""
+        self.warn_if_slow(work)
+        self.settle(work)
+        self.commit_finished()
+        pausing = self.owned - self.consumer.paused()
+        self.consumer.pause(*pausing)
+        self.consumer.poll(timeout_ms=0)
+        self.consumer.resume(*(pausing & self.owned))
+
+    def warn_if_slow(self, work: Work) -> None:
+        record, running_s = work.current, time.monotonic() - work.started_s
+        if record is not None and record is not work.warned_slow and running_s > self.settings.max_poll_interval_ms / 2000:
+            work.warned_slow = record
+            log.warning(
+                "process_message has been running for %.0f s on %s[%d]@%d: a rebalance waits for it at "
+                "most KAFKA_MAX_POLL_INTERVAL_MS (%d ms) before the group moves its partitions on",
+                running_s, work.partition.topic, work.partition.partition, record.offset,
+                self.settings.max_poll_interval_ms,
+            )
+
+    def settle(self, work: Work) -> None:
+        """Take the worker's progress into the offsets to commit, for a partition still ours."""
+        if work.finished is not None and work.partition in self.owned:
+            self.finished[work.partition] = work.finished
+            retry = self.retries.get(work.partition)
+            if retry is not None and retry.offset < work.finished:
+                del self.retries[work.partition]
+
+    def retry_or_dead_letter(self, partition: TopicPartition, record) -> None:
+        previous = self.retries.get(partition)
+        attempts = previous.attempts + 1 if previous and previous.offset == record.offset else 1
+        if self.settings.max_attempts and attempts >= self.settings.max_attempts:
+            if self.settings.dead_letter_topic is None:
+                raise RetriesExhausted(record, attempts)
+            if self.dead_letter(record, attempts):
                 self.finished[partition] = record.offset + 1
                 self.retries.pop(partition, None)
-            elif result is False:
-                self.schedule_retry(partition, record.offset)
+                self.consumer.seek(partition, record.offset + 1)  # the records after it come again
                 return
-            else:
-                raise MessageFailed(record) from TypeError(
-                    f"process_message must return True or False, got {result!r}"
-                )
-
-    def schedule_retry(self, partition: TopicPartition, offset: int) -> None:
-        previous = self.retries.get(partition)
-        attempts = previous.attempts + 1 if previous and previous.offset == offset else 1
         delay_s = retry_delay_ms(attempts, self.settings.retry_initial_ms, self.settings.retry_max_ms) / 1000
-        self.retries[partition] = Retry(offset, attempts, time.monotonic() + delay_s)
+        self.retries[partition] = Retry(record.offset, attempts, time.monotonic() + delay_s)
         # Pausing stops fetching; seeking back makes the message the first one poll() returns
         # after resume(), and drops the later records of this partition already fetched.
         self.consumer.pause(partition)
-        self.consumer.seek(partition, offset)
+        self.consumer.seek(partition, record.offset)
         log.warning(
             "process_message returned False for %s[%d]@%d (attempt %d); retrying in %.1f s",
-            partition.topic, partition.partition, offset, attempts, delay_s,
+            partition.topic, partition.partition, record.offset, attempts, delay_s,
         )
+
+    def dead_letter(self, record, attempts: int) -> bool:
+        """Publish the record to the dead-letter topic, confirmed by the broker (acks=all)."""
+        headers = list(record.headers or []) + dead_letter_headers(
+            record, attempts, self.settings.group_id,
+            reason=f"process_message returned False {attempts} times (KERNEL_MAX_ATTEMPTS)",
+        )
+        try:
+            if self.producer is None:
+                self.producer = KafkaProducer(
+                    **security_config(self.settings, self.tls),
+                    client_id=f"{self.settings.client_id}-producer",
+                    acks="all",
+                    max_block_ms=self.settings.produce_timeout_ms,
+                )
+            self.producer.send(self.settings.dead_letter_topic, key=record.key, value=record.value,
+                               headers=headers).get(timeout=self.settings.produce_timeout_ms / 1000)
+        except KafkaError as error:
+            log.warning("Could not publish %s[%d]@%d to the dead-letter topic %s (%s); it stays "
+                        "uncommitted and is retried", record.topic, record.partition, record.offset,
+                        self.settings.dead_letter_topic, type(error).__name__, extra=REPEATING)
+            return False
+        log.error("Dead-lettered %s[%d]@%d to %s after %d attempts", record.topic, record.partition,
+                  record.offset, self.settings.dead_letter_topic, attempts)
+        return True
 
     def resume_due_partitions(self) -> None:
         now = time.monotonic()
@@ -457,17 +599,30 @@ class Kernel:
         except CommitFailedError:
             # The group rebalanced: partitions we lost are re-read by their new owner from the
             # last committed offset (at-least-once). Offsets of partitions we keep are retried.
-            assigned = self.consumer.assignment()
-            log.warning("Commit failed because the group rebalanced; the new owners re-read from the last commit")
-            self.forget([tp for tp in offsets if tp not in assigned])
+            log.warning("Commit failed because the group rebalanced; the new owners re-read from "
+                        "the last commit", extra=REPEATING)
+            self.forget([tp for tp in offsets if tp not in self.consumer.assignment()])
             return
         except KafkaError as error:
-            log.warning("Commit failed (%s); will retry after the next poll", type(error).__name__)
+            log.warning("Commit failed (%s); finished offsets are kept and committed later",
+                        type(error).__name__, extra=REPEATING)
             return
         for tp, committed in offsets.items():
             if self.finished.get(tp) == committed.offset:
                 del self.finished[tp]
         log.debug("Committed %s", {f"{tp.topic}[{tp.partition}]": o.offset for tp, o in offsets.items()})
+
+    def release(self, partitions: set[TopicPartition]) -> None:
+        """Partitions are being revoked: stop the worker on them after the message in hand,
+        commit what finished, and forget them (the next owner starts from the commit)."""
+        if self.in_flight is not None and self.in_flight[0].partition in partitions:
+            work, future = self.in_flight
+            work.cancelled = True
+            wait(future, self.settings.max_poll_interval_ms / 1000)
+            self.settle(work)
+        self.commit_finished(partitions)
+        self.forget(partitions)
+        self.owned -= partitions
 
     def forget(self, partitions) -> None:
         for partition in partitions:
@@ -475,10 +630,32 @@ class Kernel:
             self.retries.pop(partition, None)
 
 
+def wait(future: Future, timeout_s: float) -> bool:
+    """True once `future` is done (successfully or not), False after `timeout_s`."""
+    return not futures_wait([future], timeout=timeout_s).not_done
+
+
 def retry_delay_ms(attempts: int, initial_ms: int, maximum_ms: int) -> int:
     """Exponential backoff with up to 10% jitter, so replicas retrying together spread out."""
     delay = min(initial_ms * 2 ** min(attempts - 1, 32), maximum_ms)
     return int(delay * random.uniform(0.9, 1.0))
+
+
+def dead_letter_headers(record, attempts: int, group_id: str, reason: str) -> list[tuple[str, bytes]]:
+    """Where the record came from and why it failed, under the header names (and encodings) of
+    Spring Kafka's DeadLetterPublishingRecoverer, which existing tools read, plus our own."""
+    return [
+        ("kafka_dlt-original-topic", record.topic.encode()),
+        ("kafka_dlt-original-partition", record.partition.to_bytes(4, "big", signed=True)),
+        ("kafka_dlt-original-offset", record.offset.to_bytes(8, "big", signed=True)),
+        ("kafka_dlt-original-timestamp", record.timestamp.to_bytes(8, "big", signed=True)),
+        ("kafka_dlt-original-timestamp-type", b"LogAppendTime" if record.timestamp_type == 1 else b"CreateTime"),
+        ("kafka_dlt-original-consumer-group", group_id.encode()),
+        ("kafka_dlt-exception-fqcn", b"RetriesExhausted"),
+        ("kafka_dlt-exception-message", reason.encode()),
+        ("kernel-attempts", str(attempts).encode()),
+        ("kernel-name", KERNEL_NAME.encode()),
+    ]
 
 
 class RebalanceListener(ConsumerRebalanceListener):
@@ -489,13 +666,12 @@ class RebalanceListener(ConsumerRebalanceListener):
 
     def on_partitions_revoked(self, revoked):
         # Revocations may be partial (cooperative rebalancing): handle only the partitions named.
-        revoked = set(revoked)
-        self.kernel.commit_finished(revoked)
-        self.kernel.forget(revoked)
+        self.kernel.release(set(revoked))
         if revoked:
             log.info("Partitions revoked: %s", format_partitions(revoked))
 
     def on_partitions_assigned(self, assigned):
+        self.kernel.owned |= set(assigned)
         if assigned:
             committed = {tp: self.kernel.consumer.committed(tp) for tp in assigned}
             log.info("Partitions assigned (committed offset): %s", format_partitions(assigned, committed))
@@ -537,8 +713,38 @@ class StopSignal:
 # Entry point
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(format=f"%(asctime)s %(levelname)s [{KERNEL_NAME}] %(name)s: %(message)s")
+class RepeatFilter(logging.Filter):
+    """Lets a repeating warning through at most once per REPEATED_WARNING_INTERVAL_S, saying how
+    many were held back: the Kafka client's own, and ours logged with extra=REPEATING. During a
+    broker outage both would otherwise repeat on every reconnect or poll."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: dict[tuple[str, str], tuple[float, int]] = {}  # (logger, template): (last, held)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not (record.name.startswith("kafka") or getattr(record, "repeating", False)):
+            return True
+        key, now = (record.name, str(record.msg)), time.monotonic()
+        last_s, held = self.seen.get(key, (-REPEATED_WARNING_INTERVAL_S, 0))
+        if now - last_s < REPEATED_WARNING_INTERVAL_S:
+            self.seen[key] = (last_s, held + 1)
+            return False
+        self.seen[key] = (now, 0)
+        if held:
+            record.msg = f"{record.msg} [{held} more like this in the last {now - last_s:.0f} s]"
+        return True
+
+
+def configure_logging() -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s [{KERNEL_NAME}] %(name)s: %(message)s"))
+    handler.addFilter(RepeatFilter())
+    logging.getLogger().addHandler(handler)
+    logging.getLogger().setLevel(logging.INFO)  # until LOG_LEVEL is known to be valid
+
+
+def set_log_level(level: str) -> None:
     logging.getLogger().setLevel(level)
     # The client logs every connection step at INFO; its warnings and errors still show.
     logging.getLogger("kafka").setLevel(max(logging.WARNING, logging.getLevelName(level)))
@@ -548,11 +754,11 @@ def main() -> int:
     load_dotenv(override=False)  # the real environment wins over .env
     stop = StopSignal()
     stop.install()
-    configure_logging("INFO")  # until LOG_LEVEL is known to be valid
+    configure_logging()
     tls = None
     try:
         settings = load_settings(os.environ)
-        configure_logging(settings.log_level)
+        set_log_level(settings.log_level)
         if settings.uses_tls:
             tls = write_tls_material(settings)
             stop.cleanups.append(lambda: shutil.rmtree(tls.directory, ignore_errors=True))
@@ -564,7 +770,7 @@ def main() -> int:
         consumer = connect(settings, tls, stop)
         if consumer is None:
             return EXIT_OK
-        return Kernel(consumer, settings, stop).run()
+        return Kernel(consumer, settings, stop, tls).run()
     except ConfigError as error:
         log.error("Configuration error: %s", error)
         return EXIT_CONFIG
