@@ -11,15 +11,17 @@ import signal
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import trustme
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 from devtools.broker import Broker, free_port
 from tests.tls_proxy import TlsProxy
@@ -117,6 +119,26 @@ class Cluster:
         assert producer.flush(30) == 0, "the test producer could not deliver every message"
         return counts
 
+    def produce_in_background(self, topic: str, messages: list, seconds: float) -> "BackgroundProducer":
+        """Produce `messages` spread evenly over `seconds`, from a thread."""
+        return BackgroundProducer(self, topic, messages, seconds)
+
+    def read_topic(self, topic: str, partitions: int, settle_s: float = 2.0, timeout_s: float = 30):
+        """Every record of `topic`, read from the beginning until nothing new came for `settle_s`."""
+        consumer = Consumer(self.client_config(**{"group.id": f"reader-{uuid.uuid4().hex[:6]}",
+                                                   "enable.auto.commit": False}))
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(partitions)])
+        records, deadline, quiet_since = [], time.monotonic() + timeout_s, time.monotonic()
+        try:
+            while time.monotonic() < deadline and time.monotonic() - quiet_since < settle_s:
+                message = consumer.poll(0.2)
+                if message is not None and message.error() is None:
+                    records.append(message)
+                    quiet_since = time.monotonic()
+        finally:
+            consumer.close()
+        return records
+
     def committed(self, group: str, topic: str, partitions: int) -> dict[int, int | None]:
         """Committed offsets per partition, read by an independent client (None: no commit)."""
         consumer = Consumer(self.client_config(**{"group.id": group}))
@@ -125,6 +147,26 @@ class Cluster:
         finally:
             consumer.close()
         return {tp.partition: (tp.offset if tp.offset >= 0 else None) for tp in found}
+
+
+class BackgroundProducer(threading.Thread):
+    def __init__(self, cluster: Cluster, topic: str, messages: list, seconds: float):
+        super().__init__(daemon=True)
+        self.cluster, self.topic, self.messages, self.seconds = cluster, topic, messages, seconds
+        self.counts: Counter = Counter()
+        self.start()
+
+    def run(self) -> None:
+        chunks = 20
+        size = -(-len(self.messages) // chunks)
+        for i in range(chunks):
+            self.counts += self.cluster.produce(self.topic, self.messages[i * size : (i + 1) * size])
+            time.sleep(self.seconds / chunks)
+
+    def result(self) -> Counter:
+        self.join(timeout=self.seconds + 60)
+        assert not self.is_alive(), "the background producer did not finish"
+        return self.counts
 
 
 @pytest.fixture(scope="session")
@@ -185,15 +227,50 @@ class KernelProcess:
             self.process.wait(timeout=10)
 
 
-def read_records(path: Path) -> list[tuple[int, int, str, str]]:
-    """(partition, offset, value, result) per handler attempt recorded by recording_kernel.py."""
+class Attempt(NamedTuple):
+    """One call of the recording kernel's process_message."""
+
+    partition: int
+    offset: int
+    value: str
+    result: str
+    pid: int
+    started_ns: int
+    ended_ns: int
+
+
+def read_attempts(path: Path) -> list[Attempt]:
     if not path.exists():
         return []
-    rows = []
+    attempts = []
     for line in path.read_text().splitlines():
-        _topic, partition, offset, value, result = line.split(" ")
-        rows.append((int(partition), int(offset), value, result))
-    return rows
+        _topic, partition, offset, value, result, pid, started, ended = line.split(" ")
+        attempts.append(Attempt(int(partition), int(offset), value, result, int(pid), int(started), int(ended)))
+    return attempts
+
+
+def check_one_owner_at_a_time(attempts: list[Attempt]) -> None:
+    """Per partition, the runs of attempts by one process must not overlap in time with the next
+    process's run: two members never process a partition at once."""
+    for partition in {a.partition for a in attempts}:
+        ordered = sorted((a for a in attempts if a.partition == partition), key=lambda a: a.started_ns)
+        runs: list[list[Attempt]] = []
+        for attempt in ordered:
+            if runs and runs[-1][0].pid == attempt.pid:
+                runs[-1].append(attempt)
+            else:
+                runs.append([attempt])
+        for before, after in zip(runs, runs[1:]):
+            last_end = max(a.ended_ns for a in before)
+            assert last_end <= after[0].started_ns, (
+                f"partition {partition}: process {after[0].pid} started offset {after[0].offset} while "
+                f"process {before[0].pid} was still processing it"
+            )
+
+
+def processed(attempts: list[Attempt]) -> set[tuple[int, int]]:
+    """(partition, offset) of every message some process_message call finished."""
+    return {(a.partition, a.offset) for a in attempts if a.result == "true"}
 
 
 @pytest.fixture
@@ -234,8 +311,12 @@ def kernels(cluster, pki, tmp_path):
             started.append(kernel)
             return kernel
 
-        def records(self):
-            return read_records(self.record_path)
+        def records(self) -> list[tuple[int, int, str, str]]:
+            """(partition, offset, value, result) per handler attempt."""
+            return [attempt[:4] for attempt in read_attempts(self.record_path)]
+
+        def attempts(self) -> list[Attempt]:
+            return read_attempts(self.record_path)
 
     yield Factory()
     for kernel in started:

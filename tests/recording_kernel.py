@@ -1,8 +1,8 @@
 """The real kernel (main.main) with a test process_message, run as `python tests/recording_kernel.py`.
 
 It substitutes main.process_message the way a user's code would, then records every call, one line
-per attempt, "topic partition offset value result", to $TEST_RECORD_PATH (appended and flushed per
-line, so it survives SIGKILL). What the handler does depends on the message value:
+per attempt, "topic partition offset value result pid start_ns end_ns", to $TEST_RECORD_PATH
+(appended and flushed per line, so it survives SIGKILL). What the handler does depends on the message value:
   "false:N"  return False for the first N attempts in this process, then True
   "raise"    raise RuntimeError while $TEST_RAISE is not "0"
   "sleep:S"  sleep S seconds, then True
@@ -24,23 +24,25 @@ SLEEP_S = float(os.environ.get("TEST_SLEEP_S", "0"))
 attempts: Counter = Counter()
 
 
-def record(message, result: str) -> None:
+def record(message, result: str, started_ns: int) -> None:
     value = message.value.decode()
-    os.write(RECORD, f"{message.topic} {message.partition} {message.offset} {value} {result}\n".encode())
+    line = f"{message.topic} {message.partition} {message.offset} {value} {result} {os.getpid()} {started_ns} {time.time_ns()}"
+    os.write(RECORD, f"{line}\n".encode())
 
 
 def process_message(message) -> bool:
+    started_ns = time.time_ns()
     value = message.value.decode()
     attempts[message.topic, message.partition, message.offset] += 1
     if value.startswith("false:"):
         done = attempts[message.topic, message.partition, message.offset] > int(value.split(":")[1])
-        record(message, "true" if done else "false")
+        record(message, "true" if done else "false", started_ns)
         return done
     if value == "raise" and os.environ.get("TEST_RAISE") != "0":
-        record(message, "raise")
+        record(message, "raise", started_ns)
         raise RuntimeError("poison message")
     time.sleep(float(value.split(":")[1]) if value.startswith("sleep:") else SLEEP_S)
-    record(message, "true")
+    record(message, "true", started_ns)
     return True
 
 
