@@ -4,11 +4,13 @@ handler. Every scenario prints produced / processed / repeated / lost; lost must
 import random
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
 
-from tests.conftest import check_one_owner_at_a_time, processed, wait_until
+from tests.conftest import REPO, check_one_owner_at_a_time, processed, wait_until
 
 
 def report(scenario: str, produced: Counter, attempts) -> int:
@@ -153,6 +155,16 @@ def test_poison_message_goes_to_the_dead_letter_topic_once(cluster, kernels):
     assert cluster.committed("poison", topic, 2) == {0: produced[0], 1: produced[1]}
     assert re.search(r"Dead-lettered \S+\[0\]@1 to \S+ after 3 attempts", kernel.log())
     print(f"\npoison with a dead-letter topic: produced 9, processed 8, dead-lettered 1, lost 0")
+
+    # The README's replay command sends it back to where it came from, once.
+    for _ in range(2):
+        replay = subprocess.run([sys.executable, str(REPO / "devtools" / "replay_dead_letters.py"), dead_letters],
+                                env=env, capture_output=True, text=True, timeout=60)
+        assert replay.returncode == 0, replay.stderr
+    replayed = [r for r in cluster.read_topic(topic, 2) if r.value() == b"false:1000"]
+    assert len(replayed) == 2, "the original and exactly one replayed copy"
+    assert replayed[1].key() == b"poison-key" and replayed[1].partition() == 0
+    assert not [k for k, _ in replayed[1].headers() or [] if k.startswith("kafka_dlt-")]
 
 
 def test_poison_message_without_a_dead_letter_topic_stops_the_kernel(cluster, kernels):
