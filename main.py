@@ -22,12 +22,13 @@ import signal
 import ssl
 import sys
 import tempfile
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import wait as futures_wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from queue import Empty, SimpleQueue
 
 from dotenv import load_dotenv
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
@@ -90,7 +91,9 @@ EXIT_RETRIES_EXHAUSTED = 4  # KERNEL_MAX_ATTEMPTS reached and no KERNEL_DEAD_LET
 EXIT_FORCED = 128  # + signal number: a second SIGTERM/SIGINT during shutdown
 
 POLL_TIMEOUT_MS = 1000  # bounds how long a stop request waits for poll() to return
-KEEPALIVE_INTERVAL_S = 1.0  # while a handler runs, the group membership is renewed this often
+KEEPALIVE_INTERVAL_S = 1.0  # while every worker is busy, the group membership is renewed this often
+BUSY_POLL_TIMEOUT_MS = 10  # poll() timeout while workers are busy: how soon their results are seen
+COMMIT_INTERVAL_S = 1.0  # while workers are busy, finished prefixes are committed this often
 REPEATED_WARNING_INTERVAL_S = 30.0  # a warning that repeats is logged at most this often
 REPEATING = {"repeating": True}  # extra= for such a warning (see RepeatFilter)
 CERT_VARIABLES = ("KAFKA_CA_CERT", "KAFKA_CLIENT_CERT", "KAFKA_CLIENT_KEY")
@@ -143,6 +146,9 @@ class Settings:
     retry_max_ms: int
     max_attempts: int  # 0: unlimited
     dead_letter_topic: str | None
+    concurrency: int
+    ordering: str  # "key" or "partition"
+    shutdown_timeout_ms: int
     log_level: str
 
     def __post_init__(self):
@@ -197,6 +203,9 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         retry_max_ms=parse_int(env, "KERNEL_RETRY_MAX_MS", 30_000, minimum=1),
         max_attempts=parse_int(env, "KERNEL_MAX_ATTEMPTS", 0, minimum=0),
         dead_letter_topic=env.get("KERNEL_DEAD_LETTER_TOPIC", "").strip() or None,
+        concurrency=parse_int(env, "KERNEL_CONCURRENCY", 1, minimum=1),
+        ordering=parse_choice(env, "KERNEL_ORDERING", "key", ("key", "partition")),
+        shutdown_timeout_ms=parse_int(env, "KERNEL_SHUTDOWN_TIMEOUT_MS", 30_000, minimum=0),
         log_level=parse_choice(env, "LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
     )
 
@@ -373,62 +382,103 @@ def connect(settings: Settings, tls: TlsFiles | None, stop: StopSignal) -> Kafka
     return None
 
 
-@dataclass
+@dataclass(eq=False)
 class Work:
-    """One partition's polled records, handed to the worker thread, processed in offset order.
+    """A run of one lane's records handed to a worker thread, processed in offset order.
 
-    The worker writes `finished` and `failed`; the loop reads them, and sets `cancelled` when the
-    partition is revoked or a stop is requested, so the worker stops after the message in hand.
+    The worker advances `done` and sets `failed` or `error`; the loop reads them once the work comes
+    back, and sets `cancelled` to have the worker stop after the message in hand.
     """
 
-    partition: TopicPartition
+    lane: Lane
     records: list
-    finished: int | None = None  # offset after the last message that returned True
-    failed: object | None = None  # the record that returned False
-    current: object | None = None  # the record in process_message right now
-    started_s: float = 0.0  # time.monotonic() when `current` started
-    warned_slow: object | None = None  # the record a slowness warning was logged for
+    done: int = 0  # records[:done] returned True
+    failed: bool = False  # records[done] returned False
+    error: BaseException | None = None  # process_message raised on records[done]
+    started_s: float = 0.0  # time.monotonic() when records[done] started
+    warned_slow: int = -1  # the `done` index a slowness warning was logged for
     cancelled: bool = False
 
 
 def process_work(work: Work, stop: StopSignal) -> None:
-    """Runs on the worker thread: call process_message for each record until one is not done."""
+    """Call process_message for each record of `work` until one is not done (on a worker thread)."""
     for record in work.records:
         if work.cancelled or stop.requested:
-            break
-        work.current, work.started_s = record, time.monotonic()
+            return
+        work.started_s = time.monotonic()
         try:
             result = process_message(record)  # looked up at call time: tests may replace it
         except Exception as error:
             raise MessageFailed(record) from error
         if result is True:
-            work.finished = record.offset + 1
+            work.done += 1
         elif result is False:
-            work.failed = record
-            break
+            work.failed = True
+            return
         else:
             raise MessageFailed(record) from TypeError(f"process_message must return True or False, got {result!r}")
-    work.current = None
+
+
+def run_worker(todo: SimpleQueue, done: SimpleQueue, stop: StopSignal) -> None:
+    """A worker thread: process Work from `todo` until it gets None, handing each back on `done`."""
+    while (work := todo.get()) is not None:
+        try:
+            process_work(work, stop)
+        except BaseException as error:  # reported to the loop, which stops the kernel
+            work.error = error
+        finally:
+            done.put(work)
 
 
 @dataclass
 class Retry:
-    """A message that returned False: its partition is paused until `due_s`, then resumed."""
+    """The first record of a lane returned False: it is tried again at `due_s`."""
 
     offset: int
     attempts: int
-    due_s: float | None  # time.monotonic() of the next attempt; None once resumed
+    due_s: float  # time.monotonic() of the next attempt
+
+
+@dataclass(eq=False)
+class Lane:
+    """Records processed strictly one after another: those of one key in a partition, or of the
+    whole partition. At most one Work of a lane is in flight, which is what keeps the order."""
+
+    partition: TopicPartition
+    key: bytes | None
+    records: deque = field(default_factory=deque)  # fetched, waiting for their turn
+    work: Work | None = None  # handed to a worker
+    retry: Retry | None = None  # records[0] returned False
+
+    def first_unfinished(self) -> int | None:
+        work = self.work
+        if work is not None and work.done < len(work.records):
+            return work.records[work.done].offset
+        return self.records[0].offset if self.records else None
+
+
+@dataclass
+class PartitionState:
+    lanes: dict = field(default_factory=dict)  # lane key -> Lane
+    unfinished: int = 0  # fetched records not finished yet
+    fetched_end: int | None = None  # offset after the last fetched record
+    committed: int | None = None  # the last offset this kernel committed
+
+    def next_commit(self) -> int | None:
+        """The end of the longest finished prefix: never past an unfinished or failed message."""
+        firsts = [offset for lane in self.lanes.values() if (offset := lane.first_unfinished()) is not None]
+        return min(firsts) if firsts else self.fetched_end
 
 
 class Kernel:
-    """Polls, has process_message run on each record in partition order, commits finished offsets.
+    """Polls, has process_message run on each record in order, commits the finished prefixes.
 
-    process_message runs on one worker thread while this thread keeps polling (with every partition
-    paused), so however long a message takes, the member stays in its group and takes part in
-    rebalances. Per partition the loop keeps the offset after the last finished message
-    (`finished`, until committed) and the pending retry, if any: a partition whose message returned
-    False is paused and seeked back to it, so later messages of that partition wait while the other
-    partitions go on.
+    Records are sorted into lanes (per key, or per partition) that KERNEL_CONCURRENCY worker
+    threads process, one Work per lane at a time. This thread only polls, hands out work and
+    commits, so however long a message takes, the member stays in its group, takes part in
+    rebalances and commits progress. A lane whose message returned False keeps it at its head
+    until the retry is due: later messages of that lane wait, every other lane goes on. A partition
+    with too many unfinished records is paused, which bounds memory.
     """
 
     def __init__(self, consumer: KafkaConsumer, settings: Settings, stop: StopSignal,
@@ -437,12 +487,24 @@ class Kernel:
         self.settings = settings
         self.stop = stop
         self.tls = tls
-        self.owned: set[TopicPartition] = set()
-        self.finished: dict[TopicPartition, int] = {}
-        self.retries: dict[TopicPartition, Retry] = {}
-        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="process_message")
-        self.in_flight: tuple[Work, Future] | None = None
+        self.partitions: dict[TopicPartition, PartitionState] = {}  # the assigned ones
+        self.ready: dict[Lane, None] = {}  # lanes with records to hand out, in order
+        self.retrying: set[Lane] = set()  # lanes waiting for a retry to be due
+        self.in_flight: set[Work] = set()
+        self.returned: deque[Work] = deque()  # came back during a rebalance; settled by the loop
+        self.paused: set[TopicPartition] = set()  # by back-pressure
+        self.unfinished = 0  # over all partitions
+        # One poll's worth, and enough to keep every worker busy, is buffered before polling pauses.
+        self.buffer_limit = max(settings.max_poll_records, 4 * settings.concurrency)
+        self.keyed = settings.ordering == "key" and settings.concurrency > 1
+        self.last_commit_s = 0.0
+        self.last_slow_check_s = 0.0
         self.producer: KafkaProducer | None = None  # created on the first dead letter
+        self.todo: SimpleQueue = SimpleQueue()
+        self.done: SimpleQueue = SimpleQueue()
+        for number in range(settings.concurrency):
+            threading.Thread(target=run_worker, args=(self.todo, self.done, stop), daemon=True,
+                             name=f"process_message-{number}").start()
 
     def run(self) -> int:
         self.consumer.subscribe(self.settings.topics, listener=RebalanceListener(self))
@@ -452,7 +514,8 @@ class Kernel:
             log.info("Stop requested: finishing")
             return EXIT_OK
         except MessageFailed as failure:
-            log.exception("process_message failed on %s; it stays uncommitted. Stopping", failure)
+            log.error("process_message failed on %s; it stays uncommitted. Stopping", failure,
+                      exc_info=failure.__cause__)
             return EXIT_FATAL
         except RetriesExhausted as exhausted:
             log.error("%s (KERNEL_MAX_ATTEMPTS) and no KERNEL_DEAD_LETTER_TOPIC is set: it stays "
@@ -462,87 +525,129 @@ class Kernel:
             log.exception("Unrecoverable Kafka error; stopping")
             return EXIT_BROKER
         finally:
-            self.commit_finished()
-            self.worker.shutdown(wait=False)
+            self.drain()
+            self.commit_progress(force=True)
+            for _ in range(self.settings.concurrency):
+                self.todo.put(None)
             if self.producer is not None:
                 self.producer.close(timeout=self.settings.produce_timeout_ms / 1000)
             self.consumer.close(autocommit=False)  # leaves the group: the others rebalance at once
             log.info("Consumer closed")
 
     def run_once(self) -> None:
-        self.resume_due_partitions()
-        batch = self.consumer.poll(timeout_ms=self.poll_timeout_ms())
+        self.settle_returned(timeout_s=0)
+        self.hand_out_ready_lanes()
+        if self.in_flight and self.unfinished >= self.buffer_limit:
+            if not self.settle_returned(timeout_s=KEEPALIVE_INTERVAL_S):
+                self.keep_membership()
+        else:
+            self.apply_back_pressure()
+            timeout_ms = BUSY_POLL_TIMEOUT_MS if self.in_flight else self.poll_timeout_ms()
+            self.distribute(self.consumer.poll(timeout_ms=timeout_ms))
+        self.warn_if_slow()
+        self.commit_progress()
+
+    def distribute(self, batch: dict) -> None:
+        """Append polled records to their lanes."""
         for partition, records in batch.items():
-            if self.stop.requested:
-                break
-            if partition in self.owned:  # a rebalance during an earlier partition may have taken it
-                self.process(Work(partition, records))
-        self.commit_finished()
+            state = self.partitions.get(partition)
+            if state is None:  # revoked while this batch was being fetched
+                continue
+            if state.fetched_end is None:  # where the group's committed offset (or the reset) put us
+                state.committed = records[0].offset
+            state.fetched_end = records[-1].offset + 1
+            state.unfinished += len(records)
+            self.unfinished += len(records)
+            if self.keyed:
+                for record in records:
+                    self.lane(partition, state, record.key).records.append(record)
+            else:
+                self.lane(partition, state, None).records.extend(records)
 
-    def process(self, work: Work) -> None:
-        """Run `work` on the worker thread, keeping the group membership alive meanwhile."""
-        future = self.worker.submit(process_work, work, self.stop)
-        self.in_flight = (work, future)
-        try:
-            while not wait(future, KEEPALIVE_INTERVAL_S):
-                self.keep_membership(work)
-            future.result()  # re-raises MessageFailed
-        finally:
-            self.in_flight = None
+    def lane(self, partition: TopicPartition, state: PartitionState, key: bytes | None) -> Lane:
+        lane = state.lanes.get(key)
+        if lane is None:
+            lane = state.lanes[key] = Lane(partition, key)
+        if lane.work is None and lane not in self.retrying:
+            self.ready[lane] = None
+        return lane
+
+    def hand_out_ready_lanes(self) -> None:
+        now = time.monotonic()
+        for lane in [lane for lane in self.retrying if lane.retry.due_s <= now]:
+            self.retrying.discard(lane)
+            self.ready[lane] = None
+        for lane in self.ready:
+            lane.work = Work(lane, list(lane.records))
+            lane.records.clear()
+            self.in_flight.add(lane.work)
+            self.todo.put(lane.work)
+        self.ready.clear()
+
+    def settle_returned(self, timeout_s: float) -> bool:
+        """Settle the work the workers handed back, waiting up to `timeout_s` for the first."""
+        work = self.next_returned(timeout_s)
+        if work is None:
+            return False
+        while work is not None:
             self.settle(work)
-        if work.failed is not None and work.partition in self.owned:
-            self.retry_or_dead_letter(work.partition, work.failed)
+            work = self.next_returned(0)
+        return True
 
-    def keep_membership(self, work: Work) -> None:
-        """Poll with every partition paused (no records come back): the group sees us alive, and
-        a rebalance runs its callbacks here. Also commits what the worker finished so far."""
-        self.warn_if_slow(work)
-        self.settle(work)
-        self.commit_finished()
-        pausing = self.owned - self.consumer.paused()
-        self.consumer.pause(*pausing)
-        self.consumer.poll(timeout_ms=0)
-        self.consumer.resume(*(pausing & self.owned))
+    def next_returned(self, timeout_s: float) -> Work | None:
+        if self.returned:
+            return self.returned.popleft()
+        try:
+            return self.done.get(timeout=timeout_s) if timeout_s else self.done.get_nowait()
+        except Empty:
+            return None
 
-    def warn_if_slow(self, work: Work) -> None:
-        record, running_s = work.current, time.monotonic() - work.started_s
-        if record is not None and record is not work.warned_slow and running_s > self.settings.max_poll_interval_ms / 2000:
-            work.warned_slow = record
-            log.warning(
-                "process_message has been running for %.0f s on %s[%d]@%d: a rebalance waits for it at "
-                "most KAFKA_MAX_POLL_INTERVAL_MS (%d ms) before the group moves its partitions on",
-                running_s, work.partition.topic, work.partition.partition, record.offset,
-                self.settings.max_poll_interval_ms,
-            )
+    def take_progress(self, work: Work) -> Lane | None:
+        """Put what `work` did not finish back at the head of its lane; None if the lane is gone."""
+        self.in_flight.discard(work)
+        lane = work.lane
+        lane.work = None
+        state = self.partitions.get(lane.partition)
+        if state is None or state.lanes.get(lane.key) is not lane:  # revoked meanwhile
+            return None
+        lane.records.extendleft(reversed(work.records[work.done:]))
+        state.unfinished -= work.done
+        self.unfinished -= work.done
+        if work.done and lane.retry is not None:  # the retried message succeeded
+            lane.retry = None
+        return lane
 
     def settle(self, work: Work) -> None:
-        """Take the worker's progress into the offsets to commit, for a partition still ours."""
-        if work.finished is not None and work.partition in self.owned:
-            self.finished[work.partition] = work.finished
-            retry = self.retries.get(work.partition)
-            if retry is not None and retry.offset < work.finished:
-                del self.retries[work.partition]
+        lane = self.take_progress(work)
+        if work.error is not None:
+            raise work.error
+        if lane is None:
+            return
+        if work.failed and not self.stop.requested:
+            self.retry_or_dead_letter(lane)
+        if lane.records and lane not in self.retrying:
+            self.ready[lane] = None
+        elif not lane.records:
+            del self.partitions[lane.partition].lanes[lane.key]
 
-    def retry_or_dead_letter(self, partition: TopicPartition, record) -> None:
-        previous = self.retries.get(partition)
-        attempts = previous.attempts + 1 if previous and previous.offset == record.offset else 1
+    def retry_or_dead_letter(self, lane: Lane) -> None:
+        record = lane.records[0]
+        attempts = lane.retry.attempts + 1 if lane.retry and lane.retry.offset == record.offset else 1
         if self.settings.max_attempts and attempts >= self.settings.max_attempts:
             if self.settings.dead_letter_topic is None:
                 raise RetriesExhausted(record, attempts)
             if self.dead_letter(record, attempts):
-                self.finished[partition] = record.offset + 1
-                self.retries.pop(partition, None)
-                self.consumer.seek(partition, record.offset + 1)  # the records after it come again
+                lane.records.popleft()
+                lane.retry = None
+                self.partitions[lane.partition].unfinished -= 1
+                self.unfinished -= 1
                 return
         delay_s = retry_delay_ms(attempts, self.settings.retry_initial_ms, self.settings.retry_max_ms) / 1000
-        self.retries[partition] = Retry(record.offset, attempts, time.monotonic() + delay_s)
-        # Pausing stops fetching; seeking back makes the message the first one poll() returns
-        # after resume(), and drops the later records of this partition already fetched.
-        self.consumer.pause(partition)
-        self.consumer.seek(partition, record.offset)
+        lane.retry = Retry(record.offset, attempts, time.monotonic() + delay_s)
+        self.retrying.add(lane)
         log.warning(
             "process_message returned False for %s[%d]@%d (attempt %d); retrying in %.1f s",
-            partition.topic, partition.partition, record.offset, attempts, delay_s,
+            record.topic, record.partition, record.offset, attempts, delay_s,
         )
 
     def dead_letter(self, record, attempts: int) -> bool:
@@ -570,69 +675,125 @@ class Kernel:
                   record.offset, self.settings.dead_letter_topic, attempts)
         return True
 
-    def resume_due_partitions(self) -> None:
+    def apply_back_pressure(self) -> None:
+        """Stop fetching for a partition with two polls' worth unfinished; go on below one."""
+        limit = self.settings.max_poll_records
+        full = [tp for tp, state in self.partitions.items() if state.unfinished >= 2 * limit and tp not in self.paused]
+        drained = [tp for tp in self.paused if self.partitions[tp].unfinished < limit]
+        if full:
+            self.consumer.pause(*full)
+            self.paused.update(full)
+        if drained:
+            self.consumer.resume(*drained)
+            self.paused.difference_update(drained)
+
+    def keep_membership(self) -> None:
+        """Poll with every partition paused (no records come back) while the workers are busy:
+        the group sees us alive, and a rebalance runs its callbacks here."""
+        pausing = set(self.partitions) - self.consumer.paused()
+        self.consumer.pause(*pausing)
+        self.consumer.poll(timeout_ms=0)
+        self.consumer.resume(*(pausing & set(self.partitions)))
+
+    def warn_if_slow(self) -> None:
         now = time.monotonic()
-        due = [tp for tp, retry in self.retries.items() if retry.due_s is not None and retry.due_s <= now]
-        for partition in due:
-            self.retries[partition].due_s = None  # the attempt count is kept until it succeeds
-        if due:
-            self.consumer.resume(*due)
+        if now - self.last_slow_check_s < KEEPALIVE_INTERVAL_S:
+            return
+        self.last_slow_check_s = now
+        for work in self.in_flight:
+            if work.started_s and work.done < len(work.records) and work.warned_slow != work.done \
+                    and now - work.started_s > self.settings.max_poll_interval_ms / 2000:
+                work.warned_slow = work.done
+                record = work.records[work.done]
+                log.warning(
+                    "process_message has been running for %.0f s on %s[%d]@%d: a rebalance waits for it "
+                    "at most KAFKA_MAX_POLL_INTERVAL_MS (%d ms) before the group moves its partitions on",
+                    now - work.started_s, record.topic, record.partition, record.offset,
+                    self.settings.max_poll_interval_ms,
+                )
 
     def poll_timeout_ms(self) -> int:
         """Poll no longer than until the next retry is due."""
-        waits = [retry.due_s for retry in self.retries.values() if retry.due_s is not None]
-        if not waits:
+        if not self.retrying:
             return POLL_TIMEOUT_MS
-        return max(0, min(POLL_TIMEOUT_MS, int((min(waits) - time.monotonic()) * 1000)))
+        next_due_s = min(lane.retry.due_s for lane in self.retrying)
+        return max(0, min(POLL_TIMEOUT_MS, int((next_due_s - time.monotonic()) * 1000)))
 
-    def commit_finished(self, partitions: set[TopicPartition] | None = None) -> None:
-        """Commit the offsets of finished messages (of `partitions`, or all), synchronously."""
-        offsets = {
-            tp: OffsetAndMetadata(offset, "", -1)
-            for tp, offset in self.finished.items()
-            if partitions is None or tp in partitions
-        }
+    def commit_progress(self, partitions: set[TopicPartition] | None = None, force: bool = False) -> None:
+        """Commit each partition's finished prefix, synchronously: after every polled batch once
+        the workers are idle, at least every COMMIT_INTERVAL_S while they are busy."""
+        now = time.monotonic()
+        if not force and self.in_flight and now - self.last_commit_s < COMMIT_INTERVAL_S:
+            return
+        offsets = {}
+        for tp, state in self.partitions.items():
+            offset = state.next_commit()
+            if (partitions is None or tp in partitions) and offset is not None and offset != state.committed:
+                offsets[tp] = OffsetAndMetadata(offset, "", -1)
         if not offsets:
             return
+        self.last_commit_s = now
         try:
             self.consumer.commit(offsets, timeout_ms=self.settings.commit_timeout_ms)
         except CommitFailedError:
-            # The group rebalanced: partitions we lost are re-read by their new owner from the
-            # last committed offset (at-least-once). Offsets of partitions we keep are retried.
+            # The group rebalanced: the partitions' next owners re-read from the last successful
+            # commit (at-least-once); on_partitions_revoked forgets the ones we lost.
             log.warning("Commit failed because the group rebalanced; the new owners re-read from "
                         "the last commit", extra=REPEATING)
-            self.forget([tp for tp in offsets if tp not in self.consumer.assignment()])
             return
         except KafkaError as error:
             log.warning("Commit failed (%s); finished offsets are kept and committed later",
                         type(error).__name__, extra=REPEATING)
             return
-        for tp, committed in offsets.items():
-            if self.finished.get(tp) == committed.offset:
-                del self.finished[tp]
+        for tp, offset in offsets.items():
+            self.partitions[tp].committed = offset.offset
         log.debug("Committed %s", {f"{tp.topic}[{tp.partition}]": o.offset for tp, o in offsets.items()})
 
-    def release(self, partitions: set[TopicPartition]) -> None:
-        """Partitions are being revoked: stop the worker on them after the message in hand,
-        commit what finished, and forget them (the next owner starts from the commit)."""
-        if self.in_flight is not None and self.in_flight[0].partition in partitions:
-            work, future = self.in_flight
-            work.cancelled = True
-            wait(future, self.settings.max_poll_interval_ms / 1000)
-            self.settle(work)
-        self.commit_finished(partitions)
-        self.forget(partitions)
-        self.owned -= partitions
-
-    def forget(self, partitions) -> None:
+    def assign(self, partitions: set[TopicPartition]) -> None:
         for partition in partitions:
-            self.finished.pop(partition, None)
-            self.retries.pop(partition, None)
+            self.partitions.setdefault(partition, PartitionState())
 
+    def release(self, partitions: set[TopicPartition]) -> None:
+        """Partitions are being revoked: stop their work after the messages in hand (waiting at
+        most the max-poll interval, the group's rebalance timeout), commit their finished prefix,
+        and forget them; the next owner starts from that commit, retries included."""
+        leaving = {work for work in self.in_flight if work.lane.partition in partitions}
+        for work in leaving:
+            work.cancelled = True
+        deadline = time.monotonic() + self.settings.max_poll_interval_ms / 1000
+        while leaving & self.in_flight and time.monotonic() < deadline:
+            try:
+                work = self.done.get(timeout=deadline - time.monotonic())
+            except Empty:
+                break
+            if work in leaving:
+                self.take_progress(work)
+            else:
+                self.returned.append(work)  # settled by the loop, outside the callback
+        self.commit_progress(partitions, force=True)
+        for partition in partitions:
+            state = self.partitions.pop(partition, None)
+            if state is not None:
+                self.unfinished -= state.unfinished
+                for lane in state.lanes.values():
+                    self.ready.pop(lane, None)
+                    self.retrying.discard(lane)
+        self.paused -= partitions
 
-def wait(future: Future, timeout_s: float) -> bool:
-    """True once `future` is done (successfully or not), False after `timeout_s`."""
-    return not futures_wait([future], timeout=timeout_s).not_done
+    def drain(self) -> None:
+        """At shutdown: have the workers stop after the messages in hand, waiting at most
+        KERNEL_SHUTDOWN_TIMEOUT_MS, and take their progress."""
+        for work in self.in_flight:
+            work.cancelled = True
+        deadline = time.monotonic() + self.settings.shutdown_timeout_ms / 1000
+        while self.in_flight and time.monotonic() < deadline:
+            work = self.next_returned(deadline - time.monotonic())
+            if work is None:
+                break
+            self.take_progress(work)
+        if self.in_flight:
+            log.warning("%d message(s) still in process_message after KERNEL_SHUTDOWN_TIMEOUT_MS: left "
+                        "uncommitted, to be processed again", len(self.in_flight))
 
 
 def retry_delay_ms(attempts: int, initial_ms: int, maximum_ms: int) -> int:
@@ -671,7 +832,7 @@ class RebalanceListener(ConsumerRebalanceListener):
             log.info("Partitions revoked: %s", format_partitions(revoked))
 
     def on_partitions_assigned(self, assigned):
-        self.kernel.owned |= set(assigned)
+        self.kernel.assign(set(assigned))
         if assigned:
             committed = {tp: self.kernel.consumer.committed(tp) for tp in assigned}
             log.info("Partitions assigned (committed offset): %s", format_partitions(assigned, committed))

@@ -1,5 +1,7 @@
-"""Unit tests for the loop's bookkeeping: what the worker reports, what gets committed, retries and
-revocations, against a recording stand-in for KafkaConsumer."""
+"""Unit tests for the loop's bookkeeping — lanes, finished prefixes, retries, revocations — with the
+real worker threads and a recording stand-in for KafkaConsumer."""
+
+import threading
 
 import pytest
 from kafka import TopicPartition
@@ -14,7 +16,6 @@ P0, P1 = TopicPartition("t", 0), TopicPartition("t", 1)
 class RecordingConsumer:
     def __init__(self):
         self.calls = []
-        self.assigned = {P0, P1}
         self.paused_partitions = set()
         self.commit_error = None
 
@@ -29,24 +30,21 @@ class RecordingConsumer:
     def paused(self):
         return set(self.paused_partitions)
 
-    def seek(self, partition, offset):
-        self.calls.append(("seek", partition, offset))
-
-    def assignment(self):
-        return self.assigned
-
     def commit(self, offsets, timeout_ms=None):
         if self.commit_error:
             raise self.commit_error
         self.calls.append(("commit", {tp: meta.offset for tp, meta in offsets.items()}))
 
-
-def record(partition: TopicPartition, offset: int, value: bytes = b"v"):
-    return ConsumerRecord(partition.topic, partition.partition, None, offset, 1_700_000_000_000, 0, b"k", value,
-                          [("h", b"1")], None, 1, len(value), -1)
+    def commits(self):
+        return [call[1] for call in self.calls if call[0] == "commit"]
 
 
-def results(mapping):
+def record(partition: TopicPartition, offset: int, key: bytes | None = b"k"):
+    return ConsumerRecord(partition.topic, partition.partition, None, offset, 1_700_000_000_000, 0, key, b"v",
+                          [("h", b"1")], None, 1, 1, -1)
+
+
+def answers(mapping):
     """A process_message answering from `mapping` ((partition, offset) -> result), True otherwise."""
     def process_message(message):
         result = mapping.get((message.partition, message.offset), True)
@@ -56,20 +54,27 @@ def results(mapping):
     return process_message
 
 
-@pytest.fixture
-def kernel(monkeypatch):
-    settings = main.load_settings({"KAFKA_BOOTSTRAP_SERVERS": "a:1", "KERNEL_RETRY_INITIAL_MS": "1000"})
+def make_kernel(**env):
+    settings = main.load_settings({"KAFKA_BOOTSTRAP_SERVERS": "a:1", "KERNEL_RETRY_INITIAL_MS": "1000",
+                                   "KAFKA_MAX_POLL_RECORDS": "4", **env})
     kernel = main.Kernel(RecordingConsumer(), settings, main.StopSignal())
-    kernel.owned = {P0, P1}
-    yield kernel
-    kernel.worker.shutdown()
+    kernel.assign({P0, P1})
+    return kernel
 
 
-def test_process_work_reports_the_offset_after_the_last_finished_message(monkeypatch):
-    monkeypatch.setattr(main, "process_message", results({(0, 6): False}))
-    work = main.Work(P0, [record(P0, 5), record(P0, 6), record(P0, 7)])
+def settle_all(kernel):
+    """Hand out every ready lane and settle what comes back, until nothing is in flight."""
+    kernel.hand_out_ready_lanes()
+    while kernel.in_flight:
+        assert kernel.settle_returned(timeout_s=5), "a worker did not hand its work back"
+        kernel.hand_out_ready_lanes()
+
+
+def test_process_work_counts_finished_messages_and_stops_at_false(monkeypatch):
+    monkeypatch.setattr(main, "process_message", answers({(0, 6): False}))
+    work = main.Work(main.Lane(P0, None), [record(P0, 5), record(P0, 6), record(P0, 7)])
     main.process_work(work, main.StopSignal())
-    assert (work.finished, work.failed.offset, work.current) == (6, 6, None)
+    assert (work.done, work.failed) == (1, True)
 
 
 def test_process_work_stops_after_the_message_in_hand(monkeypatch):
@@ -80,92 +85,149 @@ def test_process_work_stops_after_the_message_in_hand(monkeypatch):
         return True
 
     monkeypatch.setattr(main, "process_message", stop_after_first)
-    work = main.Work(P0, [record(P0, 0), record(P0, 1)])
+    work = main.Work(main.Lane(P0, None), [record(P0, 0), record(P0, 1)])
     main.process_work(work, stop)
-    assert work.finished == 1
+    assert work.done == 1
 
 
 @pytest.mark.parametrize("result, cause", [(ValueError("boom"), "boom"), (None, "must return True or False, got None")])
-def test_an_exception_or_a_wrong_return_value_leaves_the_message_unfinished(monkeypatch, result, cause):
-    monkeypatch.setattr(main, "process_message", results({(0, 6): result}))
-    work = main.Work(P0, [record(P0, 5), record(P0, 6), record(P0, 7)])
+def test_an_exception_or_a_wrong_return_value_is_fatal(monkeypatch, result, cause):
+    monkeypatch.setattr(main, "process_message", answers({(0, 6): result}))
+    kernel = make_kernel()
+    kernel.distribute({P0: [record(P0, 5), record(P0, 6), record(P0, 7)]})
     with pytest.raises(main.MessageFailed, match=r"t\[0\]@6") as failure:
-        main.process_work(work, main.StopSignal())
+        settle_all(kernel)
     assert cause in str(failure.value.__cause__)
-    assert work.finished == 6
+    kernel.commit_progress(force=True)
+    assert kernel.consumer.commits() == [{P0: 6}]
 
 
-def test_finished_offsets_are_committed_explicitly_and_once(kernel, monkeypatch):
-    monkeypatch.setattr(main, "process_message", results({}))
-    kernel.process(main.Work(P0, [record(P0, 5), record(P0, 6)]))
-    kernel.process(main.Work(P1, [record(P1, 0)]))
-    kernel.commit_finished()
-    kernel.commit_finished()
-    assert kernel.consumer.calls == [("commit", {P0: 7, P1: 1})]
+def test_finished_prefixes_are_committed_explicitly_and_once(monkeypatch):
+    monkeypatch.setattr(main, "process_message", answers({}))
+    kernel = make_kernel()
+    kernel.distribute({P0: [record(P0, 5), record(P0, 6)], P1: [record(P1, 0)]})
+    settle_all(kernel)
+    kernel.commit_progress()
+    kernel.commit_progress()
+    assert kernel.consumer.commits() == [{P0: 7, P1: 1}]
+    assert kernel.unfinished == 0 and kernel.partitions[P0].lanes == {}
 
 
-def test_false_pauses_and_rewinds_the_partition_and_counts_attempts(kernel, monkeypatch):
-    answers = {(0, 6): False}
-    monkeypatch.setattr(main, "process_message", results(answers))
-    kernel.process(main.Work(P0, [record(P0, 5), record(P0, 6), record(P0, 7)]))
-    assert kernel.finished == {P0: 6}
-    assert kernel.consumer.calls == [("pause", (P0,)), ("seek", P0, 6)]
-    assert (kernel.retries[P0].offset, kernel.retries[P0].attempts) == (6, 1)
+def test_the_commit_never_passes_an_unfinished_message():
+    state = main.PartitionState(fetched_end=10)
+    slow, fast = main.Lane(P0, b"slow"), main.Lane(P0, b"fast")
+    slow.work = main.Work(slow, [record(P0, 4), record(P0, 7)], done=1)  # 4 done, 7 in process_message
+    fast.records.extend([record(P0, 9)])
+    state.lanes = {b"slow": slow, b"fast": fast}
+    assert state.next_commit() == 7
+    slow.work.done = 2
+    assert state.next_commit() == 9
+    fast.records.clear()
+    assert state.next_commit() == 10
+
+
+def test_false_holds_its_partition_at_concurrency_one_and_counts_attempts(monkeypatch):
+    results = {(0, 6): False}
+    monkeypatch.setattr(main, "process_message", answers(results))
+    kernel = make_kernel()
+    kernel.distribute({P0: [record(P0, 5), record(P0, 6, key=b"a"), record(P0, 7, key=b"b")]})
+    settle_all(kernel)
+    kernel.commit_progress()
+    lane = kernel.partitions[P0].lanes[None]
+    assert [r.offset for r in lane.records] == [6, 7], "the message after it must wait"
+    assert (lane.retry.offset, lane.retry.attempts) == (6, 1) and lane in kernel.retrying
     assert 800 <= kernel.poll_timeout_ms() <= 1000
 
-    kernel.retries[P0].due_s = 0  # due now
-    kernel.resume_due_partitions()
-    assert kernel.consumer.calls[-1] == ("resume", (P0,))
-    kernel.process(main.Work(P1, [record(P1, 0)]))  # other partitions' work does not reset the count
-    kernel.process(main.Work(P0, [record(P0, 6), record(P0, 7)]))
-    assert kernel.retries[P0].attempts == 2
-
-    answers[(0, 6)] = True
-    kernel.retries[P0].due_s = 0
-    kernel.resume_due_partitions()
-    kernel.process(main.Work(P0, [record(P0, 6), record(P0, 7)]))
-    assert kernel.finished[P0] == 8 and P0 not in kernel.retries
+    lane.retry.due_s = 0  # due now
+    settle_all(kernel)
+    assert lane.retry.attempts == 2
+    results[(0, 6)] = True
+    lane.retry.due_s = 0
+    settle_all(kernel)
+    kernel.commit_progress()
+    assert kernel.consumer.commits() == [{P0: 6}, {P0: 8}]
+    assert kernel.retrying == set()
 
 
-def test_exhausted_attempts_without_a_dead_letter_topic_stop_the_kernel(kernel, monkeypatch):
-    kernel.settings = main.load_settings({"KAFKA_BOOTSTRAP_SERVERS": "a:1", "KERNEL_MAX_ATTEMPTS": "2"})
-    monkeypatch.setattr(main, "process_message", results({(0, 6): False}))
-    kernel.process(main.Work(P0, [record(P0, 5), record(P0, 6)]))
+def test_false_holds_only_its_key_with_concurrency(monkeypatch):
+    monkeypatch.setattr(main, "process_message", answers({(0, 6): False}))
+    kernel = make_kernel(KERNEL_CONCURRENCY="4")
+    kernel.distribute({P0: [record(P0, 5, b"a"), record(P0, 6, b"b"), record(P0, 7, b"a"), record(P0, 8, b"b")]})
+    settle_all(kernel)
+    lanes = kernel.partitions[P0].lanes
+    assert set(lanes) == {b"b"} and [r.offset for r in lanes[b"b"].records] == [6, 8]
+    kernel.commit_progress()
+    assert kernel.consumer.commits() == [{P0: 6}], "key a finished 7, but 6 is not done"
+
+
+def test_exhausted_attempts_without_a_dead_letter_topic_stop_the_kernel(monkeypatch):
+    monkeypatch.setattr(main, "process_message", answers({(0, 6): False}))
+    kernel = make_kernel(KERNEL_MAX_ATTEMPTS="2")
+    kernel.distribute({P0: [record(P0, 5), record(P0, 6)]})
+    settle_all(kernel)
+    kernel.partitions[P0].lanes[None].retry.due_s = 0
     with pytest.raises(main.RetriesExhausted, match=r"t\[0\]@6 returned False 2 times"):
-        kernel.process(main.Work(P0, [record(P0, 6)]))
-    assert kernel.finished == {P0: 6}
+        settle_all(kernel)
+    kernel.commit_progress(force=True)
+    assert kernel.consumer.commits() == [{P0: 6}]
 
 
-def test_commit_failed_by_a_rebalance_forgets_only_lost_partitions(kernel):
-    kernel.finished = {P0: 3, P1: 4}
-    kernel.consumer.assigned = {P1}
-    kernel.consumer.commit_error = CommitFailedError()
-    kernel.commit_finished()
-    assert kernel.finished == {P1: 4}, "a lost partition must not be committed later by us"
+def test_back_pressure_pauses_a_partition_with_two_polls_unfinished_and_resumes_below_one(monkeypatch):
+    kernel = make_kernel()
+    kernel.distribute({P0: [record(P0, offset) for offset in range(8)]})
+    kernel.apply_back_pressure()
+    assert kernel.consumer.paused() == {P0}
+    monkeypatch.setattr(main, "process_message", answers({}))
+    settle_all(kernel)
+    kernel.apply_back_pressure()
+    assert kernel.consumer.paused() == set()
 
 
-def test_commit_failed_by_a_lost_connection_keeps_everything(kernel):
-    kernel.finished = {P0: 3}
-    kernel.consumer.commit_error = KafkaTimeoutError()
-    kernel.commit_finished()
-    assert kernel.finished == {P0: 3}
+def test_failed_commits_keep_the_offsets_for_later(monkeypatch):
+    monkeypatch.setattr(main, "process_message", answers({}))
+    kernel = make_kernel()
+    kernel.distribute({P0: [record(P0, 3)]})
+    settle_all(kernel)
+    for error in (KafkaTimeoutError(), CommitFailedError()):
+        kernel.consumer.commit_error = error
+        kernel.commit_progress()
+    kernel.consumer.commit_error = None
+    kernel.commit_progress()
+    assert kernel.consumer.commits() == [{P0: 4}]
 
 
-def test_revocation_commits_and_forgets_only_the_revoked_partitions(kernel, monkeypatch):
-    monkeypatch.setattr(main, "process_message", results({(1, 4): False}))
-    kernel.finished = {P0: 3}
-    kernel.process(main.Work(P1, [record(P1, 3), record(P1, 4)]))
-    kernel.consumer.calls.clear()
+def test_revocation_commits_and_forgets_only_the_revoked_partitions(monkeypatch):
+    monkeypatch.setattr(main, "process_message", answers({(1, 4): False}))
+    kernel = make_kernel()
+    kernel.distribute({P0: [record(P0, 2)], P1: [record(P1, 3), record(P1, 4)]})
+    settle_all(kernel)
     main.RebalanceListener(kernel).on_partitions_revoked([P1])
-    assert kernel.consumer.calls == [("commit", {P1: 4})]
-    assert kernel.finished == {P0: 3} and kernel.retries == {} and kernel.owned == {P0}
+    assert kernel.consumer.commits() == [{P1: 4}]
+    assert set(kernel.partitions) == {P0} and kernel.retrying == set() and kernel.unfinished == 0
 
 
-def test_work_of_a_revoked_partition_is_not_committed_afterwards(kernel):
-    work = main.Work(P1, [record(P1, 0)], finished=1)
-    kernel.release({P1})
-    kernel.settle(work)
-    assert kernel.finished == {}, "committing for a partition we lost could move its offset backwards"
+def test_revocation_waits_for_the_message_in_hand_and_stops_the_rest(monkeypatch):
+    started, release = threading.Event(), threading.Event()
+
+    def blocking(message):
+        if message.offset == 0:
+            started.set()
+            release.wait(5)
+        return True
+
+    monkeypatch.setattr(main, "process_message", blocking)
+    kernel = make_kernel()
+    kernel.distribute({P0: [record(P0, 0), record(P0, 1)], P1: [record(P1, 7)]})
+    kernel.hand_out_ready_lanes()
+    assert started.wait(5)
+    threading.Timer(0.3, release.set).start()
+    main.RebalanceListener(kernel).on_partitions_revoked([P0])
+    assert kernel.consumer.commits() == [{P0: 1}], "offset 0 finished in hand; offset 1 left for the next owner"
+    assert set(kernel.partitions) == {P1}
+    settle_all(kernel)  # P1's work, handed back during the revocation, is settled by the loop
+    kernel.commit_progress()
+    assert kernel.consumer.commits()[-1] == {P1: 8}
+    assert kernel.unfinished == 0
 
 
 def test_dead_letter_headers_use_spring_kafka_names_and_encodings():
