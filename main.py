@@ -136,6 +136,9 @@ class Settings:
     group_instance_id: str | None
     auto_offset_reset: str
     max_poll_records: int
+    fetch_max_bytes: int
+    max_partition_fetch_bytes: int
+    check_crcs: bool
     session_timeout_ms: int
     heartbeat_interval_ms: int
     max_poll_interval_ms: int
@@ -192,7 +195,10 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         ssl_check_hostname=parse_bool(env, "KAFKA_SSL_CHECK_HOSTNAME", True),
         group_instance_id=env.get("KAFKA_GROUP_INSTANCE_ID", "").strip() or None,
         auto_offset_reset=parse_choice(env, "KAFKA_AUTO_OFFSET_RESET", "earliest", ("earliest", "latest")),
-        max_poll_records=parse_int(env, "KAFKA_MAX_POLL_RECORDS", 500, minimum=1),
+        max_poll_records=parse_int(env, "KAFKA_MAX_POLL_RECORDS", 2_000, minimum=1),
+        fetch_max_bytes=parse_int(env, "KAFKA_FETCH_MAX_BYTES", 52_428_800, minimum=1024),
+        max_partition_fetch_bytes=parse_int(env, "KAFKA_MAX_PARTITION_FETCH_BYTES", 1_048_576, minimum=1024),
+        check_crcs=parse_bool(env, "KAFKA_CHECK_CRCS", True),
         session_timeout_ms=parse_int(env, "KAFKA_SESSION_TIMEOUT_MS", 45_000, minimum=1_000),
         heartbeat_interval_ms=parse_int(env, "KAFKA_HEARTBEAT_INTERVAL_MS", 3_000, minimum=100),
         max_poll_interval_ms=parse_int(env, "KAFKA_MAX_POLL_INTERVAL_MS", 300_000, minimum=1_000),
@@ -350,6 +356,12 @@ def consumer_config(settings: Settings, tls: TlsFiles | None) -> dict:
         enable_auto_commit=False,
         auto_offset_reset=settings.auto_offset_reset,
         max_poll_records=settings.max_poll_records,
+        fetch_max_bytes=settings.fetch_max_bytes,
+        max_partition_fetch_bytes=settings.max_partition_fetch_bytes,
+        # kafka-python 2.3.3 refuses network frames over receive_message_max_bytes (1 MB by default),
+        # so a larger fetch response failed, dropped the connection and was fetched again (dpkp/kafka-python#3074).
+        receive_message_max_bytes=settings.fetch_max_bytes + 1_048_576,
+        check_crcs=settings.check_crcs,
         session_timeout_ms=settings.session_timeout_ms,
         heartbeat_interval_ms=settings.heartbeat_interval_ms,
         max_poll_interval_ms=settings.max_poll_interval_ms,

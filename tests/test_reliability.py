@@ -51,7 +51,7 @@ class CommittedOffsetSampler(threading.Thread):
 
 def test_crash_loop_of_five_sigkills_loses_nothing(cluster, kernels):
     topic = cluster.create_topic(partitions=6)
-    env = kernels.env(topic, "crash-loop", TEST_SLEEP_S=0.0005)
+    env = kernels.env(topic, "crash-loop", TEST_SLEEP_S=0.0005, KAFKA_MAX_POLL_RECORDS=500)
     producer = cluster.produce_in_background(topic, [(i % 6, None, f"m{i}".encode()) for i in range(20_000)], 40)
     sampler = CommittedOffsetSampler(cluster, "crash-loop", topic, 6)
     rng = random.Random(20_000)

@@ -17,7 +17,8 @@ def test_defaults():
     assert settings.group_id == f"{main.KERNEL_NAME}-group"
     assert settings.client_id.startswith(f"{main.KERNEL_NAME}-consumer-")
     assert not settings.uses_tls
-    assert (settings.auto_offset_reset, settings.max_poll_records, settings.ssl_check_hostname) == ("earliest", 500, True)
+    assert (settings.auto_offset_reset, settings.max_poll_records, settings.check_crcs) == ("earliest", 2000, True)
+    assert settings.concurrency == 1 and settings.ordering == "key" and settings.ssl_check_hostname
 
 
 def test_values_are_read_and_normalised():

@@ -1,0 +1,174 @@
+"""Throughput benchmark: the kernel against the raw kafka-python loop, on the same data, in one run.
+
+    uv run bench/benchmark.py            # prints the table
+    uv run bench/benchmark.py --write    # also writes it into BENCHMARKS.md
+
+Starts the embedded broker (PLAINTEXT: TLS costs every client alike), preloads 200,000 messages of
+100 bytes over 6 partitions, then runs each consumer as its own process in its own group and reads
+the figures it reports once it has seen every message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from confluent_kafka import Producer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from devtools.broker import Broker  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+MESSAGES = 200_000
+PARTITIONS = 6
+KEYS = 1_000
+HANDLER_SLEEP_S = 0.020
+# Messages per concurrency level for the 20 ms handler: about six seconds of ideal work each.
+SLOW_RUNS = {1: 300, 8: 2_400, 32: 9_600, 64: 19_200}
+# The raw loop with larger polls: what tuning alone gives the client.
+RAW_TUNED = {"max_poll_records": 2000, "receive_message_max_bytes": 64 * 1024 * 1024}
+# What `pip install kafka-python` gives: no crc32c extension, so CRCs are checked in pure Python.
+PLAIN_CLIENT = ["uv", "run", "--isolated", "--no-project", "--with", "kafka-python==2.3.3", "python"]
+
+
+def preload(bootstrap: str, topic: str, count: int) -> None:
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "batch.size": 1_000_000,
+                         "queue.buffering.max.messages": 1_000_000})
+    value = b"x" * 100
+    for i in range(count):
+        while True:
+            try:
+                producer.produce(topic, value=value, key=f"key-{i % KEYS}".encode(), partition=i % PARTITIONS)
+                break
+            except BufferError:
+                producer.poll(0.05)
+    assert producer.flush(60) == 0
+
+
+def run_probe(script: str, broker: Broker, topic: str, count: int, env: dict[str, str],
+              measure_stop: bool = False, python: list[str] | None = None) -> dict:
+    """Run a probe until it has seen `count` messages; return its figures."""
+    out = Path(tempfile.mkdtemp()) / "result.json"
+    started = time.time()
+    process = subprocess.Popen(
+        [*(python or [sys.executable]), str(HERE / script)],
+        env={**os.environ, "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap, "KAFKA_TOPIC": topic,
+             "KAFKA_CONSUMER_GROUP": f"bench-{uuid.uuid4().hex[:8]}", "KAFKA_CA_CERT": "",
+             "KAFKA_CLIENT_CERT": "", "KAFKA_CLIENT_KEY": "", "KAFKA_SESSION_TIMEOUT_MS": "6000",
+             "KAFKA_HEARTBEAT_INTERVAL_MS": "1000", "LOG_LEVEL": "WARNING", "BENCH_COUNT": str(count),
+             "BENCH_OUT": str(out), **env},
+        stdout=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 600
+    while not out.exists() or not out.read_text():
+        if process.poll() is not None and not out.exists():
+            raise RuntimeError(f"{script} exited with {process.returncode} before the end")
+        if time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f"{script} did not finish within 600 s")
+        time.sleep(0.05)
+    figures = json.loads(out.read_text())
+    result = {
+        "rate": count / (figures["last"]["time"] - figures["first"]["time"]),
+        "cpu_per_1000": (figures["last"]["cpu_s"] - figures["first"]["cpu_s"]) / count * 1000,
+        "rss_mb": figures["last"]["max_rss_kb"] / 1024,
+        "to_first_s": figures["first"]["time"] - started,
+    }
+    if measure_stop:
+        stopping = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+        result["stop_s"] = time.monotonic() - stopping
+    else:
+        process.wait(timeout=60) if script == "probe_raw.py" else process.kill()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md")
+    arguments = parser.parse_args()
+
+    with Broker() as broker:
+        broker.create_topic("bench", PARTITIONS)
+        broker.create_topic("bench-slow", PARTITIONS)
+        print(f"Preloading {MESSAGES:,} messages of 100 bytes over {PARTITIONS} partitions...", flush=True)
+        preload(broker.bootstrap, "bench", MESSAGES)
+        preload(broker.bootstrap, "bench-slow", max(SLOW_RUNS.values()))
+
+        naive = run_probe("probe_raw.py", broker, "bench", MESSAGES, {}, python=PLAIN_CLIENT)
+        same = run_probe("probe_raw.py", broker, "bench", MESSAGES, {})
+        tuned = run_probe("probe_raw.py", broker, "bench", MESSAGES, {"BENCH_TUNED": json.dumps(RAW_TUNED)})
+        kernel = run_probe("probe_kernel.py", broker, "bench", MESSAGES, {}, measure_stop=True)
+        rows = [
+            ("naive raw loop: `pip install kafka-python`, client defaults (500 records a poll)", naive),
+            ("raw loop, the kernel's packages (crc32c in C), client defaults", same),
+            ("raw loop, the kernel's packages, 2,000 records a poll", tuned),
+            ("**kernel**, no-op `process_message`, default settings", kernel),
+        ]
+        rows = [(name, result, result["rate"] / naive["rate"], result["rate"] / same["rate"]) for name, result in rows]
+
+        slow_rows = []
+        for concurrency, count in SLOW_RUNS.items():
+            result = run_probe("probe_kernel.py", broker, "bench-slow", count,
+                               {"BENCH_SLEEP_S": str(HANDLER_SLEEP_S), "KERNEL_CONCURRENCY": str(concurrency)})
+            slow_rows.append((concurrency, count, result, result["rate"] / (concurrency / HANDLER_SLEEP_S)))
+
+    table = render(rows, slow_rows, kernel)
+    print(table)
+    if arguments.write:
+        write_benchmarks(table)
+
+
+def render(rows, slow_rows, kernel) -> str:
+    lines = [
+        f"Machine: {os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}, "
+        f"{platform.system()} {platform.release()}; broker: Tansu (embedded, in memory, PLAINTEXT).",
+        "",
+        f"No-op handler, {MESSAGES:,} messages of 100 bytes over {PARTITIONS} partitions:",
+        "",
+        "| consumer | messages/s | ratio to the naive loop | ratio to the raw loop on the same packages "
+        "| CPU s per 1,000 messages | peak RSS (MB) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, result, to_naive, to_same in rows:
+        lines.append(f"| {name} | {result['rate']:,.0f} | {to_naive:.2f} | {to_same:.2f} "
+                     f"| {result['cpu_per_1000']:.3f} | {result['rss_mb']:.0f} |")
+    lines += [
+        "",
+        f"Kernel start-up, process start to first processed message: {kernel['to_first_s']:.1f} s "
+        "(most of it is the broker's first group join, about half of KAFKA_SESSION_TIMEOUT_MS=6000).",
+        f"Kernel shutdown, SIGTERM to exit: {kernel['stop_s']:.2f} s.",
+        "",
+        f"Handler sleeping {HANDLER_SLEEP_S * 1000:.0f} ms, {KEYS:,} distinct keys, KERNEL_ORDERING=key:",
+        "",
+        "| KERNEL_CONCURRENCY | messages | messages/s | ideal (concurrency / 0.020 s) | ratio to ideal |",
+        "| ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for concurrency, count, result, ratio in slow_rows:
+        lines.append(f"| {concurrency} | {count:,} | {result['rate']:,.0f} | {concurrency / HANDLER_SLEEP_S:,.0f} "
+                     f"| {ratio:.2f} |")
+    return "\n".join(lines)
+
+
+def write_benchmarks(table: str) -> None:
+    path = HERE.parent / "BENCHMARKS.md"
+    text = path.read_text() if path.exists() else "# Benchmarks\n\n<!-- table -->\n<!-- /table -->\n"
+    head, rest = text.split("<!-- table -->", 1)
+    tail = rest.split("<!-- /table -->", 1)[1]
+    path.write_text(f"{head}<!-- table -->\n{table}\n<!-- /table -->{tail}")
+    print(f"Wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""The real kernel (main.main) with a counting process_message, for the benchmark.
+
+Counts calls; when $BENCH_COUNT messages are done, writes timings and resource use as JSON to
+$BENCH_OUT. Sleeps $BENCH_SLEEP_S per message (0: a no-op handler).
+"""
+
+import json
+import os
+import resource
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import main  # noqa: E402
+
+COUNT = int(os.environ["BENCH_COUNT"])
+SLEEP_S = float(os.environ.get("BENCH_SLEEP_S", "0"))
+lock = threading.Lock()
+seen = 0
+first = None
+
+
+def usage() -> dict:
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    return {"time": time.time(), "cpu_s": own.ru_utime + own.ru_stime, "max_rss_kb": own.ru_maxrss}
+
+
+def process_message(message) -> bool:
+    global seen, first
+    if SLEEP_S:
+        time.sleep(SLEEP_S)
+    with lock:
+        seen += 1
+        if seen == 1:
+            first = usage()
+        elif seen == COUNT:
+            Path(os.environ["BENCH_OUT"]).write_text(json.dumps({"first": first, "last": usage()}))
+    return True
+
+
+main.process_message = process_message
+
+if __name__ == "__main__":
+    sys.exit(main.main())

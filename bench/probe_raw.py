@@ -1,0 +1,42 @@
+"""The ceiling: a plain kafka-python consumer loop in a group, committing explicit offsets after
+each poll, with the client's defaults unless $BENCH_TUNED is set. Writes the same JSON as
+probe_kernel.py once $BENCH_COUNT records were seen, then exits."""
+
+import json
+import os
+import resource
+import time
+from pathlib import Path
+
+from kafka import KafkaConsumer, OffsetAndMetadata
+
+COUNT = int(os.environ["BENCH_COUNT"])
+
+
+def usage() -> dict:
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    return {"time": time.time(), "cpu_s": own.ru_utime + own.ru_stime, "max_rss_kb": own.ru_maxrss}
+
+
+def main() -> None:
+    tuning = json.loads(os.environ.get("BENCH_TUNED") or "{}")
+    consumer = KafkaConsumer(os.environ["KAFKA_TOPIC"], bootstrap_servers=os.environ["KAFKA_BOOTSTRAP_SERVERS"],
+                             group_id=os.environ["KAFKA_CONSUMER_GROUP"], enable_auto_commit=False,
+                             auto_offset_reset="earliest", session_timeout_ms=6000, heartbeat_interval_ms=1000,
+                             **tuning)
+    seen, first = 0, None
+    while seen < COUNT:
+        batch = consumer.poll(timeout_ms=1000)
+        for records in batch.values():
+            for _record in records:
+                seen += 1
+                if seen == 1:
+                    first = usage()
+        if batch:
+            consumer.commit({tp: OffsetAndMetadata(records[-1].offset + 1, "", -1) for tp, records in batch.items()})
+    Path(os.environ["BENCH_OUT"]).write_text(json.dumps({"first": first, "last": usage()}))
+    consumer.close(autocommit=False)
+
+
+if __name__ == "__main__":
+    main()
