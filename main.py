@@ -93,7 +93,7 @@ EXIT_FORCED = 128  # + signal number: a second SIGTERM/SIGINT during shutdown
 POLL_TIMEOUT_MS = 1000  # bounds how long a stop request waits for poll() to return
 KEEPALIVE_INTERVAL_S = 1.0  # while every worker is busy, the group membership is renewed this often
 BUSY_POLL_TIMEOUT_MS = 10  # poll() timeout while workers are busy: how soon their results are seen
-COMMIT_INTERVAL_S = 1.0  # while workers are busy, finished prefixes are committed this often
+COMMIT_INTERVAL_S = 0.1  # while workers are busy, finished prefixes are committed this often
 REPEATED_WARNING_INTERVAL_S = 30.0  # a warning that repeats is logged at most this often
 REPEATING = {"repeating": True}  # extra= for such a warning (see RepeatFilter)
 CERT_VARIABLES = ("KAFKA_CA_CERT", "KAFKA_CLIENT_CERT", "KAFKA_CLIENT_KEY")

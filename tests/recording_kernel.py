@@ -2,7 +2,8 @@
 
 It substitutes main.process_message the way a user's code would, then records every call, one line
 per attempt, "topic partition offset value result pid start_ns end_ns", to $TEST_RECORD_PATH
-(appended and flushed per line, so it survives SIGKILL). What the handler does depends on the message value:
+(appended and flushed per line, so it survives SIGKILL). What the handler does depends on the
+message value (the part before a "|", if any; what follows is a label for the test):
   "false:N"  return False for the first N attempts in this process, then True
   "raise"    raise RuntimeError while $TEST_RAISE is not "0"
   "sleep:S"  sleep S seconds, then True
@@ -32,7 +33,7 @@ def record(message, result: str, started_ns: int) -> None:
 
 def process_message(message) -> bool:
     started_ns = time.time_ns()
-    value = message.value.decode()
+    value = message.value.decode().split("|")[0]
     attempts[message.topic, message.partition, message.offset] += 1
     if value.startswith("false:"):
         done = attempts[message.topic, message.partition, message.offset] > int(value.split(":")[1])
