@@ -27,7 +27,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from queue import Empty, SimpleQueue
 
 from dotenv import load_dotenv
@@ -78,7 +78,7 @@ def describe_bytes(data: bytes | None, limit: int = 200) -> str:
 def describe_timestamp(timestamp_ms: int | None) -> str:
     if timestamp_ms is None or timestamp_ms < 0:
         return "none"
-    return datetime.fromtimestamp(timestamp_ms / 1000, timezone.utc).isoformat(timespec="milliseconds")
+    return datetime.fromtimestamp(timestamp_ms / 1000, UTC).isoformat(timespec="milliseconds")
 
 
 # Settings
@@ -297,7 +297,7 @@ def write_tls_material(settings: Settings) -> TlsFiles:
     directory = tempfile.mkdtemp(prefix=f"{KERNEL_NAME}-tls-")  # created 0700
     files = TlsFiles(directory, *(os.path.join(directory, name) for name in material))
     try:
-        for path, pem in zip((files.ca_file, files.cert_file, files.key_file), material.values()):
+        for path, pem in zip((files.ca_file, files.cert_file, files.key_file), material.values(), strict=True):
             descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(descriptor, "wb") as file:
                 file.write(pem)

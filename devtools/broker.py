@@ -7,7 +7,6 @@ dependency. Data lives in memory: a restart loses it.
 from __future__ import annotations
 
 import ctypes
-import os
 import signal
 import socket
 import subprocess
@@ -48,7 +47,7 @@ class Broker:
     def plaintext_bootstrap(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def start(self, timeout_s: float = 20) -> "Broker":
+    def start(self, timeout_s: float = 20) -> Broker:
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         self.process = subprocess.Popen(
             [
@@ -98,7 +97,7 @@ class Broker:
                 self.process.kill()
                 self.process.wait(timeout=10)
 
-    def __enter__(self) -> "Broker":
+    def __enter__(self) -> Broker:
         return self.start()
 
     def __exit__(self, *exc_info) -> None:

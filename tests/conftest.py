@@ -119,7 +119,7 @@ class Cluster:
         assert producer.flush(30) == 0, "the test producer could not deliver every message"
         return counts
 
-    def produce_in_background(self, topic: str, messages: list, seconds: float) -> "BackgroundProducer":
+    def produce_in_background(self, topic: str, messages: list, seconds: float) -> BackgroundProducer:
         """Produce `messages` spread evenly over `seconds`, from a thread."""
         return BackgroundProducer(self, topic, messages, seconds)
 
@@ -260,7 +260,7 @@ def check_one_owner_at_a_time(attempts: list[Attempt]) -> None:
                 runs[-1].append(attempt)
             else:
                 runs.append([attempt])
-        for before, after in zip(runs, runs[1:]):
+        for before, after in zip(runs, runs[1:], strict=False):
             last_end = max(a.ended_ns for a in before)
             assert last_end <= after[0].started_ns, (
                 f"partition {partition}: process {after[0].pid} started offset {after[0].offset} while "

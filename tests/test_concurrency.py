@@ -42,7 +42,7 @@ def test_order_is_kept_per_key_while_messages_run_concurrently(cluster, kernels)
     for key, calls in by_key.items():
         done = [number for number, attempt in calls if attempt.result == "true"]
         assert done == sorted(done) == list(range(1, sequence[key] + 1)), f"{key} out of order: {done}"
-        for (number, attempt), (next_number, next_attempt) in zip(calls, calls[1:]):
+        for (number, attempt), (next_number, next_attempt) in zip(calls, calls[1:], strict=False):
             assert attempt.ended_ns <= next_attempt.started_ns, f"{key}: two of its messages ran at once"
             assert next_number in (number, number + 1), f"{key}: message {next_number} started before {number} was done"
     assert sum(1 for a in attempts if a.result == "false") == len([m for m in messages if m[2].startswith(b"false")])

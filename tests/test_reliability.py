@@ -14,7 +14,6 @@ import pytest
 
 from tests.conftest import REPO, check_one_owner_at_a_time, processed, wait_until
 
-
 MAX_POLL_RECORDS = 200
 
 
@@ -167,7 +166,7 @@ def test_poison_message_goes_to_the_dead_letter_topic_once(cluster, kernels):
     assert headers["kernel-attempts"] == b"3" and b"returned False 3 times" in headers["kafka_dlt-exception-message"]
     assert cluster.committed("poison", topic, 2) == {0: produced[0], 1: produced[1]}
     assert re.search(r"Dead-lettered \S+\[0\]@1 to \S+ after 3 attempts", kernel.log())
-    print(f"\npoison with a dead-letter topic: produced 9, processed 8, dead-lettered 1, lost 0")
+    print("\npoison with a dead-letter topic: produced 9, processed 8, dead-lettered 1, lost 0")
 
     # The README's replay command sends it back to where it came from, once.
     for _ in range(2):

@@ -61,8 +61,8 @@ def test_a_return_value_other_than_true_or_false_is_fatal(cluster, kernels, tmp_
     cluster.produce(topic, [(0, None, b"one")])
     handler = tmp_path / "returns_none.py"
     handler.write_text(
-        "import sys\nsys.path.insert(0, %r)\nimport main\n"
-        "main.process_message = lambda message: None\nsys.exit(main.main())\n" % str(kernels.repo)
+        f"import sys\nsys.path.insert(0, {kernels.repo!r})\nimport main\n"
+        "main.process_message = lambda message: None\nsys.exit(main.main())\n"
     )
     kernel = kernels.start(kernels.env(topic, "returns-none"), script=handler)
     assert kernel.wait(timeout_s=30) == 1

@@ -22,7 +22,7 @@ class TlsProxy:
         self.writers: set[asyncio.StreamWriter] = set()
         self.thread = threading.Thread(target=self.loop.run_forever, name="tls-proxy", daemon=True)
 
-    def start(self) -> "TlsProxy":
+    def start(self) -> TlsProxy:
         self.thread.start()
         asyncio.run_coroutine_threadsafe(self._listen(), self.loop).result(timeout=10)
         return self
