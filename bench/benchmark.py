@@ -152,12 +152,13 @@ def render(rows, slow_rows, kernel) -> str:
         "",
         f"Handler sleeping {HANDLER_SLEEP_S * 1000:.0f} ms, {KEYS:,} distinct keys, KERNEL_ORDERING=key:",
         "",
-        "| KERNEL_CONCURRENCY | messages | messages/s | ideal (concurrency / 0.020 s) | ratio to ideal |",
-        "| ---: | ---: | ---: | ---: | ---: |",
+        "| KERNEL_CONCURRENCY | messages | messages/s | ideal (concurrency / 0.020 s) | ratio to ideal "
+        "| peak RSS (MB) |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for concurrency, count, result, ratio in slow_rows:
         lines.append(f"| {concurrency} | {count:,} | {result['rate']:,.0f} | {concurrency / HANDLER_SLEEP_S:,.0f} "
-                     f"| {ratio:.2f} |")
+                     f"| {ratio:.2f} | {result['rss_mb']:.0f} |")
     return "\n".join(lines)
 
 

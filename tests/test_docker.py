@@ -19,4 +19,4 @@ def test_image_runs_the_kernel_as_a_non_root_user_with_an_exec_form_command():
 
 def test_dockerignore_keeps_secrets_and_dev_tooling_out():
     ignored = set((REPO / ".dockerignore").read_text().split())
-    assert {".env", ".env.*", "tests", "devtools", ".git", ".venv", "*.pem", "*.key"} <= ignored
+    assert {".env", ".env.*", "tests", "devtools", "bench", ".git", ".venv", "*.pem", "*.key"} <= ignored
