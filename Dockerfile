@@ -35,5 +35,10 @@ USER 10001
 
 ENV PATH="/app/.venv/bin:$PATH"
 
+# Liveness from /healthz when KERNEL_HTTP_PORT (or the platform's PORT) is set; without either the
+# kernel serves no HTTP and the check passes: a kernel that stops working exits and is restarted.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
+    CMD ["python", "-c", "import os, sys, urllib.request; port = os.environ.get('KERNEL_HTTP_PORT') or os.environ.get('PORT'); sys.exit(port and urllib.request.urlopen(f'http://127.0.0.1:{port}/healthz', timeout=4).status != 200)"]
+
 # Exec form: python is PID 1 and receives SIGTERM itself, so shutdown commits and leaves the group.
 CMD ["python", "main.py"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import logging
 import os
 import random
@@ -28,11 +29,13 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from queue import Empty, SimpleQueue
 
 from dotenv import load_dotenv
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
 from kafka.errors import CommitFailedError, KafkaError, NoBrokersAvailable
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 # What to edit
 
@@ -94,6 +97,7 @@ POLL_TIMEOUT_MS = 1000  # bounds how long a stop request waits for poll() to ret
 KEEPALIVE_INTERVAL_S = 1.0  # while every worker is busy, the group membership is renewed this often
 BUSY_POLL_TIMEOUT_MS = 10  # poll() timeout while workers are busy: how soon their results are seen
 COMMIT_INTERVAL_S = 0.1  # while workers are busy, finished prefixes are committed this often
+LAG_REFRESH_S = 5.0  # how often kernel_consumer_lag is brought up to date
 REPEATED_WARNING_INTERVAL_S = 30.0  # a warning that repeats is logged at most this often
 REPEATING = {"repeating": True}  # extra= for such a warning (see RepeatFilter)
 CERT_VARIABLES = ("KAFKA_CA_CERT", "KAFKA_CLIENT_CERT", "KAFKA_CLIENT_KEY")
@@ -152,7 +156,9 @@ class Settings:
     concurrency: int
     ordering: str  # "key" or "partition"
     shutdown_timeout_ms: int
+    http_port: int | None
     log_level: str
+    log_format: str  # "plain" or "json"
 
     def __post_init__(self):
         if self.heartbeat_interval_ms >= self.session_timeout_ms:
@@ -164,6 +170,8 @@ class Settings:
             raise ConfigError("KERNEL_DEAD_LETTER_TOPIC needs KERNEL_MAX_ATTEMPTS (retries are unlimited by default)")
         if self.dead_letter_topic in self.topics:
             raise ConfigError(f"KERNEL_DEAD_LETTER_TOPIC ({self.dead_letter_topic}) must not be a consumed topic")
+        if self.http_port is not None and self.http_port > 65535:
+            raise ConfigError(f"KERNEL_HTTP_PORT (or PORT) must be a TCP port up to 65535, got {self.http_port}")
         if self.retry_initial_ms > self.retry_max_ms:
             raise ConfigError(
                 f"KERNEL_RETRY_INITIAL_MS ({self.retry_initial_ms}) must not exceed "
@@ -212,7 +220,10 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         concurrency=parse_int(env, "KERNEL_CONCURRENCY", 1, minimum=1),
         ordering=parse_choice(env, "KERNEL_ORDERING", "key", ("key", "partition")),
         shutdown_timeout_ms=parse_int(env, "KERNEL_SHUTDOWN_TIMEOUT_MS", 30_000, minimum=0),
+        # The platform's PORT (Railway, Heroku, Cloud Run) is honoured so its health check finds us.
+        http_port=parse_int(env, "KERNEL_HTTP_PORT", 0, minimum=0) or parse_int(env, "PORT", 0, minimum=0) or None,
         log_level=parse_choice(env, "LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
+        log_format=parse_choice(env, "LOG_FORMAT", "plain", ("plain", "json")),
     )
 
 
@@ -412,8 +423,11 @@ class Work:
     cancelled: bool = False
 
 
-def process_work(work: Work, stop: StopSignal) -> None:
+def process_work(work: Work, stop: StopSignal, metrics: Metrics | None = None) -> None:
     """Call process_message for each record of `work` until one is not done (on a worker thread)."""
+    if metrics is not None:
+        observe = metrics.processing.labels(work.lane.partition.topic).observe
+        count = metrics.processed.labels(work.lane.partition.topic).inc
     for record in work.records:
         if work.cancelled or stop.requested:
             return
@@ -422,8 +436,13 @@ def process_work(work: Work, stop: StopSignal) -> None:
             result = process_message(record)  # looked up at call time: tests may replace it
         except Exception as error:
             raise MessageFailed(record) from error
+        finally:
+            if metrics is not None:
+                observe(time.monotonic() - work.started_s)
         if result is True:
             work.done += 1
+            if metrics is not None:
+                count()
         elif result is False:
             work.failed = True
             return
@@ -431,11 +450,11 @@ def process_work(work: Work, stop: StopSignal) -> None:
             raise MessageFailed(record) from TypeError(f"process_message must return True or False, got {result!r}")
 
 
-def run_worker(todo: SimpleQueue, done: SimpleQueue, stop: StopSignal) -> None:
+def run_worker(todo: SimpleQueue, done: SimpleQueue, stop: StopSignal, metrics: Metrics | None) -> None:
     """A worker thread: process Work from `todo` until it gets None, handing each back on `done`."""
     while (work := todo.get()) is not None:
         try:
-            process_work(work, stop)
+            process_work(work, stop, metrics)
         except BaseException as error:  # reported to the loop, which stops the kernel
             work.error = error
         finally:
@@ -494,11 +513,13 @@ class Kernel:
     """
 
     def __init__(self, consumer: KafkaConsumer, settings: Settings, stop: StopSignal,
-                 tls: TlsFiles | None = None):
+                 tls: TlsFiles | None = None, health: Health | None = None, metrics: Metrics | None = None):
         self.consumer = consumer
         self.settings = settings
         self.stop = stop
         self.tls = tls
+        self.health = health or Health(settings)
+        self.metrics = metrics or Metrics()
         self.partitions: dict[TopicPartition, PartitionState] = {}  # the assigned ones
         self.ready: dict[Lane, None] = {}  # lanes with records to hand out, in order
         self.retrying: set[Lane] = set()  # lanes waiting for a retry to be due
@@ -511,11 +532,14 @@ class Kernel:
         self.keyed = settings.ordering == "key" and settings.concurrency > 1
         self.last_commit_s = 0.0
         self.last_slow_check_s = 0.0
+        self.last_lag_s = 0.0
         self.producer: KafkaProducer | None = None  # created on the first dead letter
         self.todo: SimpleQueue = SimpleQueue()
         self.done: SimpleQueue = SimpleQueue()
+        # Counting and timing every message costs a little: only when /metrics is served.
+        per_message = self.metrics if settings.http_port else None
         for number in range(settings.concurrency):
-            threading.Thread(target=run_worker, args=(self.todo, self.done, stop), daemon=True,
+            threading.Thread(target=run_worker, args=(self.todo, self.done, stop, per_message), daemon=True,
                              name=f"process_message-{number}").start()
 
     def run(self) -> int:
@@ -537,6 +561,7 @@ class Kernel:
             log.exception("Unrecoverable Kafka error; stopping")
             return EXIT_BROKER
         finally:
+            self.health.joined = False
             self.drain()
             self.commit_progress(force=True)
             for _ in range(self.settings.concurrency):
@@ -556,8 +581,10 @@ class Kernel:
             self.apply_back_pressure()
             timeout_ms = BUSY_POLL_TIMEOUT_MS if self.in_flight else self.poll_timeout_ms()
             self.distribute(self.consumer.poll(timeout_ms=timeout_ms))
-        self.warn_if_slow()
+            self.health.last_poll_s = time.monotonic()
+        self.watch_in_flight()
         self.commit_progress()
+        self.refresh_lag()
 
     def distribute(self, batch: dict) -> None:
         """Append polled records to their lanes."""
@@ -631,11 +658,14 @@ class Kernel:
 
     def settle(self, work: Work) -> None:
         lane = self.take_progress(work)
+        topic = work.lane.partition.topic
         if work.error is not None:
+            self.metrics.failed.labels(topic).inc()
             raise work.error
         if lane is None:
             return
         if work.failed and not self.stop.requested:
+            self.metrics.retried.labels(topic).inc()
             self.retry_or_dead_letter(lane)
         if lane.records and lane not in self.retrying:
             self.ready[lane] = None
@@ -659,7 +689,7 @@ class Kernel:
         self.retrying.add(lane)
         log.warning(
             "process_message returned False for %s[%d]@%d (attempt %d); retrying in %.1f s",
-            record.topic, record.partition, record.offset, attempts, delay_s,
+            record.topic, record.partition, record.offset, attempts, delay_s, extra=about(record),
         )
 
     def dead_letter(self, record, attempts: int) -> bool:
@@ -681,10 +711,11 @@ class Kernel:
         except KafkaError as error:
             log.warning("Could not publish %s[%d]@%d to the dead-letter topic %s (%s); it stays "
                         "uncommitted and is retried", record.topic, record.partition, record.offset,
-                        self.settings.dead_letter_topic, type(error).__name__, extra=REPEATING)
+                        self.settings.dead_letter_topic, type(error).__name__, extra=about(record) | REPEATING)
             return False
+        self.metrics.dead_lettered.labels(record.topic).inc()
         log.error("Dead-lettered %s[%d]@%d to %s after %d attempts", record.topic, record.partition,
-                  record.offset, self.settings.dead_letter_topic, attempts)
+                  record.offset, self.settings.dead_letter_topic, attempts, extra=about(record))
         return True
 
     def apply_back_pressure(self) -> None:
@@ -705,23 +736,26 @@ class Kernel:
         pausing = set(self.partitions) - self.consumer.paused()
         self.consumer.pause(*pausing)
         self.consumer.poll(timeout_ms=0)
+        self.health.last_poll_s = time.monotonic()
         self.consumer.resume(*(pausing & set(self.partitions)))
 
-    def warn_if_slow(self) -> None:
+    def watch_in_flight(self) -> None:
+        """Once a second: note the longest-running message for /healthz, warn when it is slow."""
         now = time.monotonic()
         if now - self.last_slow_check_s < KEEPALIVE_INTERVAL_S:
             return
         self.last_slow_check_s = now
-        for work in self.in_flight:
-            if work.started_s and work.done < len(work.records) and work.warned_slow != work.done \
-                    and now - work.started_s > self.settings.max_poll_interval_ms / 2000:
+        running = [work for work in self.in_flight if work.started_s and work.done < len(work.records)]
+        self.health.busy_since_s = min((work.started_s for work in running), default=None)
+        for work in running:
+            if work.warned_slow != work.done and now - work.started_s > self.settings.max_poll_interval_ms / 2000:
                 work.warned_slow = work.done
                 record = work.records[work.done]
                 log.warning(
                     "process_message has been running for %.0f s on %s[%d]@%d: a rebalance waits for it "
                     "at most KAFKA_MAX_POLL_INTERVAL_MS (%d ms) before the group moves its partitions on",
                     now - work.started_s, record.topic, record.partition, record.offset,
-                    self.settings.max_poll_interval_ms,
+                    self.settings.max_poll_interval_ms, extra=about(record),
                 )
 
     def poll_timeout_ms(self) -> int:
@@ -750,13 +784,16 @@ class Kernel:
         except CommitFailedError:
             # The group rebalanced: the partitions' next owners re-read from the last successful
             # commit (at-least-once); on_partitions_revoked forgets the ones we lost.
+            self.metrics.commit_failures.inc()
             log.warning("Commit failed because the group rebalanced; the new owners re-read from "
                         "the last commit", extra=REPEATING)
             return
         except KafkaError as error:
+            self.metrics.commit_failures.inc()
             log.warning("Commit failed (%s); finished offsets are kept and committed later",
                         type(error).__name__, extra=REPEATING)
             return
+        self.metrics.commits.inc()
         for tp, offset in offsets.items():
             self.partitions[tp].committed = offset.offset
         log.debug("Committed %s", {f"{tp.topic}[{tp.partition}]": o.offset for tp, o in offsets.items()})
@@ -764,6 +801,21 @@ class Kernel:
     def assign(self, partitions: set[TopicPartition]) -> None:
         for partition in partitions:
             self.partitions.setdefault(partition, PartitionState())
+        self.metrics.rebalances.inc()
+        self.metrics.assigned.set(len(self.partitions))
+        self.health.joined = True
+
+    def refresh_lag(self) -> None:
+        """Every few seconds: end offset (the high watermark the last fetch reported) minus the
+        committed offset, per partition. Both are known locally: no request to the broker."""
+        now = time.monotonic()
+        if now - self.last_lag_s < LAG_REFRESH_S:
+            return
+        self.last_lag_s = now
+        for tp, state in self.partitions.items():
+            end = self.consumer.highwater(tp)
+            if end is not None and state.committed is not None:
+                self.metrics.lag.labels(tp.topic, str(tp.partition)).set(max(0, end - state.committed))
 
     def release(self, partitions: set[TopicPartition]) -> None:
         """Partitions are being revoked: stop their work after the messages in hand (waiting at
@@ -783,7 +835,12 @@ class Kernel:
             else:
                 self.returned.append(work)  # settled by the loop, outside the callback
         self.commit_progress(partitions, force=True)
+        self.health.joined = False
         for partition in partitions:
+            try:
+                self.metrics.lag.remove(partition.topic, str(partition.partition))
+            except KeyError:
+                pass
             state = self.partitions.pop(partition, None)
             if state is not None:
                 self.unfinished -= state.unfinished
@@ -791,6 +848,7 @@ class Kernel:
                     self.ready.pop(lane, None)
                     self.retrying.discard(lane)
         self.paused -= partitions
+        self.metrics.assigned.set(len(self.partitions))
 
     def drain(self) -> None:
         """At shutdown: have the workers stop after the messages in hand, waiting at most
@@ -859,6 +917,191 @@ def format_partitions(partitions, offsets: Mapping | None = None) -> str:
     )
 
 
+# Operations: health, metrics and the configuration check
+
+
+class Health:
+    """What /healthz and /readyz answer, written by the loop and read by the HTTP thread."""
+
+    def __init__(self, settings: Settings):
+        self.max_poll_interval_s = settings.max_poll_interval_ms / 1000
+        self.last_poll_s = time.monotonic()  # starting counts as progress
+        self.busy_since_s: float | None = None  # start of the longest-running process_message call
+        self.joined = False  # holds an assignment (possibly empty) from the group
+
+    def alive(self) -> tuple[bool, str]:
+        now = time.monotonic()
+        if now - self.last_poll_s > self.max_poll_interval_s:
+            return False, f"no poll for {now - self.last_poll_s:.0f} s"
+        if self.busy_since_s is not None and now - self.busy_since_s > self.max_poll_interval_s:
+            return False, f"process_message running for {now - self.busy_since_s:.0f} s"
+        return True, "ok"
+
+    def ready(self) -> tuple[bool, str]:
+        return (True, "ok") if self.joined else (False, "not in the group yet")
+
+
+class Metrics:
+    """The kernel's Prometheus metrics, served at /metrics."""
+
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        by_topic = dict(labelnames=["topic"], registry=self.registry)
+        self.processed = Counter("kernel_messages_processed", "Messages process_message finished", **by_topic)
+        self.failed = Counter("kernel_messages_failed", "Messages on which process_message raised", **by_topic)
+        self.retried = Counter("kernel_messages_retried", "Times process_message returned False", **by_topic)
+        self.dead_lettered = Counter("kernel_messages_dead_lettered", "Messages sent to the dead-letter topic",
+                                     **by_topic)
+        self.processing = Histogram("kernel_processing_seconds", "Time spent in process_message", **by_topic)
+        self.commits = Counter("kernel_commits", "Offset commits that succeeded", registry=self.registry)
+        self.commit_failures = Counter("kernel_commit_failures", "Offset commits that failed", registry=self.registry)
+        self.rebalances = Counter("kernel_rebalances", "Partition assignments received", registry=self.registry)
+        self.assigned = Gauge("kernel_assigned_partitions", "Partitions assigned to this kernel",
+                              registry=self.registry)
+        self.lag = Gauge("kernel_consumer_lag", "End offset minus committed offset",
+                         labelnames=["topic", "partition"], registry=self.registry)
+
+
+def serve_http(port: int, health: Health, metrics: Metrics) -> ThreadingHTTPServer:
+    """Serve /healthz (liveness), /readyz (readiness) and /metrics from a daemon thread."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path == "/metrics":
+                status, body, kind = 200, generate_latest(metrics.registry), CONTENT_TYPE_LATEST
+            elif self.path in ("/healthz", "/readyz"):
+                ok, text = health.alive() if self.path == "/healthz" else health.ready()
+                status, body, kind = (200 if ok else 503), f"{text}\n".encode(), "text/plain"
+            else:
+                status, body, kind = 404, b"not found: try /healthz, /readyz or /metrics\n", "text/plain"
+            self.send_response(status)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):  # probes every few seconds would flood the log
+            pass
+
+    try:
+        server = ThreadingHTTPServer(("0.0.0.0", port), Handler)
+    except OSError as error:
+        raise ConfigError(f"KERNEL_HTTP_PORT (or PORT) {port} cannot be served: {error.strerror}") from None
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
+    return server
+
+
+def check(env: Mapping[str, str]) -> int:
+    """`python main.py check`: validate settings, certificates and the connection; consume nothing.
+
+    Prints one line per check ("ok", "warning" or "error" and what to fix); exit code 0 when
+    nothing is wrong, 1 when something is, 2 for a configuration error.
+    """
+    errors = 0
+
+    def say(level: str, text: str) -> None:
+        nonlocal errors
+        errors += level == "error"
+        print(f"{level:<7} {text}", flush=True)
+
+    try:
+        settings = load_settings(env)
+        tls = write_tls_material(settings) if settings.uses_tls else None
+    except ConfigError as error:
+        say("error", str(error))
+        return EXIT_CONFIG
+    say("ok", f"settings: topics={','.join(settings.topics)} group={settings.group_id} "
+              f"security={'SSL' if tls else 'PLAINTEXT'}")
+    try:
+        if tls is not None:
+            for name, path in (("KAFKA_CA_CERT", tls.ca_file), ("KAFKA_CLIENT_CERT", tls.cert_file)):
+                say(*describe_certificate(name, path))
+            say("ok", "KAFKA_CLIENT_KEY matches KAFKA_CLIENT_CERT")
+            say(*check_chain(tls))
+        check_broker(settings, tls, say)
+    finally:
+        if tls is not None:
+            shutil.rmtree(tls.directory, ignore_errors=True)
+    return 1 if errors else EXIT_OK
+
+
+def describe_certificate(name: str, path: str) -> tuple[str, str]:
+    details = ssl._ssl._test_decode_cert(path)  # the stdlib's own certificate parser
+    subject, issuer = (", ".join(f"{k}={v}" for rdn in details[part] for k, v in rdn) for part in ("subject", "issuer"))
+    not_before, not_after = (ssl.cert_time_to_seconds(details[part]) for part in ("notBefore", "notAfter"))
+    text = f"{name}: subject {subject}; issuer {issuer}; valid until {details['notAfter']}"
+    now = time.time()
+    if now < not_before:
+        return "error", f"{text}: not valid before {details['notBefore']}; check the machine's clock"
+    if now > not_after:
+        return "error", f"{text}: EXPIRED; issue a new certificate"
+    if not_after - now < 14 * 86400:
+        return "warning", f"{text}: expires in {(not_after - now) / 86400:.0f} days; renew it"
+    return "ok", text
+
+
+def check_chain(tls: TlsFiles) -> tuple[str, str]:
+    """Verify the client certificate against the CA the way a broker does: a TLS handshake in
+    memory in which the 'broker' side requires a client certificate signed by KAFKA_CA_CERT."""
+    broker = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    broker.load_cert_chain(tls.cert_file, tls.key_file)
+    broker.load_verify_locations(tls.ca_file)
+    broker.verify_mode = ssl.CERT_REQUIRED
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client.check_hostname, client.verify_mode = False, ssl.CERT_NONE
+    client.load_cert_chain(tls.cert_file, tls.key_file)
+    to_broker, to_client = ssl.MemoryBIO(), ssl.MemoryBIO()
+    ends = (client.wrap_bio(to_client, to_broker), broker.wrap_bio(to_broker, to_client, server_side=True))
+    try:
+        for _ in range(10):
+            done = 0
+            for end in ends:
+                try:
+                    end.do_handshake()
+                    done += 1
+                except ssl.SSLWantReadError:
+                    pass
+            if done == 2:
+                return "ok", "KAFKA_CLIENT_CERT is signed by KAFKA_CA_CERT"
+    except ssl.SSLError as error:
+        reason = getattr(error, "verify_message", None) or error.reason
+        return "error", f"KAFKA_CLIENT_CERT does not chain to KAFKA_CA_CERT ({reason}); use the CA that issued it"
+    return "error", "KAFKA_CLIENT_CERT could not be verified against KAFKA_CA_CERT"
+
+
+def check_broker(settings: Settings, tls: TlsFiles | None, say: Callable[[str, str], None]) -> None:
+    servers = ",".join(settings.bootstrap_servers)
+    try:
+        consumer = KafkaConsumer(**security_config(settings, tls), group_id=settings.group_id,
+                                 client_id=settings.client_id, enable_auto_commit=False,
+                                 api_version_auto_timeout_ms=settings.bootstrap_timeout_ms)
+    except NoBrokersAvailable:
+        say("error", f"no broker of KAFKA_BOOTSTRAP_SERVERS={servers} answered within "
+                     f"{settings.bootstrap_timeout_ms} ms: check the address, the port and the network")
+        return
+    except ssl.SSLError as error:
+        say("error", f"TLS with {servers} failed ({getattr(error, 'verify_message', None) or error.reason}): "
+                     "check KAFKA_CA_CERT and the client certificate")
+        return
+    try:
+        say("ok", f"connected to {servers} over {'SSL' if tls else 'PLAINTEXT'}")
+        for topic in settings.topics:
+            partitions = consumer.partitions_for_topic(topic)
+            if not partitions:
+                say("error", f"topic {topic} does not exist or is not visible to this client: check KAFKA_TOPIC")
+                continue
+            say("ok", f"topic {topic}: {len(partitions)} partitions")
+            tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+            ends = consumer.end_offsets(tps)
+            for tp in tps:
+                committed = consumer.committed(tp)
+                lag = ends[tp] - committed if committed is not None else None
+                say("ok", f"  {topic}[{tp.partition}]: committed {committed}, end {ends[tp]}, lag {lag}")
+    finally:
+        consumer.close(autocommit=False)
+
+
 # Shutdown
 
 
@@ -909,29 +1152,69 @@ class RepeatFilter(logging.Filter):
         return True
 
 
+def about(record) -> dict:
+    """extra= for a log line about one message: JSON logs carry its coordinates as fields."""
+    return {"topic": record.topic, "partition": record.partition, "offset": record.offset}
+
+
+class JsonFormatter(logging.Formatter):
+    """LOG_FORMAT=json: one JSON object per line, for log pipelines that parse fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "timestamp": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "kernel": KERNEL_NAME,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        entry.update({key: getattr(record, key) for key in ("topic", "partition", "offset") if hasattr(record, key)})
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+PLAIN_FORMAT = f"%(asctime)s %(levelname)s [{KERNEL_NAME}] %(name)s: %(message)s"
+
+
 def configure_logging() -> None:
     handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s [{KERNEL_NAME}] %(name)s: %(message)s"))
+    handler.setFormatter(logging.Formatter(PLAIN_FORMAT))
     handler.addFilter(RepeatFilter())
     logging.getLogger().addHandler(handler)
     logging.getLogger().setLevel(logging.INFO)  # until LOG_LEVEL is known to be valid
 
 
-def set_log_level(level: str) -> None:
-    logging.getLogger().setLevel(level)
+def apply_log_settings(settings: Settings) -> None:
+    root = logging.getLogger()
+    root.setLevel(settings.log_level)
+    formatter = JsonFormatter() if settings.log_format == "json" else logging.Formatter(PLAIN_FORMAT)
+    for handler in root.handlers:
+        handler.setFormatter(formatter)
     # The client logs every connection step at INFO; its warnings and errors still show.
-    logging.getLogger("kafka").setLevel(max(logging.WARNING, logging.getLevelName(level)))
+    logging.getLogger("kafka").setLevel(max(logging.WARNING, logging.getLevelName(settings.log_level)))
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    """Run the kernel; `python main.py check` checks the configuration instead."""
+    argv = sys.argv if argv is None else argv
     load_dotenv(override=False)  # the real environment wins over .env
+    if argv[1:] == ["check"]:
+        return check(os.environ)
+    if argv[1:]:
+        print(f"usage: {argv[0]} [check]", file=sys.stderr)
+        return EXIT_CONFIG
     stop = StopSignal()
     stop.install()
     configure_logging()
     tls = None
     try:
         settings = load_settings(os.environ)
-        set_log_level(settings.log_level)
+        apply_log_settings(settings)
+        health, metrics = Health(settings), Metrics()
+        if settings.http_port:
+            serve_http(settings.http_port, health, metrics)
+            log.info("Serving /healthz, /readyz and /metrics on port %d", settings.http_port)
         if settings.uses_tls:
             tls = write_tls_material(settings)
             stop.cleanups.append(lambda: shutil.rmtree(tls.directory, ignore_errors=True))
@@ -943,7 +1226,7 @@ def main() -> int:
         consumer = connect(settings, tls, stop)
         if consumer is None:
             return EXIT_OK
-        return Kernel(consumer, settings, stop, tls).run()
+        return Kernel(consumer, settings, stop, tls, health, metrics).run()
     except ConfigError as error:
         log.error("Configuration error: %s", error)
         return EXIT_CONFIG

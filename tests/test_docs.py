@@ -5,7 +5,7 @@ import re
 import main
 from tests.conftest import REPO
 
-VARIABLES = sorted(set(re.findall(r'"((?:KAFKA|KERNEL)_[A-Z_]+|LOG_LEVEL)"', (REPO / "main.py").read_text())))
+VARIABLES = sorted(set(re.findall(r'"((?:KAFKA|KERNEL)_[A-Z_]+|LOG_[A-Z]+|PORT)"', (REPO / "main.py").read_text())))
 
 
 def test_every_setting_is_documented():
@@ -18,7 +18,7 @@ def test_every_setting_is_documented():
 
 def test_documented_defaults_are_the_real_ones():
     readme = (REPO / "README.md").read_text()
-    template_defaults = dict(re.findall(r"^#((?:KAFKA|KERNEL)_[A-Z_]+|LOG_LEVEL)=(\S+)$", (REPO / ".env.template").read_text(), re.M))
+    template_defaults = dict(re.findall(r"^#((?:KAFKA|KERNEL)_[A-Z_]+|LOG_[A-Z]+)=(\S+)$", (REPO / ".env.template").read_text(), re.M))
     settings = main.load_settings({"KAFKA_BOOTSTRAP_SERVERS": "a:1"})
     for name, default in template_defaults.items():
         assert f"| `{name}` | `{default}` |" in readme, f"README and .env.template disagree on {name}"

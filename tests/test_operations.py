@@ -1,0 +1,179 @@
+"""Operations: /healthz, /readyz and /metrics through a kernel's life, JSON logs, and `check`."""
+
+import datetime
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+import trustme
+
+from devtools.broker import free_port
+from tests.conftest import MAIN, REPO, base64_lines, processed, wait_until
+
+
+def get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+    except OSError:
+        return 0, ""  # not listening (yet)
+
+
+def metric(text: str, name: str, **labels) -> float | None:
+    """The value of the sample `name` with exactly these labels in a Prometheus text scrape."""
+    for line in text.splitlines():
+        found = re.fullmatch(rf"{re.escape(name)}(?:\{{(.*)\}})? (\S+)", line)
+        if found and dict(re.findall(r'(\w+)="([^"]*)"', found.group(1) or "")) == labels:
+            return float(found.group(2))
+    return None
+
+
+def docker_healthcheck(port: int) -> int:
+    """Run the Dockerfile's HEALTHCHECK command against a kernel serving on `port`."""
+    dockerfile = (REPO / "Dockerfile").read_text()
+    command = json.loads(dockerfile.split("HEALTHCHECK", 1)[1].split("CMD", 1)[1].split("\n\n")[0].strip())
+    return subprocess.run(command, env={"KERNEL_HTTP_PORT": str(port), "PATH": os.environ["PATH"]},
+                          capture_output=True, timeout=30).returncode
+
+
+def test_health_and_readiness_through_starting_joined_stuck_and_stopping(cluster, kernels):
+    topic, port = cluster.create_topic(partitions=1), free_port()
+    env = kernels.env(topic, "health", KERNEL_HTTP_PORT=port, KAFKA_MAX_POLL_INTERVAL_MS=4000)
+    kernel = kernels.start(env)
+    status = wait_until(lambda: get(port, "/readyz")[0], 10, "the HTTP server")
+    assert status == 503 and get(port, "/healthz")[0] == 200, "starting: alive, not ready"
+    wait_until(lambda: get(port, "/readyz")[0] == 200, 30, "readiness once joined")
+    assert get(port, "/healthz") == (200, "ok\n")
+    assert get(port, "/nowhere")[0] == 404
+    assert docker_healthcheck(port) == 0
+
+    cluster.produce(topic, [(0, None, b"sleep:7")])
+    status, text = wait_until(lambda: (r := get(port, "/healthz"))[0] == 503 and r, 15, "liveness to fail")
+    assert "process_message running for" in text, "a handler stuck past the max-poll interval is not alive"
+    assert docker_healthcheck(port) != 0
+    wait_until(lambda: (0, 0) in processed(kernels.attempts()), 15, "the slow message")
+    wait_until(lambda: get(port, "/healthz")[0] == 200, 5, "liveness to recover")
+
+    cluster.produce(topic, [(0, None, b"sleep:3")])
+    time.sleep(1.5)  # the kernel picks it up within a poll (1 s) and is in the middle of it
+    kernel.process.send_signal(signal.SIGTERM)
+    wait_until(lambda: get(port, "/readyz")[0] == 503, 3, "not ready while stopping")
+    assert kernel.wait() == 0
+    assert (0, 1) in processed(kernels.attempts())
+
+
+def test_metrics_move_with_the_stream_and_lag_matches_an_independent_client(cluster, kernels):
+    topic, port = cluster.create_topic(partitions=1), free_port()
+    produced = cluster.produce(topic, [(0, None, b"sleep:60" if i == 50 else f"m{i}".encode()) for i in range(100)])
+    kernel = kernels.start(kernels.env(topic, "metrics", KERNEL_HTTP_PORT=port))
+    wait_until(lambda: len(processed(kernels.attempts())) == 50, 30, "the messages before the blocking one")
+    committed = wait_until(lambda: cluster.committed("metrics", topic, 1)[0] == 50 and 50, 10, "the commit")
+
+    text = wait_until(lambda: (t := get(port, "/metrics")[1]) and metric(t, "kernel_consumer_lag", topic=topic,
+                      partition="0") == produced[0] - committed and t, 15, "the lag gauge")
+    assert metric(text, "kernel_messages_processed_total", topic=topic) == 50
+    assert metric(text, "kernel_processing_seconds_count", topic=topic) >= 50
+    assert metric(text, "kernel_assigned_partitions") == 1
+    assert metric(text, "kernel_rebalances_total") >= 1
+    assert metric(text, "kernel_commits_total") >= 1
+    assert metric(text, "kernel_commit_failures_total") == 0
+    print(f"\nlag: kernel {metric(text, 'kernel_consumer_lag', topic=topic, partition='0'):.0f}, "
+          f"independent client {produced[0] - committed}")
+    kernel.process.send_signal(signal.SIGKILL)
+
+
+def test_json_logs_parse_and_carry_the_message_coordinates(cluster, kernels):
+    topic = cluster.create_topic(partitions=1)
+    cluster.produce(topic, [(0, None, b"false:1")])
+    kernel = kernels.start(kernels.env(topic, "json-logs", LOG_FORMAT="json", KERNEL_RETRY_INITIAL_MS=100))
+    wait_until(lambda: (0, 0) in processed(kernels.attempts()), 30, "the retried message")
+    assert kernel.stop() == 0
+    entries = [json.loads(line) for line in kernel.log().splitlines()]
+    assert all({"timestamp", "level", "kernel", "logger", "message"} <= set(e) for e in entries)
+    retry = next(e for e in entries if "returned False" in e["message"])
+    assert (retry["topic"], retry["partition"], retry["offset"], retry["level"]) == (topic, 0, 0, "WARNING")
+    assert {e["kernel"] for e in entries} == {"example-kernel"}
+
+
+def run_check(env: dict[str, str]) -> tuple[int, str]:
+    result = subprocess.run([sys.executable, str(MAIN), "check"], env=env, capture_output=True, text=True, timeout=60)
+    return result.returncode, result.stdout + result.stderr
+
+
+def test_check_passes_against_the_tls_broker(cluster, kernels):
+    topic = cluster.create_topic(partitions=2)
+    cluster.produce(topic, [(0, None, b"a"), (1, None, b"b")])
+    code, output = run_check(kernels.env(topic, "check-ok"))
+    print("\n" + output)
+    assert code == 0, output
+    assert "ok      KAFKA_CLIENT_CERT is signed by KAFKA_CA_CERT" in output
+    assert re.search(r"ok +KAFKA_CA_CERT: subject .*; valid until", output)
+    assert f"ok      topic {topic}: 2 partitions" in output
+    assert re.search(rf"{topic}\[1\]: committed None, end 1, lag None", output)
+    assert list(kernels.certificate_tmpdir.iterdir()) == []
+
+
+def client_env(kernels, ca: trustme.CA, client: trustme.LeafCert, topic: str) -> dict[str, str]:
+    env = kernels.env(topic, "check-bad")
+    env.update(KAFKA_CA_CERT=base64_lines(ca.cert_pem.bytes()),
+               KAFKA_CLIENT_CERT=base64_lines(client.cert_chain_pems[0].bytes()),
+               KAFKA_CLIENT_KEY=base64_lines(client.private_key_pem.bytes()))
+    return env
+
+
+def test_check_reports_an_expired_certificate(cluster, kernels, pki):
+    now = datetime.datetime.now(datetime.UTC)
+    expired = pki.ca.issue_cert("old-client", not_before=now - datetime.timedelta(days=30),
+                                not_after=now - datetime.timedelta(days=1))
+    code, output = run_check(client_env(kernels, pki.ca, expired, cluster.create_topic(1)))
+    assert code == 1 and re.search(r"error +KAFKA_CLIENT_CERT: .*EXPIRED; issue a new certificate", output), output
+
+
+def test_check_warns_about_a_certificate_expiring_soon(cluster, kernels, pki):
+    now = datetime.datetime.now(datetime.UTC)
+    soon = pki.ca.issue_cert("soon-client", not_before=now - datetime.timedelta(days=1),
+                             not_after=now + datetime.timedelta(days=5))
+    code, output = run_check(client_env(kernels, pki.ca, soon, cluster.create_topic(1)))
+    assert code == 0 and re.search(r"warning +KAFKA_CLIENT_CERT: .*expires in [45] days; renew it", output), output
+
+
+def test_check_reports_a_client_certificate_from_another_ca(cluster, kernels, pki):
+    other = trustme.CA().issue_cert("stranger")
+    code, output = run_check(client_env(kernels, pki.ca, other, cluster.create_topic(1)))
+    assert code == 1 and "error   KAFKA_CLIENT_CERT does not chain to KAFKA_CA_CERT" in output, output
+
+
+def test_check_reports_a_wrong_ca_for_the_broker(cluster, kernels):
+    wrong = trustme.CA()
+    client = wrong.issue_cert("client")
+    code, output = run_check(client_env(kernels, wrong, client, "anything"))
+    assert code == 1 and re.search(r"error +TLS with \S+ failed .*check KAFKA_CA_CERT", output), output
+
+
+def test_check_reports_a_mismatched_key(cluster, kernels, pki):
+    env = kernels.env("anything", "check-bad")
+    env["KAFKA_CLIENT_KEY"] = base64_lines(trustme.CA().issue_cert("x").private_key_pem.bytes())
+    code, output = run_check(env)
+    assert code == 2 and "error   KAFKA_CLIENT_KEY does not match KAFKA_CLIENT_CERT" in output, output
+
+
+def test_check_reports_an_unreachable_broker(kernels):
+    env = kernels.env("anything", "check-bad", KAFKA_BOOTSTRAP_TIMEOUT_MS=2000)
+    env["KAFKA_BOOTSTRAP_SERVERS"] = f"127.0.0.1:{free_port()}"
+    code, output = run_check(env)
+    assert code == 1 and "error   no broker of KAFKA_BOOTSTRAP_SERVERS=" in output, output
+
+
+@pytest.mark.parametrize("argument", ["chek", "check extra"])
+def test_an_unknown_command_is_a_usage_error(argument):
+    result = subprocess.run([sys.executable, str(MAIN), *argument.split()], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and "usage:" in result.stderr
