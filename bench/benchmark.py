@@ -110,11 +110,13 @@ def main() -> None:
         same = run_probe("probe_raw.py", broker, "bench", MESSAGES, {})
         tuned = run_probe("probe_raw.py", broker, "bench", MESSAGES, {"BENCH_TUNED": json.dumps(RAW_TUNED)})
         kernel = run_probe("probe_kernel.py", broker, "bench", MESSAGES, {}, measure_stop=True)
+        quix = run_probe("probe_quix.py", broker, "bench", MESSAGES, {})
         rows = [
             ("naive raw loop: `pip install kafka-python`, client defaults (500 records a poll)", naive),
             ("raw loop, the kernel's packages (crc32c in C), client defaults", same),
             ("raw loop, the kernel's packages, 2,000 records a poll", tuned),
             ("**kernel**, no-op `process_message`, default settings", kernel),
+            ("peer: Quix Streams no-op application, at-least-once (confluent-kafka)", quix),
         ]
         rows = [(name, result, result["rate"] / naive["rate"], result["rate"] / same["rate"]) for name, result in rows]
 

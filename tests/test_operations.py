@@ -88,6 +88,8 @@ def test_metrics_move_with_the_stream_and_lag_matches_an_independent_client(clus
     assert metric(text, "kernel_commit_failures_total") == 0
     print(f"\nlag: kernel {metric(text, 'kernel_consumer_lag', topic=topic, partition='0'):.0f}, "
           f"independent client {produced[0] - committed}")
+    print("\n".join(line for line in text.splitlines() if line.startswith("kernel_") and "_bucket" not in line
+                    and "_created" not in line))
     kernel.process.send_signal(signal.SIGKILL)
 
 
