@@ -52,6 +52,8 @@ def process_message(message) -> bool:
     (bytes or None), .headers (list of (str, bytes)), .timestamp (ms since the epoch).
     Delivery is at-least-once: after a crash a message can arrive again, so make the work
     idempotent (an upsert keyed by topic/partition/offset, or by an id inside the message).
+    It runs on worker threads (KERNEL_CONCURRENCY of them): share a connection pool, not a
+    connection, and guard shared state with a lock.
     """
     log.info(
         "Received %s[%d]@%d key=%s value=%s timestamp=%s",

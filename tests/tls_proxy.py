@@ -70,11 +70,15 @@ class TlsProxy:
         self.loop.call_soon_threadsafe(drop)
 
     def stop(self) -> None:
-        def close():
+        async def close():
             self.server.close()
             for writer in list(self.writers):
                 writer.transport.abort()
-            self.loop.stop()
+            tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
-        self.loop.call_soon_threadsafe(close)
+        asyncio.run_coroutine_threadsafe(close(), self.loop).result(timeout=10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=10)
