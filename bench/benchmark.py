@@ -90,8 +90,10 @@ def run_probe(script: str, broker: Broker, topic: str, count: int, env: dict[str
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=60)
         result["stop_s"] = time.monotonic() - stopping
-    else:
-        process.wait(timeout=60) if script == "probe_raw.py" else process.kill()
+    elif script == "probe_raw.py":  # exits by itself once done
+        process.wait(timeout=60)
+    else:  # the kernel and Quix keep consuming
+        process.kill()
     return result
 
 
