@@ -5,9 +5,10 @@ it is the at-least-once machinery every kernel shares. Configuration comes from 
 (or a .env file); README.md lists every variable.
 
 Delivery contract of process_message(message):
-  return True   the message is done; its offset may be committed.
-  return False  retriable; the same message is tried again after a backoff, never skipped.
-  raise         fatal; the kernel commits what finished before it and exits with code 1.
+  return True             done; its offset is committed once the messages it send()s are confirmed.
+  return False            retriable; the same message is tried again after a backoff, never skipped.
+  raise DeadLetter(why)   permanent (bad input, a 4xx answer): it goes to KERNEL_DEAD_LETTER_TOPIC.
+  raise anything else     fatal; the kernel commits what finished before it and exits with code 1.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from queue import Empty, SimpleQueue
 from dotenv import load_dotenv
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
 from kafka.errors import CommitFailedError, KafkaError, NoBrokersAvailable
+from kafka.future import Future
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 # What to edit
@@ -53,7 +55,9 @@ def process_message(message) -> bool:
     Delivery is at-least-once: after a crash a message can arrive again, so make the work
     idempotent (an upsert keyed by topic/partition/offset, or by an id inside the message).
     It runs on worker threads (KERNEL_CONCURRENCY of them): share a connection pool, not a
-    connection, and guard shared state with a lock.
+    connection, and guard shared state with a lock. To forward results, call send(); to give up on
+    a message that can never succeed, raise DeadLetter("why"). tests/test_process_message.py shows
+    how to test it without a broker.
     """
     log.info(
         "Received %s[%d]@%d key=%s value=%s timestamp=%s",
@@ -65,6 +69,60 @@ def process_message(message) -> bool:
         describe_timestamp(message.timestamp),
     )
     return True
+
+
+# What process_message can use
+
+
+class DeadLetter(Exception):
+    """Raise it from process_message for a message that can never succeed (invalid input, a 4xx
+    answer): the kernel publishes it to KERNEL_DEAD_LETTER_TOPIC with the reason in its headers and
+    moves on. Without a dead-letter topic the kernel stops instead, leaving the message uncommitted."""
+
+
+def send(topic: str, value: bytes | None, key: bytes | None = None,
+         headers: list[tuple[str, bytes]] | None = None) -> None:
+    """Publish a message to `topic` from process_message (say, a result to an output topic).
+
+    It uses the kernel's producer (the same connection settings and certificates, acks=all), created
+    on first use. The message being processed is committed only after the broker has confirmed every
+    message its process_message call sent; if one cannot be delivered within KAFKA_PRODUCE_TIMEOUT_MS,
+    the message is processed again, as if it had returned False. So outputs are at-least-once too.
+    """
+    sends = getattr(_calling, "sends", None)
+    if sends is None:
+        raise RuntimeError("send() works inside process_message while the kernel runs; "
+                           "in a unit test, call process_message through tests/kit.py")
+    if not isinstance(topic, str) or not topic:
+        raise TypeError(f"send() topic must be a topic name, got {topic!r}")
+    for name, data in (("value", value), ("key", key)):
+        if data is not None and not isinstance(data, bytes | bytearray):
+            raise TypeError(f"send() {name} must be bytes or None, got {type(data).__name__}: encode it first")
+    sends.append(_calling.output.send(topic, key, value, list(headers or [])))
+
+
+def json_object(message, max_bytes: int = 1_048_576, required: tuple[str, ...] = ()) -> dict:
+    """The message's value as a JSON object whose `required` fields are non-empty strings;
+    DeadLetter saying what is wrong when it is not one (no value, empty, over `max_bytes`, not
+    UTF-8, not JSON, JSON but not an object, a required field missing or not a string)."""
+    value = message.value
+    if not value:
+        raise DeadLetter("the value is empty" if value is not None else "the message has no value (a tombstone)")
+    if len(value) > max_bytes:
+        raise DeadLetter(f"the value is {len(value)} bytes, over the {max_bytes} this kernel accepts")
+    try:
+        data = json.loads(value.decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise DeadLetter(f"the value is not UTF-8 text (byte {error.start}: {value[error.start]:#04x})") from None
+    except json.JSONDecodeError as error:
+        raise DeadLetter(f"the value is not JSON ({error})") from None
+    if not isinstance(data, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(data), "a number")
+        raise DeadLetter(f"the value is JSON but not an object ({kind})")
+    for name in required:
+        if not isinstance(data.get(name), str) or not data[name]:
+            raise DeadLetter(f'field "{name}" must be a non-empty string, got {data.get(name)!r:.80}')
+    return data
 
 
 def describe_bytes(data: bytes | None, limit: int = 200) -> str:
@@ -92,7 +150,7 @@ EXIT_OK = 0
 EXIT_FATAL = 1  # process_message raised, or returned something other than True or False
 EXIT_CONFIG = 2  # a setting is missing or invalid
 EXIT_BROKER = 3  # the broker was unreachable at start-up, or gave an unrecoverable error
-EXIT_RETRIES_EXHAUSTED = 4  # KERNEL_MAX_ATTEMPTS reached and no KERNEL_DEAD_LETTER_TOPIC set
+EXIT_NO_DEAD_LETTER_TOPIC = 4  # a message was to be dead-lettered but KERNEL_DEAD_LETTER_TOPIC is not set
 EXIT_FORCED = 128  # + signal number: a second SIGTERM/SIGINT during shutdown
 
 POLL_TIMEOUT_MS = 1000  # bounds how long a stop request waits for poll() to return
@@ -116,11 +174,12 @@ class MessageFailed(Exception):
         super().__init__(f"{record.topic}[{record.partition}]@{record.offset}")
 
 
-class RetriesExhausted(Exception):
-    """A message returned False KERNEL_MAX_ATTEMPTS times and there is no dead-letter topic."""
+class NoDeadLetterTopic(Exception):
+    """A message is to be dead-lettered (KERNEL_MAX_ATTEMPTS reached, or DeadLetter raised) and
+    KERNEL_DEAD_LETTER_TOPIC is not set."""
 
-    def __init__(self, record, attempts: int):
-        super().__init__(f"{record.topic}[{record.partition}]@{record.offset} returned False {attempts} times")
+    def __init__(self, record, reason: str):
+        super().__init__(f"{record.topic}[{record.partition}]@{record.offset}: {reason}")
 
 
 class BrokerUnavailable(Exception):
@@ -168,8 +227,6 @@ class Settings:
                 f"KAFKA_HEARTBEAT_INTERVAL_MS ({self.heartbeat_interval_ms}) must be lower than "
                 f"KAFKA_SESSION_TIMEOUT_MS ({self.session_timeout_ms})"
             )
-        if self.dead_letter_topic and not self.max_attempts:
-            raise ConfigError("KERNEL_DEAD_LETTER_TOPIC needs KERNEL_MAX_ATTEMPTS (retries are unlimited by default)")
         if self.dead_letter_topic in self.topics:
             raise ConfigError(f"KERNEL_DEAD_LETTER_TOPIC ({self.dead_letter_topic}) must not be a consumed topic")
         if self.http_port is not None and self.http_port > 65535:
@@ -383,6 +440,59 @@ def consumer_config(settings: Settings, tls: TlsFiles | None) -> dict:
     )
 
 
+def producer_config(settings: Settings, tls: TlsFiles | None, api_version: tuple | None) -> dict:
+    """kafka-python KafkaProducer arguments; see the KafkaProducer docstring for each."""
+    return dict(
+        security_config(settings, tls),
+        client_id=f"{settings.client_id}-producer",
+        # The consumer's negotiated version: a producer probing on its own during a network blip can
+        # settle on a pre-0.11 protocol, which cannot carry headers.
+        api_version=api_version,
+        acks="all",  # a send is confirmed once every in-sync replica has it
+        # send() waits at most this long for room in the buffer or for the topic's metadata.
+        max_block_ms=settings.produce_timeout_ms,
+        # Whatever the kernel could consume it can dead-letter: the broker's own limit decides.
+        max_request_size=settings.fetch_max_bytes,
+    )
+
+
+class Output:
+    """The kernel's one producer, shared by send() and the dead-letter topic. Created on first use
+    (most kernels never produce) from whichever thread needs it first; closed at shutdown."""
+
+    def __init__(self, settings: Settings, tls: TlsFiles | None, api_version: tuple | None = None):
+        self.settings = settings
+        self.tls = tls
+        self.api_version = api_version
+        self.producer: KafkaProducer | None = None
+        self.lock = threading.Lock()
+        self.timeout_s = settings.produce_timeout_ms / 1000
+
+    def send(self, topic: str, key: bytes | None, value: bytes | None, headers: list) -> Future:
+        """Queue a message; broker trouble shows in the returned future, never as an exception here."""
+        try:
+            with self.lock:
+                if self.producer is None:
+                    self.producer = KafkaProducer(**producer_config(self.settings, self.tls, self.api_version))
+            return self.producer.send(topic, key=key, value=value, headers=headers)
+        except KafkaError as error:  # no broker, the buffer stayed full, or the topic is unknown
+            return Future().failure(error)
+
+    def close(self) -> None:
+        if self.producer is not None:
+            self.producer.close(timeout=self.timeout_s)
+
+
+def send_error(future: Future, timeout_s: float) -> KafkaError | None:
+    """Wait up to `timeout_s` for the broker to confirm a send; the error if it did not."""
+    if not future.is_done:
+        try:
+            future.get(timeout=timeout_s)
+        except KafkaError as error:
+            return error
+    return future.exception
+
+
 def connect(settings: Settings, tls: TlsFiles | None, stop: StopSignal) -> KafkaConsumer | None:
     """Create the consumer, retrying until the bootstrap timeout; None if a stop was requested."""
     deadline = time.monotonic() + settings.bootstrap_timeout_ms / 1000
@@ -417,46 +527,100 @@ class Work:
 
     lane: Lane
     records: list
-    done: int = 0  # records[:done] returned True
-    failed: bool = False  # records[done] returned False
+    done: int = 0  # records[:done] returned True and what they sent is confirmed
+    failed: str | None = None  # why records[done] is to be tried again
+    rejected: str | None = None  # records[done] raised DeadLetter for this reason
     error: BaseException | None = None  # process_message raised on records[done]
     started_s: float = 0.0  # time.monotonic() when records[done] started
     warned_slow: int = -1  # the `done` index a slowness warning was logged for
     cancelled: bool = False
 
 
-def process_work(work: Work, stop: StopSignal, metrics: Metrics | None = None) -> None:
-    """Call process_message for each record of `work` until one is not done (on a worker thread)."""
+_calling = threading.local()  # per worker thread: the Output and the sends of the call in progress
+
+
+def call_process_message(record, output: Output | None) -> tuple[object, list[Future]]:
+    """process_message(record), with send() going to `output`; its result and the sends it made."""
+    _calling.output, _calling.sends = output, []
+    try:
+        return process_message(record), _calling.sends  # looked up at call time: tests may replace it
+    finally:
+        _calling.sends = None
+
+
+def process_work(work: Work, stop: StopSignal, output: Output | None = None, metrics: Metrics | None = None) -> None:
+    """Call process_message for each record of `work` until one is not done (on a worker thread).
+
+    A record counts as done once the broker has confirmed what its call sent; the confirmations are
+    collected without waiting as the records go by, and waited for when the work ends."""
     if metrics is not None:
         observe = metrics.processing.labels(work.lane.partition.topic).observe
         count = metrics.processed.labels(work.lane.partition.topic).inc
-    for record in work.records:
-        if work.cancelled or stop.requested:
-            return
-        work.started_s = time.monotonic()
-        try:
-            result = process_message(record)  # looked up at call time: tests may replace it
-        except Exception as error:
-            raise MessageFailed(record) from error
-        finally:
-            if metrics is not None:
-                observe(time.monotonic() - work.started_s)
-        if result is True:
-            work.done += 1
-            if metrics is not None:
-                count()
-        elif result is False:
-            work.failed = True
-            return
-        else:
-            raise MessageFailed(record) from TypeError(f"process_message must return True or False, got {result!r}")
+    unconfirmed: deque[list[Future]] = deque()  # sends of each record after records[done] that returned True
+    try:
+        for record in work.records:
+            if work.cancelled or stop.requested:
+                return
+            work.started_s = time.monotonic()
+            try:
+                result, sends = call_process_message(record, output)
+            except DeadLetter as rejection:
+                work.rejected = str(rejection) or "process_message raised DeadLetter"
+                return
+            except Exception as error:
+                raise MessageFailed(record) from error
+            finally:
+                if metrics is not None:
+                    observe(time.monotonic() - work.started_s)
+            if result is True:
+                if sends or unconfirmed:
+                    unconfirmed.append(sends)
+                    confirm_sends(work, unconfirmed, timeout_s=0)
+                    if work.failed:
+                        return
+                else:
+                    work.done += 1
+                if metrics is not None:
+                    count()
+            elif result is False:
+                work.failed = "process_message returned False"
+                return
+            else:
+                raise MessageFailed(record) from TypeError(
+                    f"process_message must return True or False, got {result!r}")
+    finally:
+        confirm_sends(work, unconfirmed, timeout_s=output.timeout_s if output else 0)
 
 
-def run_worker(todo: SimpleQueue, done: SimpleQueue, stop: StopSignal, metrics: Metrics | None) -> None:
+def confirm_sends(work: Work, unconfirmed: deque, timeout_s: float) -> None:
+    """Advance work.done over the records whose sends the broker confirmed, in order; with a zero
+    timeout only as far as confirmations have already arrived. A failed send stops the advance
+    at its record, which is then tried again: its outputs may be sent twice, never lost."""
+    deadline_s = time.monotonic() + timeout_s
+    while unconfirmed:
+        sends = unconfirmed[0]
+        if not timeout_s and not all(future.is_done for future in sends):
+            return
+        errors = [error for future in sends
+                  if (error := send_error(future, max(0.0, deadline_s - time.monotonic()))) is not None]
+        if errors:
+            record = work.records[work.done]
+            work.failed, work.rejected = f"a message it sent was not delivered ({errors[0]!r})", None
+            log.warning("A message process_message sent for %s[%d]@%d was not delivered (%r); it is processed "
+                        "again", record.topic, record.partition, record.offset, errors[0],
+                        extra=about(record) | REPEATING)
+            unconfirmed.clear()
+            return
+        unconfirmed.popleft()
+        work.done += 1
+
+
+def run_worker(todo: SimpleQueue, done: SimpleQueue, stop: StopSignal, output: Output,
+               metrics: Metrics | None) -> None:
     """A worker thread: process Work from `todo` until it gets None, handing each back on `done`."""
     while (work := todo.get()) is not None:
         try:
-            process_work(work, stop, metrics)
+            process_work(work, stop, output, metrics)
         except BaseException as error:  # reported to the loop, which stops the kernel
             work.error = error
         finally:
@@ -535,14 +699,14 @@ class Kernel:
         self.last_commit_s = 0.0
         self.last_slow_check_s = 0.0
         self.last_lag_s = 0.0
-        self.producer: KafkaProducer | None = None  # created on the first dead letter
+        self.output = Output(settings, tls, consumer.config["api_version"])  # send() and dead letters
         self.todo: SimpleQueue = SimpleQueue()
         self.done: SimpleQueue = SimpleQueue()
         # Counting and timing every message costs a little: only when /metrics is served.
         per_message = self.metrics if settings.http_port else None
         for number in range(settings.concurrency):
-            threading.Thread(target=run_worker, args=(self.todo, self.done, stop, per_message), daemon=True,
-                             name=f"process_message-{number}").start()
+            threading.Thread(target=run_worker, args=(self.todo, self.done, stop, self.output, per_message),
+                             daemon=True, name=f"process_message-{number}").start()
 
     def run(self) -> int:
         self.consumer.subscribe(self.settings.topics, listener=RebalanceListener(self))
@@ -555,10 +719,9 @@ class Kernel:
             log.error("process_message failed on %s; it stays uncommitted. Stopping", failure,
                       exc_info=failure.__cause__)
             return EXIT_FATAL
-        except RetriesExhausted as exhausted:
-            log.error("%s (KERNEL_MAX_ATTEMPTS) and no KERNEL_DEAD_LETTER_TOPIC is set: it stays "
-                      "uncommitted. Stopping", exhausted)
-            return EXIT_RETRIES_EXHAUSTED
+        except NoDeadLetterTopic as undeliverable:
+            log.error("%s; no KERNEL_DEAD_LETTER_TOPIC is set, so it stays uncommitted. Stopping", undeliverable)
+            return EXIT_NO_DEAD_LETTER_TOPIC
         except KafkaError:
             log.exception("Unrecoverable Kafka error; stopping")
             return EXIT_BROKER
@@ -568,8 +731,7 @@ class Kernel:
             self.commit_progress(force=True)
             for _ in range(self.settings.concurrency):
                 self.todo.put(None)
-            if self.producer is not None:
-                self.producer.close(timeout=self.settings.produce_timeout_ms / 1000)
+            self.output.close()
             self.consumer.close(autocommit=False)  # leaves the group: the others rebalance at once
             log.info("Consumer closed")
 
@@ -666,58 +828,52 @@ class Kernel:
             raise work.error
         if lane is None:
             return
-        if work.failed and not self.stop.requested:
-            self.metrics.retried.labels(topic).inc()
-            self.retry_or_dead_letter(lane)
+        if (work.failed or work.rejected) and not self.stop.requested:
+            self.retry_or_dead_letter(lane, work.failed, work.rejected)
         if lane.records and lane not in self.retrying:
             self.ready[lane] = None
         elif not lane.records:
             del self.partitions[lane.partition].lanes[lane.key]
 
-    def retry_or_dead_letter(self, lane: Lane) -> None:
+    def retry_or_dead_letter(self, lane: Lane, failed: str | None, rejected: str | None) -> None:
+        """The lane's first record failed (`failed` says why) or was rejected with DeadLetter:
+        dead-letter it if it was rejected or has used up KERNEL_MAX_ATTEMPTS, else retry it later."""
         record = lane.records[0]
         attempts = lane.retry.attempts + 1 if lane.retry and lane.retry.offset == record.offset else 1
-        if self.settings.max_attempts and attempts >= self.settings.max_attempts:
+        if rejected is None and self.settings.max_attempts and attempts >= self.settings.max_attempts:
+            rejected = f"{failed} on all {attempts} attempts (KERNEL_MAX_ATTEMPTS)"
+        if rejected is not None:
             if self.settings.dead_letter_topic is None:
-                raise RetriesExhausted(record, attempts)
-            if self.dead_letter(record, attempts):
+                raise NoDeadLetterTopic(record, rejected)
+            if self.dead_letter(record, attempts, rejected, exception="DeadLetter" if failed is None
+                                else "RetriesExhausted"):
                 lane.records.popleft()
                 lane.retry = None
                 self.partitions[lane.partition].unfinished -= 1
                 self.unfinished -= 1
                 return
+            failed = "the dead-letter topic could not be reached"
+        self.metrics.retried.labels(record.topic).inc()
         delay_s = retry_delay_ms(attempts, self.settings.retry_initial_ms, self.settings.retry_max_ms) / 1000
         lane.retry = Retry(record.offset, attempts, time.monotonic() + delay_s)
         self.retrying.add(lane)
-        log.warning(
-            "process_message returned False for %s[%d]@%d (attempt %d); retrying in %.1f s",
-            record.topic, record.partition, record.offset, attempts, delay_s, extra=about(record),
-        )
+        log.warning("%s for %s[%d]@%d (attempt %d); retrying in %.1f s", failed, record.topic, record.partition,
+                    record.offset, attempts, delay_s, extra=about(record))
 
-    def dead_letter(self, record, attempts: int) -> bool:
+    def dead_letter(self, record, attempts: int, reason: str, exception: str) -> bool:
         """Publish the record to the dead-letter topic, confirmed by the broker (acks=all)."""
-        headers = list(record.headers or []) + dead_letter_headers(
-            record, attempts, self.settings.group_id,
-            reason=f"process_message returned False {attempts} times (KERNEL_MAX_ATTEMPTS)",
-        )
-        try:
-            if self.producer is None:
-                self.producer = KafkaProducer(
-                    **security_config(self.settings, self.tls),
-                    client_id=f"{self.settings.client_id}-producer",
-                    acks="all",
-                    max_block_ms=self.settings.produce_timeout_ms,
-                )
-            self.producer.send(self.settings.dead_letter_topic, key=record.key, value=record.value,
-                               headers=headers).get(timeout=self.settings.produce_timeout_ms / 1000)
-        except KafkaError as error:
-            log.warning("Could not publish %s[%d]@%d to the dead-letter topic %s (%s); it stays "
+        headers = list(record.headers or []) + dead_letter_headers(record, attempts, self.settings.group_id,
+                                                                   exception, reason)
+        future = self.output.send(self.settings.dead_letter_topic, record.key, record.value, headers)
+        error = send_error(future, self.output.timeout_s)
+        if error is not None:
+            log.warning("Could not publish %s[%d]@%d to the dead-letter topic %s (%r); it stays "
                         "uncommitted and is retried", record.topic, record.partition, record.offset,
-                        self.settings.dead_letter_topic, type(error).__name__, extra=about(record) | REPEATING)
+                        self.settings.dead_letter_topic, error, extra=about(record) | REPEATING)
             return False
         self.metrics.dead_lettered.labels(record.topic).inc()
-        log.error("Dead-lettered %s[%d]@%d to %s after %d attempts", record.topic, record.partition,
-                  record.offset, self.settings.dead_letter_topic, attempts, extra=about(record))
+        log.error("Dead-lettered %s[%d]@%d to %s: %s", record.topic, record.partition, record.offset,
+                  self.settings.dead_letter_topic, reason, extra=about(record))
         return True
 
     def apply_back_pressure(self) -> None:
@@ -874,7 +1030,8 @@ def retry_delay_ms(attempts: int, initial_ms: int, maximum_ms: int) -> int:
     return int(delay * random.uniform(0.9, 1.0))
 
 
-def dead_letter_headers(record, attempts: int, group_id: str, reason: str) -> list[tuple[str, bytes]]:
+def dead_letter_headers(record, attempts: int, group_id: str, exception: str,
+                        reason: str) -> list[tuple[str, bytes]]:
     """Where the record came from and why it failed, under the header names (and encodings) of
     Spring Kafka's DeadLetterPublishingRecoverer, which existing tools read, plus our own."""
     return [
@@ -884,7 +1041,7 @@ def dead_letter_headers(record, attempts: int, group_id: str, reason: str) -> li
         ("kafka_dlt-original-timestamp", record.timestamp.to_bytes(8, "big", signed=True)),
         ("kafka_dlt-original-timestamp-type", b"LogAppendTime" if record.timestamp_type == 1 else b"CreateTime"),
         ("kafka_dlt-original-consumer-group", group_id.encode()),
-        ("kafka_dlt-exception-fqcn", b"RetriesExhausted"),
+        ("kafka_dlt-exception-fqcn", exception.encode()),
         ("kafka_dlt-exception-message", reason.encode()),
         ("kernel-attempts", str(attempts).encode()),
         ("kernel-name", KERNEL_NAME.encode()),
@@ -951,7 +1108,7 @@ class Metrics:
         by_topic = dict(labelnames=["topic"], registry=self.registry)
         self.processed = Counter("kernel_messages_processed", "Messages process_message finished", **by_topic)
         self.failed = Counter("kernel_messages_failed", "Messages on which process_message raised", **by_topic)
-        self.retried = Counter("kernel_messages_retried", "Times process_message returned False", **by_topic)
+        self.retried = Counter("kernel_messages_retried", "Messages to be tried again", **by_topic)
         self.dead_lettered = Counter("kernel_messages_dead_lettered", "Messages sent to the dead-letter topic",
                                      **by_topic)
         self.processing = Histogram("kernel_processing_seconds", "Time spent in process_message", **by_topic)

@@ -2,11 +2,13 @@
 real worker threads and a recording stand-in for KafkaConsumer."""
 
 import threading
+import time
 
 import pytest
 from kafka import TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import CommitFailedError, KafkaTimeoutError
+from kafka.producer.future import FutureProduceResult, FutureRecordMetadata
 
 import main
 
@@ -14,6 +16,8 @@ P0, P1 = TopicPartition("t", 0), TopicPartition("t", 1)
 
 
 class RecordingConsumer:
+    config = {"api_version": (2, 8)}
+
     def __init__(self):
         self.calls = []
         self.paused_partitions = set()
@@ -74,7 +78,7 @@ def test_process_work_counts_finished_messages_and_stops_at_false(monkeypatch):
     monkeypatch.setattr(main, "process_message", answers({(0, 6): False}))
     work = main.Work(main.Lane(P0, None), [record(P0, 5), record(P0, 6), record(P0, 7)])
     main.process_work(work, main.StopSignal())
-    assert (work.done, work.failed) == (1, True)
+    assert (work.done, work.failed) == (1, "process_message returned False")
 
 
 def test_process_work_stops_after_the_message_in_hand(monkeypatch):
@@ -166,7 +170,7 @@ def test_exhausted_attempts_without_a_dead_letter_topic_stop_the_kernel(monkeypa
     kernel.distribute({P0: [record(P0, 5), record(P0, 6)]})
     settle_all(kernel)
     kernel.partitions[P0].lanes[None].retry.due_s = 0
-    with pytest.raises(main.RetriesExhausted, match=r"t\[0\]@6 returned False 2 times"):
+    with pytest.raises(main.NoDeadLetterTopic, match=r"t\[0\]@6: process_message returned False on all 2 attempts"):
         settle_all(kernel)
     kernel.commit_progress(force=True)
     assert kernel.consumer.commits() == [{P0: 6}]
@@ -231,12 +235,101 @@ def test_revocation_waits_for_the_message_in_hand_and_stops_the_rest(monkeypatch
 
 
 def test_dead_letter_headers_use_spring_kafka_names_and_encodings():
-    headers = dict(main.dead_letter_headers(record(P1, 7), 3, "group", "the reason"))
+    headers = dict(main.dead_letter_headers(record(P1, 7), 3, "group", "DeadLetter", "the reason"))
     assert headers["kafka_dlt-original-topic"] == b"t"
     assert int.from_bytes(headers["kafka_dlt-original-partition"], "big") == 1
     assert int.from_bytes(headers["kafka_dlt-original-offset"], "big") == 7
     assert int.from_bytes(headers["kafka_dlt-original-timestamp"], "big") == 1_700_000_000_000
     assert headers["kafka_dlt-original-timestamp-type"] == b"CreateTime"
     assert headers["kafka_dlt-original-consumer-group"] == b"group"
-    assert headers["kafka_dlt-exception-message"] == b"the reason"
+    assert (headers["kafka_dlt-exception-fqcn"], headers["kafka_dlt-exception-message"]) == (b"DeadLetter", b"the reason")
     assert (headers["kernel-attempts"], headers["kernel-name"]) == (b"3", main.KERNEL_NAME.encode())
+
+
+class PendingOutput:
+    """A stand-in for the kernel's producer whose sends the test confirms or fails by hand."""
+
+    timeout_s = 0.2
+
+    def __init__(self):
+        self.futures: list[tuple[str, bytes | None, FutureRecordMetadata]] = []
+
+    def send(self, topic, key, value, headers):
+        produced = FutureProduceResult(TopicPartition(topic, 0))
+        future = FutureRecordMetadata(produced, 0, 0, None, 0, 0, 0)
+        self.futures.append((topic, value, produced))
+        return future
+
+
+def forward(message):
+    main.send("out", message.value)
+    return True
+
+
+def test_a_message_counts_as_done_only_once_what_it_sent_is_confirmed(monkeypatch):
+    monkeypatch.setattr(main, "process_message", forward)
+    output = PendingOutput()
+    work = main.Work(main.Lane(P0, None), [record(P0, 5), record(P0, 6)])
+    worker = threading.Thread(target=main.process_work, args=(work, main.StopSignal(), output))
+    output.timeout_s = 5
+    worker.start()
+    wait_for(lambda: len(output.futures) == 2)
+    assert work.done == 0, "nothing may be committed while its output could still be lost"
+    output.futures[0][2].success((0, -1, None))
+    wait_for(lambda: work.done == 1)
+    output.futures[1][2].success((1, -1, None))
+    worker.join(timeout=5)
+    assert (work.done, work.failed) == (2, None)
+
+
+def test_an_undelivered_send_stops_the_work_at_its_message_to_be_tried_again(monkeypatch):
+    monkeypatch.setattr(main, "process_message", forward)
+    output = PendingOutput()
+    work = main.Work(main.Lane(P0, None), [record(P0, 5), record(P0, 6), record(P0, 7)])
+    worker = threading.Thread(target=main.process_work, args=(work, main.StopSignal(), output))
+    output.timeout_s = 5
+    worker.start()
+    wait_for(lambda: len(output.futures) == 3)
+    output.futures[1][2].failure(KafkaTimeoutError("no broker"))
+    output.futures[0][2].success((0, -1, None))
+    worker.join(timeout=10)
+    assert (work.done, work.failed) == (1, "a message it sent was not delivered (KafkaTimeoutError('no broker'))")
+
+    unconfirmed = main.Work(main.Lane(P0, None), [record(P0, 5)])
+    main.process_work(unconfirmed, main.StopSignal(), PendingOutput())  # never confirmed: 0.2 s timeout
+    assert unconfirmed.done == 0 and "KafkaTimeoutError" in unconfirmed.failed
+
+
+def test_dead_letter_without_a_dead_letter_topic_stops_the_kernel_uncommitted(monkeypatch):
+    monkeypatch.setattr(main, "process_message", answers({(0, 6): main.DeadLetter("not an event")}))
+    kernel = make_kernel()
+    kernel.distribute({P0: [record(P0, 5), record(P0, 6), record(P0, 7)]})
+    with pytest.raises(main.NoDeadLetterTopic, match=r"t\[0\]@6: not an event"):
+        settle_all(kernel)
+    kernel.commit_progress(force=True)
+    assert kernel.consumer.commits() == [{P0: 6}]
+
+
+def test_dead_letter_is_published_with_its_reason_then_passed(monkeypatch):
+    monkeypatch.setattr(main, "process_message", answers({(0, 6): main.DeadLetter("not an event")}))
+    kernel = make_kernel(KERNEL_DEAD_LETTER_TOPIC="dlt")
+    kernel.output = output = PendingOutput()
+    kernel.distribute({P0: [record(P0, 5), record(P0, 6), record(P0, 7)]})
+    kernel.hand_out_ready_lanes()
+    assert kernel.settle_returned(timeout_s=5)  # 5 done, 6 rejected: its dead letter goes unconfirmed
+    assert [(topic, value) for topic, value, _ in output.futures] == [("dlt", b"v")]
+    assert list(kernel.partitions[P0].lanes[None].records)[0].offset == 6, "kept while the publish failed"
+    kernel.partitions[P0].lanes[None].retry.due_s = 0
+    threading.Timer(0.05, lambda: output.futures[1][2].success((0, -1, None))).start()
+    output.timeout_s = 5
+    settle_all(kernel)
+    kernel.commit_progress(force=True)
+    assert kernel.consumer.commits()[-1] == {P0: 8}
+    assert kernel.metrics.dead_lettered.labels("t")._value.get() == 1
+
+
+def wait_for(condition, timeout_s: float = 5):
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
