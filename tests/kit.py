@@ -1,0 +1,103 @@
+"""The kernel author's test kit: call process_message the way the kernel does, without a broker.
+
+    from tests.kit import call, make_message
+
+    outcome = call(make_message({"id": "e-1"}, key="user-1"))
+    assert outcome.result is True
+    assert outcome.sent == [Sent("output-topic", b"user-1", b'{"id": "e-1"}', [])]
+
+make_message builds the kafka-python ConsumerRecord the kernel passes (topic, partition, offset,
+key, value, headers, timestamp). call() runs a handler (main.process_message unless given) with
+send() captured instead of produced, and reports what the kernel would do: commit (result True),
+retry (False) or dead-letter (DeadLetter raised, with its reason). Any other exception propagates,
+as it would stop the kernel. tests/test_process_message.py shows both, and a run end to end.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from kafka.consumer.fetcher import ConsumerRecord
+from kafka.future import Future
+
+import main
+
+
+class Sent(NamedTuple):
+    """A message process_message passed to send()."""
+
+    topic: str
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, bytes]]
+
+    def json(self) -> Any:
+        return json.loads(self.value)
+
+
+@dataclass
+class Outcome:
+    result: bool | None  # what process_message returned; None when it raised DeadLetter
+    sent: list[Sent] = field(default_factory=list)
+    dead_letter: str | None = None  # the DeadLetter reason
+
+    @property
+    def committed(self) -> bool:
+        return self.result is True
+
+
+def as_bytes(data: bytes | str | dict | list | None) -> bytes | None:
+    """bytes as given, str as UTF-8, a dict or list as JSON."""
+    if data is None or isinstance(data, bytes):
+        return data
+    if isinstance(data, str):
+        return data.encode()
+    return json.dumps(data).encode()
+
+
+def make_message(value: bytes | str | dict | list | None = b"", key: bytes | str | None = None, *,
+                 topic: str = main.DEFAULT_TOPIC, partition: int = 0, offset: int = 0,
+                 headers: list[tuple[str, bytes]] | None = None, timestamp_ms: int | None = None) -> ConsumerRecord:
+    """A record as the kernel hands it to process_message (timestamp: now, CreateTime)."""
+    key_bytes, value_bytes = as_bytes(key), as_bytes(value)
+    headers = list(headers or [])
+    return ConsumerRecord(
+        topic=topic, partition=partition, leader_epoch=0, offset=offset,
+        timestamp=int(time.time() * 1000) if timestamp_ms is None else timestamp_ms, timestamp_type=0,
+        key=key_bytes, value=value_bytes, headers=headers, checksum=None,
+        serialized_key_size=-1 if key_bytes is None else len(key_bytes),
+        serialized_value_size=-1 if value_bytes is None else len(value_bytes),
+        serialized_header_size=sum(len(name) + len(data) for name, data in headers) or -1,
+    )
+
+
+class CapturedOutput:
+    """Stands in for the kernel's producer: every send is recorded and confirmed at once."""
+
+    def __init__(self):
+        self.sent: list[Sent] = []
+
+    def send(self, topic: str, key: bytes | None, value: bytes | None, headers: list) -> Future:
+        self.sent.append(Sent(topic, key, value, headers))
+        return Future().success(None)
+
+
+def call(message: ConsumerRecord, handler: Callable[[Any], bool] | None = None) -> Outcome:
+    """Run `handler` (default: main.process_message) on `message` as a kernel worker would."""
+    output = CapturedOutput()
+    if handler is not None:
+        main_handler, main.process_message = main.process_message, handler
+    try:
+        result, _ = main.call_process_message(message, output)
+    except main.DeadLetter as rejection:
+        return Outcome(None, output.sent, str(rejection) or "process_message raised DeadLetter")
+    finally:
+        if handler is not None:
+            main.process_message = main_handler
+    if result is not True and result is not False:
+        raise TypeError(f"process_message must return True or False, got {result!r} (the kernel would stop)")
+    return Outcome(result, output.sent)
