@@ -106,7 +106,7 @@ class Cluster:
 
     def produce(self, topic: str, messages) -> Counter:
         """Produce (partition, key, value) triples, acks=all; returns the count per partition."""
-        producer = Producer(self.client_config(**{"acks": "all", "linger.ms": 5}))
+        producer = Producer(self.client_config(**{"acks": "all", "linger.ms": 5, "message.max.bytes": 10_000_000}))
         counts: Counter = Counter()
         for partition, key, value in messages:
             while True:
@@ -187,12 +187,14 @@ def cluster(pki, tmp_path_factory):
 class KernelProcess:
     """`python main.py` (or the kernel with the test handler) as a subprocess."""
 
-    def __init__(self, env: dict[str, str], workdir: Path, script: Path = MAIN):
+    def __init__(self, env: dict[str, str], workdir: Path, script: Path = MAIN, module: str | None = None):
         self.env = env
         self.workdir = workdir
         self.log_path = workdir / f"kernel-{uuid.uuid4().hex[:6]}.log"
+        if module is not None:  # python -m examples.transform: an example kernel
+            env = {**env, "PYTHONPATH": str(REPO)}
         self.process = subprocess.Popen(
-            [sys.executable, str(script)],
+            [sys.executable, *(["-m", module] if module else [str(script)])],
             env=env,
             cwd=workdir,
             stdin=subprocess.DEVNULL,
@@ -306,8 +308,9 @@ def kernels(cluster, pki, tmp_path):
             env.update({k: str(v) for k, v in overrides.items()})
             return env
 
-        def start(self, env: dict[str, str], script: Path = RECORDING_KERNEL) -> KernelProcess:
-            kernel = KernelProcess(env, tmp_path, script)
+        def start(self, env: dict[str, str], script: Path = RECORDING_KERNEL, module: str | None = None) -> KernelProcess:
+            """Run `script` (the recording kernel unless given; MAIN for main.py) or `module`."""
+            kernel = KernelProcess(env, tmp_path, script, module)
             started.append(kernel)
             return kernel
 

@@ -1,7 +1,9 @@
 """A TLS-terminating TCP proxy that requires a client certificate, in front of the plaintext broker.
 
 Runs an asyncio loop in a daemon thread. `drop_connections(seconds)` cuts every connection and
-refuses new ones for a while, to simulate a broker outage.
+refuses new ones for a while, to simulate a broker outage; `refuse_clients(suffix, seconds)` turns
+away only new connections whose first request carries a client id ending in `suffix` (the kernel's
+producer is "<client id>-producer"), to make one client's sends fail while the others carry on.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ class TlsProxy:
         self.target_port = target_port
         self.context = context
         self.refuse_until = 0.0  # time.monotonic(); connections before then are closed at once
+        self.refused_clients: dict[str, float] = {}  # client id suffix -> refused until (time.monotonic())
         self.loop = asyncio.new_event_loop()
         self.writers: set[asyncio.StreamWriter] = set()
         self.thread = threading.Thread(target=self.loop.run_forever, name="tls-proxy", daemon=True)
@@ -43,10 +46,32 @@ class TlsProxy:
             client_writer.close()
             return
         self.writers.update((client_writer, broker_writer))
+        if not await self._admit(client_reader, broker_writer):
+            for writer in (client_writer, broker_writer):
+                writer.transport.abort()
+            self.writers.difference_update((client_writer, broker_writer))
+            return
         await asyncio.gather(
             self._pipe(client_reader, broker_writer), self._pipe(broker_reader, client_writer)
         )
         self.writers.difference_update((client_writer, broker_writer))
+
+    async def _admit(self, client_reader, broker_writer) -> bool:
+        """Read the connection's first request; pass it on unless its client id is refused."""
+        if not any(until > time.monotonic() for until in self.refused_clients.values()):
+            return True
+        try:
+            size = await client_reader.readexactly(4)
+            request = await client_reader.readexactly(int.from_bytes(size, "big"))
+        except (OSError, ssl.SSLError, asyncio.IncompleteReadError):
+            return False
+        # Request header: api_key int16, api_version int16, correlation_id int32, client_id string.
+        length = int.from_bytes(request[8:10], "big", signed=True)
+        client_id = request[10 : 10 + length].decode(errors="replace") if length > 0 else ""
+        if any(client_id.endswith(suffix) and until > time.monotonic() for suffix, until in self.refused_clients.items()):
+            return False
+        broker_writer.write(size + request)
+        return True
 
     @staticmethod
     async def _pipe(reader, writer) -> None:
@@ -68,6 +93,10 @@ class TlsProxy:
                 writer.transport.abort()
 
         self.loop.call_soon_threadsafe(drop)
+
+    def refuse_clients(self, suffix: str, seconds: float) -> None:
+        """Turn away new connections of clients whose id ends in `suffix`, for `seconds`."""
+        self.refused_clients[suffix] = time.monotonic() + seconds
 
     def stop(self) -> None:
         async def close():

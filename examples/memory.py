@@ -1,0 +1,110 @@
+"""Memory kernel: store each JSON message in PostgreSQL, once, however often it is delivered.
+
+Input: a JSON object with "user_id" and "text" (non-empty strings); the whole object is stored as
+jsonb in MEMORY_TABLE (default "memories"), created if missing, keyed by the message's topic,
+partition and offset. A redelivered message (after a crash or a rebalance) hits that key and is
+not stored again. The database is DATABASE_URL (default postgresql://127.0.0.1:5432/test). While
+it is unreachable, messages are retried (False); one it refuses (say, text with a NUL character)
+goes to the dead-letter topic. Needs `uv sync --extra database`.
+
+    uv run --extra database python -m examples.memory
+"""
+
+import atexit
+import logging
+import os
+import sys
+import threading
+
+import psycopg
+from psycopg import sql
+from psycopg.types.json import Jsonb
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from main import DeadLetter, json_object  # adopting: drop this line
+
+KERNEL_NAME = "memory-kernel"
+DEFAULT_TOPIC = "memories"
+MAX_VALUE_BYTES = 256 * 1024  # a memory larger than this is refused: dead-lettered
+REQUIRED_FIELDS = ("user_id", "text")
+CONNECT_TIMEOUT_S = 5  # how long one attempt waits for a connection before the message is retried
+
+log = logging.getLogger(KERNEL_NAME)
+
+
+def process_message(message) -> bool:
+    memory = json_object(message, MAX_VALUE_BYTES, REQUIRED_FIELDS)  # or DeadLetter saying why
+    try:
+        stored = memories().store(message, memory)
+    except psycopg.DataError as refused:  # this message can never be stored
+        raise DeadLetter(f"PostgreSQL refused it: {first_line(refused)}") from None
+    except (psycopg.OperationalError, PoolTimeout) as error:  # the database is down or overloaded
+        log.warning("PostgreSQL unavailable (%s); %s[%d]@%d will be retried", first_line(error),
+                    message.topic, message.partition, message.offset)
+        return False
+    if not stored:
+        log.debug("%s[%d]@%d was already stored: a redelivery", message.topic, message.partition, message.offset)
+    return True
+
+
+def first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+class Memories:
+    """The table, and one connection pool that all worker threads borrow connections from."""
+
+    def __init__(self):
+        table = sql.Identifier(os.environ.get("MEMORY_TABLE") or "memories")
+        self.insert = INSERT.format(table)
+        self.pool = ConnectionPool(
+            os.environ.get("DATABASE_URL") or "postgresql://127.0.0.1:5432/test",
+            min_size=1, max_size=int(os.environ.get("KERNEL_CONCURRENCY") or 1), timeout=CONNECT_TIMEOUT_S,
+            kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT_S}, name=KERNEL_NAME, open=True,
+        )
+        try:
+            with self.pool.connection() as connection:
+                connection.execute(CREATE_TABLE.format(table))
+        except BaseException:
+            self.pool.close()
+            raise
+        atexit.register(self.pool.close)
+
+    def store(self, message, memory: dict) -> bool:
+        """Insert the memory under the message's coordinates; False if it was there already."""
+        with self.pool.connection() as connection:
+            row = (message.topic, message.partition, message.offset, memory["user_id"], Jsonb(memory))
+            return connection.execute(self.insert, row).rowcount == 1
+
+
+CREATE_TABLE = sql.SQL("""
+    CREATE TABLE IF NOT EXISTS {} (
+        topic text NOT NULL,
+        partition integer NOT NULL,
+        "offset" bigint NOT NULL,
+        user_id text NOT NULL,
+        memory jsonb NOT NULL,
+        stored_at timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (topic, partition, "offset")
+    )""")
+# The primary key turns a redelivery into a no-op: exactly one row per message.
+INSERT = sql.SQL("""
+    INSERT INTO {} (topic, partition, "offset", user_id, memory) VALUES (%s, %s, %s, %s, %s)
+    ON CONFLICT (topic, partition, "offset") DO NOTHING""")
+shared_lock = threading.Lock()
+shared: Memories | None = None
+
+
+def memories() -> Memories:
+    """Created on first use (after main.py has read .env), once however many threads ask."""
+    global shared
+    with shared_lock:
+        if shared is None:
+            shared = Memories()
+        return shared
+
+
+if __name__ == "__main__":
+    from examples import run
+
+    sys.exit(run(process_message, KERNEL_NAME, DEFAULT_TOPIC))

@@ -1,0 +1,69 @@
+"""Notification kernel: POST each JSON message to a webhook.
+
+Input: a JSON object with "recipient" and "text" (non-empty strings), posted as is to WEBHOOK_URL
+(required) with an Idempotency-Key header (topic/partition/offset) so the receiver can drop the
+repeats that at-least-once delivery and retries bring. A 2xx answer is done. No answer (connection
+refused or dropped, WEBHOOK_TIMEOUT_S passed), a 5xx, 408 or 429 is retried with backoff; any other
+4xx will never succeed and goes to the dead-letter topic with the answer. Needs `uv sync --extra http`.
+
+    WEBHOOK_URL=https://example.com/hook uv run --extra http python -m examples.notification
+"""
+
+import logging
+import os
+import sys
+import threading
+
+import httpx
+
+from main import DeadLetter, json_object  # adopting: drop this line
+
+KERNEL_NAME = "notification-kernel"
+DEFAULT_TOPIC = "notifications"
+MAX_VALUE_BYTES = 64 * 1024  # a notification larger than this is refused: dead-lettered
+REQUIRED_FIELDS = ("recipient", "text")
+RETRIABLE_STATUS = {408, 429}  # client errors that mean "later", besides every 5xx
+
+log = logging.getLogger(KERNEL_NAME)
+
+
+def process_message(message) -> bool:
+    notification = json_object(message, MAX_VALUE_BYTES, REQUIRED_FIELDS)  # or DeadLetter saying why
+    url, client = webhook()
+    idempotency_key = f"{message.topic}/{message.partition}/{message.offset}"
+    try:
+        response = client.post(url, json=notification, headers={"Idempotency-Key": idempotency_key})
+    except httpx.TransportError as error:  # refused, dropped, timed out: the webhook may work later
+        log.warning("Webhook unreachable for %s (%r); will retry", idempotency_key, error)
+        return False
+    if response.is_success:
+        return True
+    if response.status_code >= 500 or response.status_code in RETRIABLE_STATUS:
+        log.warning("Webhook answered %d for %s; will retry", response.status_code, idempotency_key)
+        return False
+    raise DeadLetter(f"webhook answered {response.status_code}: {response.text[:200]!r}")
+
+
+client_lock = threading.Lock()
+shared: tuple[str, httpx.Client] | None = None
+
+
+def webhook() -> tuple[str, httpx.Client]:
+    """The URL and one HTTP client (a thread-safe connection pool) for all worker threads, created
+    on first use, after main.py has read .env."""
+    global shared
+    with client_lock:
+        if shared is None:
+            url = os.environ.get("WEBHOOK_URL", "").strip()
+            if not url.startswith(("http://", "https://")):
+                # The value is not shown: a webhook URL often carries a token.
+                raise RuntimeError("WEBHOOK_URL must be set to an http:// or https:// URL")
+            timeout_s = float(os.environ.get("WEBHOOK_TIMEOUT_S") or 10)
+            shared = url, httpx.Client(timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 5.0)))
+        return shared
+
+
+if __name__ == "__main__":
+    from examples import run
+
+    sys.exit(run(process_message, KERNEL_NAME, DEFAULT_TOPIC))
