@@ -4,6 +4,8 @@ PostgreSQL, and the webhook's own record); plus their handling of malformed inpu
 
 import json
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -12,6 +14,7 @@ import time
 import uuid
 from collections import Counter, defaultdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import NamedTuple
 
 import psycopg
@@ -385,3 +388,24 @@ def test_an_adopted_transform_kernel_runs_as_main_py(cluster, kernels, tmp_path)
     assert [json.loads(r.value())["enriched_by"] for r in cluster.read_topic(output, 1)] == ["transform-kernel"]
     assert list(dead_letters(cluster, dlt)) == ["bad"]
     assert "[transform-kernel]" in kernel.log()
+
+
+@pytest.mark.parametrize("extra, example, packages", [
+    ("database", memory, {"psycopg", "psycopg-binary", "psycopg-pool"}),
+    ("http", notification, {"httpx"}),
+    ("ai", None, {"anthropic"}),
+])
+def test_each_extra_installs_what_its_example_imports(tmp_path, extra, example, packages):
+    """`uv sync --extra NAME` (dry run, into an empty environment) installs the example's packages."""
+    uv = os.environ.get("UV") or shutil.which("uv")
+    result = subprocess.run([uv, "sync", "--locked", "--no-dev", "--extra", extra, "--dry-run"], cwd=REPO,
+                            env={**os.environ, "UV_PROJECT_ENVIRONMENT": str(tmp_path / "venv")},
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    installed = set(re.findall(r"^ \+ ([\w.-]+)==", result.stderr + result.stdout, re.M))
+    assert packages <= installed, f"uv sync --extra {extra} would not install {packages - installed}"
+    if example is not None:
+        imported = set(re.findall(r"^(?:import|from) (\w+)", Path(example.__file__).read_text(), re.M))
+        third_party = {name.replace("_", "-") for name in imported
+                       if name not in sys.stdlib_module_names and name not in ("main", "examples")}
+        assert third_party and third_party <= installed, f"examples/{example.__name__} imports {third_party}"
