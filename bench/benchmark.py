@@ -109,13 +109,15 @@ def main() -> None:
     with Broker() as broker:
         broker.create_topic("bench", PARTITIONS)
         broker.create_topic("bench-slow", PARTITIONS)
+        broker.create_topic("bench-out", PARTITIONS)
         print(f"Preloading {MESSAGES:,} messages of 100 bytes over {PARTITIONS} partitions...", flush=True)
         preload(broker.bootstrap, "bench", MESSAGES)
         preload(broker.bootstrap, "bench-slow", max(SLOW_RUNS.values()))
 
         # The machine is shared and small: each consumer runs REPEATS times, interleaved, and the
         # run with the median throughput is reported.
-        runs: dict[str, list[dict]] = {name: [] for name in ("naive", "same", "tuned", "kernel", "quix")}
+        runs: dict[str, list[dict]] = {name: [] for name in ("naive", "same", "tuned", "kernel", "quix",
+                                                             "raw_forward", "kernel_forward")}
         for _ in range(REPEATS):
             runs["naive"].append(run_probe("probe_raw.py", broker, "bench", MESSAGES, {}, python=PLAIN_CLIENT))
             runs["same"].append(run_probe("probe_raw.py", broker, "bench", MESSAGES, {}))
@@ -123,7 +125,11 @@ def main() -> None:
                                            {"BENCH_TUNED": json.dumps(RAW_TUNED)}))
             runs["kernel"].append(run_probe("probe_kernel.py", broker, "bench", MESSAGES, {}, measure_stop=True))
             runs["quix"].append(run_probe("probe_quix.py", broker, "bench", MESSAGES, {}))
-        naive, same, tuned, kernel, quix = (median_run(runs[name]) for name in runs)
+            runs["raw_forward"].append(run_probe("probe_raw.py", broker, "bench", MESSAGES,
+                                                 {"BENCH_FORWARD": "bench-out"}))
+            runs["kernel_forward"].append(run_probe("probe_kernel.py", broker, "bench", MESSAGES,
+                                                    {"BENCH_FORWARD": "bench-out"}))
+        naive, same, tuned, kernel, quix, raw_forward, kernel_forward = (median_run(runs[name]) for name in runs)
         rows = [
             ("naive raw loop: `pip install kafka-python`, client defaults (500 records a poll)", naive),
             ("raw loop, the kernel's packages (crc32c in C), client defaults", same),
@@ -139,13 +145,18 @@ def main() -> None:
                                {"BENCH_SLEEP_S": str(HANDLER_SLEEP_S), "KERNEL_CONCURRENCY": str(concurrency)})
             slow_rows.append((concurrency, count, result, result["rate"] / (concurrency / HANDLER_SLEEP_S)))
 
-    table = render(rows, slow_rows, kernel)
+    forward_rows = [
+        ("raw loop: send each record (acks=all), flush, then commit, after every poll", raw_forward),
+        ("**kernel**: `send()` each message from `process_message`, default settings", kernel_forward),
+    ]
+    forward_rows = [(name, result, result["rate"] / raw_forward["rate"]) for name, result in forward_rows]
+    table = render(rows, slow_rows, kernel, forward_rows)
     print(table)
     if arguments.write:
         write_benchmarks(table)
 
 
-def render(rows, slow_rows, kernel) -> str:
+def render(rows, slow_rows, kernel, forward_rows) -> str:
     lines = [
         f"Machine: {os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}, "
         f"{platform.system()} {platform.release()}; broker: Tansu (embedded, in memory, PLAINTEXT).",
@@ -165,6 +176,14 @@ def render(rows, slow_rows, kernel) -> str:
         f"Kernel start-up, process start to first processed message: {kernel['to_first_s']:.1f} s "
         "(most of it is the broker's first group join, about half of KAFKA_SESSION_TIMEOUT_MS=6000).",
         f"Kernel shutdown, SIGTERM to exit: {kernel['stop_s']:.2f} s.",
+        "",
+        f"Forwarding: each of the {MESSAGES:,} messages sent on to another topic of {PARTITIONS} partitions, "
+        "an input committed only once its output is confirmed (median of the same runs):",
+        "",
+        "| consumer | messages/s | ratio to the raw loop | CPU s per 1,000 messages | peak RSS (MB) |",
+        "| --- | ---: | ---: | ---: | ---: |",
+        *(f"| {name} | {result['rate']:,.0f} | {ratio:.2f} | {result['cpu_per_1000']:.3f} | {result['rss_mb']:.0f} |"
+          for name, result, ratio in forward_rows),
         "",
         f"Handler sleeping {HANDLER_SLEEP_S * 1000:.0f} ms, {KEYS:,} distinct keys, KERNEL_ORDERING=key:",
         "",

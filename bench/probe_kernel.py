@@ -1,7 +1,8 @@
 """The real kernel (main.main) with a counting process_message, for the benchmark.
 
 Counts calls; when $BENCH_COUNT messages are done, writes timings and resource use as JSON to
-$BENCH_OUT. Sleeps $BENCH_SLEEP_S per message (0: a no-op handler).
+$BENCH_OUT. Sleeps $BENCH_SLEEP_S per message (0: a no-op handler); with $BENCH_FORWARD, send()s
+each message to that topic (the kernel commits it once the broker confirmed the send).
 """
 
 import json
@@ -18,6 +19,7 @@ import main  # noqa: E402
 
 COUNT = int(os.environ["BENCH_COUNT"])
 SLEEP_S = float(os.environ.get("BENCH_SLEEP_S", "0"))
+FORWARD = os.environ.get("BENCH_FORWARD")
 lock = threading.Lock()
 seen = 0
 first = None
@@ -32,6 +34,8 @@ def process_message(message) -> bool:
     global seen, first
     if SLEEP_S:
         time.sleep(SLEEP_S)
+    if FORWARD:
+        main.send(FORWARD, message.value, key=message.key)
     with lock:
         seen += 1
         if seen == 1:

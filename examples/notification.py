@@ -9,6 +9,7 @@ refused or dropped, WEBHOOK_TIMEOUT_S passed), a 5xx, 408 or 429 is retried with
     WEBHOOK_URL=https://example.com/hook uv run --extra http python -m examples.notification
 """
 
+import atexit
 import logging
 import os
 import sys
@@ -59,7 +60,9 @@ def webhook() -> tuple[str, httpx.Client]:
                 # The value is not shown: a webhook URL often carries a token.
                 raise RuntimeError("WEBHOOK_URL must be set to an http:// or https:// URL")
             timeout_s = float(os.environ.get("WEBHOOK_TIMEOUT_S") or 10)
-            shared = url, httpx.Client(timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 5.0)))
+            client = httpx.Client(timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 5.0)))
+            atexit.register(client.close)
+            shared = url, client
         return shared
 
 
