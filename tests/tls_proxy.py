@@ -1,9 +1,9 @@
 """A TLS-terminating TCP proxy that requires a client certificate, in front of the plaintext broker.
 
 Runs an asyncio loop in a daemon thread. `drop_connections(seconds)` cuts every connection and
-refuses new ones for a while, to simulate a broker outage; `refuse_clients(suffix, seconds)` turns
-away only new connections whose first request carries a client id ending in `suffix` (the kernel's
-producer is "<client id>-producer"), to make one client's sends fail while the others carry on.
+refuses new ones for a while, to simulate a broker outage; `refuse_clients(suffix)` turns away, until
+`admit_clients(suffix)`, only new connections whose first request carries a client id ending in
+`suffix` (the kernel's producer is "<client id>-producer"): one client fails while the others go on.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ class TlsProxy:
         self.target_port = target_port
         self.context = context
         self.refuse_until = 0.0  # time.monotonic(); connections before then are closed at once
-        self.refused_clients: dict[str, float] = {}  # client id suffix -> refused until (time.monotonic())
+        self.refused_clients: set[str] = set()  # client id suffixes
         self.loop = asyncio.new_event_loop()
         self.writers: set[asyncio.StreamWriter] = set()
         self.thread = threading.Thread(target=self.loop.run_forever, name="tls-proxy", daemon=True)
@@ -58,7 +58,7 @@ class TlsProxy:
 
     async def _admit(self, client_reader, broker_writer) -> bool:
         """Read the connection's first request; pass it on unless its client id is refused."""
-        if not any(until > time.monotonic() for until in self.refused_clients.values()):
+        if not self.refused_clients:
             return True
         try:
             size = await client_reader.readexactly(4)
@@ -68,7 +68,7 @@ class TlsProxy:
         # Request header: api_key int16, api_version int16, correlation_id int32, client_id string.
         length = int.from_bytes(request[8:10], "big", signed=True)
         client_id = request[10 : 10 + length].decode(errors="replace") if length > 0 else ""
-        if any(client_id.endswith(suffix) and until > time.monotonic() for suffix, until in self.refused_clients.items()):
+        if any(client_id.endswith(suffix) for suffix in self.refused_clients):
             return False
         broker_writer.write(size + request)
         return True
@@ -94,9 +94,12 @@ class TlsProxy:
 
         self.loop.call_soon_threadsafe(drop)
 
-    def refuse_clients(self, suffix: str, seconds: float) -> None:
-        """Turn away new connections of clients whose id ends in `suffix`, for `seconds`."""
-        self.refused_clients[suffix] = time.monotonic() + seconds
+    def refuse_clients(self, suffix: str) -> None:
+        """Turn away new connections of clients whose id ends in `suffix`."""
+        self.refused_clients.add(suffix)
+
+    def admit_clients(self, suffix: str) -> None:
+        self.refused_clients.discard(suffix)
 
     def stop(self) -> None:
         async def close():
