@@ -449,8 +449,16 @@ def producer_config(settings: Settings, tls: TlsFiles | None, api_version: tuple
         # settle on a pre-0.11 protocol, which cannot carry headers.
         api_version=api_version,
         acks="all",  # a send is confirmed once every in-sync replica has it
-        # send() waits at most this long for room in the buffer or for the topic's metadata.
+        # One request at a time per broker, so a retried batch cannot land after a later one: outputs
+        # keep the order of their inputs per key. (enable_idempotence would allow five, but the broker
+        # the tests run against refuses it.)
+        max_in_flight_requests_per_connection=1,
+        # send() waits at most this long for room in the buffer or for the topic's metadata, and the
+        # producer gives up on a message when the kernel does, so an outage does not pile up copies
+        # of outputs whose inputs are being processed again.
         max_block_ms=settings.produce_timeout_ms,
+        request_timeout_ms=settings.produce_timeout_ms,
+        delivery_timeout_ms=settings.produce_timeout_ms,
         # Whatever the kernel could consume it can dead-letter: the broker's own limit decides.
         max_request_size=settings.fetch_max_bytes,
     )
