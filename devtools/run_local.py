@@ -1,7 +1,8 @@
 """Run the kernel end to end on an embedded broker: `uv run devtools/run_local.py`.
 
-Starts Tansu on a free port, creates the kernel's topic, produces a few sample messages and runs
-the unmodified `main.py` against it over PLAINTEXT. Ctrl-C stops the kernel (gracefully), then
+Starts Tansu on a free port, creates the kernel's topic and a dead-letter topic beside it, produces a
+few sample messages and runs `main.py` against it over PLAINTEXT (so a kernel that raises DeadLetter
+for a sample shows it dead-lettered rather than stopping). Ctrl-C stops the kernel (gracefully), then
 the broker.
 """
 
@@ -30,12 +31,13 @@ SAMPLES = [
 ]
 
 
-def local_environment(bootstrap: str, topic: str) -> dict[str, str]:
+def local_environment(bootstrap: str, topic: str, dead_letter_topic: str) -> dict[str, str]:
     """The kernel's environment for the embedded broker; overrides a .env meant for a cluster."""
     return {
         **os.environ,
         "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
         "KAFKA_TOPIC": topic,
+        "KERNEL_DEAD_LETTER_TOPIC": dead_letter_topic,
         "KAFKA_CA_CERT": "",
         "KAFKA_CLIENT_CERT": "",
         "KAFKA_CLIENT_KEY": "",
@@ -55,14 +57,16 @@ def produce_samples(bootstrap: str, topic: str) -> None:
 
 def run() -> int:
     topic = os.environ.get("KAFKA_TOPIC") or main.DEFAULT_TOPIC
+    dead_letter_topic = f"{topic}-dead-letters"
     with Broker() as broker:
         broker.create_topic(topic, partitions=3)
+        broker.create_topic(dead_letter_topic, partitions=1)
         produce_samples(broker.bootstrap, topic)
-        print(f"Broker on {broker.bootstrap}, {len(SAMPLES)} sample messages in '{topic}'. Ctrl-C stops.",
-              flush=True)
+        print(f"Broker on {broker.bootstrap}, {len(SAMPLES)} sample messages in '{topic}', dead letters to "
+              f"'{dead_letter_topic}'. Ctrl-C stops.", flush=True)
         kernel = subprocess.Popen(
             [sys.executable, str(Path(main.__file__))],
-            env=local_environment(broker.bootstrap, topic),
+            env=local_environment(broker.bootstrap, topic, dead_letter_topic),
             start_new_session=True,  # Ctrl-C reaches us; we pass exactly one SIGINT on
         )
         while True:

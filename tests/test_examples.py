@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -409,3 +410,27 @@ def test_each_extra_installs_what_its_example_imports(tmp_path, extra, example, 
         third_party = {name.replace("_", "-") for name in imported
                        if name not in sys.stdlib_module_names and name not in ("main", "examples")}
         assert third_party and third_party <= installed, f"examples/{example.__name__} imports {third_party}"
+
+
+def test_the_local_run_of_an_adopted_kernel_dead_letters_samples_it_cannot_use(tmp_path):
+    """`uv run devtools/run_local.py` after adopting transform: its samples lack "id" and "type", so
+    they go to the local dead-letter topic instead of stopping the kernel."""
+    shutil.copytree(REPO / "devtools", tmp_path / "devtools", ignore=shutil.ignore_patterns("__pycache__"))
+    adopted = tmp_path / "main.py"
+    adopted.write_text(MAIN.read_text())
+    subprocess.run([sys.executable, str(REPO / "devtools" / "adopt_example.py"), "transform", "--main", str(adopted)],
+                   check=True, capture_output=True)
+    log_path = tmp_path / "run_local.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "KERNEL_"))}
+    with log_path.open("wb") as log:
+        runner = subprocess.Popen([sys.executable, "devtools/run_local.py"], cwd=tmp_path, env=env,
+                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_until(lambda: log_path.read_text().count("Dead-lettered events[") == 5, 30, "five dead letters")
+        assert runner.poll() is None, "the kernel stopped"
+        os.killpg(runner.pid, signal.SIGINT)
+        assert runner.wait(timeout=20) == 0
+    finally:
+        if runner.poll() is None:
+            os.killpg(runner.pid, signal.SIGKILL)
+    assert "to events-dead-letters: field \"id\" must be a non-empty string" in log_path.read_text()
