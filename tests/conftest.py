@@ -28,6 +28,12 @@ from tests.tls_proxy import TlsProxy
 
 REPO = Path(__file__).resolve().parent.parent
 MAIN = REPO / "main.py"
+# For the tests of the template's own hello-world process_message: once KERNEL_NAME is set, main.py is
+# a kernel of its own, and its tests are the ones in tests/test_process_message.py.
+hello_world = pytest.mark.skipif(
+    (REPO / "main.py").read_text().count('\nKERNEL_NAME = "example-kernel"\n') == 0,
+    reason="checks the template's hello-world process_message; main.py has a KERNEL_NAME of its own now",
+)
 RECORDING_KERNEL = REPO / "tests" / "recording_kernel.py"
 HELLO_LINE = re.compile(r"Received (\S+)\[(\d+)\]@(\d+) ")
 

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from tests.conftest import REPO, wait_until
+from tests.conftest import REPO, hello_world, wait_until
 
 
 def test_sigterm_finishes_the_message_in_hand_and_commits_it(cluster, kernels):
@@ -37,6 +37,7 @@ def test_a_second_signal_exits_at_once(cluster, kernels):
     assert cluster.committed("second-signal", topic, 1) == {0: None}
 
 
+@hello_world
 def test_local_run_command_shows_sample_messages_and_stops_on_ctrl_c(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "KERNEL_"))}
     log_path = tmp_path / "run_local.log"

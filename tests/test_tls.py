@@ -1,5 +1,6 @@
-"""The unmodified kernel over mutual TLS: a whole stream processed and committed, certificate files
-private and removed, and TLS that really fails without the right certificates."""
+"""The kernel over mutual TLS: a whole stream processed and committed, certificate files private and
+removed, and TLS that really fails without the right certificates. The runs that consume use the
+recording handler (tests/recording_kernel.py), so they hold whatever process_message becomes."""
 
 import signal
 import socket
@@ -11,22 +12,22 @@ import time
 import trustme
 
 from devtools.broker import free_port
-from tests.conftest import MAIN, wait_until
+from tests.conftest import MAIN, processed, wait_until
 
 
 def test_stream_over_mutual_tls_is_processed_committed_and_cleaned_up(cluster, kernels):
     topic = cluster.create_topic(partitions=4)
-    produced = cluster.produce(topic, [(i % 4, f"k{i}".encode(), f"message {i}".encode()) for i in range(2000)])
-    kernel = kernels.start(kernels.env(topic, "tls-stream"), script=MAIN)
+    produced = cluster.produce(topic, [(i % 4, f"k{i}".encode(), f"message-{i}".encode()) for i in range(2000)])
+    kernel = kernels.start(kernels.env(topic, "tls-stream"))
 
-    wait_until(lambda: len(set(kernel.hello_processed())) == 2000, 60, "2,000 messages processed")
+    wait_until(lambda: len(processed(kernels.attempts())) == 2000, 60, "2,000 messages processed")
     tls_dirs = list(kernels.certificate_tmpdir.iterdir())
     assert len(tls_dirs) == 1 and stat.S_IMODE(tls_dirs[0].stat().st_mode) == 0o700
     assert sorted(f.name for f in tls_dirs[0].iterdir()) == ["ca.pem", "client.key", "client.pem"]
     assert all(stat.S_IMODE(f.stat().st_mode) == 0o600 for f in tls_dirs[0].iterdir())
 
     assert kernel.stop(signal.SIGTERM) == 0
-    assert sorted(set(kernel.hello_processed())) == [(p, o) for p in range(4) for o in range(produced[p])]
+    assert sorted(processed(kernels.attempts())) == [(p, o) for p in range(4) for o in range(produced[p])]
     assert cluster.committed("tls-stream", topic, 4) == {p: produced[p] for p in range(4)}
     assert list(kernels.certificate_tmpdir.iterdir()) == [], "the certificate directory was left behind"
     assert "security=SSL" in kernel.log()
@@ -35,8 +36,8 @@ def test_stream_over_mutual_tls_is_processed_committed_and_cleaned_up(cluster, k
 def test_sigint_stops_cleanly_too(cluster, kernels):
     topic = cluster.create_topic(partitions=1)
     cluster.produce(topic, [(0, None, b"one")])
-    kernel = kernels.start(kernels.env(topic, "tls-sigint"), script=MAIN)
-    kernel.wait_for_log(r"Received \S+\[0\]@0 ")
+    kernel = kernels.start(kernels.env(topic, "tls-sigint"))
+    wait_until(lambda: processed(kernels.attempts()) == {(0, 0)}, 30, "the message processed")
     started = time.monotonic()
     assert kernel.stop(signal.SIGINT) == 0
     assert time.monotonic() - started < 5
@@ -97,8 +98,8 @@ def test_hostname_checking_is_on_by_default_and_can_be_turned_off(cluster, kerne
     assert "failed verification" in kernel.log() and "KAFKA_SSL_CHECK_HOSTNAME" in kernel.log()
 
     env["KAFKA_SSL_CHECK_HOSTNAME"] = "false"
-    kernel = kernels.start(env, script=MAIN)
-    kernel.wait_for_log(r"Received \S+\[0\]@0 key=None value='hello'", 30)
+    kernel = kernels.start(env)
+    wait_until(lambda: processed(kernels.attempts()) == {(0, 0)}, 30, "the message processed")
     assert kernel.stop() == 0
 
 
