@@ -468,10 +468,12 @@ class Output:
     """The kernel's one producer, shared by send() and the dead-letter topic. Created on first use
     (most kernels never produce) from whichever thread needs it first; closed at shutdown."""
 
-    def __init__(self, settings: Settings, tls: TlsFiles | None, api_version: tuple | None = None):
+    def __init__(self, settings: Settings, tls: TlsFiles | None, api_version: tuple | None = None,
+                 metrics: Metrics | None = None):
         self.settings = settings
         self.tls = tls
         self.api_version = api_version
+        self.metrics = metrics  # counts confirmed and failed sends when set
         self.producer: KafkaProducer | None = None
         self.lock = threading.Lock()
         self.timeout_s = settings.produce_timeout_ms / 1000
@@ -482,9 +484,13 @@ class Output:
             with self.lock:
                 if self.producer is None:
                     self.producer = KafkaProducer(**producer_config(self.settings, self.tls, self.api_version))
-            return self.producer.send(topic, key=key, value=value, headers=headers)
+            future = self.producer.send(topic, key=key, value=value, headers=headers)
         except KafkaError as error:  # no broker, the buffer stayed full, or the topic is unknown
-            return Future().failure(error)
+            future = Future().failure(error)
+        if self.metrics is not None:
+            future.add_callback(lambda _: self.metrics.sent.labels(topic).inc())
+            future.add_errback(lambda _: self.metrics.send_failures.labels(topic).inc())
+        return future
 
     def close(self) -> None:
         if self.producer is not None:
@@ -707,11 +713,11 @@ class Kernel:
         self.last_commit_s = 0.0
         self.last_slow_check_s = 0.0
         self.last_lag_s = 0.0
-        self.output = Output(settings, tls, consumer.config["api_version"])  # send() and dead letters
-        self.todo: SimpleQueue = SimpleQueue()
-        self.done: SimpleQueue = SimpleQueue()
         # Counting and timing every message costs a little: only when /metrics is served.
         per_message = self.metrics if settings.http_port else None
+        self.output = Output(settings, tls, consumer.config["api_version"], per_message)  # send(), dead letters
+        self.todo: SimpleQueue = SimpleQueue()
+        self.done: SimpleQueue = SimpleQueue()
         for number in range(settings.concurrency):
             threading.Thread(target=run_worker, args=(self.todo, self.done, stop, self.output, per_message),
                              daemon=True, name=f"process_message-{number}").start()
@@ -1119,6 +1125,10 @@ class Metrics:
         self.retried = Counter("kernel_messages_retried", "Messages to be tried again", **by_topic)
         self.dead_lettered = Counter("kernel_messages_dead_lettered", "Messages sent to the dead-letter topic",
                                      **by_topic)
+        self.sent = Counter("kernel_messages_sent", "Messages the broker confirmed, sent with send() or "
+                            "dead-lettered, by the topic they went to", **by_topic)
+        self.send_failures = Counter("kernel_send_failures", "Messages the broker did not confirm, by the "
+                                     "topic they were for", **by_topic)
         self.processing = Histogram("kernel_processing_seconds", "Time spent in process_message", **by_topic)
         self.commits = Counter("kernel_commits", "Offset commits that succeeded", registry=self.registry)
         self.commit_failures = Counter("kernel_commit_failures", "Offset commits that failed", registry=self.registry)

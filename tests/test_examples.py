@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 import uuid
 from collections import Counter, defaultdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -96,11 +97,16 @@ def test_transform_forwards_valid_events_and_dead_letters_the_rest(cluster, kern
               for i in range(300)]
     produced = cluster.produce(source, events) + produce_malformed(cluster, source)
     produced += cluster.produce(source, [(1, b"no-type", b'{"id": "e-x"}')])
+    port = free_port()
     env = kernels.env(source, group, TRANSFORM_OUTPUT_TOPIC=output, KERNEL_DEAD_LETTER_TOPIC=dlt,
-                      KERNEL_CONCURRENCY=4)
+                      KERNEL_CONCURRENCY=4, KERNEL_HTTP_PORT=port)
     kernel = kernels.start(env, module="examples.transform")
     wait_committed(cluster, kernel, group, source, produced, 3)
     assert kernel.process.poll() is None, "the kernel stopped"
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    assert f'kernel_messages_sent_total{{topic="{output}"}} 300.0' in metrics
+    assert f'kernel_messages_sent_total{{topic="{dlt}"}} 7.0' in metrics
+    assert f'kernel_messages_dead_lettered_total{{topic="{source}"}} 7.0' in metrics
     assert kernel.stop() == 0
 
     forwarded = [json.loads(record.value()) for record in cluster.read_topic(output, 2)]
