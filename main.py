@@ -481,9 +481,10 @@ class Output:
     def send(self, topic: str, key: bytes | None, value: bytes | None, headers: list) -> Future:
         """Queue a message; broker trouble shows in the returned future, never as an exception here."""
         try:
-            with self.lock:
-                if self.producer is None:
-                    self.producer = KafkaProducer(**producer_config(self.settings, self.tls, self.api_version))
+            if self.producer is None:  # the lock is taken only until the producer exists
+                with self.lock:
+                    if self.producer is None:
+                        self.producer = KafkaProducer(**producer_config(self.settings, self.tls, self.api_version))
             future = self.producer.send(topic, key=key, value=value, headers=headers)
         except KafkaError as error:  # no broker, the buffer stayed full, or the topic is unknown
             future = Future().failure(error)

@@ -13,6 +13,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections import Counter
 from dataclasses import dataclass
@@ -23,6 +25,7 @@ import pytest
 import trustme
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
+import main
 from devtools.broker import Broker, free_port
 from tests.tls_proxy import TlsProxy
 
@@ -31,7 +34,7 @@ MAIN = REPO / "main.py"
 # For the tests of the template's own hello-world process_message: once KERNEL_NAME is set, main.py is
 # a kernel of its own, and its tests are the ones in tests/test_process_message.py.
 hello_world = pytest.mark.skipif(
-    (REPO / "main.py").read_text().count('\nKERNEL_NAME = "example-kernel"\n') == 0,
+    main.KERNEL_NAME != "example-kernel",
     reason="checks the template's hello-world process_message; main.py has a KERNEL_NAME of its own now",
 )
 RECORDING_KERNEL = REPO / "tests" / "recording_kernel.py"
@@ -47,6 +50,24 @@ def wait_until(condition, timeout_s: float, what: str, interval_s: float = 0.1):
             return result
         time.sleep(interval_s)
     pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def http_get(port: int, path: str) -> tuple[int, str]:
+    """Status and body of GET http://127.0.0.1:{port}{path}; (0, "") while nothing listens."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+    except OSError:
+        return 0, ""  # not listening (yet)
+
+
+def wait_committed(cluster, kernel, group: str, topic: str, produced: Counter, partitions: int, timeout_s=90):
+    """Wait until `group` has committed every message `produced` (counts per partition) of `topic`."""
+    expected = {p: produced[p] or None for p in range(partitions)}
+    wait_until(lambda: cluster.committed(group, topic, partitions) == expected, timeout_s,
+               f"offsets {expected} committed\n{kernel.log()[-3000:]}")
 
 
 def base64_lines(data: bytes) -> str:

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 import uuid
 from collections import Counter, defaultdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -25,7 +24,7 @@ from psycopg import sql
 
 from devtools.broker import free_port
 from examples import memory, notification, transform
-from tests.conftest import MAIN, REPO, wait_until
+from tests.conftest import MAIN, REPO, http_get, wait_committed, wait_until
 from tests.kit import call, make_message
 
 BIG = json.dumps({"id": "big", "type": "t", "user_id": "u", "text": "x", "recipient": "r", "pad": "x" * 1_000_000})
@@ -44,12 +43,6 @@ def dead_letters(cluster, topic: str) -> dict[str, str]:
     """Dead-lettered message's key -> the reason in its headers."""
     return {record.key().decode(): dict(record.headers())["kafka_dlt-exception-message"].decode()
             for record in cluster.read_topic(topic, 1)}
-
-
-def wait_committed(cluster, kernel, group: str, topic: str, produced: Counter, partitions: int, timeout_s=90):
-    expected = {p: produced[p] or None for p in range(partitions)}
-    wait_until(lambda: cluster.committed(group, topic, partitions) == expected, timeout_s,
-               f"offsets {expected} committed\n{kernel.log()[-3000:]}")
 
 
 def produce_malformed(cluster, topic: str) -> Counter:
@@ -103,7 +96,7 @@ def test_transform_forwards_valid_events_and_dead_letters_the_rest(cluster, kern
     kernel = kernels.start(env, module="examples.transform")
     wait_committed(cluster, kernel, group, source, produced, 3)
     assert kernel.process.poll() is None, "the kernel stopped"
-    metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    metrics = http_get(port, "/metrics")[1]
     assert f'kernel_messages_sent_total{{topic="{output}"}} 300.0' in metrics
     assert f'kernel_messages_sent_total{{topic="{dlt}"}} 7.0' in metrics
     assert f'kernel_messages_dead_lettered_total{{topic="{source}"}} 7.0' in metrics
@@ -366,12 +359,17 @@ def test_notification_end_to_end_against_a_failing_webhook(cluster, kernels, web
 # adopting an example
 
 
+def adopt(example: str, main_path) -> None:
+    """`uv run devtools/adopt_example.py EXAMPLE --main MAIN_PATH`."""
+    subprocess.run([sys.executable, str(REPO / "devtools" / "adopt_example.py"), example, "--main", str(main_path)],
+                   check=True, capture_output=True)
+
+
 @pytest.mark.parametrize("example", ["transform", "memory", "notification"])
 def test_adopting_an_example_gives_a_main_py_that_passes_the_linter(tmp_path, example):
     adopted = tmp_path / "main.py"
     adopted.write_text(MAIN.read_text())
-    subprocess.run([sys.executable, str(REPO / "devtools" / "adopt_example.py"), example, "--main", str(adopted)],
-                   check=True, capture_output=True)
+    adopt(example, adopted)
     text = adopted.read_text()
     assert f'KERNEL_NAME = "{example}-kernel"' in text and "from main import" not in text
     assert "def describe_timestamp" in text and "class Kernel:" in text, "the kernel itself stays"
@@ -383,8 +381,7 @@ def test_an_adopted_transform_kernel_runs_as_main_py(cluster, kernels, tmp_path)
     adopted = tmp_path / "adopted" / "main.py"
     adopted.parent.mkdir()
     adopted.write_text(MAIN.read_text())
-    subprocess.run([sys.executable, str(REPO / "devtools" / "adopt_example.py"), "transform", "--main", str(adopted)],
-                   check=True, capture_output=True)
+    adopt("transform", adopted)
     source, output, dlt = (cluster.create_topic(partitions=1) for _ in range(3))
     group = f"adopted-{uuid.uuid4().hex[:6]}"
     produced = cluster.produce(source, [(0, b"k", b'{"id": "e-1", "type": "t"}'), (0, b"bad", b"not json")])
@@ -424,8 +421,7 @@ def test_the_local_run_of_an_adopted_kernel_dead_letters_samples_it_cannot_use(t
     shutil.copytree(REPO / "devtools", tmp_path / "devtools", ignore=shutil.ignore_patterns("__pycache__"))
     adopted = tmp_path / "main.py"
     adopted.write_text(MAIN.read_text())
-    subprocess.run([sys.executable, str(REPO / "devtools" / "adopt_example.py"), "transform", "--main", str(adopted)],
-                   check=True, capture_output=True)
+    adopt("transform", adopted)
     log_path = tmp_path / "run_local.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "KERNEL_"))}
     with log_path.open("wb") as log:
@@ -449,8 +445,7 @@ def test_after_adopting_an_example_the_template_tests_still_pass(tmp_path):
     for name in files:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / name, tmp_path / name)
-    subprocess.run([sys.executable, "devtools/adopt_example.py", "transform"], cwd=tmp_path, check=True,
-                   capture_output=True)
+    adopt("transform", tmp_path / "main.py")
     tests = ["tests/test_tls.py", "tests/test_shutdown.py", "tests/test_process_message.py", "tests/test_config.py",
              "tests/test_docs.py", "tests/test_lint.py", "tests/test_bookkeeping.py"]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "KERNEL_", "PYTEST_"))}

@@ -8,24 +8,12 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 
 import pytest
 import trustme
 
 from devtools.broker import free_port
-from tests.conftest import MAIN, REPO, base64_lines, processed, wait_until
-
-
-def get(port: int, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
-    except OSError:
-        return 0, ""  # not listening (yet)
+from tests.conftest import MAIN, REPO, base64_lines, http_get, processed, wait_until
 
 
 def metric(text: str, name: str, **labels) -> float | None:
@@ -49,24 +37,24 @@ def test_health_and_readiness_through_starting_joined_stuck_and_stopping(cluster
     topic, port = cluster.create_topic(partitions=1), free_port()
     env = kernels.env(topic, "health", KERNEL_HTTP_PORT=port, KAFKA_MAX_POLL_INTERVAL_MS=4000)
     kernel = kernels.start(env)
-    status = wait_until(lambda: get(port, "/readyz")[0], 10, "the HTTP server")
-    assert status == 503 and get(port, "/healthz")[0] == 200, "starting: alive, not ready"
-    wait_until(lambda: get(port, "/readyz")[0] == 200, 30, "readiness once joined")
-    assert get(port, "/healthz") == (200, "ok\n")
-    assert get(port, "/nowhere")[0] == 404
+    status = wait_until(lambda: http_get(port, "/readyz")[0], 10, "the HTTP server")
+    assert status == 503 and http_get(port, "/healthz")[0] == 200, "starting: alive, not ready"
+    wait_until(lambda: http_get(port, "/readyz")[0] == 200, 30, "readiness once joined")
+    assert http_get(port, "/healthz") == (200, "ok\n")
+    assert http_get(port, "/nowhere")[0] == 404
     assert docker_healthcheck(port) == 0
 
     cluster.produce(topic, [(0, None, b"sleep:7")])
-    status, text = wait_until(lambda: (r := get(port, "/healthz"))[0] == 503 and r, 15, "liveness to fail")
+    status, text = wait_until(lambda: (r := http_get(port, "/healthz"))[0] == 503 and r, 15, "liveness to fail")
     assert "process_message running for" in text, "a handler stuck past the max-poll interval is not alive"
     assert docker_healthcheck(port) != 0
     wait_until(lambda: (0, 0) in processed(kernels.attempts()), 15, "the slow message")
-    wait_until(lambda: get(port, "/healthz")[0] == 200, 5, "liveness to recover")
+    wait_until(lambda: http_get(port, "/healthz")[0] == 200, 5, "liveness to recover")
 
     cluster.produce(topic, [(0, None, b"sleep:3")])
     time.sleep(1.5)  # the kernel picks it up within a poll (1 s) and is in the middle of it
     kernel.process.send_signal(signal.SIGTERM)
-    wait_until(lambda: get(port, "/readyz")[0] == 503, 3, "not ready while stopping")
+    wait_until(lambda: http_get(port, "/readyz")[0] == 503, 3, "not ready while stopping")
     assert kernel.wait() == 0
     assert (0, 1) in processed(kernels.attempts())
 
@@ -78,7 +66,7 @@ def test_metrics_move_with_the_stream_and_lag_matches_an_independent_client(clus
     wait_until(lambda: len(processed(kernels.attempts())) == 50, 30, "the messages before the blocking one")
     committed = wait_until(lambda: cluster.committed("metrics", topic, 1)[0] == 50 and 50, 10, "the commit")
 
-    text = wait_until(lambda: (t := get(port, "/metrics")[1]) and metric(t, "kernel_consumer_lag", topic=topic,
+    text = wait_until(lambda: (t := http_get(port, "/metrics")[1]) and metric(t, "kernel_consumer_lag", topic=topic,
                       partition="0") == produced[0] - committed and t, 15, "the lag gauge")
     assert metric(text, "kernel_messages_processed_total", topic=topic) == 50
     assert metric(text, "kernel_processing_seconds_count", topic=topic) >= 50

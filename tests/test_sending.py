@@ -4,15 +4,10 @@ output the broker never got keeps its input uncommitted (and retried) instead of
 import json
 import re
 import time
-import urllib.request
 import uuid
 
 from devtools.broker import free_port
-from tests.conftest import wait_until
-
-
-def metrics(port: int) -> str:
-    return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+from tests.conftest import http_get, wait_committed
 
 
 def test_an_undelivered_output_keeps_its_input_uncommitted_until_it_is_delivered(cluster, kernels):
@@ -31,13 +26,12 @@ def test_an_undelivered_output_keeps_its_input_uncommitted_until_it_is_delivered
         time.sleep(3)
         assert cluster.committed(group, source, 2) == {0: None, 1: None}, "committed although its output was lost"
         assert re.search(r"a message it sent was not delivered .* \(attempt [2-9]\); retrying in", kernel.log())
-        assert re.search(rf'kernel_send_failures_total{{topic="{output}"}} [1-9]', metrics(port))
+        assert re.search(rf'kernel_send_failures_total{{topic="{output}"}} [1-9]', http_get(port, "/metrics")[1])
     finally:
         cluster.proxy.admit_clients("-producer")
 
-    wait_until(lambda: cluster.committed(group, source, 2) == {0: produced[0], 1: produced[1]}, 60,
-               f"every input committed once the producer got through\n{kernel.log()[-3000:]}")
-    assert f'kernel_messages_sent_total{{topic="{output}"}} 20.0' in metrics(port)
+    wait_committed(cluster, kernel, group, source, produced, 2, timeout_s=60)
+    assert f'kernel_messages_sent_total{{topic="{output}"}} 20.0' in http_get(port, "/metrics")[1]
     assert kernel.stop() == 0
     outputs = {json.loads(record.value())["n"] for record in cluster.read_topic(output, 2)}
     assert outputs == set(range(20)), "an input was committed without its output"
