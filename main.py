@@ -1,48 +1,41 @@
 """A Clustera kernel: consume Kafka topics and do one job per message.
 
-Edit the three things at the top (KERNEL_NAME, DEFAULT_TOPIC, process_message) and leave the rest:
-it is the at-least-once machinery every kernel shares. Configuration comes from the environment
-(or a .env file); README.md lists every variable.
+Yours to edit: the part from "Your kernel" to "End of your kernel" just below (KERNEL_NAME,
+DEFAULT_TOPIC, process_message, and the imports and helpers they need). The rest is the template's
+machinery, the same in every kernel: leave it as it is and take its updates with git (README.md,
+"Taking template updates"). Settings come from environment variables or a .env file beside this
+one; README.md lists them all.
 
-Delivery contract of process_message(message):
-  return True             done; its offset is committed once the messages it send()s are confirmed.
-  return False            retriable; the same message is tried again after a backoff, never skipped.
-  raise DeadLetter(why)   permanent (bad input, a 4xx answer): it goes to KERNEL_DEAD_LETTER_TOPIC.
-  raise anything else     fatal; the kernel commits what finished before it and exits with code 1.
+What process_message(message) decides:
+  return True             done; committed once the messages it send()s are confirmed.
+  return False            retriable; tried again after a backoff, never skipped.
+  raise DeadLetter(why)   it can never succeed: it goes to KERNEL_DEAD_LETTER_TOPIC.
+  raise anything else     fatal: the kernel commits what finished before it and exits with code 1.
+
+The machinery, in reading order:
+  What process_message can use   DeadLetter, send(), json_object(), describe_bytes()
+  How the kernel stops           exit codes and the errors behind them
+  Settings                       the environment, read and checked once
+  Logging                        plain or JSON lines; repeating warnings throttled
+  Signals                        SIGTERM and SIGINT: finish, commit, leave
+  TLS material                   base64 certificates to private files, and back
+  Health and metrics             /healthz, /readyz, /metrics
+  Connecting                     the consumer's and the producer's configuration
+  Producing                      the kernel's one producer: send() and the dead-letter topic
+  Processing                     worker threads calling process_message, in order per lane
+  Bookkeeping                    lanes, retries and the offset to commit, per partition
+  The consumer loop              poll, hand out, settle, commit, follow rebalances
+  Checking a deployment          python main.py check
+  Entry point                    run(): what python main.py and the examples call
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
+# Your kernel: edit from here to "End of your kernel". Your imports go just below.
 import logging
-import os
-import random
-import shutil
-import signal
-import ssl
-import sys
-import tempfile
-import threading
-import time
-from collections import deque
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from queue import Empty, SimpleQueue
 
-from dotenv import load_dotenv
-from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
-from kafka.errors import CommitFailedError, KafkaError, NoBrokersAvailable
-from kafka.future import Future
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-
-# What to edit
-
-KERNEL_NAME = "example-kernel"
-DEFAULT_TOPIC = "example-topic"
+KERNEL_NAME = "hello-world"
+DEFAULT_TOPIC = "clustera-hello-world"
 
 log = logging.getLogger(KERNEL_NAME)
 
@@ -60,16 +53,46 @@ def process_message(message) -> bool:
     how to test it without a broker.
     """
     log.info(
-        "Received %s[%d]@%d key=%s value=%s timestamp=%s",
-        message.topic,
-        message.partition,
-        message.offset,
+        "Received %s key=%s value=%s timestamp=%s",
+        coordinates(message),
         describe_bytes(message.key),
         describe_bytes(message.value),
         describe_timestamp(message.timestamp),
     )
     return True
 
+
+# End of your kernel. The template's machinery follows.
+
+your_kernel = dict(globals())  # what the part above defines; see "Entry point" for why
+
+import base64
+import binascii
+import json
+import logging
+import os
+import random
+import shutil
+import signal
+import ssl
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import Enum
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from queue import Empty, SimpleQueue
+
+from dotenv import load_dotenv
+from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
+from kafka.errors import CommitFailedError, KafkaError, NoBrokersAvailable
+from kafka.future import Future
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 # What process_message can use
 
@@ -78,6 +101,9 @@ class DeadLetter(Exception):
     """Raise it from process_message for a message that can never succeed (invalid input, a 4xx
     answer): the kernel publishes it to KERNEL_DEAD_LETTER_TOPIC with the reason in its headers and
     moves on. Without a dead-letter topic the kernel stops instead, leaving the message uncommitted."""
+
+
+current_call = threading.local()  # on a worker thread, during a call: .producer and .sends
 
 
 def send(topic: str, value: bytes | None, key: bytes | None = None,
@@ -89,7 +115,7 @@ def send(topic: str, value: bytes | None, key: bytes | None = None,
     message its process_message call sent; if one cannot be delivered within KAFKA_PRODUCE_TIMEOUT_MS,
     the message is processed again, as if it had returned False. So outputs are at-least-once too.
     """
-    sends = getattr(_calling, "sends", None)
+    sends = getattr(current_call, "sends", None)
     if sends is None:
         raise RuntimeError("send() works inside process_message while the kernel runs; "
                            "in a unit test, call process_message through tests/kit.py")
@@ -98,7 +124,7 @@ def send(topic: str, value: bytes | None, key: bytes | None = None,
     for name, data in (("value", value), ("key", key)):
         if data is not None and not isinstance(data, bytes | bytearray):
             raise TypeError(f"send() {name} must be bytes or None, got {type(data).__name__}: encode it first")
-    sends.append(_calling.output.send(topic, key, value, list(headers or [])))
+    sends.append(current_call.producer.send(topic, key, value, list(headers or [])))
 
 
 def json_object(message, max_bytes: int = 1_048_576, required: tuple[str, ...] = ()) -> dict:
@@ -125,6 +151,11 @@ def json_object(message, max_bytes: int = 1_048_576, required: tuple[str, ...] =
     return data
 
 
+def coordinates(record) -> str:
+    """Where a message sits, as every log line writes it: topic[partition]@offset."""
+    return f"{record.topic}[{record.partition}]@{record.offset}"
+
+
 def describe_bytes(data: bytes | None, limit: int = 200) -> str:
     """Text for a log line: UTF-8 shown (truncated to `limit` characters), binary as a size."""
     if data is None:
@@ -144,7 +175,7 @@ def describe_timestamp(timestamp_ms: int | None) -> str:
     return datetime.fromtimestamp(timestamp_ms / 1000, UTC).isoformat(timespec="milliseconds")
 
 
-# Settings
+# How the kernel stops: exit codes and the errors behind them
 
 EXIT_OK = 0
 EXIT_FATAL = 1  # process_message raised, or returned something other than True or False
@@ -152,15 +183,6 @@ EXIT_CONFIG = 2  # a setting is missing or invalid
 EXIT_BROKER = 3  # the broker was unreachable at start-up, or gave an unrecoverable error
 EXIT_NO_DEAD_LETTER_TOPIC = 4  # a message was to be dead-lettered but KERNEL_DEAD_LETTER_TOPIC is not set
 EXIT_FORCED = 128  # + signal number: a second SIGTERM/SIGINT during shutdown
-
-POLL_TIMEOUT_MS = 1000  # bounds how long a stop request waits for poll() to return
-KEEPALIVE_INTERVAL_S = 1.0  # while every worker is busy, the group membership is renewed this often
-BUSY_POLL_TIMEOUT_MS = 10  # poll() timeout while workers are busy: how soon their results are seen
-COMMIT_INTERVAL_S = 0.1  # while workers are busy, finished prefixes are committed this often
-LAG_REFRESH_S = 5.0  # how often kernel_consumer_lag is brought up to date
-REPEATED_WARNING_INTERVAL_S = 30.0  # a warning that repeats is logged at most this often
-REPEATING = {"repeating": True}  # extra= for such a warning (see RepeatFilter)
-CERT_VARIABLES = ("KAFKA_CA_CERT", "KAFKA_CLIENT_CERT", "KAFKA_CLIENT_KEY")
 
 
 class ConfigError(Exception):
@@ -171,7 +193,7 @@ class MessageFailed(Exception):
     """process_message raised, or returned something other than True or False."""
 
     def __init__(self, record):
-        super().__init__(f"{record.topic}[{record.partition}]@{record.offset}")
+        super().__init__(coordinates(record))
 
 
 class NoDeadLetterTopic(Exception):
@@ -179,17 +201,50 @@ class NoDeadLetterTopic(Exception):
     KERNEL_DEAD_LETTER_TOPIC is not set."""
 
     def __init__(self, record, reason: str):
-        super().__init__(f"{record.topic}[{record.partition}]@{record.offset}: {reason}")
+        super().__init__(f"{coordinates(record)}: {reason}")
 
 
 class BrokerUnavailable(Exception):
-    """The bootstrap servers could not be reached within KAFKA_BOOTSTRAP_TIMEOUT_MS."""
+    """The bootstrap servers could not be reached within KAFKA_BOOTSTRAP_TIMEOUT_MS, or failed TLS."""
+
+
+# Settings
+
+CERT_VARIABLES = ("KAFKA_CA_CERT", "KAFKA_CLIENT_CERT", "KAFKA_CLIENT_KEY")
+
+
+def retry_delay_ms(attempts: int, initial_ms: int, maximum_ms: int) -> int:
+    """Exponential backoff with up to 10% jitter, so replicas retrying together spread out."""
+    delay = min(initial_ms * 2 ** min(attempts - 1, 32), maximum_ms)
+    return int(delay * random.uniform(0.9, 1.0))
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """What happens after process_message returns False: KERNEL_RETRY_INITIAL_MS, KERNEL_RETRY_MAX_MS
+    and KERNEL_MAX_ATTEMPTS."""
+
+    initial_ms: int
+    max_ms: int
+    max_attempts: int  # 0: unlimited
+
+    def __post_init__(self):
+        if self.initial_ms > self.max_ms:
+            raise ConfigError(f"KERNEL_RETRY_INITIAL_MS ({self.initial_ms}) must not exceed "
+                              f"KERNEL_RETRY_MAX_MS ({self.max_ms})")
+
+    def exhausted(self, attempts: int) -> bool:
+        return 0 < self.max_attempts <= attempts
+
+    def delay_s(self, attempts: int) -> float:
+        return retry_delay_ms(attempts, self.initial_ms, self.max_ms) / 1000
 
 
 @dataclass(frozen=True)
 class Settings:
     """Everything the kernel reads from the environment; load_settings holds the defaults."""
 
+    kernel_name: str
     bootstrap_servers: list[str]
     topics: list[str]
     group_id: str
@@ -210,9 +265,7 @@ class Settings:
     bootstrap_timeout_ms: int
     commit_timeout_ms: int
     produce_timeout_ms: int
-    retry_initial_ms: int
-    retry_max_ms: int
-    max_attempts: int  # 0: unlimited
+    retry: RetryPolicy
     dead_letter_topic: str | None
     concurrency: int
     ordering: str  # "key" or "partition"
@@ -231,18 +284,13 @@ class Settings:
             raise ConfigError(f"KERNEL_DEAD_LETTER_TOPIC ({self.dead_letter_topic}) must not be a consumed topic")
         if self.http_port is not None and self.http_port > 65535:
             raise ConfigError(f"KERNEL_HTTP_PORT (or PORT) must be a TCP port up to 65535, got {self.http_port}")
-        if self.retry_initial_ms > self.retry_max_ms:
-            raise ConfigError(
-                f"KERNEL_RETRY_INITIAL_MS ({self.retry_initial_ms}) must not exceed "
-                f"KERNEL_RETRY_MAX_MS ({self.retry_max_ms})"
-            )
 
     @property
     def uses_tls(self) -> bool:
         return self.ca_cert is not None
 
 
-def load_settings(env: Mapping[str, str]) -> Settings:
+def load_settings(env: Mapping[str, str], kernel_name: str, default_topic: str) -> Settings:
     """Build the settings from environment variables; raise ConfigError naming the bad one."""
     certs = {name: env.get(name, "").strip() or None for name in CERT_VARIABLES}
     missing = [name for name, value in certs.items() if value is None]
@@ -252,10 +300,11 @@ def load_settings(env: Mapping[str, str]) -> Settings:
             "(or none of them for PLAINTEXT)"
         )
     return Settings(
+        kernel_name=kernel_name,
         bootstrap_servers=parse_list(env, "KAFKA_BOOTSTRAP_SERVERS", default=None),
-        topics=parse_list(env, "KAFKA_TOPIC", default=DEFAULT_TOPIC),
-        group_id=env.get("KAFKA_CONSUMER_GROUP") or f"{KERNEL_NAME}-group",
-        client_id=env.get("KAFKA_CLIENT_ID") or f"{KERNEL_NAME}-consumer-{os.getpid()}",
+        topics=parse_list(env, "KAFKA_TOPIC", default=default_topic),
+        group_id=env.get("KAFKA_CONSUMER_GROUP") or f"{kernel_name}-group",
+        client_id=env.get("KAFKA_CLIENT_ID") or f"{kernel_name}-consumer-{os.getpid()}",
         ca_cert=certs["KAFKA_CA_CERT"],
         client_cert=certs["KAFKA_CLIENT_CERT"],
         client_key=certs["KAFKA_CLIENT_KEY"],
@@ -272,9 +321,11 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         bootstrap_timeout_ms=parse_int(env, "KAFKA_BOOTSTRAP_TIMEOUT_MS", 30_000, minimum=1_000),
         commit_timeout_ms=parse_int(env, "KAFKA_COMMIT_TIMEOUT_MS", 10_000, minimum=100),
         produce_timeout_ms=parse_int(env, "KAFKA_PRODUCE_TIMEOUT_MS", 10_000, minimum=100),
-        retry_initial_ms=parse_int(env, "KERNEL_RETRY_INITIAL_MS", 500, minimum=1),
-        retry_max_ms=parse_int(env, "KERNEL_RETRY_MAX_MS", 30_000, minimum=1),
-        max_attempts=parse_int(env, "KERNEL_MAX_ATTEMPTS", 0, minimum=0),
+        retry=RetryPolicy(
+            initial_ms=parse_int(env, "KERNEL_RETRY_INITIAL_MS", 500, minimum=1),
+            max_ms=parse_int(env, "KERNEL_RETRY_MAX_MS", 30_000, minimum=1),
+            max_attempts=parse_int(env, "KERNEL_MAX_ATTEMPTS", 0, minimum=0),
+        ),
         dead_letter_topic=env.get("KERNEL_DEAD_LETTER_TOPIC", "").strip() or None,
         concurrency=parse_int(env, "KERNEL_CONCURRENCY", 1, minimum=1),
         ordering=parse_choice(env, "KERNEL_ORDERING", "key", ("key", "partition")),
@@ -325,6 +376,118 @@ def parse_choice(env: Mapping[str, str], name: str, default: str, choices: tuple
     return value
 
 
+# Logging
+
+kernel_log = logging.getLogger("kernel")  # the machinery's own; yours is named after the kernel
+REPEATED_WARNING_INTERVAL_S = 30.0  # a warning that repeats is logged at most this often
+REPEATING = {"repeating": True}  # extra= for such a warning (see RepeatFilter)
+
+
+def log_fields(record) -> dict:
+    """extra= for a log line about one message: JSON logs carry its coordinates as fields."""
+    return {"topic": record.topic, "partition": record.partition, "offset": record.offset}
+
+
+class RepeatFilter(logging.Filter):
+    """Lets a repeating warning through at most once per REPEATED_WARNING_INTERVAL_S, saying how
+    many were held back: the Kafka client's own, and ours logged with extra=REPEATING. During a
+    broker outage both would otherwise repeat on every reconnect or poll."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: dict[tuple[str, str], tuple[float, int]] = {}  # (logger, template): (last, held)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not (record.name.startswith("kafka") or getattr(record, "repeating", False)):
+            return True
+        key, now = (record.name, str(record.msg)), time.monotonic()
+        last_s, held = self.seen.get(key, (-REPEATED_WARNING_INTERVAL_S, 0))
+        if now - last_s < REPEATED_WARNING_INTERVAL_S:
+            self.seen[key] = (last_s, held + 1)
+            return False
+        self.seen[key] = (now, 0)
+        if held:
+            record.msg = f"{record.msg} [{held} more like this in the last {now - last_s:.0f} s]"
+        return True
+
+
+class PlainFormatter(logging.Formatter):
+    """LOG_FORMAT=plain: time, level, the kernel's name in brackets, the message. The logger's name
+    is added only for other loggers (the Kafka client's, a library's), not the kernel's own."""
+
+    def __init__(self, kernel_name: str):
+        super().__init__("%(asctime)s %(levelname)s %(message)s")
+        self.kernel_name = kernel_name
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        origin = "" if record.name in (kernel_log.name, self.kernel_name) else f"{record.name}: "
+        return f"{record.asctime} {record.levelname} [{self.kernel_name}] {origin}{record.message}"
+
+
+class JsonFormatter(logging.Formatter):
+    """LOG_FORMAT=json: one JSON object per line, for log pipelines that parse fields."""
+
+    def __init__(self, kernel_name: str):
+        super().__init__()
+        self.kernel_name = kernel_name
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "timestamp": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "kernel": self.kernel_name,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        entry.update({key: getattr(record, key) for key in ("topic", "partition", "offset") if hasattr(record, key)})
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def configure_logging(kernel_name: str) -> None:
+    """Plain lines at INFO to stderr, until the settings say otherwise (apply_log_settings)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(PlainFormatter(kernel_name))
+    handler.addFilter(RepeatFilter())
+    logging.getLogger().addHandler(handler)
+    logging.getLogger().setLevel(logging.INFO)
+
+
+def apply_log_settings(settings: Settings) -> None:
+    root = logging.getLogger()
+    root.setLevel(settings.log_level)
+    formatter = (JsonFormatter if settings.log_format == "json" else PlainFormatter)(settings.kernel_name)
+    for handler in root.handlers:
+        handler.setFormatter(formatter)
+    # The client logs every connection step at INFO; its warnings and errors still show.
+    logging.getLogger("kafka").setLevel(max(logging.WARNING, logging.getLevelName(settings.log_level)))
+
+
+# Signals
+
+
+class StopSignal:
+    """SIGTERM/SIGINT handling: the first signal asks the loop to stop, a second one exits at once."""
+
+    def __init__(self):
+        self.requested = False
+        self.cleanups: list[Callable[[], None]] = []  # what a second signal still does before exiting
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self.handle)
+        signal.signal(signal.SIGINT, self.handle)
+
+    def handle(self, signum, frame) -> None:
+        """Meant to be a signal handler: it only sets a flag, unless the stop was already asked."""
+        if self.requested:
+            for cleanup in self.cleanups:
+                cleanup()
+            os._exit(EXIT_FORCED + signum)
+        self.requested = True
+        kernel_log.info("Received %s: stopping after the message in hand", signal.Signals(signum).name)
+
+
 # TLS material
 
 
@@ -334,6 +497,9 @@ class TlsFiles:
     ca_file: str
     cert_file: str
     key_file: str
+
+    def remove(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
 
 
 def decode_pem(name: str, value: str, block: str) -> bytes:
@@ -354,17 +520,29 @@ def decode_pem(name: str, value: str, block: str) -> bytes:
     return pem
 
 
-def write_tls_material(settings: Settings) -> TlsFiles:
-    """Write the decoded certificates into a private directory and check that they fit together.
+@contextmanager
+def tls_files(settings: Settings) -> Iterator[TlsFiles | None]:
+    """The certificates, decoded into private files for the life of the block and removed however
+    it ends; None for PLAINTEXT."""
+    if not settings.uses_tls:
+        yield None
+        return
+    tls = write_tls_material(settings)
+    try:
+        yield tls
+    finally:
+        tls.remove()
 
-    The directory is 0700 and the files 0600; the caller removes the directory on every exit path.
-    """
+
+def write_tls_material(settings: Settings) -> TlsFiles:
+    """Write the decoded certificates into a private directory (0700, files 0600) and check that
+    they fit together; the caller removes the directory (tls_files does)."""
     material = {
         "ca.pem": decode_pem("KAFKA_CA_CERT", settings.ca_cert, "CERTIFICATE"),
         "client.pem": decode_pem("KAFKA_CLIENT_CERT", settings.client_cert, "CERTIFICATE"),
         "client.key": decode_pem("KAFKA_CLIENT_KEY", settings.client_key, "PRIVATE KEY"),
     }
-    directory = tempfile.mkdtemp(prefix=f"{KERNEL_NAME}-tls-")  # created 0700
+    directory = tempfile.mkdtemp(prefix=f"{settings.kernel_name}-tls-")  # created 0700
     files = TlsFiles(directory, *(os.path.join(directory, name) for name in material))
     try:
         for path, pem in zip((files.ca_file, files.cert_file, files.key_file), material.values(), strict=True):
@@ -373,7 +551,7 @@ def write_tls_material(settings: Settings) -> TlsFiles:
                 file.write(pem)
         check_tls_material(files)
     except BaseException:
-        shutil.rmtree(directory, ignore_errors=True)
+        files.remove()
         raise
     return files
 
@@ -398,700 +576,7 @@ def check_tls_material(files: TlsFiles) -> None:
         raise ConfigError("KAFKA_CLIENT_KEY is not a valid PEM private key") from None
 
 
-# The consumer loop
-
-
-def security_config(settings: Settings, tls: TlsFiles | None) -> dict:
-    """Connection settings shared by the consumer and the producer."""
-    if tls is None:
-        return dict(bootstrap_servers=settings.bootstrap_servers, security_protocol="PLAINTEXT")
-    return dict(
-        bootstrap_servers=settings.bootstrap_servers,
-        security_protocol="SSL",
-        ssl_cafile=tls.ca_file,
-        ssl_certfile=tls.cert_file,
-        ssl_keyfile=tls.key_file,
-        ssl_check_hostname=settings.ssl_check_hostname,
-    )
-
-
-def consumer_config(settings: Settings, tls: TlsFiles | None) -> dict:
-    """kafka-python KafkaConsumer arguments; see the KafkaConsumer docstring for each."""
-    return dict(
-        security_config(settings, tls),
-        client_id=settings.client_id,
-        group_id=settings.group_id,
-        group_instance_id=settings.group_instance_id,
-        # Offsets are committed by the loop, explicitly and only for finished messages.
-        enable_auto_commit=False,
-        auto_offset_reset=settings.auto_offset_reset,
-        max_poll_records=settings.max_poll_records,
-        fetch_max_bytes=settings.fetch_max_bytes,
-        max_partition_fetch_bytes=settings.max_partition_fetch_bytes,
-        # kafka-python 2.3.3 refuses network frames over receive_message_max_bytes (1 MB by default),
-        # so a larger fetch response failed, dropped the connection and was fetched again (dpkp/kafka-python#3074).
-        receive_message_max_bytes=settings.fetch_max_bytes + 1_048_576,
-        check_crcs=settings.check_crcs,
-        session_timeout_ms=settings.session_timeout_ms,
-        heartbeat_interval_ms=settings.heartbeat_interval_ms,
-        max_poll_interval_ms=settings.max_poll_interval_ms,
-        # Bootstrap is retried by connect() in short attempts so that a stop request is honoured.
-        api_version_auto_timeout_ms=min(settings.bootstrap_timeout_ms, 2_000),
-    )
-
-
-def producer_config(settings: Settings, tls: TlsFiles | None, api_version: tuple | None) -> dict:
-    """kafka-python KafkaProducer arguments; see the KafkaProducer docstring for each."""
-    return dict(
-        security_config(settings, tls),
-        client_id=f"{settings.client_id}-producer",
-        # The consumer's negotiated version: a producer probing on its own during a network blip can
-        # settle on a pre-0.11 protocol, which cannot carry headers.
-        api_version=api_version,
-        acks="all",  # a send is confirmed once every in-sync replica has it
-        # One request at a time per broker, so a retried batch cannot land after a later one: outputs
-        # keep the order of their inputs per key. (enable_idempotence would allow five, but the broker
-        # the tests run against refuses it.)
-        max_in_flight_requests_per_connection=1,
-        # send() waits at most this long for room in the buffer or for the topic's metadata, and the
-        # producer gives up on a message when the kernel does, so an outage does not pile up copies
-        # of outputs whose inputs are being processed again.
-        max_block_ms=settings.produce_timeout_ms,
-        request_timeout_ms=settings.produce_timeout_ms,
-        delivery_timeout_ms=settings.produce_timeout_ms,
-        # Whatever the kernel could consume it can dead-letter: the broker's own limit decides.
-        max_request_size=settings.fetch_max_bytes,
-    )
-
-
-class Output:
-    """The kernel's one producer, shared by send() and the dead-letter topic. Created on first use
-    (most kernels never produce) from whichever thread needs it first; closed at shutdown."""
-
-    def __init__(self, settings: Settings, tls: TlsFiles | None, api_version: tuple | None = None,
-                 metrics: Metrics | None = None):
-        self.settings = settings
-        self.tls = tls
-        self.api_version = api_version
-        self.metrics = metrics  # counts confirmed and failed sends when set
-        self.producer: KafkaProducer | None = None
-        self.lock = threading.Lock()
-        self.timeout_s = settings.produce_timeout_ms / 1000
-
-    def send(self, topic: str, key: bytes | None, value: bytes | None, headers: list) -> Future:
-        """Queue a message; broker trouble shows in the returned future, never as an exception here."""
-        try:
-            if self.producer is None:  # the lock is taken only until the producer exists
-                with self.lock:
-                    if self.producer is None:
-                        self.producer = KafkaProducer(**producer_config(self.settings, self.tls, self.api_version))
-            future = self.producer.send(topic, key=key, value=value, headers=headers)
-        except KafkaError as error:  # no broker, the buffer stayed full, or the topic is unknown
-            future = Future().failure(error)
-        if self.metrics is not None:
-            future.add_callback(lambda _: self.metrics.sent.labels(topic).inc())
-            future.add_errback(lambda _: self.metrics.send_failures.labels(topic).inc())
-        return future
-
-    def close(self) -> None:
-        if self.producer is not None:
-            self.producer.close(timeout=self.timeout_s)
-
-
-def send_error(future: Future, timeout_s: float) -> KafkaError | None:
-    """Wait up to `timeout_s` for the broker to confirm a send; the error if it did not."""
-    if not future.is_done:
-        try:
-            future.get(timeout=timeout_s)
-        except KafkaError as error:
-            return error
-    return future.exception
-
-
-def connect(settings: Settings, tls: TlsFiles | None, stop: StopSignal) -> KafkaConsumer | None:
-    """Create the consumer, retrying until the bootstrap timeout; None if a stop was requested."""
-    deadline = time.monotonic() + settings.bootstrap_timeout_ms / 1000
-    while not stop.requested:
-        try:
-            return KafkaConsumer(**consumer_config(settings, tls))
-        except NoBrokersAvailable:
-            if time.monotonic() >= deadline:
-                raise BrokerUnavailable(
-                    f"no broker of KAFKA_BOOTSTRAP_SERVERS={','.join(settings.bootstrap_servers)} "
-                    f"answered within {settings.bootstrap_timeout_ms} ms "
-                    f"(KAFKA_BOOTSTRAP_TIMEOUT_MS) over {'SSL' if tls else 'PLAINTEXT'}: check the "
-                    "address and port, the network, and that the certificates match the cluster"
-                ) from None
-            time.sleep(0.5)
-        except ssl.SSLCertVerificationError as error:
-            raise BrokerUnavailable(
-                f"the broker's certificate failed verification ({error.verify_message}): check that "
-                "KAFKA_CA_CERT is the CA that signed the brokers' certificates, and the host names "
-                "in KAFKA_BOOTSTRAP_SERVERS (or set KAFKA_SSL_CHECK_HOSTNAME=false)"
-            ) from None
-    return None
-
-
-@dataclass(eq=False)
-class Work:
-    """A run of one lane's records handed to a worker thread, processed in offset order.
-
-    The worker advances `done` and sets `failed` or `error`; the loop reads them once the work comes
-    back, and sets `cancelled` to have the worker stop after the message in hand.
-    """
-
-    lane: Lane
-    records: list
-    done: int = 0  # records[:done] returned True and what they sent is confirmed
-    failed: str | None = None  # why records[done] is to be tried again
-    rejected: str | None = None  # records[done] raised DeadLetter for this reason
-    error: BaseException | None = None  # process_message raised on records[done]
-    started_s: float = 0.0  # time.monotonic() when records[done] started
-    warned_slow: int = -1  # the `done` index a slowness warning was logged for
-    cancelled: bool = False
-
-
-_calling = threading.local()  # per worker thread: the Output and the sends of the call in progress
-
-
-def call_process_message(record, output: Output | None) -> tuple[object, list[Future]]:
-    """process_message(record), with send() going to `output`; its result and the sends it made."""
-    _calling.output, _calling.sends = output, []
-    try:
-        return process_message(record), _calling.sends  # looked up at call time: tests may replace it
-    finally:
-        _calling.sends = None
-
-
-def process_work(work: Work, stop: StopSignal, output: Output | None = None, metrics: Metrics | None = None) -> None:
-    """Call process_message for each record of `work` until one is not done (on a worker thread).
-
-    A record counts as done once the broker has confirmed what its call sent; the confirmations are
-    collected without waiting as the records go by, and waited for when the work ends."""
-    if metrics is not None:
-        observe = metrics.processing.labels(work.lane.partition.topic).observe
-        count = metrics.processed.labels(work.lane.partition.topic).inc
-    unconfirmed: deque[list[Future]] = deque()  # sends of each record after records[done] that returned True
-    try:
-        for record in work.records:
-            if work.cancelled or stop.requested:
-                return
-            work.started_s = time.monotonic()
-            try:
-                result, sends = call_process_message(record, output)
-            except DeadLetter as rejection:
-                work.rejected = str(rejection) or "process_message raised DeadLetter"
-                return
-            except Exception as error:
-                raise MessageFailed(record) from error
-            finally:
-                if metrics is not None:
-                    observe(time.monotonic() - work.started_s)
-            if result is True:
-                if sends or unconfirmed:
-                    unconfirmed.append(sends)
-                    confirm_sends(work, unconfirmed, timeout_s=0)
-                    if work.failed:
-                        return
-                else:
-                    work.done += 1
-                if metrics is not None:
-                    count()
-            elif result is False:
-                work.failed = "process_message returned False"
-                return
-            else:
-                raise MessageFailed(record) from TypeError(
-                    f"process_message must return True or False, got {result!r}")
-    finally:
-        confirm_sends(work, unconfirmed, timeout_s=output.timeout_s if output else 0)
-
-
-def confirm_sends(work: Work, unconfirmed: deque, timeout_s: float) -> None:
-    """Advance work.done over the records whose sends the broker confirmed, in order; with a zero
-    timeout only as far as confirmations have already arrived. A failed send stops the advance
-    at its record, which is then tried again: its outputs may be sent twice, never lost."""
-    deadline_s = time.monotonic() + timeout_s
-    while unconfirmed:
-        sends = unconfirmed[0]
-        if not timeout_s and not all(future.is_done for future in sends):
-            return
-        errors = [error for future in sends
-                  if (error := send_error(future, max(0.0, deadline_s - time.monotonic()))) is not None]
-        if errors:
-            record = work.records[work.done]
-            work.failed, work.rejected = f"a message it sent was not delivered ({errors[0]!r})", None
-            log.warning("A message process_message sent for %s[%d]@%d was not delivered (%r); it is processed "
-                        "again", record.topic, record.partition, record.offset, errors[0],
-                        extra=about(record) | REPEATING)
-            unconfirmed.clear()
-            return
-        unconfirmed.popleft()
-        work.done += 1
-
-
-def run_worker(todo: SimpleQueue, done: SimpleQueue, stop: StopSignal, output: Output,
-               metrics: Metrics | None) -> None:
-    """A worker thread: process Work from `todo` until it gets None, handing each back on `done`."""
-    while (work := todo.get()) is not None:
-        try:
-            process_work(work, stop, output, metrics)
-        except BaseException as error:  # reported to the loop, which stops the kernel
-            work.error = error
-        finally:
-            done.put(work)
-
-
-@dataclass
-class Retry:
-    """The first record of a lane returned False: it is tried again at `due_s`."""
-
-    offset: int
-    attempts: int
-    due_s: float  # time.monotonic() of the next attempt
-
-
-@dataclass(eq=False)
-class Lane:
-    """Records processed strictly one after another: those of one key in a partition, or of the
-    whole partition. At most one Work of a lane is in flight, which is what keeps the order."""
-
-    partition: TopicPartition
-    key: bytes | None
-    records: deque = field(default_factory=deque)  # fetched, waiting for their turn
-    work: Work | None = None  # handed to a worker
-    retry: Retry | None = None  # records[0] returned False
-
-    def first_unfinished(self) -> int | None:
-        work = self.work
-        if work is not None and work.done < len(work.records):
-            return work.records[work.done].offset
-        return self.records[0].offset if self.records else None
-
-
-@dataclass
-class PartitionState:
-    lanes: dict = field(default_factory=dict)  # lane key -> Lane
-    unfinished: int = 0  # fetched records not finished yet
-    fetched_end: int | None = None  # offset after the last fetched record
-    committed: int | None = None  # the last offset this kernel committed
-
-    def next_commit(self) -> int | None:
-        """The end of the longest finished prefix: never past an unfinished or failed message."""
-        firsts = [offset for lane in self.lanes.values() if (offset := lane.first_unfinished()) is not None]
-        return min(firsts) if firsts else self.fetched_end
-
-
-class Kernel:
-    """Polls, has process_message run on each record in order, commits the finished prefixes.
-
-    Records are sorted into lanes (per key, or per partition) that KERNEL_CONCURRENCY worker
-    threads process, one Work per lane at a time. This thread only polls, hands out work and
-    commits, so however long a message takes, the member stays in its group, takes part in
-    rebalances and commits progress. A lane whose message returned False keeps it at its head
-    until the retry is due: later messages of that lane wait, every other lane goes on. A partition
-    with too many unfinished records is paused, which bounds memory.
-    """
-
-    def __init__(self, consumer: KafkaConsumer, settings: Settings, stop: StopSignal,
-                 tls: TlsFiles | None = None, health: Health | None = None, metrics: Metrics | None = None):
-        self.consumer = consumer
-        self.settings = settings
-        self.stop = stop
-        self.tls = tls
-        self.health = health or Health(settings)
-        self.metrics = metrics or Metrics()
-        self.partitions: dict[TopicPartition, PartitionState] = {}  # the assigned ones
-        self.ready: dict[Lane, None] = {}  # lanes with records to hand out, in order
-        self.retrying: set[Lane] = set()  # lanes waiting for a retry to be due
-        self.in_flight: set[Work] = set()
-        self.returned: deque[Work] = deque()  # came back during a rebalance; settled by the loop
-        self.paused: set[TopicPartition] = set()  # by back-pressure
-        self.unfinished = 0  # over all partitions
-        # One poll's worth, and enough to keep every worker busy, is buffered before polling pauses.
-        self.buffer_limit = max(settings.max_poll_records, 4 * settings.concurrency)
-        self.keyed = settings.ordering == "key" and settings.concurrency > 1
-        self.last_commit_s = 0.0
-        self.last_slow_check_s = 0.0
-        self.last_lag_s = 0.0
-        # Counting and timing every message costs a little: only when /metrics is served.
-        per_message = self.metrics if settings.http_port else None
-        self.output = Output(settings, tls, consumer.config["api_version"], per_message)  # send(), dead letters
-        self.todo: SimpleQueue = SimpleQueue()
-        self.done: SimpleQueue = SimpleQueue()
-        for number in range(settings.concurrency):
-            threading.Thread(target=run_worker, args=(self.todo, self.done, stop, self.output, per_message),
-                             daemon=True, name=f"process_message-{number}").start()
-
-    def run(self) -> int:
-        self.consumer.subscribe(self.settings.topics, listener=RebalanceListener(self))
-        try:
-            while not self.stop.requested:
-                self.run_once()
-            log.info("Stop requested: finishing")
-            return EXIT_OK
-        except MessageFailed as failure:
-            log.error("process_message failed on %s; it stays uncommitted. Stopping", failure,
-                      exc_info=failure.__cause__)
-            return EXIT_FATAL
-        except NoDeadLetterTopic as undeliverable:
-            log.error("%s; no KERNEL_DEAD_LETTER_TOPIC is set, so it stays uncommitted. Stopping", undeliverable)
-            return EXIT_NO_DEAD_LETTER_TOPIC
-        except KafkaError:
-            log.exception("Unrecoverable Kafka error; stopping")
-            return EXIT_BROKER
-        finally:
-            self.health.joined = False
-            self.drain()
-            self.commit_progress(force=True)
-            for _ in range(self.settings.concurrency):
-                self.todo.put(None)
-            self.output.close()
-            self.consumer.close(autocommit=False)  # leaves the group: the others rebalance at once
-            log.info("Consumer closed")
-
-    def run_once(self) -> None:
-        self.settle_returned(timeout_s=0)
-        self.hand_out_ready_lanes()
-        if self.in_flight and self.unfinished >= self.buffer_limit:
-            if not self.settle_returned(timeout_s=KEEPALIVE_INTERVAL_S):
-                self.keep_membership()
-        else:
-            self.apply_back_pressure()
-            timeout_ms = BUSY_POLL_TIMEOUT_MS if self.in_flight else self.poll_timeout_ms()
-            self.distribute(self.consumer.poll(timeout_ms=timeout_ms))
-            self.health.last_poll_s = time.monotonic()
-        self.watch_in_flight()
-        self.commit_progress()
-        self.refresh_lag()
-
-    def distribute(self, batch: dict) -> None:
-        """Append polled records to their lanes."""
-        for partition, records in batch.items():
-            state = self.partitions.get(partition)
-            if state is None:  # revoked while this batch was being fetched
-                continue
-            if state.fetched_end is None:  # where the group's committed offset (or the reset) put us
-                state.committed = records[0].offset
-            state.fetched_end = records[-1].offset + 1
-            state.unfinished += len(records)
-            self.unfinished += len(records)
-            if self.keyed:
-                for record in records:
-                    self.lane(partition, state, record.key).records.append(record)
-            else:
-                self.lane(partition, state, None).records.extend(records)
-
-    def lane(self, partition: TopicPartition, state: PartitionState, key: bytes | None) -> Lane:
-        lane = state.lanes.get(key)
-        if lane is None:
-            lane = state.lanes[key] = Lane(partition, key)
-        if lane.work is None and lane not in self.retrying:
-            self.ready[lane] = None
-        return lane
-
-    def hand_out_ready_lanes(self) -> None:
-        now = time.monotonic()
-        for lane in [lane for lane in self.retrying if lane.retry.due_s <= now]:
-            self.retrying.discard(lane)
-            self.ready[lane] = None
-        for lane in self.ready:
-            lane.work = Work(lane, list(lane.records))
-            lane.records.clear()
-            self.in_flight.add(lane.work)
-            self.todo.put(lane.work)
-        self.ready.clear()
-
-    def settle_returned(self, timeout_s: float) -> bool:
-        """Settle the work the workers handed back, waiting up to `timeout_s` for the first."""
-        work = self.next_returned(timeout_s)
-        if work is None:
-            return False
-        while work is not None:
-            self.settle(work)
-            work = self.next_returned(0)
-        return True
-
-    def next_returned(self, timeout_s: float) -> Work | None:
-        if self.returned:
-            return self.returned.popleft()
-        try:
-            return self.done.get(timeout=timeout_s) if timeout_s else self.done.get_nowait()
-        except Empty:
-            return None
-
-    def take_progress(self, work: Work) -> Lane | None:
-        """Put what `work` did not finish back at the head of its lane; None if the lane is gone."""
-        self.in_flight.discard(work)
-        lane = work.lane
-        lane.work = None
-        state = self.partitions.get(lane.partition)
-        if state is None or state.lanes.get(lane.key) is not lane:  # revoked meanwhile
-            return None
-        lane.records.extendleft(reversed(work.records[work.done:]))
-        state.unfinished -= work.done
-        self.unfinished -= work.done
-        if work.done and lane.retry is not None:  # the retried message succeeded
-            lane.retry = None
-        return lane
-
-    def settle(self, work: Work) -> None:
-        lane = self.take_progress(work)
-        topic = work.lane.partition.topic
-        if work.error is not None:
-            self.metrics.failed.labels(topic).inc()
-            raise work.error
-        if lane is None:
-            return
-        if (work.failed or work.rejected) and not self.stop.requested:
-            self.retry_or_dead_letter(lane, work.failed, work.rejected)
-        if lane.records and lane not in self.retrying:
-            self.ready[lane] = None
-        elif not lane.records:
-            del self.partitions[lane.partition].lanes[lane.key]
-
-    def retry_or_dead_letter(self, lane: Lane, failed: str | None, rejected: str | None) -> None:
-        """The lane's first record failed (`failed` says why) or was rejected with DeadLetter:
-        dead-letter it if it was rejected or has used up KERNEL_MAX_ATTEMPTS, else retry it later."""
-        record = lane.records[0]
-        attempts = lane.retry.attempts + 1 if lane.retry and lane.retry.offset == record.offset else 1
-        if rejected is None and self.settings.max_attempts and attempts >= self.settings.max_attempts:
-            rejected = f"{failed} on all {attempts} attempts (KERNEL_MAX_ATTEMPTS)"
-        if rejected is not None:
-            if self.settings.dead_letter_topic is None:
-                raise NoDeadLetterTopic(record, rejected)
-            if self.dead_letter(record, attempts, rejected, exception="DeadLetter" if failed is None
-                                else "RetriesExhausted"):
-                lane.records.popleft()
-                lane.retry = None
-                self.partitions[lane.partition].unfinished -= 1
-                self.unfinished -= 1
-                return
-            failed = "the dead-letter topic could not be reached"
-        self.metrics.retried.labels(record.topic).inc()
-        delay_s = retry_delay_ms(attempts, self.settings.retry_initial_ms, self.settings.retry_max_ms) / 1000
-        lane.retry = Retry(record.offset, attempts, time.monotonic() + delay_s)
-        self.retrying.add(lane)
-        log.warning("%s for %s[%d]@%d (attempt %d); retrying in %.1f s", failed, record.topic, record.partition,
-                    record.offset, attempts, delay_s, extra=about(record))
-
-    def dead_letter(self, record, attempts: int, reason: str, exception: str) -> bool:
-        """Publish the record to the dead-letter topic, confirmed by the broker (acks=all)."""
-        headers = list(record.headers or []) + dead_letter_headers(record, attempts, self.settings.group_id,
-                                                                   exception, reason)
-        future = self.output.send(self.settings.dead_letter_topic, record.key, record.value, headers)
-        error = send_error(future, self.output.timeout_s)
-        if error is not None:
-            log.warning("Could not publish %s[%d]@%d to the dead-letter topic %s (%r); it stays "
-                        "uncommitted and is retried", record.topic, record.partition, record.offset,
-                        self.settings.dead_letter_topic, error, extra=about(record) | REPEATING)
-            return False
-        self.metrics.dead_lettered.labels(record.topic).inc()
-        log.error("Dead-lettered %s[%d]@%d to %s: %s", record.topic, record.partition, record.offset,
-                  self.settings.dead_letter_topic, reason, extra=about(record))
-        return True
-
-    def apply_back_pressure(self) -> None:
-        """Stop fetching for a partition with two polls' worth unfinished; go on below one."""
-        limit = self.settings.max_poll_records
-        full = [tp for tp, state in self.partitions.items() if state.unfinished >= 2 * limit and tp not in self.paused]
-        drained = [tp for tp in self.paused if self.partitions[tp].unfinished < limit]
-        if full:
-            self.consumer.pause(*full)
-            self.paused.update(full)
-        if drained:
-            self.consumer.resume(*drained)
-            self.paused.difference_update(drained)
-
-    def keep_membership(self) -> None:
-        """Poll with every partition paused (no records come back) while the workers are busy:
-        the group sees us alive, and a rebalance runs its callbacks here."""
-        pausing = set(self.partitions) - self.consumer.paused()
-        self.consumer.pause(*pausing)
-        self.consumer.poll(timeout_ms=0)
-        self.health.last_poll_s = time.monotonic()
-        self.consumer.resume(*(pausing & set(self.partitions)))
-
-    def watch_in_flight(self) -> None:
-        """Once a second: note the longest-running message for /healthz, warn when it is slow."""
-        now = time.monotonic()
-        if now - self.last_slow_check_s < KEEPALIVE_INTERVAL_S:
-            return
-        self.last_slow_check_s = now
-        running = [work for work in self.in_flight if work.started_s and work.done < len(work.records)]
-        self.health.busy_since_s = min((work.started_s for work in running), default=None)
-        for work in running:
-            if work.warned_slow != work.done and now - work.started_s > self.settings.max_poll_interval_ms / 2000:
-                work.warned_slow = work.done
-                record = work.records[work.done]
-                log.warning(
-                    "process_message has been running for %.0f s on %s[%d]@%d: a rebalance waits for it "
-                    "at most KAFKA_MAX_POLL_INTERVAL_MS (%d ms) before the group moves its partitions on",
-                    now - work.started_s, record.topic, record.partition, record.offset,
-                    self.settings.max_poll_interval_ms, extra=about(record),
-                )
-
-    def poll_timeout_ms(self) -> int:
-        """Poll no longer than until the next retry is due."""
-        if not self.retrying:
-            return POLL_TIMEOUT_MS
-        next_due_s = min(lane.retry.due_s for lane in self.retrying)
-        return max(0, min(POLL_TIMEOUT_MS, int((next_due_s - time.monotonic()) * 1000)))
-
-    def commit_progress(self, partitions: set[TopicPartition] | None = None, force: bool = False) -> None:
-        """Commit each partition's finished prefix, synchronously: after every polled batch once
-        the workers are idle, at least every COMMIT_INTERVAL_S while they are busy."""
-        now = time.monotonic()
-        if not force and self.in_flight and now - self.last_commit_s < COMMIT_INTERVAL_S:
-            return
-        offsets = {}
-        for tp, state in self.partitions.items():
-            offset = state.next_commit()
-            if (partitions is None or tp in partitions) and offset is not None and offset != state.committed:
-                offsets[tp] = OffsetAndMetadata(offset, "", -1)
-        if not offsets:
-            return
-        self.last_commit_s = now
-        try:
-            self.consumer.commit(offsets, timeout_ms=self.settings.commit_timeout_ms)
-        except CommitFailedError:
-            # The group rebalanced: the partitions' next owners re-read from the last successful
-            # commit (at-least-once); on_partitions_revoked forgets the ones we lost.
-            self.metrics.commit_failures.inc()
-            log.warning("Commit failed because the group rebalanced; the new owners re-read from "
-                        "the last commit", extra=REPEATING)
-            return
-        except KafkaError as error:
-            self.metrics.commit_failures.inc()
-            log.warning("Commit failed (%s); finished offsets are kept and committed later",
-                        type(error).__name__, extra=REPEATING)
-            return
-        self.metrics.commits.inc()
-        for tp, offset in offsets.items():
-            self.partitions[tp].committed = offset.offset
-        log.debug("Committed %s", {f"{tp.topic}[{tp.partition}]": o.offset for tp, o in offsets.items()})
-
-    def assign(self, partitions: set[TopicPartition]) -> None:
-        for partition in partitions:
-            self.partitions.setdefault(partition, PartitionState())
-        self.metrics.rebalances.inc()
-        self.metrics.assigned.set(len(self.partitions))
-        self.health.joined = True
-
-    def refresh_lag(self) -> None:
-        """Every few seconds: end offset (the high watermark the last fetch reported) minus the
-        committed offset, per partition. Both are known locally: no request to the broker."""
-        now = time.monotonic()
-        if now - self.last_lag_s < LAG_REFRESH_S:
-            return
-        self.last_lag_s = now
-        for tp, state in self.partitions.items():
-            end = self.consumer.highwater(tp)
-            if end is not None and state.committed is not None:
-                self.metrics.lag.labels(tp.topic, str(tp.partition)).set(max(0, end - state.committed))
-
-    def release(self, partitions: set[TopicPartition]) -> None:
-        """Partitions are being revoked: stop their work after the messages in hand (waiting at
-        most the max-poll interval, the group's rebalance timeout), commit their finished prefix,
-        and forget them; the next owner starts from that commit, retries included."""
-        leaving = {work for work in self.in_flight if work.lane.partition in partitions}
-        for work in leaving:
-            work.cancelled = True
-        deadline = time.monotonic() + self.settings.max_poll_interval_ms / 1000
-        while leaving & self.in_flight and time.monotonic() < deadline:
-            try:
-                work = self.done.get(timeout=deadline - time.monotonic())
-            except Empty:
-                break
-            if work in leaving:
-                self.take_progress(work)
-            else:
-                self.returned.append(work)  # settled by the loop, outside the callback
-        self.commit_progress(partitions, force=True)
-        self.health.joined = False
-        for partition in partitions:
-            try:
-                self.metrics.lag.remove(partition.topic, str(partition.partition))
-            except KeyError:
-                pass
-            state = self.partitions.pop(partition, None)
-            if state is not None:
-                self.unfinished -= state.unfinished
-                for lane in state.lanes.values():
-                    self.ready.pop(lane, None)
-                    self.retrying.discard(lane)
-        self.paused -= partitions
-        self.metrics.assigned.set(len(self.partitions))
-
-    def drain(self) -> None:
-        """At shutdown: have the workers stop after the messages in hand, waiting at most
-        KERNEL_SHUTDOWN_TIMEOUT_MS, and take their progress."""
-        for work in self.in_flight:
-            work.cancelled = True
-        deadline = time.monotonic() + self.settings.shutdown_timeout_ms / 1000
-        while self.in_flight and time.monotonic() < deadline:
-            work = self.next_returned(deadline - time.monotonic())
-            if work is None:
-                break
-            self.take_progress(work)
-        if self.in_flight:
-            log.warning("%d message(s) still in process_message after KERNEL_SHUTDOWN_TIMEOUT_MS: left "
-                        "uncommitted, to be processed again", len(self.in_flight))
-
-
-def retry_delay_ms(attempts: int, initial_ms: int, maximum_ms: int) -> int:
-    """Exponential backoff with up to 10% jitter, so replicas retrying together spread out."""
-    delay = min(initial_ms * 2 ** min(attempts - 1, 32), maximum_ms)
-    return int(delay * random.uniform(0.9, 1.0))
-
-
-def dead_letter_headers(record, attempts: int, group_id: str, exception: str,
-                        reason: str) -> list[tuple[str, bytes]]:
-    """Where the record came from and why it failed, under the header names (and encodings) of
-    Spring Kafka's DeadLetterPublishingRecoverer, which existing tools read, plus our own."""
-    return [
-        ("kafka_dlt-original-topic", record.topic.encode()),
-        ("kafka_dlt-original-partition", record.partition.to_bytes(4, "big", signed=True)),
-        ("kafka_dlt-original-offset", record.offset.to_bytes(8, "big", signed=True)),
-        ("kafka_dlt-original-timestamp", record.timestamp.to_bytes(8, "big", signed=True)),
-        ("kafka_dlt-original-timestamp-type", b"LogAppendTime" if record.timestamp_type == 1 else b"CreateTime"),
-        ("kafka_dlt-original-consumer-group", group_id.encode()),
-        ("kafka_dlt-exception-fqcn", exception.encode()),
-        ("kafka_dlt-exception-message", reason.encode()),
-        ("kernel-attempts", str(attempts).encode()),
-        ("kernel-name", KERNEL_NAME.encode()),
-    ]
-
-
-class RebalanceListener(ConsumerRebalanceListener):
-    """kafka-python 2.x calls these from inside poll(), on the loop's own thread."""
-
-    def __init__(self, kernel: Kernel):
-        self.kernel = kernel
-
-    def on_partitions_revoked(self, revoked):
-        # Revocations may be partial (cooperative rebalancing): handle only the partitions named.
-        self.kernel.release(set(revoked))
-        if revoked:
-            log.info("Partitions revoked: %s", format_partitions(revoked))
-
-    def on_partitions_assigned(self, assigned):
-        self.kernel.assign(set(assigned))
-        if assigned:
-            committed = {tp: self.kernel.consumer.committed(tp) for tp in assigned}
-            log.info("Partitions assigned (committed offset): %s", format_partitions(assigned, committed))
-        else:
-            log.info("No partitions assigned (the group has more members than partitions)")
-
-
-def format_partitions(partitions, offsets: Mapping | None = None) -> str:
-    return ", ".join(
-        f"{tp.topic}[{tp.partition}]" + (f"@{offsets.get(tp)}" if offsets is not None else "")
-        for tp in sorted(partitions)
-    )
-
-
-# Operations: health, metrics and the configuration check
+# Health and metrics
 
 
 class Health:
@@ -1170,53 +655,892 @@ def serve_http(port: int, health: Health, metrics: Metrics) -> ThreadingHTTPServ
     return server
 
 
-def check(env: Mapping[str, str]) -> int:
-    """`python main.py check`: validate settings, certificates and the connection; consume nothing.
+# Connecting
 
-    Prints one line per check ("ok", "warning" or "error" and what to fix); exit code 0 when
-    nothing is wrong, 1 when something is, 2 for a configuration error.
+
+def security_config(settings: Settings, tls: TlsFiles | None) -> dict:
+    """Connection settings shared by the consumer and the producer."""
+    if tls is None:
+        return dict(bootstrap_servers=settings.bootstrap_servers, security_protocol="PLAINTEXT")
+    return dict(
+        bootstrap_servers=settings.bootstrap_servers,
+        security_protocol="SSL",
+        ssl_cafile=tls.ca_file,
+        ssl_certfile=tls.cert_file,
+        ssl_keyfile=tls.key_file,
+        ssl_check_hostname=settings.ssl_check_hostname,
+    )
+
+
+def consumer_config(settings: Settings, tls: TlsFiles | None) -> dict:
+    """kafka-python KafkaConsumer arguments; see the KafkaConsumer docstring for each."""
+    return dict(
+        security_config(settings, tls),
+        client_id=settings.client_id,
+        group_id=settings.group_id,
+        group_instance_id=settings.group_instance_id,
+        # Offsets are committed by the loop, explicitly and only for finished messages.
+        enable_auto_commit=False,
+        auto_offset_reset=settings.auto_offset_reset,
+        max_poll_records=settings.max_poll_records,
+        fetch_max_bytes=settings.fetch_max_bytes,
+        max_partition_fetch_bytes=settings.max_partition_fetch_bytes,
+        # kafka-python 2.3.3 refuses network frames over receive_message_max_bytes (1 MB by default),
+        # so a larger fetch response failed, dropped the connection and was fetched again (dpkp/kafka-python#3074).
+        receive_message_max_bytes=settings.fetch_max_bytes + 1_048_576,
+        check_crcs=settings.check_crcs,
+        session_timeout_ms=settings.session_timeout_ms,
+        heartbeat_interval_ms=settings.heartbeat_interval_ms,
+        max_poll_interval_ms=settings.max_poll_interval_ms,
+        # Bootstrap is retried by connect() in short attempts so that a stop request is honoured.
+        api_version_auto_timeout_ms=min(settings.bootstrap_timeout_ms, 2_000),
+    )
+
+
+def producer_config(settings: Settings, tls: TlsFiles | None, api_version: tuple | None) -> dict:
+    """kafka-python KafkaProducer arguments; see the KafkaProducer docstring for each."""
+    return dict(
+        security_config(settings, tls),
+        client_id=f"{settings.client_id}-producer",
+        # The consumer's negotiated version: a producer probing on its own during a network blip can
+        # settle on a pre-0.11 protocol, which cannot carry headers.
+        api_version=api_version,
+        acks="all",  # a send is confirmed once every in-sync replica has it
+        # One request at a time per broker, so a retried batch cannot land after a later one: outputs
+        # keep the order of their inputs per key. (enable_idempotence would allow five, but the broker
+        # the tests run against refuses it.)
+        max_in_flight_requests_per_connection=1,
+        # send() waits at most this long for room in the buffer or for the topic's metadata, and the
+        # producer gives up on a message when the kernel does, so an outage does not pile up copies
+        # of outputs whose inputs are being processed again.
+        max_block_ms=settings.produce_timeout_ms,
+        request_timeout_ms=settings.produce_timeout_ms,
+        delivery_timeout_ms=settings.produce_timeout_ms,
+        # Whatever the kernel could consume it can dead-letter: the broker's own limit decides.
+        max_request_size=settings.fetch_max_bytes,
+    )
+
+
+def connect(settings: Settings, tls: TlsFiles | None, stop: StopSignal) -> KafkaConsumer | None:
+    """Create the consumer, retrying until the bootstrap timeout; None if a stop was requested."""
+    servers = ",".join(settings.bootstrap_servers)
+    deadline = time.monotonic() + settings.bootstrap_timeout_ms / 1000
+    while not stop.requested:
+        try:
+            return KafkaConsumer(**consumer_config(settings, tls))
+        except NoBrokersAvailable:
+            if time.monotonic() >= deadline:
+                raise BrokerUnavailable(
+                    f"no broker of KAFKA_BOOTSTRAP_SERVERS={servers} answered within {settings.bootstrap_timeout_ms} "
+                    f"ms (KAFKA_BOOTSTRAP_TIMEOUT_MS) over {'SSL' if tls else 'PLAINTEXT'}: check the address and "
+                    "port, the network, and that the certificates match the cluster"
+                ) from None
+            time.sleep(0.5)
+        except ssl.SSLCertVerificationError as error:
+            raise BrokerUnavailable(
+                f"TLS with {servers} failed verification of the broker's certificate ({error.verify_message}): "
+                "check KAFKA_CA_CERT (the CA that signed the brokers' certificates) and the host names in "
+                "KAFKA_BOOTSTRAP_SERVERS (or set KAFKA_SSL_CHECK_HOSTNAME=false)"
+            ) from None
+        except ssl.SSLError as error:
+            raise BrokerUnavailable(f"TLS with {servers} failed ({error.reason}): check KAFKA_CA_CERT and "
+                                    "the client certificate") from None
+    return None
+
+
+# Producing
+
+
+def wait_for_confirmation(future: Future, timeout_s: float) -> KafkaError | None:
+    """Wait up to `timeout_s` for the broker to confirm a send; the error if it did not."""
+    if not future.is_done:
+        try:
+            future.get(timeout=timeout_s)
+        except KafkaError as error:
+            return error
+    return future.exception
+
+
+class Producer:
+    """The kernel's one KafkaProducer, shared by send() and the dead-letter topic. Created on first
+    use (most kernels never produce) from whichever thread needs it first; closed at shutdown."""
+
+    def __init__(self, settings: Settings, tls: TlsFiles | None, api_version: tuple | None = None,
+                 metrics: Metrics | None = None):
+        self.config = producer_config(settings, tls, api_version)
+        self.metrics = metrics  # counts confirmed and failed sends when set
+        self.producer: KafkaProducer | None = None
+        self.lock = threading.Lock()
+        self.timeout_s = settings.produce_timeout_ms / 1000
+
+    def send(self, topic: str, key: bytes | None, value: bytes | None, headers: list) -> Future:
+        """Queue a message; broker trouble shows in the returned future, never as an exception here."""
+        try:
+            if self.producer is None:  # the lock is taken only until the producer exists
+                with self.lock:
+                    if self.producer is None:
+                        self.producer = KafkaProducer(**self.config)
+            future = self.producer.send(topic, key=key, value=value, headers=headers)
+        except KafkaError as error:  # no broker, the buffer stayed full, or the topic is unknown
+            future = Future().failure(error)
+        if self.metrics is not None:
+            future.add_callback(lambda _: self.metrics.sent.labels(topic).inc())
+            future.add_errback(lambda _: self.metrics.send_failures.labels(topic).inc())
+        return future
+
+    def close(self) -> None:
+        if self.producer is not None:
+            self.producer.close(timeout=self.timeout_s)
+
+
+def dead_letter_headers(record, attempts: int, group_id: str, exception: str, reason: str,
+                        kernel_name: str) -> list[tuple[str, bytes]]:
+    """Where the record came from and why it failed, under the header names (and encodings) of
+    Spring Kafka's DeadLetterPublishingRecoverer, which existing tools read, plus our own."""
+    return [
+        ("kafka_dlt-original-topic", record.topic.encode()),
+        ("kafka_dlt-original-partition", record.partition.to_bytes(4, "big", signed=True)),
+        ("kafka_dlt-original-offset", record.offset.to_bytes(8, "big", signed=True)),
+        ("kafka_dlt-original-timestamp", record.timestamp.to_bytes(8, "big", signed=True)),
+        ("kafka_dlt-original-timestamp-type", b"LogAppendTime" if record.timestamp_type == 1 else b"CreateTime"),
+        ("kafka_dlt-original-consumer-group", group_id.encode()),
+        ("kafka_dlt-exception-fqcn", exception.encode()),
+        ("kafka_dlt-exception-message", reason.encode()),
+        ("kernel-attempts", str(attempts).encode()),
+        ("kernel-name", kernel_name.encode()),
+    ]
+
+
+class DeadLetterTopic:
+    """KERNEL_DEAD_LETTER_TOPIC: where a message that will never succeed goes, with its origin and
+    the reason in its headers, published through the kernel's producer."""
+
+    def __init__(self, settings: Settings, producer: Producer, metrics: Metrics):
+        self.topic = settings.dead_letter_topic
+        self.group_id = settings.group_id
+        self.kernel_name = settings.kernel_name
+        self.producer = producer
+        self.metrics = metrics
+
+    def publish(self, record, attempts: int, reason: str, exception: str) -> bool:
+        """Publish the record, confirmed by the broker (acks=all); False if it was not."""
+        headers = list(record.headers or []) + dead_letter_headers(record, attempts, self.group_id, exception,
+                                                                   reason, self.kernel_name)
+        future = self.producer.send(self.topic, record.key, record.value, headers)
+        error = wait_for_confirmation(future, self.producer.timeout_s)
+        if error is not None:
+            kernel_log.warning("Could not publish %s to the dead-letter topic %s (%r); it stays uncommitted and is "
+                               "retried", coordinates(record), self.topic, error, extra=log_fields(record) | REPEATING)
+            return False
+        self.metrics.dead_lettered.labels(record.topic).inc()
+        kernel_log.error("Dead-lettered %s to %s: %s", coordinates(record), self.topic, reason,
+                         extra=log_fields(record))
+        return True
+
+
+# Processing
+
+
+class Consequence(Enum):
+    """How a task ended early, at the record after its finished ones."""
+
+    RETRY = "retry"  # it returned False, or what it sent was not confirmed
+    DEAD_LETTER = "dead letter"  # it raised DeadLetter
+    FATAL = "fatal"  # it raised something else, or returned neither True nor False
+
+
+@dataclass(frozen=True)
+class Failure:
+    consequence: Consequence
+    reason: str
+    error: BaseException | None = None  # what stops the kernel, for Consequence.FATAL
+
+
+@dataclass(eq=False)
+class Task:
+    """A run of one lane's records handed to a worker thread, processed in offset order.
+
+    The worker counts the records it finished and, if it stops before the end, says why in
+    `failure`; the loop reads both once the task comes back. The loop sets `cancelled` to have the
+    worker stop after the message in hand (a revocation, a shutdown)."""
+
+    lane: Lane
+    records: list
+    finished: int = 0  # records[:finished] returned True and what they sent is confirmed
+    failure: Failure | None = None  # why records[finished] did not finish
+    started_s: float = 0.0  # time.monotonic() when records[finished] started
+    warned_slow: int = -1  # the `finished` index a slowness warning was logged for
+    cancelled: bool = False
+
+    @property
+    def running(self) -> bool:
+        return bool(self.started_s) and self.finished < len(self.records)
+
+
+def call_process_message(handler: Callable, record, producer: Producer | None) -> tuple[object, list[Future]]:
+    """handler(record), with send() going to `producer`; its result and the sends it made."""
+    current_call.producer, current_call.sends = producer, []
+    try:
+        return handler(record), current_call.sends
+    finally:
+        current_call.sends = None
+
+
+def process_record(handler: Callable, record, producer: Producer | None) -> list[Future] | Failure:
+    """Call the handler on one record: the sends it made if it returned True, else why not."""
+    try:
+        result, sends = call_process_message(handler, record, producer)
+    except DeadLetter as rejection:
+        return Failure(Consequence.DEAD_LETTER, str(rejection) or "process_message raised DeadLetter")
+    except Exception as error:
+        raise MessageFailed(record) from error
+    if result is True:
+        return sends
+    if result is False:
+        return Failure(Consequence.RETRY, "process_message returned False")
+    raise MessageFailed(record) from TypeError(f"process_message must return True or False, got {result!r}")
+
+
+def process_task(task: Task, handler: Callable, stop: StopSignal, producer: Producer | None = None,
+                 metrics: Metrics | None = None) -> None:
+    """Call the handler on each record of `task` until one is not done (on a worker thread).
+
+    A record counts as finished once the broker has confirmed what its call sent; the confirmations
+    are collected without waiting as the records go by, and waited for when the task ends."""
+    if metrics is not None:
+        observe = metrics.processing.labels(task.lane.partition.topic).observe
+        count = metrics.processed.labels(task.lane.partition.topic).inc
+    unconfirmed: deque[list[Future]] = deque()  # sends of each record after records[finished] that returned True
+    try:
+        for record in task.records:
+            if task.cancelled or stop.requested:
+                return
+            task.started_s = time.monotonic()
+            try:
+                sends = process_record(handler, record, producer)
+            finally:
+                if metrics is not None:
+                    observe(time.monotonic() - task.started_s)
+            if isinstance(sends, Failure):
+                task.failure = sends
+                return
+            if sends or unconfirmed:
+                unconfirmed.append(sends)
+                confirm_sends(task, unconfirmed, timeout_s=0)
+                if task.failure:
+                    return
+            else:
+                task.finished += 1
+            if metrics is not None:
+                count()
+    finally:
+        confirm_sends(task, unconfirmed, timeout_s=producer.timeout_s if producer else 0)
+
+
+def confirm_sends(task: Task, unconfirmed: deque, timeout_s: float) -> None:
+    """Advance task.finished over the records whose sends the broker confirmed, in order; with a
+    zero timeout only as far as confirmations have already arrived. A failed send stops the advance
+    at its record, which is then tried again: its outputs may be sent twice, never lost."""
+    deadline_s = time.monotonic() + timeout_s
+    while unconfirmed:
+        sends = unconfirmed[0]
+        if not timeout_s and not all(future.is_done for future in sends):
+            return
+        errors = [error for future in sends
+                  if (error := wait_for_confirmation(future, max(0.0, deadline_s - time.monotonic()))) is not None]
+        if errors:
+            record = task.records[task.finished]
+            task.failure = Failure(Consequence.RETRY, f"a message it sent was not delivered ({errors[0]!r})")
+            kernel_log.warning("A message process_message sent for %s was not delivered (%r); it is processed again",
+                               coordinates(record), errors[0], extra=log_fields(record) | REPEATING)
+            unconfirmed.clear()
+            return
+        unconfirmed.popleft()
+        task.finished += 1
+
+
+class Workers:
+    """KERNEL_CONCURRENCY threads that process the tasks they are given and hand them back."""
+
+    def __init__(self, count: int, handler: Callable, stop: StopSignal, producer: Producer,
+                 metrics: Metrics | None):
+        self.count = count
+        self.given: SimpleQueue[Task | None] = SimpleQueue()  # None stops a worker
+        self.handed_back: SimpleQueue[Task] = SimpleQueue()
+        self.held: deque[Task] = deque()  # handed back while the loop waited for others; taken first
+        for number in range(count):
+            threading.Thread(target=self.work, args=(handler, stop, producer, metrics), daemon=True,
+                             name=f"process_message-{number}").start()
+
+    def work(self, handler: Callable, stop: StopSignal, producer: Producer, metrics: Metrics | None) -> None:
+        while (task := self.given.get()) is not None:
+            try:
+                process_task(task, handler, stop, producer, metrics)
+            except BaseException as error:  # reported to the loop, which stops the kernel
+                task.failure = Failure(Consequence.FATAL, str(error), error)
+            finally:
+                self.handed_back.put(task)
+
+    def give(self, task: Task) -> None:
+        self.given.put(task)
+
+    def next_back(self, timeout_s: float) -> Task | None:
+        """The next task handed back, waiting up to `timeout_s` for one; None if none came."""
+        if self.held:
+            return self.held.popleft()
+        try:
+            return self.handed_back.get(timeout=timeout_s) if timeout_s > 0 else self.handed_back.get_nowait()
+        except Empty:
+            return None
+
+    def wait_for(self, tasks: set[Task], deadline_s: float) -> list[Task]:
+        """Wait until `tasks` are handed back or the deadline passes; those that came back. Other
+        tasks handed back meanwhile are held for next_back."""
+        waiting = set(tasks)
+        back = [task for task in self.held if task in waiting]
+        self.held = deque(task for task in self.held if task not in waiting)
+        waiting.difference_update(back)
+        while waiting and (timeout_s := deadline_s - time.monotonic()) > 0:
+            try:
+                task = self.handed_back.get(timeout=timeout_s)
+            except Empty:
+                break
+            if task in waiting:
+                waiting.discard(task)
+                back.append(task)
+            else:
+                self.held.append(task)
+        return back
+
+    def stop(self) -> None:
+        for _ in range(self.count):
+            self.given.put(None)
+
+
+# Bookkeeping
+
+
+@dataclass
+class Retry:
+    """The first record of a lane is to be tried again at `due_s`."""
+
+    offset: int
+    attempts: int  # made so far
+    due_s: float  # time.monotonic() of the next attempt
+
+
+@dataclass(eq=False)
+class Lane:
+    """Records processed strictly one after another: those of one key in a partition, or of the
+    whole partition. At most one Task of a lane is in flight, which is what keeps the order."""
+
+    partition: TopicPartition
+    key: bytes | None
+    records: deque = field(default_factory=deque)  # fetched, waiting for their turn
+    task: Task | None = None  # handed to a worker
+    retry: Retry | None = None  # records[0] failed and waits for its next attempt
+
+    def first_unfinished(self) -> int | None:
+        task = self.task
+        if task is not None and task.finished < len(task.records):
+            return task.records[task.finished].offset
+        return self.records[0].offset if self.records else None
+
+    def attempts_made(self) -> int:
+        """How many attempts records[0] has had, counting the one that just failed."""
+        retry = self.retry
+        return retry.attempts + 1 if retry is not None and retry.offset == self.records[0].offset else 1
+
+
+@dataclass
+class PartitionState:
+    lanes: dict[bytes | None, Lane] = field(default_factory=dict)
+    unfinished: int = 0  # fetched records not finished yet
+    fetched_end: int | None = None  # offset after the last fetched record
+    committed: int | None = None  # the last offset this kernel committed
+
+    def next_commit(self) -> int | None:
+        """The end of the longest finished prefix: never past an unfinished or failed message."""
+        firsts = [offset for lane in self.lanes.values() if (offset := lane.first_unfinished()) is not None]
+        return min(firsts) if firsts else self.fetched_end
+
+
+class Ledger:
+    """What the kernel holds of each assigned partition: its fetched records sorted into lanes, the
+    tasks out on the workers, the retries waiting, and how far each partition may be committed.
+
+    Pure bookkeeping: no consumer, no threads, and the time comes from the caller, so a unit test
+    drives it directly. Each count is kept in one place, the partition's state."""
+
+    def __init__(self, keyed: bool):
+        self.keyed = keyed  # one lane per key (KERNEL_ORDERING=key above concurrency 1), else per partition
+        self.partitions: dict[TopicPartition, PartitionState] = {}  # the assigned ones
+        self.ready: dict[Lane, None] = {}  # lanes with records and nothing in flight or waiting, in order
+        self.retrying: set[Lane] = set()  # lanes waiting for a retry to be due
+        self.in_flight: set[Task] = set()
+
+    @property
+    def unfinished(self) -> int:
+        return sum(state.unfinished for state in self.partitions.values())
+
+    def assign(self, partitions: set[TopicPartition]) -> None:
+        for partition in partitions:
+            self.partitions.setdefault(partition, PartitionState())
+
+    def add(self, partition: TopicPartition, records: list) -> None:
+        """Sort polled records into their lanes; ignored if the partition was revoked meanwhile."""
+        state = self.partitions.get(partition)
+        if state is None:
+            return
+        if state.fetched_end is None:  # where the group's committed offset (or the reset) put us
+            state.committed = records[0].offset
+        state.fetched_end = records[-1].offset + 1
+        state.unfinished += len(records)
+        if self.keyed:
+            for record in records:
+                self.lane(partition, state, record.key).records.append(record)
+        else:
+            self.lane(partition, state, None).records.extend(records)
+
+    def lane(self, partition: TopicPartition, state: PartitionState, key: bytes | None) -> Lane:
+        lane = state.lanes.get(key)
+        if lane is None:
+            lane = state.lanes[key] = Lane(partition, key)
+        if lane.task is None and lane not in self.retrying:
+            self.ready[lane] = None
+        return lane
+
+    def start_tasks(self, now_s: float) -> list[Task]:
+        """A task for each lane that is ready, or whose retry is due by `now_s`; now in flight."""
+        for lane in [lane for lane in self.retrying if lane.retry.due_s <= now_s]:
+            self.retrying.discard(lane)
+            self.ready[lane] = None
+        tasks = []
+        for lane in self.ready:
+            lane.task = Task(lane, list(lane.records))
+            lane.records.clear()
+            tasks.append(lane.task)
+        self.in_flight.update(tasks)
+        self.ready.clear()
+        return tasks
+
+    def take_back(self, task: Task) -> Lane | None:
+        """A task came back: its finished records are done, the others go back to the head of the
+        lane, which is returned; None if the partition was revoked meanwhile."""
+        self.in_flight.discard(task)
+        lane = task.lane
+        lane.task = None
+        state = self.partitions.get(lane.partition)
+        if state is None or state.lanes.get(lane.key) is not lane:
+            return None
+        lane.records.extendleft(reversed(task.records[task.finished:]))
+        state.unfinished -= task.finished
+        if task.finished and lane.retry is not None:  # the retried message succeeded
+            lane.retry = None
+        return lane
+
+    def retry_later(self, lane: Lane, attempts: int, due_s: float) -> None:
+        lane.retry = Retry(lane.records[0].offset, attempts, due_s)
+        self.retrying.add(lane)
+
+    def finish_first(self, lane: Lane) -> None:
+        """The lane's first record is dealt with without finishing (it was dead-lettered)."""
+        lane.records.popleft()
+        lane.retry = None
+        self.partitions[lane.partition].unfinished -= 1
+
+    def reschedule(self, lane: Lane) -> None:
+        """The lane has nothing in flight: ready if it has records and no retry pending, gone if empty."""
+        if lane.records and lane not in self.retrying:
+            self.ready[lane] = None
+        elif not lane.records:
+            del self.partitions[lane.partition].lanes[lane.key]
+
+    def tasks_of(self, partitions: set[TopicPartition]) -> set[Task]:
+        return {task for task in self.in_flight if task.lane.partition in partitions}
+
+    def next_retry_due_s(self) -> float | None:
+        return min((lane.retry.due_s for lane in self.retrying), default=None)
+
+    def commits_due(self, partitions: set[TopicPartition] | None = None) -> dict[TopicPartition, int]:
+        """Each partition's finished prefix where it moved past the last commit."""
+        due = {}
+        for tp, state in self.partitions.items():
+            offset = state.next_commit()
+            if (partitions is None or tp in partitions) and offset is not None and offset != state.committed:
+                due[tp] = offset
+        return due
+
+    def mark_committed(self, offsets: dict[TopicPartition, int]) -> None:
+        for tp, offset in offsets.items():
+            if tp in self.partitions:
+                self.partitions[tp].committed = offset
+
+    def forget(self, partitions: set[TopicPartition]) -> None:
+        """Revoked: drop the partitions' records, lanes and retries; their tasks in flight are
+        ignored when they come back."""
+        for partition in partitions:
+            state = self.partitions.pop(partition, None)
+            for lane in state.lanes.values() if state is not None else ():
+                self.ready.pop(lane, None)
+                self.retrying.discard(lane)
+
+
+# The consumer loop
+
+POLL_TIMEOUT_MS = 1000  # bounds how long a stop request waits for poll() to return
+KEEPALIVE_INTERVAL_S = 1.0  # while every worker is busy, the group membership is renewed this often
+BUSY_POLL_TIMEOUT_MS = 10  # poll() timeout while workers are busy: how soon their results are seen
+COMMIT_INTERVAL_S = 0.1  # while workers are busy, finished prefixes are committed this often
+LAG_REFRESH_S = 5.0  # how often kernel_consumer_lag is brought up to date
+
+
+class ConsumerLoop:
+    """Polls, has the workers process each lane's records in order, commits the finished prefixes.
+
+    Records are sorted into lanes (per key, or per partition) that KERNEL_CONCURRENCY worker
+    threads process, one task per lane at a time. This thread only polls, hands out tasks, settles
+    them and commits, so however long a message takes, the member stays in its group, takes part in
+    rebalances and commits progress. A lane whose message failed keeps it at its head until the
+    retry is due: later messages of that lane wait, every other lane goes on. A partition with too
+    many unfinished records is paused, which bounds memory.
     """
-    errors = 0
 
-    def say(level: str, text: str) -> None:
-        nonlocal errors
-        errors += level == "error"
+    def __init__(self, consumer: KafkaConsumer, settings: Settings, handler: Callable, stop: StopSignal,
+                 tls: TlsFiles | None = None, health: Health | None = None, metrics: Metrics | None = None):
+        self.consumer = consumer
+        self.settings = settings
+        self.stop = stop
+        self.health = health or Health(settings)
+        self.metrics = metrics or Metrics()
+        self.ledger = Ledger(keyed=settings.ordering == "key" and settings.concurrency > 1)
+        self.paused: set[TopicPartition] = set()  # by back-pressure
+        # One poll's worth, and enough to keep every worker busy, is buffered before polling pauses.
+        self.buffer_limit = max(settings.max_poll_records, 4 * settings.concurrency)
+        self.last_commit_s = self.last_slow_check_s = self.last_lag_s = 0.0
+        # Counting and timing every message costs a little: only when /metrics is served.
+        per_message = self.metrics if settings.http_port else None
+        self.producer = Producer(settings, tls, consumer.config["api_version"], per_message)
+        self.dead_letters = (DeadLetterTopic(settings, self.producer, self.metrics)
+                             if settings.dead_letter_topic else None)
+        self.workers = Workers(settings.concurrency, handler, stop, self.producer, per_message)
+
+    def run(self) -> int:
+        self.consumer.subscribe(self.settings.topics, listener=RebalanceListener(self))
+        try:
+            while not self.stop.requested:
+                self.run_once()
+            kernel_log.info("Stop requested: finishing")
+            return EXIT_OK
+        except MessageFailed as failure:
+            kernel_log.error("process_message failed on %s; it stays uncommitted. Stopping", failure,
+                             exc_info=failure.__cause__)
+            return EXIT_FATAL
+        except NoDeadLetterTopic as undeliverable:
+            kernel_log.error("%s; no KERNEL_DEAD_LETTER_TOPIC is set, so it stays uncommitted. Stopping", undeliverable)
+            return EXIT_NO_DEAD_LETTER_TOPIC
+        except KafkaError:
+            kernel_log.exception("Unrecoverable Kafka error; stopping")
+            return EXIT_BROKER
+        finally:
+            self.close()
+
+    def run_once(self) -> None:
+        self.settle_handed_back(timeout_s=0)
+        self.hand_out()
+        if self.ledger.in_flight and self.ledger.unfinished >= self.buffer_limit:
+            if not self.settle_handed_back(timeout_s=KEEPALIVE_INTERVAL_S):
+                self.keep_membership()
+        else:
+            self.apply_back_pressure()
+            self.poll(BUSY_POLL_TIMEOUT_MS if self.ledger.in_flight else self.poll_timeout_ms())
+        self.watch_in_flight()
+        self.commit()
+        self.refresh_lag()
+
+    def poll(self, timeout_ms: int) -> None:
+        for partition, records in self.consumer.poll(timeout_ms=timeout_ms).items():
+            self.ledger.add(partition, records)
+        self.health.last_poll_s = time.monotonic()
+
+    def poll_timeout_ms(self) -> int:
+        """Poll no longer than until the next retry is due."""
+        next_due_s = self.ledger.next_retry_due_s()
+        if next_due_s is None:
+            return POLL_TIMEOUT_MS
+        return max(0, min(POLL_TIMEOUT_MS, int((next_due_s - time.monotonic()) * 1000)))
+
+    def hand_out(self) -> None:
+        for task in self.ledger.start_tasks(time.monotonic()):
+            self.workers.give(task)
+
+    def settle_handed_back(self, timeout_s: float) -> bool:
+        """Settle the tasks the workers handed back, waiting up to `timeout_s` for the first."""
+        task = self.workers.next_back(timeout_s)
+        if task is None:
+            return False
+        while task is not None:
+            self.settle(task)
+            task = self.workers.next_back(0)
+        return True
+
+    def settle(self, task: Task) -> None:
+        """Take a task's progress; a fatal failure stops the kernel, any other is retried or
+        dead-lettered."""
+        lane = self.ledger.take_back(task)
+        failure = task.failure
+        if failure is not None and failure.consequence is Consequence.FATAL:
+            self.metrics.failed.labels(task.lane.partition.topic).inc()
+            raise failure.error
+        if lane is None:
+            return
+        if failure is not None and not self.stop.requested:
+            self.retry_or_dead_letter(lane, failure)
+        self.ledger.reschedule(lane)
+
+    def retry_or_dead_letter(self, lane: Lane, failure: Failure) -> None:
+        """The lane's first record failed: dead-letter it if it raised DeadLetter or has used up
+        KERNEL_MAX_ATTEMPTS, else schedule its next attempt."""
+        record, attempts, reason = lane.records[0], lane.attempts_made(), failure.reason
+        dead = failure.consequence is Consequence.DEAD_LETTER
+        if not dead and self.settings.retry.exhausted(attempts):
+            reason, dead = f"{reason} on all {attempts} attempts (KERNEL_MAX_ATTEMPTS)", True
+        if dead:
+            if self.dead_letters is None:
+                raise NoDeadLetterTopic(record, reason)
+            exception = "DeadLetter" if failure.consequence is Consequence.DEAD_LETTER else "RetriesExhausted"
+            if self.dead_letters.publish(record, attempts, reason, exception):
+                self.ledger.finish_first(lane)
+                return
+            reason = "the dead-letter topic could not be reached"
+        self.metrics.retried.labels(record.topic).inc()
+        delay_s = self.settings.retry.delay_s(attempts)
+        self.ledger.retry_later(lane, attempts, time.monotonic() + delay_s)
+        kernel_log.warning("%s for %s (attempt %d); retrying in %.1f s", reason, coordinates(record), attempts,
+                           delay_s, extra=log_fields(record))
+
+    def apply_back_pressure(self) -> None:
+        """Stop fetching for a partition with two polls' worth unfinished; go on below one."""
+        limit = self.settings.max_poll_records
+        partitions = self.ledger.partitions
+        full = [tp for tp, state in partitions.items() if state.unfinished >= 2 * limit and tp not in self.paused]
+        drained = [tp for tp in self.paused if partitions[tp].unfinished < limit]
+        if full:
+            self.consumer.pause(*full)
+            self.paused.update(full)
+        if drained:
+            self.consumer.resume(*drained)
+            self.paused.difference_update(drained)
+
+    def keep_membership(self) -> None:
+        """Poll with every partition paused (no records come back) while the workers are busy:
+        the group sees us alive, and a rebalance runs its callbacks here."""
+        pausing = set(self.ledger.partitions) - self.consumer.paused()
+        self.consumer.pause(*pausing)
+        self.consumer.poll(timeout_ms=0)
+        self.health.last_poll_s = time.monotonic()
+        self.consumer.resume(*(pausing & set(self.ledger.partitions)))
+
+    def watch_in_flight(self) -> None:
+        """Once a second: note the longest-running message for /healthz, warn when it is slow."""
+        now = time.monotonic()
+        if now - self.last_slow_check_s < KEEPALIVE_INTERVAL_S:
+            return
+        self.last_slow_check_s = now
+        running = [task for task in self.ledger.in_flight if task.running]
+        self.health.busy_since_s = min((task.started_s for task in running), default=None)
+        for task in running:
+            if task.warned_slow != task.finished and now - task.started_s > self.settings.max_poll_interval_ms / 2000:
+                task.warned_slow = task.finished
+                record = task.records[task.finished]
+                kernel_log.warning(
+                    "process_message has been running for %.0f s on %s: a rebalance waits for it at most "
+                    "KAFKA_MAX_POLL_INTERVAL_MS (%d ms) before the group moves its partitions on",
+                    now - task.started_s, coordinates(record), self.settings.max_poll_interval_ms,
+                    extra=log_fields(record),
+                )
+
+    def commit(self, partitions: set[TopicPartition] | None = None, force: bool = False) -> None:
+        """Commit each partition's finished prefix, synchronously: after every polled batch once
+        the workers are idle, at least every COMMIT_INTERVAL_S while they are busy."""
+        now = time.monotonic()
+        if not force and self.ledger.in_flight and now - self.last_commit_s < COMMIT_INTERVAL_S:
+            return
+        offsets = self.ledger.commits_due(partitions)
+        if not offsets:
+            return
+        self.last_commit_s = now
+        try:
+            self.consumer.commit({tp: OffsetAndMetadata(offset, "", -1) for tp, offset in offsets.items()},
+                                 timeout_ms=self.settings.commit_timeout_ms)
+        except CommitFailedError:
+            # The group rebalanced: the partitions' next owners re-read from the last successful
+            # commit (at-least-once); on_partitions_revoked forgets the ones we lost.
+            self.metrics.commit_failures.inc()
+            kernel_log.warning("Commit failed because the group rebalanced; the new owners re-read from the last "
+                               "commit", extra=REPEATING)
+            return
+        except KafkaError as error:
+            self.metrics.commit_failures.inc()
+            kernel_log.warning("Commit failed (%s); finished offsets are kept and committed later",
+                               type(error).__name__, extra=REPEATING)
+            return
+        self.metrics.commits.inc()
+        self.ledger.mark_committed(offsets)
+        kernel_log.debug("Committed %s", {f"{tp.topic}[{tp.partition}]": offset for tp, offset in offsets.items()})
+
+    def refresh_lag(self) -> None:
+        """Every few seconds: end offset (the high watermark the last fetch reported) minus the
+        committed offset, per partition. Both are known locally: no request to the broker."""
+        now = time.monotonic()
+        if now - self.last_lag_s < LAG_REFRESH_S:
+            return
+        self.last_lag_s = now
+        for tp, state in self.ledger.partitions.items():
+            end = self.consumer.highwater(tp)
+            if end is not None and state.committed is not None:
+                self.metrics.lag.labels(tp.topic, str(tp.partition)).set(max(0, end - state.committed))
+
+    def assigned(self, partitions: set[TopicPartition]) -> None:
+        self.ledger.assign(partitions)
+        self.metrics.rebalances.inc()
+        self.metrics.assigned.set(len(self.ledger.partitions))
+        self.health.joined = True
+
+    def revoked(self, partitions: set[TopicPartition]) -> None:
+        """Partitions are being revoked: stop their tasks after the messages in hand (waiting at
+        most the max-poll interval, the group's rebalance timeout), commit their finished prefix,
+        and forget them; the next owner starts from that commit, retries included."""
+        leaving = self.ledger.tasks_of(partitions)
+        for task in leaving:
+            task.cancelled = True
+        for task in self.workers.wait_for(leaving, time.monotonic() + self.settings.max_poll_interval_ms / 1000):
+            self.ledger.take_back(task)
+        self.commit(partitions, force=True)
+        self.health.joined = False
+        for partition in partitions:
+            try:
+                self.metrics.lag.remove(partition.topic, str(partition.partition))
+            except KeyError:
+                pass
+        self.ledger.forget(partitions)
+        self.paused -= partitions
+        self.metrics.assigned.set(len(self.ledger.partitions))
+
+    def drain(self) -> None:
+        """At shutdown: have the workers stop after the messages in hand, waiting at most
+        KERNEL_SHUTDOWN_TIMEOUT_MS, and take their progress."""
+        in_flight = set(self.ledger.in_flight)
+        for task in in_flight:
+            task.cancelled = True
+        for task in self.workers.wait_for(in_flight, time.monotonic() + self.settings.shutdown_timeout_ms / 1000):
+            self.ledger.take_back(task)
+        if self.ledger.in_flight:
+            kernel_log.warning("%d message(s) still in process_message after KERNEL_SHUTDOWN_TIMEOUT_MS: left "
+                               "uncommitted, to be processed again", len(self.ledger.in_flight))
+
+    def close(self) -> None:
+        """Finish: drain, commit what finished, stop the workers and the producer, leave the group."""
+        self.health.joined = False
+        self.drain()
+        self.commit(force=True)
+        self.workers.stop()
+        self.producer.close()
+        self.consumer.close(autocommit=False)  # leaves the group: the others rebalance at once
+        kernel_log.info("Consumer closed")
+
+
+class RebalanceListener(ConsumerRebalanceListener):
+    """kafka-python 2.x calls these from inside poll(), on the loop's own thread."""
+
+    def __init__(self, loop: ConsumerLoop):
+        self.loop = loop
+
+    def on_partitions_revoked(self, revoked):
+        # Revocations may be partial (cooperative rebalancing): handle only the partitions named.
+        self.loop.revoked(set(revoked))
+        if revoked:
+            kernel_log.info("Partitions revoked: %s", format_partitions(revoked))
+
+    def on_partitions_assigned(self, assigned):
+        self.loop.assigned(set(assigned))
+        if assigned:
+            committed = {tp: self.loop.consumer.committed(tp) for tp in assigned}
+            kernel_log.info("Partitions assigned (committed offset): %s", format_partitions(assigned, committed))
+        else:
+            kernel_log.info("No partitions assigned (the group has more members than partitions)")
+
+
+def format_partitions(partitions, offsets: Mapping | None = None) -> str:
+    return ", ".join(
+        f"{tp.topic}[{tp.partition}]" + (f"@{offsets.get(tp)}" if offsets is not None else "")
+        for tp in sorted(partitions)
+    )
+
+
+# Checking a deployment
+
+
+class CheckReport:
+    """`python main.py check` prints one line per check: ok, warning or error, and what to fix."""
+
+    def __init__(self):
+        self.errors = 0
+
+    def say(self, level: str, text: str) -> None:
+        self.errors += level == "error"
         print(f"{level:<7} {text}", flush=True)
 
+
+def check(env: Mapping[str, str], kernel_name: str, default_topic: str) -> int:
+    """Validate settings, certificates and the connection, consuming nothing. Exit code 0 when
+    nothing is wrong, 1 when something is, 2 for a configuration error."""
+    report = CheckReport()
     try:
-        settings = load_settings(env)
-        tls = write_tls_material(settings) if settings.uses_tls else None
+        settings = load_settings(env, kernel_name, default_topic)
+        with tls_files(settings) as tls:
+            report.say("ok", f"settings: topics={','.join(settings.topics)} group={settings.group_id} "
+                             f"security={'SSL' if tls else 'PLAINTEXT'}")
+            if tls is not None:
+                for name, path in (("KAFKA_CA_CERT", tls.ca_file), ("KAFKA_CLIENT_CERT", tls.cert_file)):
+                    report.say(*describe_certificate(name, path))
+                report.say("ok", "KAFKA_CLIENT_KEY matches KAFKA_CLIENT_CERT")
+                report.say(*check_chain(tls))
+            check_broker(settings, tls, report)
     except ConfigError as error:
-        say("error", str(error))
+        report.say("error", str(error))
         return EXIT_CONFIG
-    say("ok", f"settings: topics={','.join(settings.topics)} group={settings.group_id} "
-              f"security={'SSL' if tls else 'PLAINTEXT'}")
-    try:
-        if tls is not None:
-            for name, path in (("KAFKA_CA_CERT", tls.ca_file), ("KAFKA_CLIENT_CERT", tls.cert_file)):
-                say(*describe_certificate(name, path))
-            say("ok", "KAFKA_CLIENT_KEY matches KAFKA_CLIENT_CERT")
-            say(*check_chain(tls))
-        check_broker(settings, tls, say)
-    finally:
-        if tls is not None:
-            shutil.rmtree(tls.directory, ignore_errors=True)
-    return 1 if errors else EXIT_OK
+    return 1 if report.errors else EXIT_OK
+
+
+# OpenSSL's long names for the attributes of a distinguished name, as `openssl x509 -text` writes them.
+ATTRIBUTE_NAMES = {"CN": "commonName", "O": "organizationName", "OU": "organizationalUnitName", "C": "countryName",
+                   "ST": "stateOrProvinceName", "L": "localityName", "DC": "domainComponent", "UID": "userId"}
 
 
 def describe_certificate(name: str, path: str) -> tuple[str, str]:
-    details = ssl._ssl._test_decode_cert(path)  # the stdlib's own certificate parser
-    subject, issuer = (", ".join(f"{k}={v}" for rdn in details[part] for k, v in rdn) for part in ("subject", "issuer"))
-    not_before, not_after = (ssl.cert_time_to_seconds(details[part]) for part in ("notBefore", "notAfter"))
-    text = f"{name}: subject {subject}; issuer {issuer}; valid until {details['notAfter']}"
-    now = time.time()
+    """Subject, issuer and validity of the (first) certificate in `path`, and whether it is usable now."""
+    from cryptography import x509  # only `check` reads certificates: the running kernel leaves them to OpenSSL
+
+    with open(path, "rb") as file:
+        certificate = x509.load_pem_x509_certificate(file.read())
+    subject, issuer = (", ".join(f"{ATTRIBUTE_NAMES.get(a.rfc4514_attribute_name, a.rfc4514_attribute_name)}="
+                                 f"{a.value}" for a in dn) for dn in (certificate.subject, certificate.issuer))
+    not_before, not_after = certificate.not_valid_before_utc, certificate.not_valid_after_utc
+    text = f"{name}: subject {subject}; issuer {issuer}; valid until {openssl_time(not_after)}"
+    now = datetime.now(UTC)
     if now < not_before:
-        return "error", f"{text}: not valid before {details['notBefore']}; check the machine's clock"
+        return "error", f"{text}: not valid before {openssl_time(not_before)}; check the machine's clock"
     if now > not_after:
         return "error", f"{text}: EXPIRED; issue a new certificate"
-    if not_after - now < 14 * 86400:
-        return "warning", f"{text}: expires in {(not_after - now) / 86400:.0f} days; renew it"
+    if (not_after - now).total_seconds() < 14 * 86400:
+        return "warning", f"{text}: expires in {(not_after - now).total_seconds() / 86400:.0f} days; renew it"
     return "ok", text
+
+
+def openssl_time(moment: datetime) -> str:
+    """A time as OpenSSL prints certificate dates: 'Jan  1 00:00:00 3000 GMT'."""
+    return f"{moment:%b} {moment.day:2d} {moment:%H:%M:%S} {moment.year} GMT"
 
 
 def check_chain(tls: TlsFiles) -> tuple[str, str]:
@@ -1248,173 +1572,83 @@ def check_chain(tls: TlsFiles) -> tuple[str, str]:
     return "error", "KAFKA_CLIENT_CERT could not be verified against KAFKA_CA_CERT"
 
 
-def check_broker(settings: Settings, tls: TlsFiles | None, say: Callable[[str, str], None]) -> None:
-    servers = ",".join(settings.bootstrap_servers)
+def check_broker(settings: Settings, tls: TlsFiles | None, report: CheckReport) -> None:
+    """Connect as the kernel does, then list each topic's partitions with the group's committed
+    offset, the end offset and the lag."""
     try:
-        consumer = KafkaConsumer(**security_config(settings, tls), group_id=settings.group_id,
-                                 client_id=settings.client_id, enable_auto_commit=False,
-                                 api_version_auto_timeout_ms=settings.bootstrap_timeout_ms)
-    except NoBrokersAvailable:
-        say("error", f"no broker of KAFKA_BOOTSTRAP_SERVERS={servers} answered within "
-                     f"{settings.bootstrap_timeout_ms} ms: check the address, the port and the network")
-        return
-    except ssl.SSLError as error:
-        say("error", f"TLS with {servers} failed ({getattr(error, 'verify_message', None) or error.reason}): "
-                     "check KAFKA_CA_CERT and the client certificate")
+        consumer = connect(settings, tls, StopSignal())
+    except BrokerUnavailable as error:
+        report.say("error", str(error))
         return
     try:
-        say("ok", f"connected to {servers} over {'SSL' if tls else 'PLAINTEXT'}")
+        report.say("ok", f"connected to {','.join(settings.bootstrap_servers)} over {'SSL' if tls else 'PLAINTEXT'}")
         for topic in settings.topics:
             partitions = consumer.partitions_for_topic(topic)
             if not partitions:
-                say("error", f"topic {topic} does not exist or is not visible to this client: check KAFKA_TOPIC")
+                report.say("error", f"topic {topic} does not exist or is not visible to this client: check KAFKA_TOPIC")
                 continue
-            say("ok", f"topic {topic}: {len(partitions)} partitions")
+            report.say("ok", f"topic {topic}: {len(partitions)} partitions")
             tps = [TopicPartition(topic, p) for p in sorted(partitions)]
             ends = consumer.end_offsets(tps)
             for tp in tps:
                 committed = consumer.committed(tp)
                 lag = ends[tp] - committed if committed is not None else None
-                say("ok", f"  {topic}[{tp.partition}]: committed {committed}, end {ends[tp]}, lag {lag}")
+                report.say("ok", f"  {topic}[{tp.partition}]: committed {committed}, end {ends[tp]}, lag {lag}")
     finally:
         consumer.close(autocommit=False)
-
-
-# Shutdown
-
-
-class StopSignal:
-    """SIGTERM/SIGINT handling: the first signal asks the loop to stop, a second one exits at once."""
-
-    def __init__(self):
-        self.requested = False
-        self.cleanups: list[Callable[[], None]] = []
-
-    def install(self) -> None:
-        signal.signal(signal.SIGTERM, self.handle)
-        signal.signal(signal.SIGINT, self.handle)
-
-    def handle(self, signum, frame) -> None:
-        """Meant to be a signal handler: it only sets a flag, unless the stop was already asked."""
-        if self.requested:
-            for cleanup in self.cleanups:
-                cleanup()
-            os._exit(EXIT_FORCED + signum)
-        self.requested = True
-        log.info("Received %s: stopping after the message in hand", signal.Signals(signum).name)
 
 
 # Entry point
 
 
-class RepeatFilter(logging.Filter):
-    """Lets a repeating warning through at most once per REPEATED_WARNING_INTERVAL_S, saying how
-    many were held back: the Kafka client's own, and ours logged with extra=REPEATING. During a
-    broker outage both would otherwise repeat on every reconnect or poll."""
-
-    def __init__(self):
-        super().__init__()
-        self.seen: dict[tuple[str, str], tuple[float, int]] = {}  # (logger, template): (last, held)
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if not (record.name.startswith("kafka") or getattr(record, "repeating", False)):
-            return True
-        key, now = (record.name, str(record.msg)), time.monotonic()
-        last_s, held = self.seen.get(key, (-REPEATED_WARNING_INTERVAL_S, 0))
-        if now - last_s < REPEATED_WARNING_INTERVAL_S:
-            self.seen[key] = (last_s, held + 1)
-            return False
-        self.seen[key] = (now, 0)
-        if held:
-            record.msg = f"{record.msg} [{held} more like this in the last {now - last_s:.0f} s]"
-        return True
-
-
-def about(record) -> dict:
-    """extra= for a log line about one message: JSON logs carry its coordinates as fields."""
-    return {"topic": record.topic, "partition": record.partition, "offset": record.offset}
-
-
-class JsonFormatter(logging.Formatter):
-    """LOG_FORMAT=json: one JSON object per line, for log pipelines that parse fields."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {
-            "timestamp": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
-            "level": record.levelname,
-            "kernel": KERNEL_NAME,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        entry.update({key: getattr(record, key) for key in ("topic", "partition", "offset") if hasattr(record, key)})
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str)
-
-
-PLAIN_FORMAT = f"%(asctime)s %(levelname)s [{KERNEL_NAME}] %(name)s: %(message)s"
-
-
-def configure_logging() -> None:
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter(PLAIN_FORMAT))
-    handler.addFilter(RepeatFilter())
-    logging.getLogger().addHandler(handler)
-    logging.getLogger().setLevel(logging.INFO)  # until LOG_LEVEL is known to be valid
-
-
-def apply_log_settings(settings: Settings) -> None:
-    root = logging.getLogger()
-    root.setLevel(settings.log_level)
-    formatter = JsonFormatter() if settings.log_format == "json" else logging.Formatter(PLAIN_FORMAT)
-    for handler in root.handlers:
-        handler.setFormatter(formatter)
-    # The client logs every connection step at INFO; its warnings and errors still show.
-    logging.getLogger("kafka").setLevel(max(logging.WARNING, logging.getLevelName(settings.log_level)))
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run the kernel; `python main.py check` checks the configuration instead."""
+def run(process_message: Callable, *, name: str, default_topic: str, argv: list[str] | None = None) -> int:
+    """Run a kernel until it is stopped; its exit code. `python main.py` runs this file's own kernel
+    (the last lines below); an example or a test passes its own process_message and names. With the
+    argument "check" (`python main.py check`), it checks the deployment instead of consuming."""
     argv = sys.argv if argv is None else argv
     load_dotenv(override=False)  # the real environment wins over .env
     if argv[1:] == ["check"]:
-        return check(os.environ)
+        return check(os.environ, name, default_topic)
     if argv[1:]:
         print(f"usage: {argv[0]} [check]", file=sys.stderr)
         return EXIT_CONFIG
     stop = StopSignal()
     stop.install()
-    configure_logging()
-    tls = None
+    configure_logging(name)
     try:
-        settings = load_settings(os.environ)
+        settings = load_settings(os.environ, name, default_topic)
         apply_log_settings(settings)
-        health, metrics = Health(settings), Metrics()
-        if settings.http_port:
-            serve_http(settings.http_port, health, metrics)
-            log.info("Serving /healthz, /readyz and /metrics on port %d", settings.http_port)
-        if settings.uses_tls:
-            tls = write_tls_material(settings)
-            stop.cleanups.append(lambda: shutil.rmtree(tls.directory, ignore_errors=True))
-        log.info(
-            "Starting: topics=%s group=%s client=%s bootstrap=%s security=%s",
-            ",".join(settings.topics), settings.group_id, settings.client_id,
-            ",".join(settings.bootstrap_servers), "SSL" if tls else "PLAINTEXT",
-        )
-        consumer = connect(settings, tls, stop)
-        if consumer is None:
-            return EXIT_OK
-        return Kernel(consumer, settings, stop, tls, health, metrics).run()
+        with tls_files(settings) as tls:
+            if tls is not None:
+                stop.cleanups.append(tls.remove)  # a second signal exits at once, but not leaving keys behind
+            return consume(process_message, settings, tls, stop)
     except ConfigError as error:
-        log.error("Configuration error: %s", error)
+        kernel_log.error("Configuration error: %s", error)
         return EXIT_CONFIG
     except BrokerUnavailable as error:
-        log.error("Cannot reach the broker: %s", error)
+        kernel_log.error("Cannot reach the broker: %s", error)
         return EXIT_BROKER
-    finally:
-        if tls is not None:
-            shutil.rmtree(tls.directory, ignore_errors=True)
 
+
+def consume(handler: Callable, settings: Settings, tls: TlsFiles | None, stop: StopSignal) -> int:
+    health, metrics = Health(settings), Metrics()
+    if settings.http_port:
+        serve_http(settings.http_port, health, metrics)
+        kernel_log.info("Serving /healthz, /readyz and /metrics on port %d", settings.http_port)
+    kernel_log.info("Starting: topics=%s group=%s client=%s bootstrap=%s security=%s", ",".join(settings.topics),
+                    settings.group_id, settings.client_id, ",".join(settings.bootstrap_servers),
+                    "SSL" if tls else "PLAINTEXT")
+    consumer = connect(settings, tls, stop)
+    if consumer is None:
+        return EXIT_OK
+    return ConsumerLoop(consumer, settings, handler, stop, tls, health, metrics).run()
+
+
+# A name defined both in your part and in the machinery would silently be the machinery's from here
+# on, in your code too: refuse to start instead, naming it.
+if shadowed := sorted(name for name, value in your_kernel.items() if globals()[name] is not value):
+    raise ImportError(f"main.py: {', '.join(shadowed)} defined in your part of main.py is also a name of the "
+                      "template's machinery, which would replace yours: rename yours")
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(process_message, name=KERNEL_NAME, default_topic=DEFAULT_TOPIC))

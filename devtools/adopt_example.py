@@ -1,10 +1,10 @@
 """Make one of the example kernels yours: `uv run devtools/adopt_example.py memory`.
 
-Replaces the "What to edit" part of main.py (from `KERNEL_NAME = ...` to the section after
-process_message) with the example's code (from its `KERNEL_NAME = ...` to its `__main__` block),
-adds the example's imports to main.py's (the names it imports from main are defined there already),
-and sorts them with ruff. Everything else in main.py stays as it is. Then: `uv sync --extra ...` for
-the example's packages, set its variables, and copy its tests (README.md, "Example kernels").
+Replaces your part of main.py (the lines between "# Your kernel" and "# End of your kernel") with the
+example's code: its imports (but the one from main, whose names main.py defines itself) and
+everything up to its `if __name__ == "__main__":` block. The machinery below your part stays as it
+is. Then: `uv sync --extra ...` for the example's packages, set its variables, and copy its tests
+(README.md, "Example kernels").
 """
 
 from __future__ import annotations
@@ -16,33 +16,33 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
-MAIN_SECTION_END = "# What process_message can use\n"
+START, END = "# Your kernel", "# End of your kernel"  # how main.py's marker lines begin
+MAIN_BLOCK = '\nif __name__ == "__main__":'
 
 
-def kernel_code(example: str) -> tuple[list[str], str]:
-    """The example's import lines (without `from main import`) and its code from KERNEL_NAME on."""
+def kernel_code(example: str) -> str:
+    """The example's code after its docstring, without its import from main and its __main__ block."""
     text = (EXAMPLES / f"{example}.py").read_text()
-    start, end = text.index("\nKERNEL_NAME = ") + 1, text.index('\nif __name__ == "__main__":')
-    imports = [line for line in text[:start].splitlines()
-               if line.startswith(("import ", "from ")) and not line.startswith("from main import")]
-    code = text[start:end].rstrip() + "\n"
-    if "\nlog = logging.getLogger(KERNEL_NAME)\n" not in code:
-        raise SystemExit(f"examples/{example}.py must define log = logging.getLogger(KERNEL_NAME), as main.py does")
-    return imports, code
+    body = text.split('"""', 2)[2].split(MAIN_BLOCK)[0]
+    lines = [line for line in body.splitlines() if not line.startswith("from main import")]
+    return "\n".join(lines).strip() + "\n"
+
+
+def your_part(lines: list[str], main_path: Path) -> tuple[int, int]:
+    """The indices of main.py's two marker lines."""
+    starts = [i for i, line in enumerate(lines) if line.startswith(START)]
+    ends = [i for i, line in enumerate(lines) if line.startswith(END)]
+    if len(starts) != 1 or len(ends) != 1 or starts[0] > ends[0]:
+        raise SystemExit(f"{main_path}: expected one line starting '{START}' and, after it, one starting '{END}'")
+    return starts[0], ends[0]
 
 
 def adopt(example: str, main_path: Path) -> None:
-    imports, code = kernel_code(example)
-    text = main_path.read_text()
-    if "\nKERNEL_NAME = " not in text or MAIN_SECTION_END not in text:
-        raise SystemExit(f"{main_path} has no 'KERNEL_NAME = ...' line or no '{MAIN_SECTION_END.strip()}' section")
-    start, end = text.index("\nKERNEL_NAME = ") + 1, text.index(MAIN_SECTION_END)
-    text = text[:start] + code + "\n\n" + text[end:]
-    missing = [line for line in imports if line not in text.splitlines()]
-    first_import = text.index("\nimport ") + 1
-    text = text[:first_import] + "".join(f"{line}\n" for line in missing) + text[first_import:]
-    main_path.write_text(text)
-    # isort-style order, as `uv run ruff check .` (part of the tests) expects.
+    lines = main_path.read_text().splitlines()
+    start, end = your_part(lines, main_path)
+    code = kernel_code(example).splitlines()
+    main_path.write_text("\n".join(lines[: start + 1] + code + ["", ""] + lines[end:]) + "\n")
+    # The example's import block joins main.py's `from __future__` line: let ruff order them as one.
     subprocess.run([sys.executable, "-m", "ruff", "check", "--quiet", "--fix", "--select", "I", str(main_path)],
                    check=True)
 

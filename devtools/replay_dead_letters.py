@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -32,9 +31,8 @@ DEAD_LETTER_HEADER_PREFIXES = ("kafka_dlt-", "kernel-")
 
 
 def replay(dead_letter_topic: str, to: str | None, dry_run: bool) -> int:
-    settings = main.load_settings(os.environ)
-    tls = main.write_tls_material(settings) if settings.uses_tls else None
-    try:
+    settings = main.load_settings(os.environ, main.KERNEL_NAME, main.DEFAULT_TOPIC)
+    with main.tls_files(settings) as tls:
         connection = main.security_config(settings, tls)
         consumer = KafkaConsumer(dead_letter_topic, **connection, group_id=f"{settings.group_id}-replay",
                                  enable_auto_commit=False, auto_offset_reset="earliest",
@@ -46,11 +44,11 @@ def replay(dead_letter_topic: str, to: str | None, dry_run: bool) -> int:
             headers = dict(record.headers or [])
             target = to or headers.get("kafka_dlt-original-topic", b"").decode()
             if not target:
-                print(f"{record.topic}[{record.partition}]@{record.offset}: no kafka_dlt-original-topic "
+                print(f"{main.coordinates(record)}: no kafka_dlt-original-topic "
                       "header and no --to: stopping", file=sys.stderr)
                 return 1
             kept = [(k, v) for k, v in record.headers or [] if not k.startswith(DEAD_LETTER_HEADER_PREFIXES)]
-            print(f"{record.topic}[{record.partition}]@{record.offset} -> {target}")
+            print(f"{main.coordinates(record)} -> {target}")
             if not dry_run:
                 producer.send(target, key=record.key, value=record.value, headers=kept).get(timeout=30)
                 consumer.commit({TopicPartition(record.topic, record.partition):
@@ -60,9 +58,6 @@ def replay(dead_letter_topic: str, to: str | None, dry_run: bool) -> int:
         producer.close()
         consumer.close(autocommit=False)
         return 0
-    finally:
-        if tls is not None:
-            shutil.rmtree(tls.directory, ignore_errors=True)
 
 
 def records_until_idle(consumer: KafkaConsumer):

@@ -13,7 +13,6 @@ goes to the dead-letter topic. Needs `uv sync --extra database`.
 import atexit
 import logging
 import os
-import sys
 import threading
 
 import psycopg
@@ -105,6 +104,6 @@ def memories() -> Memories:
 
 
 if __name__ == "__main__":
-    from examples import run
+    import main
 
-    sys.exit(run(process_message, KERNEL_NAME, DEFAULT_TOPIC))
+    raise SystemExit(main.run(process_message, name=KERNEL_NAME, default_topic=DEFAULT_TOPIC))

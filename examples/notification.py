@@ -12,7 +12,6 @@ refused or dropped, WEBHOOK_TIMEOUT_S passed), a 5xx, 408 or 429 is retried with
 import atexit
 import logging
 import os
-import sys
 import threading
 
 import httpx
@@ -67,6 +66,6 @@ def webhook() -> tuple[str, httpx.Client]:
 
 
 if __name__ == "__main__":
-    from examples import run
+    import main
 
-    sys.exit(run(process_message, KERNEL_NAME, DEFAULT_TOPIC))
+    raise SystemExit(main.run(process_message, name=KERNEL_NAME, default_topic=DEFAULT_TOPIC))

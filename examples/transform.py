@@ -12,7 +12,6 @@ so run it with KERNEL_DEAD_LETTER_TOPIC set.
 import json
 import logging
 import os
-import sys
 
 from main import describe_timestamp, json_object, send  # adopting: drop this line
 
@@ -43,6 +42,6 @@ def output_topic() -> str:
 
 
 if __name__ == "__main__":
-    from examples import run
+    import main
 
-    sys.exit(run(process_message, KERNEL_NAME, DEFAULT_TOPIC))
+    raise SystemExit(main.run(process_message, name=KERNEL_NAME, default_topic=DEFAULT_TOPIC))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import os
 import re
+import shutil
 import signal
 import ssl
 import subprocess
@@ -34,11 +35,27 @@ MAIN = REPO / "main.py"
 # For the tests of the template's own hello-world process_message: once KERNEL_NAME is set, main.py is
 # a kernel of its own, and its tests are the ones in tests/test_process_message.py.
 hello_world = pytest.mark.skipif(
-    main.KERNEL_NAME != "example-kernel",
+    main.KERNEL_NAME != "hello-world",
     reason="checks the template's hello-world process_message; main.py has a KERNEL_NAME of its own now",
 )
 RECORDING_KERNEL = REPO / "tests" / "recording_kernel.py"
 HELLO_LINE = re.compile(r"Received (\S+)\[(\d+)\]@(\d+) ")
+
+
+def copy_repository(destination: Path) -> Path:
+    """The project's files (tracked, and new ones git does not ignore) copied to `destination`."""
+    names = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.splitlines()
+    for name in names:
+        if (REPO / name).is_file():  # not one deleted from the work tree
+            (destination / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, destination / name)
+    return destination
+
+
+def settings_from(env: dict[str, str]) -> main.Settings:
+    """main.py's settings from `env` alone, under main.py's own kernel name and default topic."""
+    return main.load_settings(env, main.KERNEL_NAME, main.DEFAULT_TOPIC)
 
 
 def wait_until(condition, timeout_s: float, what: str, interval_s: float = 0.1):
@@ -218,8 +235,8 @@ class KernelProcess:
         self.env = env
         self.workdir = workdir
         self.log_path = workdir / f"kernel-{uuid.uuid4().hex[:6]}.log"
-        if module is not None:  # python -m examples.transform: an example kernel
-            env = {**env, "PYTHONPATH": str(REPO)}
+        if module is not None:  # python -m examples.transform: an example kernel, of this project unless told
+            env = {"PYTHONPATH": str(REPO), **env}
         self.process = subprocess.Popen(
             [sys.executable, *(["-m", module] if module else [str(script)])],
             env=env,

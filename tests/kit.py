@@ -89,15 +89,10 @@ class CapturedOutput:
 def call(message: ConsumerRecord, handler: Callable[[Any], bool] | None = None) -> Outcome:
     """Run `handler` (default: main.process_message) on `message` as a kernel worker would."""
     output = CapturedOutput()
-    if handler is not None:
-        main_handler, main.process_message = main.process_message, handler
     try:
-        result, _ = main.call_process_message(message, output)
+        result, _ = main.call_process_message(handler or main.process_message, message, output)
     except main.DeadLetter as rejection:
         return Outcome(None, output.sent, str(rejection) or "process_message raised DeadLetter")
-    finally:
-        if handler is not None:
-            main.process_message = main_handler
     if result is not True and result is not False:
         raise TypeError(f"process_message must return True or False, got {result!r} (the kernel would stop)")
     return Outcome(result, output.sent)

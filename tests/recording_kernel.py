@@ -1,6 +1,6 @@
-"""The real kernel (main.main) with a test process_message, run as `python tests/recording_kernel.py`.
+"""The real kernel (main.run) with a test process_message, run as `python tests/recording_kernel.py`.
 
-It substitutes main.process_message the way a user's code would, then records every call, one line
+It hands main.run its own process_message, the way an example kernel does, and records every call, one line
 per attempt, "topic partition offset value result pid start_ns end_ns", to $TEST_RECORD_PATH
 (appended and flushed per line, so it survives SIGKILL). What the handler does depends on the
 message value (the part before a "|", if any; what follows is a label for the test):
@@ -47,7 +47,5 @@ def process_message(message) -> bool:
     return True
 
 
-main.process_message = process_message
-
 if __name__ == "__main__":
-    sys.exit(main.main())
+    sys.exit(main.run(process_message, name=main.KERNEL_NAME, default_topic=main.DEFAULT_TOPIC))

@@ -2,8 +2,7 @@
 
 import re
 
-import main
-from tests.conftest import REPO
+from tests.conftest import REPO, settings_from
 
 VARIABLES = sorted(set(re.findall(r'"((?:KAFKA|KERNEL)_[A-Z_]+|LOG_[A-Z]+|PORT)"', (REPO / "main.py").read_text())))
 
@@ -19,9 +18,9 @@ def test_every_setting_is_documented():
 def test_documented_defaults_are_the_real_ones():
     readme = (REPO / "README.md").read_text()
     template_defaults = dict(re.findall(r"^#((?:KAFKA|KERNEL)_[A-Z_]+|LOG_[A-Z]+)=(\S+)$", (REPO / ".env.template").read_text(), re.M))
-    settings = main.load_settings({"KAFKA_BOOTSTRAP_SERVERS": "a:1"})
+    settings = settings_from({"KAFKA_BOOTSTRAP_SERVERS": "a:1"})
     for name, default in template_defaults.items():
         assert f"| `{name}` | `{default}` |" in readme, f"README and .env.template disagree on {name}"
-        assert main.load_settings({"KAFKA_BOOTSTRAP_SERVERS": "a:1", name: default}) == settings, (
+        assert settings_from({"KAFKA_BOOTSTRAP_SERVERS": "a:1", name: default}) == settings, (
             f"{name}={default} is documented as the default but changes the settings"
         )

@@ -12,6 +12,7 @@ import time
 import pytest
 import trustme
 
+import main
 from devtools.broker import free_port
 from tests.conftest import MAIN, REPO, base64_lines, http_get, processed, wait_until
 
@@ -91,7 +92,7 @@ def test_json_logs_parse_and_carry_the_message_coordinates(cluster, kernels):
     assert all({"timestamp", "level", "kernel", "logger", "message"} <= set(e) for e in entries)
     retry = next(e for e in entries if "returned False" in e["message"])
     assert (retry["topic"], retry["partition"], retry["offset"], retry["level"]) == (topic, 0, 0, "WARNING")
-    assert {e["kernel"] for e in entries} == {"example-kernel"}
+    assert {e["kernel"] for e in entries} == {main.KERNEL_NAME}
 
 
 def run_check(env: dict[str, str]) -> tuple[int, str]:

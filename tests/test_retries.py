@@ -1,6 +1,6 @@
 """False means "try again": the message is retried with backoff, nothing after it in its partition
 goes first, other partitions go on, and the partition delivers again once its wait ends even when
-every other partition is idle (the kafka-python 3.0.12 pause defect of DESIGN.md)."""
+every other partition is idle (the kafka-python 3.0.12 pause defect: README, "About the Kafka client")."""
 
 import signal
 
@@ -62,7 +62,7 @@ def test_a_return_value_other_than_true_or_false_is_fatal(cluster, kernels, tmp_
     handler = tmp_path / "returns_none.py"
     handler.write_text(
         f"import sys\nsys.path.insert(0, {kernels.repo!r})\nimport main\n"
-        "main.process_message = lambda message: None\nsys.exit(main.main())\n"
+        "sys.exit(main.run(lambda message: None, name='returns-none', default_topic='unused'))\n"
     )
     kernel = kernels.start(kernels.env(topic, "returns-none"), script=handler)
     assert kernel.wait(timeout_s=30) == 1

@@ -5,13 +5,14 @@ import base64
 import pytest
 
 import main
-from main import ConfigError, decode_pem, load_settings, retry_delay_ms
+from main import ConfigError, decode_pem, retry_delay_ms
+from tests.conftest import settings_from
 
 PEM = b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
 
 
 def test_defaults():
-    settings = load_settings({"KAFKA_BOOTSTRAP_SERVERS": "a:9092, b:9092"})
+    settings = settings_from({"KAFKA_BOOTSTRAP_SERVERS": "a:9092, b:9092"})
     assert settings.bootstrap_servers == ["a:9092", "b:9092"]
     assert settings.topics == [main.DEFAULT_TOPIC]
     assert settings.group_id == f"{main.KERNEL_NAME}-group"
@@ -22,7 +23,7 @@ def test_defaults():
 
 
 def test_values_are_read_and_normalised():
-    settings = load_settings({
+    settings = settings_from({
         "KAFKA_BOOTSTRAP_SERVERS": "a:1", "KAFKA_TOPIC": "orders, payments,", "KAFKA_MAX_POLL_RECORDS": " 2_000 ",
         "KAFKA_SSL_CHECK_HOSTNAME": "FALSE", "KAFKA_AUTO_OFFSET_RESET": "Latest", "LOG_LEVEL": "debug",
         "KAFKA_CONSUMER_GROUP": "g", "KAFKA_CLIENT_ID": "c",
@@ -45,11 +46,11 @@ def test_values_are_read_and_normalised():
 ])
 def test_invalid_settings_name_the_variable(env, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        load_settings(env)
+        settings_from(env)
 
 
 def test_certificate_values_are_kept_for_decoding_later():
-    settings = load_settings({"KAFKA_BOOTSTRAP_SERVERS": "a:1", "KAFKA_CA_CERT": " x ",
+    settings = settings_from({"KAFKA_BOOTSTRAP_SERVERS": "a:1", "KAFKA_CA_CERT": " x ",
                               "KAFKA_CLIENT_CERT": "y", "KAFKA_CLIENT_KEY": "z"})
     assert settings.uses_tls and (settings.ca_cert, settings.client_cert, settings.client_key) == ("x", "y", "z")
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import main
 from tests.conftest import REPO, hello_world, wait_until
 
 
@@ -46,7 +47,8 @@ def test_local_run_command_shows_sample_messages_and_stops_on_ctrl_c(tmp_path):
                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         started = time.monotonic()
-        wait_until(lambda: len(re.findall(r"Received example-topic", log_path.read_text())) == 5, 20,
+        wait_until(lambda: len(re.findall(rf"INFO \[{main.KERNEL_NAME}\] Received {main.DEFAULT_TOPIC}\[",
+                                          log_path.read_text())) == 5, 20,
                    "the five sample messages")
         print(f"sample messages processed {time.monotonic() - started:.1f} s after start")
         os.killpg(runner.pid, signal.SIGINT)  # what Ctrl-C does to the terminal's foreground group

@@ -1,0 +1,107 @@
+"""Unit tests of the Ledger, the kernel's pure bookkeeping: no broker, no threads, no clock. The test
+plays the workers' part by setting how far each task got."""
+
+from kafka import TopicPartition
+from kafka.consumer.fetcher import ConsumerRecord
+
+import main
+from main import Consequence, Failure
+
+P0, P1 = TopicPartition("t", 0), TopicPartition("t", 1)
+
+
+def record(partition: TopicPartition, offset: int, key: bytes | None = None):
+    return ConsumerRecord(partition.topic, partition.partition, None, offset, 0, 0, key, b"v", [], None, 1, 1, -1)
+
+
+def ledger(keyed: bool = False) -> main.Ledger:
+    book = main.Ledger(keyed)
+    book.assign({P0, P1})
+    return book
+
+
+def back(book: main.Ledger, task: main.Task, finished: int, failure: Failure | None = None) -> main.Lane | None:
+    """The task comes back having finished `finished` records."""
+    task.finished, task.failure = finished, failure
+    return book.take_back(task)
+
+
+def test_the_commit_never_passes_an_unfinished_message():
+    state = main.PartitionState(fetched_end=10)
+    slow, fast = main.Lane(P0, b"slow"), main.Lane(P0, b"fast")
+    slow.task = main.Task(slow, [record(P0, 4), record(P0, 7)], finished=1)  # 4 done, 7 in process_message
+    fast.records.extend([record(P0, 9)])
+    state.lanes = {b"slow": slow, b"fast": fast}
+    assert state.next_commit() == 7
+    slow.task.finished = 2
+    assert state.next_commit() == 9
+    fast.records.clear()
+    assert state.next_commit() == 10
+
+
+def test_one_task_per_lane_and_lanes_by_key_only_when_keyed():
+    by_partition, by_key = ledger(), ledger(keyed=True)
+    for book in (by_partition, by_key):
+        book.add(P0, [record(P0, 0, b"a"), record(P0, 1, b"b"), record(P0, 2, b"a")])
+        book.add(P1, [record(P1, 0, b"a")])
+    assert sorted(len(task.records) for task in by_partition.start_tasks(0)) == [1, 3]
+    assert sorted(len(task.records) for task in by_key.start_tasks(0)) == [1, 1, 2]
+    assert by_key.start_tasks(0) == [], "a lane with a task in flight gets no second one"
+
+
+def test_unfinished_records_are_counted_once_per_partition_and_the_commit_follows_the_prefix():
+    book = ledger()
+    book.add(P0, [record(P0, offset) for offset in range(5, 10)])
+    assert book.unfinished == 5 and book.commits_due() == {}, "the fetch started where the group had committed"
+    [task] = book.start_tasks(0)
+    lane = back(book, task, finished=3, failure=Failure(Consequence.RETRY, "False"))
+    assert book.unfinished == 2 and book.commits_due() == {P0: 8}
+    book.mark_committed({P0: 8})
+    assert book.commits_due() == {}
+    assert [r.offset for r in lane.records] == [8, 9], "the unfinished ones wait at the head of the lane"
+
+
+def test_a_retry_is_handed_out_when_due_and_not_before():
+    book = ledger()
+    book.add(P0, [record(P0, 0), record(P0, 1)])
+    [task] = book.start_tasks(0)
+    lane = back(book, task, finished=0, failure=Failure(Consequence.RETRY, "False"))
+    assert lane.attempts_made() == 1
+    book.retry_later(lane, attempts=1, due_s=10)
+    book.reschedule(lane)
+    book.add(P0, [record(P0, 2)])  # more records for a waiting lane: still waiting
+    assert book.start_tasks(now_s=9.9) == [] and book.next_retry_due_s() == 10
+    [task] = book.start_tasks(now_s=10)
+    assert [r.offset for r in task.records] == [0, 1, 2]
+    lane = back(book, task, finished=0, failure=Failure(Consequence.RETRY, "False"))
+    assert lane.attempts_made() == 2, "the second attempt on the same offset"
+    book.retry_later(lane, attempts=2, due_s=20)
+    book.reschedule(lane)
+    [task] = book.start_tasks(now_s=20)
+    back(book, task, finished=3)
+    assert lane.retry is None and book.unfinished == 0 and book.commits_due() == {P0: 3}
+
+
+def test_a_dead_lettered_record_is_passed_and_the_rest_go_on():
+    book = ledger()
+    book.add(P0, [record(P0, 0), record(P0, 1), record(P0, 2)])
+    [task] = book.start_tasks(0)
+    lane = back(book, task, finished=1, failure=Failure(Consequence.DEAD_LETTER, "bad"))
+    book.finish_first(lane)
+    book.reschedule(lane)
+    assert book.commits_due() == {P0: 2} and book.unfinished == 1
+    [task] = book.start_tasks(0)
+    assert [r.offset for r in task.records] == [2]
+
+
+def test_forgetting_a_revoked_partition_drops_its_lanes_and_ignores_its_task_coming_back():
+    book = ledger()
+    book.add(P0, [record(P0, 0)])
+    book.add(P1, [record(P1, 0), record(P1, 1)])
+    tasks = {task.lane.partition: task for task in book.start_tasks(0)}
+    assert book.tasks_of({P1}) == {tasks[P1]}
+    book.forget({P1})
+    assert back(book, tasks[P1], finished=2) is None
+    assert set(book.partitions) == {P0} and book.unfinished == 1 and book.in_flight == {tasks[P0]}
+    book.add(P1, [record(P1, 2)])  # fetched before the revocation, polled after it
+    assert book.unfinished == 1 and book.start_tasks(0) == []

@@ -1,0 +1,316 @@
+"""Unit tests of the consumer loop — lanes, finished prefixes, retries, dead letters, revocations,
+back-pressure — with the real worker threads and a recording stand-in for KafkaConsumer."""
+
+import threading
+import time
+
+import pytest
+from kafka import TopicPartition
+from kafka.consumer.fetcher import ConsumerRecord
+from kafka.errors import CommitFailedError, KafkaTimeoutError
+from kafka.producer.future import FutureProduceResult, FutureRecordMetadata
+
+import main
+from main import Consequence, Failure
+
+P0, P1 = TopicPartition("t", 0), TopicPartition("t", 1)
+
+
+class RecordingConsumer:
+    config = {"api_version": (2, 8)}
+
+    def __init__(self):
+        self.calls = []
+        self.paused_partitions = set()
+        self.commit_error = None
+
+    def pause(self, *partitions):
+        self.paused_partitions |= set(partitions)
+        self.calls.append(("pause", partitions))
+
+    def resume(self, *partitions):
+        self.paused_partitions -= set(partitions)
+        self.calls.append(("resume", partitions))
+
+    def paused(self):
+        return set(self.paused_partitions)
+
+    def commit(self, offsets, timeout_ms=None):
+        if self.commit_error:
+            raise self.commit_error
+        self.calls.append(("commit", {tp: meta.offset for tp, meta in offsets.items()}))
+
+    def commits(self):
+        return [call[1] for call in self.calls if call[0] == "commit"]
+
+
+def record(partition: TopicPartition, offset: int, key: bytes | None = b"k"):
+    return ConsumerRecord(partition.topic, partition.partition, None, offset, 1_700_000_000_000, 0, key, b"v",
+                          [("h", b"1")], None, 1, 1, -1)
+
+
+def answers(mapping):
+    """A process_message answering from `mapping` ((partition, offset) -> result), True otherwise."""
+    def process_message(message):
+        result = mapping.get((message.partition, message.offset), True)
+        if isinstance(result, Exception):
+            raise result
+        return result
+    return process_message
+
+
+def make_loop(handler=None, **env):
+    settings = main.load_settings({"KAFKA_BOOTSTRAP_SERVERS": "a:1", "KERNEL_RETRY_INITIAL_MS": "1000",
+                                   "KAFKA_MAX_POLL_RECORDS": "4", **env}, "test-kernel", "t")
+    loop = main.ConsumerLoop(RecordingConsumer(), settings, handler or answers({}), main.StopSignal())
+    loop.assigned({P0, P1})
+    return loop
+
+
+def settle_all(loop):
+    """Hand out every ready lane and settle what comes back, until nothing is in flight."""
+    loop.hand_out()
+    while loop.ledger.in_flight:
+        assert loop.settle_handed_back(timeout_s=5), "a worker did not hand its task back"
+        loop.hand_out()
+
+
+def task_of(records):
+    return main.Task(main.Lane(P0, None), records)
+
+
+def test_process_task_counts_finished_messages_and_stops_at_false():
+    task = task_of([record(P0, 5), record(P0, 6), record(P0, 7)])
+    main.process_task(task, answers({(0, 6): False}), main.StopSignal())
+    assert (task.finished, task.failure) == (1, Failure(Consequence.RETRY, "process_message returned False"))
+
+
+def test_process_task_stops_after_the_message_in_hand():
+    stop = main.StopSignal()
+
+    def stop_after_first(message):
+        stop.requested = True
+        return True
+
+    task = task_of([record(P0, 0), record(P0, 1)])
+    main.process_task(task, stop_after_first, stop)
+    assert task.finished == 1
+
+
+@pytest.mark.parametrize("result, cause", [(ValueError("boom"), "boom"), (None, "must return True or False, got None")])
+def test_an_exception_or_a_wrong_return_value_is_fatal(result, cause):
+    loop = make_loop(answers({(0, 6): result}))
+    loop.ledger.add(P0, [record(P0, 5), record(P0, 6), record(P0, 7)])
+    with pytest.raises(main.MessageFailed, match=r"t\[0\]@6") as failure:
+        settle_all(loop)
+    assert cause in str(failure.value.__cause__)
+    loop.commit(force=True)
+    assert loop.consumer.commits() == [{P0: 6}]
+
+
+def test_finished_prefixes_are_committed_explicitly_and_once():
+    loop = make_loop()
+    loop.ledger.add(P0, [record(P0, 5), record(P0, 6)])
+    loop.ledger.add(P1, [record(P1, 0)])
+    settle_all(loop)
+    loop.commit()
+    loop.commit()
+    assert loop.consumer.commits() == [{P0: 7, P1: 1}]
+    assert loop.ledger.unfinished == 0 and loop.ledger.partitions[P0].lanes == {}
+
+
+def test_false_holds_its_partition_at_concurrency_one_and_counts_attempts():
+    results = {(0, 6): False}
+    loop = make_loop(answers(results))
+    loop.ledger.add(P0, [record(P0, 5), record(P0, 6, key=b"a"), record(P0, 7, key=b"b")])
+    settle_all(loop)
+    loop.commit()
+    lane = loop.ledger.partitions[P0].lanes[None]
+    assert [r.offset for r in lane.records] == [6, 7], "the message after it must wait"
+    assert (lane.retry.offset, lane.retry.attempts) == (6, 1) and lane in loop.ledger.retrying
+    assert 800 <= loop.poll_timeout_ms() <= 1000
+
+    lane.retry.due_s = 0  # due now
+    settle_all(loop)
+    assert lane.retry.attempts == 2
+    results[(0, 6)] = True
+    lane.retry.due_s = 0
+    settle_all(loop)
+    loop.commit()
+    assert loop.consumer.commits() == [{P0: 6}, {P0: 8}]
+    assert loop.ledger.retrying == set()
+
+
+def test_false_holds_only_its_key_with_concurrency():
+    loop = make_loop(answers({(0, 6): False}), KERNEL_CONCURRENCY="4")
+    loop.ledger.add(P0, [record(P0, 5, b"a"), record(P0, 6, b"b"), record(P0, 7, b"a"), record(P0, 8, b"b")])
+    settle_all(loop)
+    lanes = loop.ledger.partitions[P0].lanes
+    assert set(lanes) == {b"b"} and [r.offset for r in lanes[b"b"].records] == [6, 8]
+    loop.commit()
+    assert loop.consumer.commits() == [{P0: 6}], "key a finished 7, but 6 is not done"
+
+
+def test_exhausted_attempts_without_a_dead_letter_topic_stop_the_kernel():
+    loop = make_loop(answers({(0, 6): False}), KERNEL_MAX_ATTEMPTS="2")
+    loop.ledger.add(P0, [record(P0, 5), record(P0, 6)])
+    settle_all(loop)
+    loop.ledger.partitions[P0].lanes[None].retry.due_s = 0
+    with pytest.raises(main.NoDeadLetterTopic, match=r"t\[0\]@6: process_message returned False on all 2 attempts"):
+        settle_all(loop)
+    loop.commit(force=True)
+    assert loop.consumer.commits() == [{P0: 6}]
+
+
+def test_back_pressure_pauses_a_partition_with_two_polls_unfinished_and_resumes_below_one():
+    loop = make_loop()
+    loop.ledger.add(P0, [record(P0, offset) for offset in range(8)])
+    loop.apply_back_pressure()
+    assert loop.consumer.paused() == {P0}
+    settle_all(loop)
+    loop.apply_back_pressure()
+    assert loop.consumer.paused() == set()
+
+
+def test_failed_commits_keep_the_offsets_for_later():
+    loop = make_loop()
+    loop.ledger.add(P0, [record(P0, 3)])
+    settle_all(loop)
+    for error in (KafkaTimeoutError(), CommitFailedError()):
+        loop.consumer.commit_error = error
+        loop.commit()
+    loop.consumer.commit_error = None
+    loop.commit()
+    assert loop.consumer.commits() == [{P0: 4}]
+
+
+def test_revocation_commits_and_forgets_only_the_revoked_partitions():
+    loop = make_loop(answers({(1, 4): False}))
+    loop.ledger.add(P0, [record(P0, 2)])
+    loop.ledger.add(P1, [record(P1, 3), record(P1, 4)])
+    settle_all(loop)
+    main.RebalanceListener(loop).on_partitions_revoked([P1])
+    assert loop.consumer.commits() == [{P1: 4}]
+    assert set(loop.ledger.partitions) == {P0} and loop.ledger.retrying == set() and loop.ledger.unfinished == 0
+
+
+def test_revocation_waits_for_the_message_in_hand_and_stops_the_rest():
+    started, release = threading.Event(), threading.Event()
+
+    def blocking(message):
+        if message.offset == 0:
+            started.set()
+            release.wait(5)
+        return True
+
+    loop = make_loop(blocking)
+    loop.ledger.add(P0, [record(P0, 0), record(P0, 1)])
+    loop.ledger.add(P1, [record(P1, 7)])
+    loop.hand_out()
+    assert started.wait(5)
+    threading.Timer(0.3, release.set).start()
+    main.RebalanceListener(loop).on_partitions_revoked([P0])
+    assert loop.consumer.commits() == [{P0: 1}], "offset 0 finished in hand; offset 1 left for the next owner"
+    assert set(loop.ledger.partitions) == {P1}
+    settle_all(loop)  # P1's task, handed back during the revocation, is settled by the loop
+    loop.commit()
+    assert loop.consumer.commits()[-1] == {P1: 8}
+    assert loop.ledger.unfinished == 0
+
+
+def test_dead_letter_headers_use_spring_kafka_names_and_encodings():
+    headers = dict(main.dead_letter_headers(record(P1, 7), 3, "group", "DeadLetter", "the reason", main.KERNEL_NAME))
+    assert headers["kafka_dlt-original-topic"] == b"t"
+    assert int.from_bytes(headers["kafka_dlt-original-partition"], "big") == 1
+    assert int.from_bytes(headers["kafka_dlt-original-offset"], "big") == 7
+    assert int.from_bytes(headers["kafka_dlt-original-timestamp"], "big") == 1_700_000_000_000
+    assert headers["kafka_dlt-original-timestamp-type"] == b"CreateTime"
+    assert headers["kafka_dlt-original-consumer-group"] == b"group"
+    assert (headers["kafka_dlt-exception-fqcn"], headers["kafka_dlt-exception-message"]) == (b"DeadLetter", b"the reason")
+    assert (headers["kernel-attempts"], headers["kernel-name"]) == (b"3", main.KERNEL_NAME.encode())
+
+
+class PendingProducer:
+    """A stand-in for the kernel's producer whose sends the test confirms or fails by hand."""
+
+    timeout_s = 0.2
+
+    def __init__(self):
+        self.futures: list[tuple[str, bytes | None, FutureRecordMetadata]] = []
+
+    def send(self, topic, key, value, headers):
+        produced = FutureProduceResult(TopicPartition(topic, 0))
+        future = FutureRecordMetadata(produced, 0, 0, None, 0, 0, 0)
+        self.futures.append((topic, value, produced))
+        return future
+
+
+def forward(message):
+    main.send("out", message.value)
+    return True
+
+
+def test_a_message_counts_as_done_only_once_what_it_sent_is_confirmed():
+    producer = PendingProducer()
+    task = task_of([record(P0, 5), record(P0, 6)])
+    worker = threading.Thread(target=main.process_task, args=(task, forward, main.StopSignal(), producer))
+    producer.timeout_s = 5
+    worker.start()
+    wait_for(lambda: len(producer.futures) == 2)
+    assert task.finished == 0, "nothing may be committed while its output could still be lost"
+    producer.futures[0][2].success((0, -1, None))
+    wait_for(lambda: task.finished == 1)
+    producer.futures[1][2].success((1, -1, None))
+    worker.join(timeout=5)
+    assert (task.finished, task.failure) == (2, None)
+
+
+def test_an_undelivered_send_stops_the_task_at_its_message_to_be_tried_again():
+    producer = PendingProducer()
+    task = task_of([record(P0, 5), record(P0, 6), record(P0, 7)])
+    worker = threading.Thread(target=main.process_task, args=(task, forward, main.StopSignal(), producer))
+    producer.timeout_s = 5
+    worker.start()
+    wait_for(lambda: len(producer.futures) == 3)
+    producer.futures[1][2].failure(KafkaTimeoutError("no broker"))
+    producer.futures[0][2].success((0, -1, None))
+    worker.join(timeout=10)
+    assert (task.finished, task.failure) == (1, Failure(
+        Consequence.RETRY, "a message it sent was not delivered (KafkaTimeoutError('no broker'))"))
+
+    unconfirmed = task_of([record(P0, 5)])
+    main.process_task(unconfirmed, forward, main.StopSignal(), PendingProducer())  # never confirmed: 0.2 s timeout
+    assert unconfirmed.finished == 0 and "KafkaTimeoutError" in unconfirmed.failure.reason
+
+
+def test_dead_letter_without_a_dead_letter_topic_stops_the_kernel_uncommitted():
+    loop = make_loop(answers({(0, 6): main.DeadLetter("not an event")}))
+    loop.ledger.add(P0, [record(P0, 5), record(P0, 6), record(P0, 7)])
+    with pytest.raises(main.NoDeadLetterTopic, match=r"t\[0\]@6: not an event"):
+        settle_all(loop)
+    loop.commit(force=True)
+    assert loop.consumer.commits() == [{P0: 6}]
+
+
+def test_dead_letter_is_published_with_its_reason_then_passed():
+    loop = make_loop(answers({(0, 6): main.DeadLetter("not an event")}), KERNEL_DEAD_LETTER_TOPIC="dlt")
+    loop.dead_letters.producer = producer = PendingProducer()
+    loop.ledger.add(P0, [record(P0, 5), record(P0, 6), record(P0, 7)])
+    loop.hand_out()
+    assert loop.settle_handed_back(timeout_s=5)  # 5 done, 6 rejected: its dead letter goes unconfirmed
+    assert [(topic, value) for topic, value, _ in producer.futures] == [("dlt", b"v")]
+    assert list(loop.ledger.partitions[P0].lanes[None].records)[0].offset == 6, "kept while the publish failed"
+    loop.ledger.partitions[P0].lanes[None].retry.due_s = 0
+    threading.Timer(0.05, lambda: producer.futures[1][2].success((0, -1, None))).start()
+    producer.timeout_s = 5
+    settle_all(loop)
+    loop.commit(force=True)
+    assert loop.consumer.commits()[-1] == {P0: 8}
+    assert loop.metrics.dead_lettered.labels("t")._value.get() == 1
+
+
+def wait_for(condition, timeout_s: float = 5):
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)

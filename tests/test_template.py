@@ -1,0 +1,181 @@
+"""The seam between your part of main.py and the template's machinery: your part can be renamed,
+reordered and extended without breaking the machinery, the examples, the test kit or adopting an
+example; a name clash is refused; and a later template's machinery merges into a kernel with git
+(README.md, "Taking template updates")."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import uuid
+
+import pytest
+
+from tests.conftest import MAIN, copy_repository, wait_committed
+
+START, END = "# Your kernel", "# End of your kernel"
+# A kernel author's part, unlike the template's: another name, topic and logger (named and bound
+# differently), a helper and an import of their own, in another order.
+RENAMED_PART = '''
+import logging
+import textwrap
+
+DEFAULT_TOPIC = "renamed-topic"
+KERNEL_NAME = "renamed-kernel"
+
+
+def shout(text: str) -> str:
+    return textwrap.shorten(text.upper(), width=40)
+
+
+def process_message(message) -> bool:
+    logger.info("Handled %s: %s", coordinates(message), shout(message.value.decode()))
+    return True
+
+
+logger = logging.getLogger("renamed-logger")
+'''
+
+
+def replace_your_part(main_text: str, part: str) -> str:
+    """main.py's text with the lines between its two markers replaced by `part`."""
+    head, rest = main_text.split(f"\n{START}", 1)
+    marker_line, _ = rest.split("\n", 1)
+    _, tail = rest.split(f"\n{END}", 1)
+    return f"{head}\n{START}{marker_line}\n{part.strip()}\n\n\n{END}{tail}"
+
+
+def your_part(main_text: str) -> str:
+    return main_text.split(f"\n{START}", 1)[1].split(f"\n{END}", 1)[0]
+
+
+def run(command: list[str], cwd, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=120, **kwargs)
+
+
+def test_your_part_can_be_renamed_reordered_and_extended(cluster, kernels, tmp_path):
+    project = copy_repository(tmp_path / "project")
+    (project / "main.py").write_text(replace_your_part(MAIN.read_text(), RENAMED_PART))
+
+    kit = run([sys.executable, "-c", "from tests.kit import call, make_message\n"
+               "outcome = call(make_message(b'hi'))\nassert outcome.result is True, outcome"], project)
+    assert kit.returncode == 0, kit.stderr
+
+    source, output = cluster.create_topic(partitions=1), cluster.create_topic(partitions=1)
+    groups = {"main": f"renamed-{uuid.uuid4().hex[:6]}", "example": f"example-{uuid.uuid4().hex[:6]}"}
+    produced = cluster.produce(source, [(0, b"k", b'{"id": "e-1", "type": "t"}')])
+    renamed = kernels.start(kernels.env(source, groups["main"]), script=project / "main.py")
+    example = kernels.start(kernels.env(source, groups["example"], TRANSFORM_OUTPUT_TOPIC=output,
+                                        PYTHONPATH=str(project)), module="examples.transform")
+    wait_committed(cluster, renamed, groups["main"], source, produced, 1)
+    wait_committed(cluster, example, groups["example"], source, produced, 1)
+    assert renamed.stop() == 0 and example.stop() == 0
+    assert re.search(r"INFO \[renamed-kernel\] renamed-logger: Handled \S+\[0\]@0: \{\"ID\": \"E-1\"", renamed.log())
+    assert all(line.count("[renamed-kernel]") == 1 for line in renamed.log().splitlines()), "the name once a line"
+    assert "[renamed-kernel] Partitions assigned" in renamed.log(), "the machinery logs under the kernel's name"
+    assert [json.loads(r.value())["enriched_by"] for r in cluster.read_topic(output, 1)] == ["transform-kernel"]
+
+    adopted = run([sys.executable, "devtools/adopt_example.py", "memory"], project)
+    assert adopted.returncode == 0, adopted.stderr
+    assert 'KERNEL_NAME = "memory-kernel"' in (project / "main.py").read_text()
+    lint = run([sys.executable, "-m", "ruff", "check", "--no-cache", "main.py"], project)
+    assert lint.returncode == 0, lint.stdout
+    assert run([sys.executable, "-c", "import main"], project).returncode == 0
+
+
+def test_a_name_your_part_shares_with_the_machinery_is_refused(tmp_path):
+    """A helper named like a piece of the machinery would be replaced by it, silently: refused at import."""
+    part = RENAMED_PART + "\n\ndef connect(url):\n    return url\n"
+    (tmp_path / "main.py").write_text(replace_your_part(MAIN.read_text(), part))
+    result = run([sys.executable, "main.py"], tmp_path)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1] == (
+        "ImportError: main.py: connect defined in your part of main.py is also a name of the template's "
+        "machinery, which would replace yours: rename yours")
+
+
+# A kernel author's changes, as in the README: their own part of main.py, a dependency, a test.
+KERNEL_PART = RENAMED_PART.replace("renamed", "orders")
+KERNEL_TEST = '''from tests.kit import call, make_message
+
+
+def test_an_order_is_handled():
+    assert call(make_message(b"order 1")).result is True
+'''
+
+
+def git(*arguments: str, cwd) -> str:
+    result = subprocess.run(["git", "-c", "user.name=test", "-c", "user.email=test@example.com", *arguments],
+                            cwd=cwd, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, f"git {' '.join(arguments)}: {result.stdout}{result.stderr}"
+    return result.stdout
+
+
+def change_the_machinery(main_text: str) -> str:
+    """A later template: a new import, a renamed constant used in several places, a new section in
+    the docstring's map, a new function at the end of the machinery."""
+    text = main_text.replace("\nimport ssl\n", "\nimport ssl\nimport struct\n", 1)
+    text = text.replace("POLL_TIMEOUT_MS", "IDLE_POLL_TIMEOUT_MS")
+    text = text.replace("  Entry point ", "  Template updates               how this part changed\n  Entry point ", 1)
+    main_block = '\nif __name__ == "__main__":'
+    new_function = '\n\ndef template_version() -> tuple[int, int]:\n    return struct.unpack(">HH", b"\\x00\\x02\\x00\\x00")\n'
+    return text.replace(main_block, new_function + "\n" + main_block, 1)
+
+
+@pytest.mark.parametrize("history", ["cloned", "from a copy"])
+def test_template_updates_merge_into_a_kernel(tmp_path, history):
+    """The template at one commit; a kernel made from it (a clone, or a copy with a history of its
+    own, as GitHub's "Use this template" makes) and changed by its author; the template's next
+    commit changes the machinery; the kernel merges it: no conflict, its part intact, its tests pass."""
+    template = copy_repository(tmp_path / "template")
+    git("init", "-q", "-b", "main", cwd=template)
+    git("add", "-A", cwd=template)
+    git("commit", "-q", "-m", "template", cwd=template)
+    started_from = git("rev-parse", "HEAD", cwd=template).strip()
+
+    kernel = tmp_path / "kernel"
+    if history == "cloned":
+        git("clone", "-q", str(template), str(kernel), cwd=tmp_path)
+        git("remote", "rename", "origin", "template", cwd=kernel)
+    else:
+        copy_repository(kernel)
+        git("init", "-q", "-b", "main", cwd=kernel)
+        git("add", "-A", cwd=kernel)
+        git("commit", "-q", "-m", "initial commit", cwd=kernel)
+        git("remote", "add", "template", str(template), cwd=kernel)
+        git("fetch", "-q", "template", cwd=kernel)
+        # Once: record the template commit the copy was made from, keeping the kernel's own files.
+        git("merge", "-q", "--allow-unrelated-histories", "-s", "ours", "-m", "Template base", started_from, cwd=kernel)
+    main_path = kernel / "main.py"
+    main_path.write_text(replace_your_part(main_path.read_text(), KERNEL_PART))
+    pyproject = kernel / "pyproject.toml"
+    pyproject.write_text(pyproject.read_text().replace('    "python-dotenv>=1.0",\n',
+                                                       '    "python-dotenv>=1.0",\n    "httpx>=0.27",\n', 1))
+    locked = run([os.environ.get("UV") or shutil.which("uv"), "lock", "--offline"], kernel)
+    assert locked.returncode == 0, locked.stderr
+    (kernel / "tests" / "test_orders.py").write_text(KERNEL_TEST)
+    git("add", "-A", cwd=kernel)
+    git("commit", "-q", "-m", "The orders kernel", cwd=kernel)
+    mine = your_part(main_path.read_text())
+
+    template_main = template / "main.py"
+    template_main.write_text(change_the_machinery(template_main.read_text()))
+    git("commit", "-q", "-am", "Machinery: a change", cwd=template)
+
+    git("fetch", "-q", "template", cwd=kernel)
+    merge = subprocess.run(["git", "-c", "user.name=test", "-c", "user.email=test@example.com", "merge",
+                            "--no-edit", "template/main"], cwd=kernel, capture_output=True, text=True, timeout=60)
+    print(f"\n{history}: git merge template/main\n{merge.stdout}{merge.stderr}")
+    assert merge.returncode == 0 and "CONFLICT" not in merge.stdout, merge.stdout
+    merged = main_path.read_text()
+    assert your_part(merged) == mine, "the author's part changed in the merge"
+    assert merged.split(f"\n{END}", 1)[1] == template_main.read_text().split(f"\n{END}", 1)[1], (
+        "the machinery is not the template's new one")
+    assert '"httpx>=0.27"' in pyproject.read_text()
+    tests = run([sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", "tests/test_orders.py",
+                 "tests/test_ledger.py", "tests/test_settings.py", "tests/test_lint.py"], kernel)
+    assert tests.returncode == 0, tests.stdout[-3000:]
+    imported = run([sys.executable, "-c", "import main; print(main.template_version(), main.KERNEL_NAME)"], kernel)
+    assert imported.stdout.strip() == "(2, 0) orders-kernel", imported.stderr
