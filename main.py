@@ -24,7 +24,7 @@ The machinery, in reading order:
   Producing                      the kernel's one producer: send() and the dead-letter topic
   Processing                     worker threads calling process_message, in order per lane
   Bookkeeping                    lanes, retries and the offset to commit, per partition
-  The consumer loop              poll, hand out, settle, commit, follow rebalances
+  The consumer loop              failures, the watchdog, and the loop: poll, hand out, settle, commit
   Checking a deployment          python main.py check
   Entry point                    run(): what python main.py and the examples call
 """
@@ -292,13 +292,7 @@ class Settings:
 
 def load_settings(env: Mapping[str, str], kernel_name: str, default_topic: str) -> Settings:
     """Build the settings from environment variables; raise ConfigError naming the bad one."""
-    certs = {name: env.get(name, "").strip() or None for name in CERT_VARIABLES}
-    missing = [name for name, value in certs.items() if value is None]
-    if 0 < len(missing) < len(CERT_VARIABLES):
-        raise ConfigError(
-            f"{', '.join(missing)} not set: mutual TLS needs all of {', '.join(CERT_VARIABLES)} "
-            "(or none of them for PLAINTEXT)"
-        )
+    certs = certificate_values(env)
     return Settings(
         kernel_name=kernel_name,
         bootstrap_servers=parse_list(env, "KAFKA_BOOTSTRAP_SERVERS", default=None),
@@ -335,6 +329,16 @@ def load_settings(env: Mapping[str, str], kernel_name: str, default_topic: str) 
         log_level=parse_choice(env, "LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
         log_format=parse_choice(env, "LOG_FORMAT", "plain", ("plain", "json")),
     )
+
+
+def certificate_values(env: Mapping[str, str]) -> dict[str, str | None]:
+    """The three certificate variables: all set (mutual TLS) or none (PLAINTEXT)."""
+    certs = {name: env.get(name, "").strip() or None for name in CERT_VARIABLES}
+    missing = [name for name, value in certs.items() if value is None]
+    if 0 < len(missing) < len(CERT_VARIABLES):
+        raise ConfigError(f"{', '.join(missing)} not set: mutual TLS needs all of {', '.join(CERT_VARIABLES)} "
+                          "(or none of them for PLAINTEXT)")
+    return certs
 
 
 def parse_list(env: Mapping[str, str], name: str, default: str | None) -> list[str]:
@@ -1195,6 +1199,86 @@ COMMIT_INTERVAL_S = 0.1  # while workers are busy, finished prefixes are committ
 LAG_REFRESH_S = 5.0  # how often kernel_consumer_lag is brought up to date
 
 
+class FailurePolicy:
+    """What happens to a message that failed: it is tried again after a backoff (RetryPolicy), or
+    goes to the dead-letter topic once it raised DeadLetter or used up KERNEL_MAX_ATTEMPTS."""
+
+    def __init__(self, settings: Settings, ledger: Ledger, dead_letters: DeadLetterTopic | None, metrics: Metrics):
+        self.retry = settings.retry
+        self.ledger = ledger
+        self.dead_letters = dead_letters
+        self.metrics = metrics
+
+    def apply(self, lane: Lane, failure: Failure) -> None:
+        """The lane's first record failed: dead-letter it, or schedule its next attempt."""
+        record, attempts, reason = lane.records[0], lane.attempts_made(), failure.reason
+        dead = failure.consequence is Consequence.DEAD_LETTER
+        if not dead and self.retry.exhausted(attempts):
+            reason, dead = f"{reason} on all {attempts} attempts (KERNEL_MAX_ATTEMPTS)", True
+        if dead:
+            if self.dead_letters is None:
+                raise NoDeadLetterTopic(record, reason)
+            exception = "DeadLetter" if failure.consequence is Consequence.DEAD_LETTER else "RetriesExhausted"
+            if self.dead_letters.publish(record, attempts, reason, exception):
+                self.ledger.finish_first(lane)
+                return
+            reason = "the dead-letter topic could not be reached"
+        self.metrics.retried.labels(record.topic).inc()
+        delay_s = self.retry.delay_s(attempts)
+        self.ledger.retry_later(lane, attempts, time.monotonic() + delay_s)
+        kernel_log.warning("%s for %s (attempt %d); retrying in %.1f s", reason, coordinates(record), attempts,
+                           delay_s, extra=log_fields(record))
+
+
+class Watchdog:
+    """What the loop reports about itself besides its metrics: once a second, when the
+    longest-running message started (for /healthz) and a warning for one that runs long; every few
+    seconds, each partition's lag."""
+
+    def __init__(self, settings: Settings, ledger: Ledger, health: Health, metrics: Metrics):
+        self.max_poll_interval_ms = settings.max_poll_interval_ms
+        self.ledger = ledger
+        self.health = health
+        self.metrics = metrics
+        self.last_slow_check_s = self.last_lag_s = 0.0
+
+    def watch_in_flight(self) -> None:
+        now = time.monotonic()
+        if now - self.last_slow_check_s < KEEPALIVE_INTERVAL_S:
+            return
+        self.last_slow_check_s = now
+        running = [task for task in self.ledger.in_flight if task.running]
+        self.health.busy_since_s = min((task.started_s for task in running), default=None)
+        for task in running:
+            if task.warned_slow != task.finished and now - task.started_s > self.max_poll_interval_ms / 2000:
+                task.warned_slow = task.finished
+                record = task.records[task.finished]
+                kernel_log.warning(
+                    "process_message has been running for %.0f s on %s: a rebalance waits for it at most "
+                    "KAFKA_MAX_POLL_INTERVAL_MS (%d ms) before the group moves its partitions on",
+                    now - task.started_s, coordinates(record), self.max_poll_interval_ms, extra=log_fields(record),
+                )
+
+    def refresh_lag(self, consumer: KafkaConsumer) -> None:
+        """End offset (the high watermark the last fetch reported) minus the committed offset, per
+        partition. Both are known locally: no request to the broker."""
+        now = time.monotonic()
+        if now - self.last_lag_s < LAG_REFRESH_S:
+            return
+        self.last_lag_s = now
+        for tp, state in self.ledger.partitions.items():
+            end = consumer.highwater(tp)
+            if end is not None and state.committed is not None:
+                self.metrics.lag.labels(tp.topic, str(tp.partition)).set(max(0, end - state.committed))
+
+    def forget(self, partitions: set[TopicPartition]) -> None:
+        for partition in partitions:
+            try:
+                self.metrics.lag.remove(partition.topic, str(partition.partition))
+            except KeyError:
+                pass
+
+
 class ConsumerLoop:
     """Polls, has the workers process each lane's records in order, commits the finished prefixes.
 
@@ -1217,12 +1301,13 @@ class ConsumerLoop:
         self.paused: set[TopicPartition] = set()  # by back-pressure
         # One poll's worth, and enough to keep every worker busy, is buffered before polling pauses.
         self.buffer_limit = max(settings.max_poll_records, 4 * settings.concurrency)
-        self.last_commit_s = self.last_slow_check_s = self.last_lag_s = 0.0
+        self.last_commit_s = 0.0
         # Counting and timing every message costs a little: only when /metrics is served.
         per_message = self.metrics if settings.http_port else None
         self.producer = Producer(settings, tls, consumer.config["api_version"], per_message)
-        self.dead_letters = (DeadLetterTopic(settings, self.producer, self.metrics)
-                             if settings.dead_letter_topic else None)
+        dead_letters = DeadLetterTopic(settings, self.producer, self.metrics) if settings.dead_letter_topic else None
+        self.failures = FailurePolicy(settings, self.ledger, dead_letters, self.metrics)
+        self.watchdog = Watchdog(settings, self.ledger, self.health, self.metrics)
         self.workers = Workers(settings.concurrency, handler, stop, self.producer, per_message)
 
     def run(self) -> int:
@@ -1254,9 +1339,9 @@ class ConsumerLoop:
         else:
             self.apply_back_pressure()
             self.poll(BUSY_POLL_TIMEOUT_MS if self.ledger.in_flight else self.poll_timeout_ms())
-        self.watch_in_flight()
+        self.watchdog.watch_in_flight()
         self.commit()
-        self.refresh_lag()
+        self.watchdog.refresh_lag(self.consumer)
 
     def poll(self, timeout_ms: int) -> None:
         for partition, records in self.consumer.poll(timeout_ms=timeout_ms).items():
@@ -1295,29 +1380,8 @@ class ConsumerLoop:
         if lane is None:
             return
         if failure is not None and not self.stop.requested:
-            self.retry_or_dead_letter(lane, failure)
+            self.failures.apply(lane, failure)
         self.ledger.reschedule(lane)
-
-    def retry_or_dead_letter(self, lane: Lane, failure: Failure) -> None:
-        """The lane's first record failed: dead-letter it if it raised DeadLetter or has used up
-        KERNEL_MAX_ATTEMPTS, else schedule its next attempt."""
-        record, attempts, reason = lane.records[0], lane.attempts_made(), failure.reason
-        dead = failure.consequence is Consequence.DEAD_LETTER
-        if not dead and self.settings.retry.exhausted(attempts):
-            reason, dead = f"{reason} on all {attempts} attempts (KERNEL_MAX_ATTEMPTS)", True
-        if dead:
-            if self.dead_letters is None:
-                raise NoDeadLetterTopic(record, reason)
-            exception = "DeadLetter" if failure.consequence is Consequence.DEAD_LETTER else "RetriesExhausted"
-            if self.dead_letters.publish(record, attempts, reason, exception):
-                self.ledger.finish_first(lane)
-                return
-            reason = "the dead-letter topic could not be reached"
-        self.metrics.retried.labels(record.topic).inc()
-        delay_s = self.settings.retry.delay_s(attempts)
-        self.ledger.retry_later(lane, attempts, time.monotonic() + delay_s)
-        kernel_log.warning("%s for %s (attempt %d); retrying in %.1f s", reason, coordinates(record), attempts,
-                           delay_s, extra=log_fields(record))
 
     def apply_back_pressure(self) -> None:
         """Stop fetching for a partition with two polls' worth unfinished; go on below one."""
@@ -1340,25 +1404,6 @@ class ConsumerLoop:
         self.consumer.poll(timeout_ms=0)
         self.health.last_poll_s = time.monotonic()
         self.consumer.resume(*(pausing & set(self.ledger.partitions)))
-
-    def watch_in_flight(self) -> None:
-        """Once a second: note the longest-running message for /healthz, warn when it is slow."""
-        now = time.monotonic()
-        if now - self.last_slow_check_s < KEEPALIVE_INTERVAL_S:
-            return
-        self.last_slow_check_s = now
-        running = [task for task in self.ledger.in_flight if task.running]
-        self.health.busy_since_s = min((task.started_s for task in running), default=None)
-        for task in running:
-            if task.warned_slow != task.finished and now - task.started_s > self.settings.max_poll_interval_ms / 2000:
-                task.warned_slow = task.finished
-                record = task.records[task.finished]
-                kernel_log.warning(
-                    "process_message has been running for %.0f s on %s: a rebalance waits for it at most "
-                    "KAFKA_MAX_POLL_INTERVAL_MS (%d ms) before the group moves its partitions on",
-                    now - task.started_s, coordinates(record), self.settings.max_poll_interval_ms,
-                    extra=log_fields(record),
-                )
 
     def commit(self, partitions: set[TopicPartition] | None = None, force: bool = False) -> None:
         """Commit each partition's finished prefix, synchronously: after every polled batch once
@@ -1389,18 +1434,6 @@ class ConsumerLoop:
         self.ledger.mark_committed(offsets)
         kernel_log.debug("Committed %s", {f"{tp.topic}[{tp.partition}]": offset for tp, offset in offsets.items()})
 
-    def refresh_lag(self) -> None:
-        """Every few seconds: end offset (the high watermark the last fetch reported) minus the
-        committed offset, per partition. Both are known locally: no request to the broker."""
-        now = time.monotonic()
-        if now - self.last_lag_s < LAG_REFRESH_S:
-            return
-        self.last_lag_s = now
-        for tp, state in self.ledger.partitions.items():
-            end = self.consumer.highwater(tp)
-            if end is not None and state.committed is not None:
-                self.metrics.lag.labels(tp.topic, str(tp.partition)).set(max(0, end - state.committed))
-
     def assigned(self, partitions: set[TopicPartition]) -> None:
         self.ledger.assign(partitions)
         self.metrics.rebalances.inc()
@@ -1418,11 +1451,7 @@ class ConsumerLoop:
             self.ledger.take_back(task)
         self.commit(partitions, force=True)
         self.health.joined = False
-        for partition in partitions:
-            try:
-                self.metrics.lag.remove(partition.topic, str(partition.partition))
-            except KeyError:
-                pass
+        self.watchdog.forget(partitions)
         self.ledger.forget(partitions)
         self.paused -= partitions
         self.metrics.assigned.set(len(self.ledger.partitions))

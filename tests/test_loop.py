@@ -294,7 +294,7 @@ def test_dead_letter_without_a_dead_letter_topic_stops_the_kernel_uncommitted():
 
 def test_dead_letter_is_published_with_its_reason_then_passed():
     loop = make_loop(answers({(0, 6): main.DeadLetter("not an event")}), KERNEL_DEAD_LETTER_TOPIC="dlt")
-    loop.dead_letters.producer = producer = PendingProducer()
+    loop.failures.dead_letters.producer = producer = PendingProducer()
     loop.ledger.add(P0, [record(P0, 5), record(P0, 6), record(P0, 7)])
     loop.hand_out()
     assert loop.settle_handed_back(timeout_s=5)  # 5 done, 6 rejected: its dead letter goes unconfirmed

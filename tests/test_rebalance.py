@@ -3,7 +3,7 @@
 import signal
 from collections import Counter
 
-from tests.conftest import wait_until
+from tests.conftest import wait_committed, wait_until
 
 MAX_POLL_RECORDS = 50
 
@@ -21,6 +21,7 @@ def test_rebalances_lose_nothing(cluster, kernels):
     wait_until(lambda: len(kernels.records()) >= progress + 300, 60, "both kernels to make progress")
     assert first.stop(signal.SIGTERM) == 0  # leaves the group: the second takes everything
     wait_until(lambda: len({(r[0], r[1]) for r in kernels.records()}) == 2000, 90, "every message processed")
+    wait_committed(cluster, second, "rebalance", topic, produced, 4)
     assert second.stop(signal.SIGTERM) == 0
 
     attempts = Counter((r[0], r[1]) for r in kernels.records())

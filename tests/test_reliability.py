@@ -12,7 +12,7 @@ from collections import Counter
 
 import pytest
 
-from tests.conftest import REPO, check_one_owner_at_a_time, processed, wait_until
+from tests.conftest import REPO, check_one_owner_at_a_time, processed, wait_committed, wait_until
 
 MAX_POLL_RECORDS = 200
 
@@ -74,6 +74,8 @@ def test_crash_loop_of_five_sigkills_loses_nothing(cluster, kernels, concurrency
     last = kernels.start(env)
     last.wait_for_log("Partitions assigned", 30)
     wait_until(lambda: len(processed(kernels.attempts())) == 20_000, 120, "every message processed")
+    # What a killed kernel finished but did not commit, the last one redoes: wait for its commits.
+    wait_committed(cluster, last, group, topic, produced, 6)
     assert last.stop() == 0
     sampler.check_monotonic()
 
@@ -104,6 +106,7 @@ def test_group_of_three_survives_kill_join_and_stop_with_one_owner_per_partition
     assert members[1].stop(signal.SIGTERM) == 0  # leaves the group cleanly
     produced = producer.result()
     wait_until(lambda: len(processed(kernels.attempts())) == 6_000, 90, "every message processed")
+    wait_committed(cluster, members[2], group, topic, produced, 6)
     for member in (members[2], members[3]):
         assert member.stop(signal.SIGTERM) == 0
 
@@ -133,6 +136,7 @@ def test_broker_outage_of_ten_seconds_is_survived(cluster, kernels):
     assert kernel.process.poll() is None, "the kernel exited during the outage"
 
     wait_until(lambda: len(processed(kernels.attempts())) == 3_000, 90, "every message processed")
+    wait_committed(cluster, kernel, "outage", topic, produced, 3)
     assert kernel.stop() == 0
     repeats = report("10 s broker outage", produced, kernels.attempts())
     problems = [line for line in outage_log if " WARNING " in line or " ERROR " in line]
