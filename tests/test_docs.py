@@ -24,3 +24,17 @@ def test_documented_defaults_are_the_real_ones():
         assert settings_from({"KAFKA_BOOTSTRAP_SERVERS": "a:1", name: default}) == settings, (
             f"{name}={default} is documented as the default but changes the settings"
         )
+
+
+def anchors(path) -> set[str]:
+    """GitHub's anchors for the headings of a Markdown file."""
+    headings = re.findall(r"^#+ (.+)$", path.read_text(), re.M)
+    return {re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-") for heading in headings}
+
+
+def test_links_to_sections_point_at_headings_that_exist():
+    for document in ("README.md", "docs/reference.md", "CLAUDE.md"):
+        path = REPO / document
+        for target, anchor in re.findall(r"\]\(([\w./-]*)#([\w-]+)\)", path.read_text()):
+            linked = (path.parent / target).resolve() if target else path
+            assert anchor in anchors(linked), f"{document} links to {target}#{anchor}, which is not a heading"
