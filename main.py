@@ -72,6 +72,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import signal
 import ssl
@@ -124,7 +125,26 @@ def send(topic: str, value: bytes | None, key: bytes | None = None,
     for name, data in (("value", value), ("key", key)):
         if data is not None and not isinstance(data, bytes | bytearray):
             raise TypeError(f"send() {name} must be bytes or None, got {type(data).__name__}: encode it first")
-    sends.append(current_call.producer.send(topic, key, value, list(headers or [])))
+    if key is None and value is None:
+        raise TypeError("send() needs a key or a value: kafka-python cannot send a record with neither")
+    sends.append(current_call.producer.send(topic, key, value, producible_headers(headers or [])))
+
+
+def producible_headers(headers: list) -> list[tuple[str, bytes]]:
+    """Headers as kafka-python's producer takes them: (str, bytes) pairs. A null value, which Kafka
+    allows (and message.headers can hold) but the producer refuses, is sent empty; anything else
+    that is not a header raises TypeError saying which."""
+    producible = []
+    for header in headers:
+        if not (isinstance(header, tuple | list) and len(header) == 2 and isinstance(header[0], str)):
+            raise TypeError(f"a header must be a (str, bytes) pair, got {header!r:.100}")
+        name, value = header
+        if value is None or isinstance(value, bytearray | memoryview):
+            value = bytes(value or b"")
+        elif not isinstance(value, bytes):
+            raise TypeError(f"header {name!r} must have a bytes value (or None), got {type(value).__name__}")
+        producible.append((name, value))
+    return producible
 
 
 def json_object(message, max_bytes: int = 1_048_576, required: tuple[str, ...] = ()) -> dict:
@@ -256,6 +276,7 @@ class Settings:
     group_instance_id: str | None
     auto_offset_reset: str
     max_poll_records: int
+    buffer_max_bytes: int
     fetch_max_bytes: int
     max_partition_fetch_bytes: int
     check_crcs: bool
@@ -293,6 +314,7 @@ class Settings:
 def load_settings(env: Mapping[str, str], kernel_name: str, default_topic: str) -> Settings:
     """Build the settings from environment variables; raise ConfigError naming the bad one."""
     certs = certificate_values(env)
+    session_timeout_ms = parse_int(env, "KAFKA_SESSION_TIMEOUT_MS", 45_000, minimum=1_000)
     return Settings(
         kernel_name=kernel_name,
         bootstrap_servers=parse_list(env, "KAFKA_BOOTSTRAP_SERVERS", default=None),
@@ -306,11 +328,14 @@ def load_settings(env: Mapping[str, str], kernel_name: str, default_topic: str) 
         group_instance_id=env.get("KAFKA_GROUP_INSTANCE_ID", "").strip() or None,
         auto_offset_reset=parse_choice(env, "KAFKA_AUTO_OFFSET_RESET", "earliest", ("earliest", "latest")),
         max_poll_records=parse_int(env, "KAFKA_MAX_POLL_RECORDS", 2_000, minimum=1),
-        fetch_max_bytes=parse_int(env, "KAFKA_FETCH_MAX_BYTES", 52_428_800, minimum=1024),
+        buffer_max_bytes=parse_int(env, "KERNEL_BUFFER_MAX_BYTES", 67_108_864, minimum=1024),
+        fetch_max_bytes=parse_int(env, "KAFKA_FETCH_MAX_BYTES", 16_777_216, minimum=1024),
         max_partition_fetch_bytes=parse_int(env, "KAFKA_MAX_PARTITION_FETCH_BYTES", 1_048_576, minimum=1024),
         check_crcs=parse_bool(env, "KAFKA_CHECK_CRCS", True),
-        session_timeout_ms=parse_int(env, "KAFKA_SESSION_TIMEOUT_MS", 45_000, minimum=1_000),
-        heartbeat_interval_ms=parse_int(env, "KAFKA_HEARTBEAT_INTERVAL_MS", 3_000, minimum=100),
+        session_timeout_ms=session_timeout_ms,
+        # The client warns above a third of the session timeout; more often than 3 s is not needed.
+        heartbeat_interval_ms=parse_int(env, "KAFKA_HEARTBEAT_INTERVAL_MS", min(3_000, session_timeout_ms // 3),
+                                        minimum=100),
         max_poll_interval_ms=parse_int(env, "KAFKA_MAX_POLL_INTERVAL_MS", 300_000, minimum=1_000),
         bootstrap_timeout_ms=parse_int(env, "KAFKA_BOOTSTRAP_TIMEOUT_MS", 30_000, minimum=1_000),
         commit_timeout_ms=parse_int(env, "KAFKA_COMMIT_TIMEOUT_MS", 10_000, minimum=100),
@@ -506,10 +531,15 @@ class TlsFiles:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
+PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----.+?-----END \1-----", re.DOTALL)
+
+
 def decode_pem(name: str, value: str, block: str) -> bytes:
-    """Decode a base64 variable to PEM. Line breaks, missing padding and raw PEM are accepted."""
-    text = value.strip()
-    if text.startswith("-----BEGIN"):
+    """The PEM blocks of a certificate variable, as people paste them: base64 (with line breaks or
+    without padding) or PEM text, with literal \\n for line breaks (a platform's variable editor, a
+    single-quoted .env value) or text before the first block (openssl pkcs12's "Bag Attributes")."""
+    text = value.strip().replace("\\r\\n", "\n").replace("\\n", "\n")
+    if "-----BEGIN" in text:
         pem = text.encode()
     else:
         compact = "".join(text.split())
@@ -517,11 +547,10 @@ def decode_pem(name: str, value: str, block: str) -> bytes:
             pem = base64.b64decode(compact + "=" * (-len(compact) % 4), validate=True)
         except (binascii.Error, ValueError):
             raise ConfigError(f"{name} is not valid base64 (nor PEM text)") from None
-    if f"-----BEGIN {block}".encode() not in pem and not (
-        block == "PRIVATE KEY" and b"PRIVATE KEY-----" in pem
-    ):
+    blocks = [found.group(0) for found in PEM_BLOCK.finditer(pem) if found.group(1).endswith(block.encode())]
+    if not blocks:
         raise ConfigError(f"{name} does not decode to a PEM {block.lower()} ('-----BEGIN {block}...')")
-    return pem
+    return b"\n".join(blocks) + b"\n"
 
 
 @contextmanager
@@ -591,6 +620,7 @@ class Health:
         self.last_poll_s = time.monotonic()  # starting counts as progress
         self.busy_since_s: float | None = None  # start of the longest-running process_message call
         self.joined = False  # holds an assignment (possibly empty) from the group
+        self.missing_topics: list[str] = []  # topics of KAFKA_TOPIC the broker does not know
 
     def alive(self) -> tuple[bool, str]:
         now = time.monotonic()
@@ -601,6 +631,8 @@ class Health:
         return True, "ok"
 
     def ready(self) -> tuple[bool, str]:
+        if self.missing_topics:
+            return False, f"topic {', '.join(self.missing_topics)} does not exist"
         return (True, "ok") if self.joined else (False, "not in the group yet")
 
 
@@ -627,6 +659,8 @@ class Metrics:
                               registry=self.registry)
         self.lag = Gauge("kernel_consumer_lag", "End offset minus committed offset",
                          labelnames=["topic", "partition"], registry=self.registry)
+        self.buffered_bytes = Gauge("kernel_buffered_bytes", "Memory held by fetched messages not finished yet "
+                                    "(estimated; fetching pauses at KERNEL_BUFFER_MAX_BYTES)", registry=self.registry)
 
 
 def serve_http(port: int, health: Health, metrics: Metrics) -> ThreadingHTTPServer:
@@ -685,6 +719,8 @@ def consumer_config(settings: Settings, tls: TlsFiles | None) -> dict:
         group_instance_id=settings.group_instance_id,
         # Offsets are committed by the loop, explicitly and only for finished messages.
         enable_auto_commit=False,
+        # A mistyped KAFKA_TOPIC must not create a topic and wait on it forever: the loop waits for it.
+        allow_auto_create_topics=False,
         auto_offset_reset=settings.auto_offset_reset,
         max_poll_records=settings.max_poll_records,
         fetch_max_bytes=settings.fetch_max_bytes,
@@ -827,11 +863,17 @@ class DeadLetterTopic:
         self.metrics = metrics
 
     def publish(self, record, attempts: int, reason: str, exception: str) -> bool:
-        """Publish the record, confirmed by the broker (acks=all); False if it was not."""
-        headers = list(record.headers or []) + dead_letter_headers(record, attempts, self.group_id, exception,
-                                                                   reason, self.kernel_name)
-        future = self.producer.send(self.topic, record.key, record.value, headers)
-        error = wait_for_confirmation(future, self.producer.timeout_s)
+        """Publish the record, confirmed by the broker (acks=all); False if it was not. What the
+        producer cannot send is adapted: a null header value is sent empty, and a record with
+        neither key nor value gets an empty value."""
+        headers = producible_headers(record.headers) + dead_letter_headers(record, attempts, self.group_id,
+                                                                           exception, reason, self.kernel_name)
+        value = b"" if record.key is None and record.value is None else record.value
+        try:
+            error = wait_for_confirmation(self.producer.send(self.topic, record.key, value, headers),
+                                          self.producer.timeout_s)
+        except Exception as unexpected:  # the message stays put, named, rather than crash-loop the kernel
+            error = unexpected
         if error is not None:
             kernel_log.warning("Could not publish %s to the dead-letter topic %s (%r); it stays uncommitted and is "
                                "retried", coordinates(record), self.topic, error, extra=log_fields(record) | REPEATING)
@@ -896,7 +938,7 @@ def process_record(handler: Callable, record, producer: Producer | None) -> list
         result, sends = call_process_message(handler, record, producer)
     except DeadLetter as rejection:
         return Failure(Consequence.DEAD_LETTER, str(rejection) or "process_message raised DeadLetter")
-    except Exception as error:
+    except BaseException as error:  # SystemExit and KeyboardInterrupt too: exit code 1 like any other
         raise MessageFailed(record) from error
     if result is True:
         return sends
@@ -1056,12 +1098,32 @@ class Lane:
         return retry.attempts + 1 if retry is not None and retry.offset == self.records[0].offset else 1
 
 
+RECORD_OVERHEAD_BYTES = 350  # what a fetched record holds besides its key, value and headers (tracemalloc)
+HEADER_OVERHEAD_BYTES = 150  # and each of its headers besides its name and value
+
+
+def memory_cost(record) -> int:
+    """About what a fetched record holds in memory: the sizes of its key, value and headers, as the
+    client counted them while decoding it (-1 for none), and the objects around them."""
+    return (RECORD_OVERHEAD_BYTES + record.serialized_key_size + record.serialized_value_size
+            + max(record.serialized_header_size, 0) + HEADER_OVERHEAD_BYTES * len(record.headers))
+
+
 @dataclass
 class PartitionState:
     lanes: dict[bytes | None, Lane] = field(default_factory=dict)
     unfinished: int = 0  # fetched records not finished yet
+    unfinished_bytes: int = 0  # what they hold in memory (memory_cost)
     fetched_end: int | None = None  # offset after the last fetched record
     committed: int | None = None  # the last offset this kernel committed
+
+    def hold(self, records: list) -> None:
+        self.unfinished += len(records)
+        self.unfinished_bytes += sum(map(memory_cost, records))
+
+    def let_go(self, records: list) -> None:
+        self.unfinished -= len(records)
+        self.unfinished_bytes -= sum(map(memory_cost, records))
 
     def next_commit(self) -> int | None:
         """The end of the longest finished prefix: never past an unfinished or failed message."""
@@ -1087,6 +1149,10 @@ class Ledger:
     def unfinished(self) -> int:
         return sum(state.unfinished for state in self.partitions.values())
 
+    @property
+    def unfinished_bytes(self) -> int:
+        return sum(state.unfinished_bytes for state in self.partitions.values())
+
     def assign(self, partitions: set[TopicPartition]) -> None:
         for partition in partitions:
             self.partitions.setdefault(partition, PartitionState())
@@ -1099,7 +1165,7 @@ class Ledger:
         if state.fetched_end is None:  # where the group's committed offset (or the reset) put us
             state.committed = records[0].offset
         state.fetched_end = records[-1].offset + 1
-        state.unfinished += len(records)
+        state.hold(records)
         if self.keyed:
             for record in records:
                 self.lane(partition, state, record.key).records.append(record)
@@ -1138,7 +1204,7 @@ class Ledger:
         if state is None or state.lanes.get(lane.key) is not lane:
             return None
         lane.records.extendleft(reversed(task.records[task.finished:]))
-        state.unfinished -= task.finished
+        state.let_go(task.records[:task.finished])
         if task.finished and lane.retry is not None:  # the retried message succeeded
             lane.retry = None
         return lane
@@ -1149,9 +1215,8 @@ class Ledger:
 
     def finish_first(self, lane: Lane) -> None:
         """The lane's first record is dealt with without finishing (it was dead-lettered)."""
-        lane.records.popleft()
+        self.partitions[lane.partition].let_go([lane.records.popleft()])
         lane.retry = None
-        self.partitions[lane.partition].unfinished -= 1
 
     def reschedule(self, lane: Lane) -> None:
         """The lane has nothing in flight: ready if it has records and no retry pending, gone if empty."""
@@ -1197,6 +1262,7 @@ KEEPALIVE_INTERVAL_S = 1.0  # while every worker is busy, the group membership i
 BUSY_POLL_TIMEOUT_MS = 10  # poll() timeout while workers are busy: how soon their results are seen
 COMMIT_INTERVAL_S = 0.1  # while workers are busy, finished prefixes are committed this often
 LAG_REFRESH_S = 5.0  # how often kernel_consumer_lag is brought up to date
+TOPIC_CHECK_INTERVAL_S = 1.0  # how often the loop looks again for a topic of KAFKA_TOPIC that does not exist
 
 
 class FailurePolicy:
@@ -1299,6 +1365,7 @@ class ConsumerLoop:
         self.metrics = metrics or Metrics()
         self.ledger = Ledger(keyed=settings.ordering == "key" and settings.concurrency > 1)
         self.paused: set[TopicPartition] = set()  # by back-pressure
+        self.over_budget = False  # the unfinished messages hold KERNEL_BUFFER_MAX_BYTES, not yet half of it again
         # One poll's worth, and enough to keep every worker busy, is buffered before polling pauses.
         self.buffer_limit = max(settings.max_poll_records, 4 * settings.concurrency)
         self.last_commit_s = 0.0
@@ -1311,8 +1378,9 @@ class ConsumerLoop:
         self.workers = Workers(settings.concurrency, handler, stop, self.producer, per_message)
 
     def run(self) -> int:
-        self.consumer.subscribe(self.settings.topics, listener=RebalanceListener(self))
         try:
+            if self.wait_for_topics():
+                self.consumer.subscribe(self.settings.topics, listener=RebalanceListener(self))
             while not self.stop.requested:
                 self.run_once()
             kernel_log.info("Stop requested: finishing")
@@ -1329,6 +1397,20 @@ class ConsumerLoop:
             return EXIT_BROKER
         finally:
             self.close()
+
+    def wait_for_topics(self) -> bool:
+        """Wait until every topic of KAFKA_TOPIC exists, saying which does not: kafka-python 2.3.3
+        never assigns a subscribed topic that is created later. False if a stop came first."""
+        while not self.stop.requested:
+            missing = [topic for topic in self.settings.topics if not self.consumer.partitions_for_topic(topic)]
+            self.health.missing_topics = missing
+            self.health.last_poll_s = time.monotonic()  # waiting is not being stuck
+            if not missing:
+                return True
+            kernel_log.warning("Topic %s does not exist (or this client may not see it): waiting for it to be created "
+                               "(KAFKA_TOPIC)", ", ".join(missing), extra=REPEATING)
+            time.sleep(TOPIC_CHECK_INTERVAL_S)
+        return False
 
     def run_once(self) -> None:
         self.settle_handed_back(timeout_s=0)
@@ -1384,25 +1466,32 @@ class ConsumerLoop:
         self.ledger.reschedule(lane)
 
     def apply_back_pressure(self) -> None:
-        """Stop fetching for a partition with two polls' worth unfinished; go on below one."""
+        """Stop fetching for a partition with two polls' worth of records unfinished (go on below
+        one), and for every partition while the unfinished messages hold KERNEL_BUFFER_MAX_BYTES (go
+        on below half of it): memory stays bounded in records and in bytes. A message larger than
+        the whole budget is still processed, alone."""
+        buffered = self.ledger.unfinished_bytes
+        self.metrics.buffered_bytes.set(buffered)
+        if buffered >= self.settings.buffer_max_bytes:
+            self.over_budget = True
+        elif buffered < self.settings.buffer_max_bytes / 2:
+            self.over_budget = False
         limit = self.settings.max_poll_records
-        partitions = self.ledger.partitions
-        full = [tp for tp, state in partitions.items() if state.unfinished >= 2 * limit and tp not in self.paused]
-        drained = [tp for tp in self.paused if partitions[tp].unfinished < limit]
-        if full:
-            self.consumer.pause(*full)
-            self.paused.update(full)
-        if drained:
-            self.consumer.resume(*drained)
-            self.paused.difference_update(drained)
+        full = {tp for tp, state in self.ledger.partitions.items()
+                if self.over_budget or state.unfinished >= (limit if tp in self.paused else 2 * limit)}
+        if full - self.paused:
+            self.consumer.pause(*(full - self.paused))
+        if self.paused - full:
+            self.consumer.resume(*(self.paused - full))
+        self.paused = full
 
     def keep_membership(self) -> None:
-        """Poll with every partition paused (no records come back) while the workers are busy:
-        the group sees us alive, and a rebalance runs its callbacks here."""
+        """Poll with every partition paused while the workers are busy: the group sees us alive, and
+        a rebalance runs its callbacks here. Records can still come back, of partitions that very
+        rebalance assigned (not paused): they are kept like any others, or the commit would skip them."""
         pausing = set(self.ledger.partitions) - self.consumer.paused()
         self.consumer.pause(*pausing)
-        self.consumer.poll(timeout_ms=0)
-        self.health.last_poll_s = time.monotonic()
+        self.poll(timeout_ms=0)
         self.consumer.resume(*(pausing & set(self.ledger.partitions)))
 
     def commit(self, partitions: set[TopicPartition] | None = None, force: bool = False) -> None:
@@ -1612,19 +1701,28 @@ def check_broker(settings: Settings, tls: TlsFiles | None, report: CheckReport) 
     try:
         report.say("ok", f"connected to {','.join(settings.bootstrap_servers)} over {'SSL' if tls else 'PLAINTEXT'}")
         for topic in settings.topics:
-            partitions = consumer.partitions_for_topic(topic)
-            if not partitions:
-                report.say("error", f"topic {topic} does not exist or is not visible to this client: check KAFKA_TOPIC")
-                continue
-            report.say("ok", f"topic {topic}: {len(partitions)} partitions")
-            tps = [TopicPartition(topic, p) for p in sorted(partitions)]
-            ends = consumer.end_offsets(tps)
-            for tp in tps:
-                committed = consumer.committed(tp)
-                lag = ends[tp] - committed if committed is not None else None
-                report.say("ok", f"  {topic}[{tp.partition}]: committed {committed}, end {ends[tp]}, lag {lag}")
+            describe_topic(consumer, topic, report)
     finally:
         consumer.close(autocommit=False)
+
+
+def describe_topic(consumer: KafkaConsumer, topic: str, report: CheckReport) -> None:
+    partitions = consumer.partitions_for_topic(topic)
+    if not partitions:
+        report.say("error", f"topic {topic} does not exist or is not visible to this client: check KAFKA_TOPIC")
+        return
+    report.say("ok", f"topic {topic}: {len(partitions)} partitions")
+    tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+    ends = consumer.end_offsets(tps)
+    for tp in tps:
+        committed = consumer.committed(tp)
+        lag = ends[tp] - committed if committed is not None else None
+        if lag is not None and lag < 0:
+            report.say("error", f"  {topic}[{tp.partition}]: committed {committed} is past the end {ends[tp]}: "
+                                "the topic was recreated or truncated; the group will restart where "
+                                "KAFKA_AUTO_OFFSET_RESET says")
+        else:
+            report.say("ok", f"  {topic}[{tp.partition}]: committed {committed}, end {ends[tp]}, lag {lag}")
 
 
 # Entry point
@@ -1635,7 +1733,8 @@ def run(process_message: Callable, *, name: str, default_topic: str, argv: list[
     (the last lines below); an example or a test passes its own process_message and names. With the
     argument "check" (`python main.py check`), it checks the deployment instead of consuming."""
     argv = sys.argv if argv is None else argv
-    load_dotenv(override=False)  # the real environment wins over .env
+    # Only the .env beside main.py, never one found further up; the real environment wins over it.
+    load_dotenv(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".env"), override=False)
     if argv[1:] == ["check"]:
         return check(os.environ, name, default_topic)
     if argv[1:]:

@@ -42,18 +42,18 @@ RAW_TUNED = {"max_poll_records": 2000, "receive_message_max_bytes": 64 * 1024 * 
 PLAIN_CLIENT = ["uv", "run", "--isolated", "--no-project", "--with", "kafka-python==2.3.3", "python"]
 
 
-def preload(bootstrap: str, topic: str, count: int) -> None:
+def preload(bootstrap: str, topic: str, count: int, value_bytes: int = 100, partitions: int = PARTITIONS) -> None:
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "batch.size": 1_000_000,
-                         "queue.buffering.max.messages": 1_000_000})
-    value = b"x" * 100
+                         "queue.buffering.max.messages": 1_000_000, "message.max.bytes": 2_000_000})
+    value = b"x" * value_bytes
     for i in range(count):
         while True:
             try:
-                producer.produce(topic, value=value, key=f"key-{i % KEYS}".encode(), partition=i % PARTITIONS)
+                producer.produce(topic, value=value, key=f"key-{i % KEYS}".encode(), partition=i % partitions)
                 break
             except BufferError:
                 producer.poll(0.05)
-    assert producer.flush(60) == 0
+    assert producer.flush(120) == 0
 
 
 def run_probe(script: str, broker: Broker, topic: str, count: int, env: dict[str, str],
@@ -82,7 +82,7 @@ def run_probe(script: str, broker: Broker, topic: str, count: int, env: dict[str
     result = {
         "rate": count / (figures["last"]["time"] - figures["first"]["time"]),
         "cpu_per_1000": (figures["last"]["cpu_s"] - figures["first"]["cpu_s"]) / count * 1000,
-        "rss_mb": figures["last"]["max_rss_kb"] / 1024,
+        "rss_mb": figures["last"]["peak_rss_kb"] / 1024,
         "to_first_s": figures["first"]["time"] - started,
     }
     if measure_stop:
@@ -153,7 +153,7 @@ def main() -> None:
     table = render(rows, slow_rows, kernel, forward_rows)
     print(table)
     if arguments.write:
-        write_benchmarks(table)
+        write_section("table", table)
 
 
 def render(rows, slow_rows, kernel, forward_rows) -> str:
@@ -197,12 +197,13 @@ def render(rows, slow_rows, kernel, forward_rows) -> str:
     return "\n".join(lines)
 
 
-def write_benchmarks(table: str) -> None:
+def write_section(name: str, table: str) -> None:
+    """Replace what stands between <!-- name --> and <!-- /name --> in BENCHMARKS.md."""
     path = HERE.parent / "BENCHMARKS.md"
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n<!-- table -->\n<!-- /table -->\n"
-    head, rest = text.split("<!-- table -->", 1)
-    tail = rest.split("<!-- /table -->", 1)[1]
-    path.write_text(f"{head}<!-- table -->\n{table}\n<!-- /table -->{tail}")
+    text = path.read_text()
+    head, rest = text.split(f"<!-- {name} -->", 1)
+    tail = rest.split(f"<!-- /{name} -->", 1)[1]
+    path.write_text(f"{head}<!-- {name} -->\n{table}\n<!-- /{name} -->{tail}")
     print(f"Wrote {path}")
 
 

@@ -7,13 +7,14 @@ each message to that topic (the kernel commits it once the broker confirmed the 
 
 import json
 import os
-import resource
 import sys
 import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from measure import usage  # noqa: E402
 
 import main  # noqa: E402
 
@@ -23,11 +24,6 @@ FORWARD = os.environ.get("BENCH_FORWARD")
 lock = threading.Lock()
 seen = 0
 first = None
-
-
-def usage() -> dict:
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    return {"time": time.time(), "cpu_s": own.ru_utime + own.ru_stime, "max_rss_kb": own.ru_maxrss}
 
 
 def process_message(message) -> bool:

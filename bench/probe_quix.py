@@ -5,9 +5,7 @@ Writes the same JSON as probe_kernel.py once $BENCH_COUNT messages were seen, th
 
 import json
 import os
-import resource
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -16,16 +14,12 @@ import authlib.deprecate  # noqa: E402,F401  (installs its own "always" filter, 
 # authlib, which quixstreams imports, warns that httpx (the http extra's package) is installed.
 warnings.filterwarnings("ignore", message="The httpx module is deprecated")
 
+from measure import usage  # noqa: E402
 from quixstreams import Application  # noqa: E402
 
 COUNT = int(os.environ["BENCH_COUNT"])
 seen = 0
 first = None
-
-
-def usage() -> dict:
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    return {"time": time.time(), "cpu_s": own.ru_utime + own.ru_stime, "max_rss_kb": own.ru_maxrss}
 
 
 def main() -> None:

@@ -6,18 +6,12 @@ consume-produce loop. Writes the same JSON as probe_kernel.py once $BENCH_COUNT 
 
 import json
 import os
-import resource
-import time
 from pathlib import Path
 
 from kafka import KafkaConsumer, KafkaProducer, OffsetAndMetadata
+from measure import usage
 
 COUNT = int(os.environ["BENCH_COUNT"])
-
-
-def usage() -> dict:
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    return {"time": time.time(), "cpu_s": own.ru_utime + own.ru_stime, "max_rss_kb": own.ru_maxrss}
 
 
 def main() -> None:

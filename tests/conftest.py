@@ -25,6 +25,7 @@ from typing import NamedTuple
 import pytest
 import trustme
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
 
 import main
 from devtools.broker import Broker, free_port
@@ -149,13 +150,14 @@ class Cluster:
         return name
 
     def produce(self, topic: str, messages) -> Counter:
-        """Produce (partition, key, value) triples, acks=all; returns the count per partition."""
+        """Produce (partition, key, value) triples, or (partition, key, value, headers) quadruples,
+        acks=all; returns the count per partition."""
         producer = Producer(self.client_config(**{"acks": "all", "linger.ms": 5, "message.max.bytes": 10_000_000}))
         counts: Counter = Counter()
-        for partition, key, value in messages:
+        for partition, key, value, *headers in messages:
             while True:
                 try:
-                    producer.produce(topic, value=value, key=key, partition=partition)
+                    producer.produce(topic, value=value, key=key, partition=partition, headers=headers[0] if headers else None)
                     break
                 except BufferError:
                     producer.poll(0.1)
@@ -182,6 +184,18 @@ class Cluster:
         finally:
             consumer.close()
         return records
+
+    def topics(self) -> set[str]:
+        """The topics the broker has, by an independent client (a metadata request creates nothing)."""
+        return set(AdminClient(self.client_config()).list_topics(timeout=20).topics)
+
+    def commit(self, group: str, topic: str, offsets: dict[int, int]) -> None:
+        """Commit `offsets` (partition -> offset) for `group`, as another member of it would."""
+        consumer = Consumer(self.client_config(**{"group.id": group}))
+        try:
+            consumer.commit(offsets=[TopicPartition(topic, p, o) for p, o in offsets.items()], asynchronous=False)
+        finally:
+            consumer.close()
 
     def committed(self, group: str, topic: str, partitions: int) -> dict[int, int | None]:
         """Committed offsets per partition, read by an independent client (None: no commit)."""

@@ -86,3 +86,15 @@ def test_dotenv_fills_in_but_the_real_environment_wins(kernels, tmp_path):
     env["KAFKA_MAX_POLL_RECORDS"] = "10"
     code, output, _ = run_kernel(env, tmp_path, tmp_path / "main.py")
     assert code == 3 and "within 1000 ms" in output, output
+
+
+def test_a_dotenv_in_a_folder_above_is_not_read(kernels, tmp_path):
+    """Only the .env beside main.py: one in a parent folder (or $HOME) must not set the cluster,
+    the group or the certificates of a kernel below it."""
+    kernel_folder = tmp_path / "kernel"
+    kernel_folder.mkdir()
+    shutil.copy(MAIN, kernel_folder / "main.py")
+    (tmp_path / ".env").write_text("KAFKA_MAX_POLL_RECORDS=lots\n")
+    env = kernels.env("topic", "group", tls=False, KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:1", KAFKA_BOOTSTRAP_TIMEOUT_MS=1000)
+    code, output, _ = run_kernel(env, kernel_folder, kernel_folder / "main.py")
+    assert code == 3 and "within 1000 ms" in output, output

@@ -53,7 +53,7 @@ def answers(mapping):
     """A process_message answering from `mapping` ((partition, offset) -> result), True otherwise."""
     def process_message(message):
         result = mapping.get((message.partition, message.offset), True)
-        if isinstance(result, Exception):
+        if isinstance(result, BaseException):
             raise result
         return result
     return process_message
@@ -314,3 +314,127 @@ def wait_for(condition, timeout_s: float = 5):
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.01)
+
+
+def test_records_polled_while_keeping_membership_are_kept():
+    """While every worker is busy the loop polls with its partitions paused, to stay in the group. A
+    rebalance inside that poll can assign a partition (not paused) whose records come back in the
+    same call: they must be kept, or the next commit of that partition would skip them."""
+    started, release = threading.Event(), threading.Event()
+
+    def blocking(message):
+        started.set()
+        return release.wait(5)
+
+    loop = make_loop(blocking)
+    p2 = TopicPartition("t", 2)
+    loop.ledger.add(P0, [record(P0, offset) for offset in range(8)])
+    loop.hand_out()
+    assert started.wait(5)
+
+    def poll(timeout_ms):
+        loop.assigned({p2})  # what kafka-python's rebalance callback does inside poll()
+        return {p2: [record(p2, 10), record(p2, 11)]}
+
+    loop.consumer.poll = poll
+    loop.keep_membership()
+    release.set()
+    settle_all(loop)
+    loop.commit()
+    assert loop.consumer.commits() == [{P0: 8, p2: 12}]
+
+
+def big_record(partition, offset, size):
+    return ConsumerRecord(partition.topic, partition.partition, None, offset, 0, 0, None, b"x" * size, [], None,
+                          -1, size, -1)
+
+
+def test_fetching_pauses_while_unfinished_messages_hold_the_byte_budget_and_resumes_below_half():
+    loop = make_loop(KERNEL_BUFFER_MAX_BYTES=str(1_000_000), KAFKA_MAX_POLL_RECORDS="100")
+    loop.ledger.add(P0, [big_record(P0, 0, 300_000), big_record(P0, 1, 300_000)])
+    loop.apply_back_pressure()
+    assert loop.consumer.paused() == set(), "600 KB of a 1 MB budget"
+    loop.ledger.add(P0, [big_record(P0, 2, 400_000)])  # a poll can go past the budget; the next one waits
+    loop.apply_back_pressure()
+    assert loop.consumer.paused() == {P0, P1}, "every partition waits, not only the one that holds the bytes"
+    [task] = loop.ledger.start_tasks(0)
+    task.finished = 1  # 300 KB finished: 700 KB held, above half the budget
+    loop.ledger.reschedule(loop.ledger.take_back(task))
+    loop.apply_back_pressure()
+    assert loop.consumer.paused() == {P0, P1}
+    [task] = loop.ledger.start_tasks(0)
+    task.finished = 1  # 400 KB held: below half of it
+    loop.ledger.take_back(task)
+    loop.apply_back_pressure()
+    assert loop.consumer.paused() == set()
+    assert loop.metrics.buffered_bytes._value.get() == loop.ledger.unfinished_bytes
+
+
+def test_a_message_larger_than_the_whole_budget_is_processed_alone():
+    loop = make_loop(KERNEL_BUFFER_MAX_BYTES=str(100_000))
+    loop.ledger.add(P1, [big_record(P1, 0, 1_000_000)])
+    loop.apply_back_pressure()
+    assert loop.consumer.paused() == {P0, P1}
+    settle_all(loop)
+    loop.apply_back_pressure()
+    loop.commit()
+    assert loop.consumer.commits() == [{P1: 1}] and loop.consumer.paused() == set()
+
+
+@pytest.mark.parametrize("raised", [SystemExit(3), KeyboardInterrupt()])
+def test_system_exit_and_keyboard_interrupt_from_process_message_are_fatal_like_any_exception(raised):
+    loop = make_loop(answers({(0, 1): raised}))
+    loop.ledger.add(P0, [record(P0, 0), record(P0, 1)])
+    with pytest.raises(main.MessageFailed, match=r"t\[0\]@1") as failure:
+        settle_all(loop)
+    assert failure.value.__cause__ is raised
+    loop.commit(force=True)
+    assert loop.consumer.commits() == [{P0: 1}]
+
+
+def test_headers_are_made_producible_or_refused_saying_which():
+    assert main.producible_headers([("a", None), ("b", bytearray(b"1")), ("c", b"2")]) == [
+        ("a", b""), ("b", b"1"), ("c", b"2")]
+    with pytest.raises(TypeError, match="header 'n' must have a bytes value .*got str"):
+        main.producible_headers([("n", "text")])
+    with pytest.raises(TypeError, match=r"a header must be a \(str, bytes\) pair, got \(b'n', b'v'\)"):
+        main.producible_headers([(b"n", b"v")])
+
+
+def test_a_record_the_producer_would_refuse_is_dead_lettered_adapted():
+    """A null header value and a record with neither key nor value: legal in Kafka, refused by
+    kafka-python's producer. Dead-lettered with the header empty and the value empty."""
+    loop = make_loop(answers({(0, 0): main.DeadLetter("no")}), KERNEL_DEAD_LETTER_TOPIC="dlt")
+    loop.failures.dead_letters.producer = producer = CapturingProducer()
+    odd = ConsumerRecord("t", 0, None, 0, 0, 0, None, None, [("a", None), ("b", b"1")], None, -1, -1, 1)
+    loop.ledger.add(P0, [odd])
+    settle_all(loop)
+    loop.commit()
+    [(topic, key, value, headers)] = producer.sent
+    assert (topic, key, value, headers[:2]) == ("dlt", None, b"", [("a", b""), ("b", b"1")])
+    assert loop.consumer.commits() == [{P0: 1}]
+
+
+class CapturingProducer:
+    timeout_s = 1
+
+    def __init__(self, error: Exception | None = None):
+        self.sent, self.error = [], error
+
+    def send(self, topic, key, value, headers):
+        if self.error is not None:
+            raise self.error
+        self.sent.append((topic, key, value, headers))
+        return main.Future().success(None)
+
+
+def test_an_error_in_the_dead_letter_path_keeps_the_message_and_names_it(caplog):
+    loop = make_loop(answers({(0, 0): main.DeadLetter("no")}), KERNEL_DEAD_LETTER_TOPIC="dlt")
+    loop.failures.dead_letters.producer = CapturingProducer(AssertionError("the producer refused it"))
+    loop.ledger.add(P0, [record(P0, 0), record(P0, 1)])
+    loop.hand_out()
+    assert loop.settle_handed_back(timeout_s=5)
+    assert "Could not publish t[0]@0 to the dead-letter topic dlt (AssertionError('the producer refused it'))" in caplog.text
+    assert [r.offset for r in loop.ledger.partitions[P0].lanes[None].records] == [0, 1], "kept, to be retried"
+    loop.commit()
+    assert loop.consumer.commits() == []

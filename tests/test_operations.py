@@ -8,13 +8,14 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 
 import pytest
 import trustme
 
 import main
 from devtools.broker import free_port
-from tests.conftest import MAIN, REPO, base64_lines, http_get, processed, wait_until
+from tests.conftest import MAIN, REPO, base64_lines, http_get, processed, wait_committed, wait_until
 
 
 def metric(text: str, name: str, **labels) -> float | None:
@@ -168,3 +169,29 @@ def test_check_reports_an_unreachable_broker(kernels):
 def test_an_unknown_command_is_a_usage_error(argument):
     result = subprocess.run([sys.executable, str(MAIN), *argument.split()], capture_output=True, text=True, timeout=30)
     assert result.returncode == 2 and "usage:" in result.stderr
+
+
+def test_a_topic_that_does_not_exist_is_waited_for_not_created(cluster, kernels):
+    topic, port = f"t-missing-{uuid.uuid4().hex[:8]}", free_port()
+    kernel = kernels.start(kernels.env(topic, "missing-topic", KERNEL_HTTP_PORT=port))
+    status, text = wait_until(lambda: (r := http_get(port, "/readyz"))[0] == 503 and "exist" in r[1] and r, 15,
+                              "readiness to name the missing topic")
+    assert text == f"topic {topic} does not exist\n" and http_get(port, "/healthz")[0] == 200
+    kernel.wait_for_log(rf"WARNING \[{main.KERNEL_NAME}\] Topic {topic} does not exist .*waiting for it to be created")
+    time.sleep(2)  # a few checks later: still not created by the kernel, still waiting
+    assert topic not in cluster.topics() and kernel.process.poll() is None
+
+    cluster.broker.create_topic(topic, 2)
+    produced = cluster.produce(topic, [(p, None, b"m") for p in (0, 1, 1)])
+    wait_committed(cluster, kernel, "missing-topic", topic, produced, 2)  # processing starts on its own
+    assert http_get(port, "/readyz") == (200, "ok\n")
+    assert kernel.stop() == 0
+
+
+def test_check_flags_a_committed_offset_past_the_end_of_its_partition(cluster, kernels):
+    topic = cluster.create_topic(partitions=1)
+    cluster.produce(topic, [(0, None, b"only")])
+    cluster.commit("check-past-end", topic, {0: 5})  # as if the topic had been recreated
+    code, output = run_check(kernels.env(topic, "check-past-end"))
+    assert code == 1, output
+    assert re.search(rf"error +  {topic}\[0\]: committed 5 is past the end 1: the topic was recreated", output), output

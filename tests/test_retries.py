@@ -4,6 +4,8 @@ every other partition is idle (the kafka-python 3.0.12 pause defect: README, "Ab
 
 import signal
 
+import pytest
+
 from tests.conftest import wait_until
 
 
@@ -68,3 +70,18 @@ def test_a_return_value_other_than_true_or_false_is_fatal(cluster, kernels, tmp_
     assert kernel.wait(timeout_s=30) == 1
     assert "process_message must return True or False, got None" in kernel.log()
     assert cluster.committed("returns-none", topic, 1) == {0: None}
+
+
+@pytest.mark.parametrize("raised", ["SystemExit(3)", "KeyboardInterrupt()"])
+def test_system_exit_or_keyboard_interrupt_from_process_message_exits_with_code_1(cluster, kernels, tmp_path, raised):
+    topic = cluster.create_topic(partitions=1)
+    cluster.produce(topic, [(0, None, b"one")])
+    handler = tmp_path / "exits.py"
+    handler.write_text(
+        f"import sys\nsys.path.insert(0, {kernels.repo!r})\nimport main\n\ndef process_message(message):\n"
+        f"    raise {raised}\n\nsys.exit(main.run(process_message, name='exits', default_topic='unused'))\n"
+    )
+    kernel = kernels.start(kernels.env(topic, "exits"), script=handler)
+    assert kernel.wait(timeout_s=30) == 1
+    assert f"process_message failed on {topic}[0]@0; it stays uncommitted" in kernel.log()
+    assert cluster.committed("exits", topic, 1) == {0: None}

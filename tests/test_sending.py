@@ -35,3 +35,50 @@ def test_an_undelivered_output_keeps_its_input_uncommitted_until_it_is_delivered
     assert kernel.stop() == 0
     outputs = {json.loads(record.value())["n"] for record in cluster.read_topic(output, 2)}
     assert outputs == set(range(20)), "an input was committed without its output"
+
+
+ODD_HANDLER = """import os, sys
+sys.path.insert(0, {repo!r})
+import main
+
+def process_message(message):
+    if message.key is None or message.key.startswith(b"dlt"):
+        raise main.DeadLetter("odd on purpose")
+    main.send(os.environ["TEST_OUTPUT_TOPIC"], message.value, key=message.key, headers=message.headers)
+    return True
+
+sys.exit(main.run(process_message, name="odd-records", default_topic="unused"))
+"""
+
+
+def test_odd_but_legal_records_are_dead_lettered_and_forwarded(cluster, kernels, tmp_path):
+    """Null header values, tombstones, empty values, binary keys, many headers, and a record with
+    neither key nor value: legal in Kafka, refused as they are by kafka-python's producer."""
+    source, output, dlt = (cluster.create_topic(partitions=1) for _ in range(3))
+    many = [(f"h{i}", bytes([i])) for i in range(100)]
+    odd = [
+        (0, b"dlt-null-header", b"v", [("a", None), ("b", b"1")]),
+        (0, b"dlt-tombstone", None, []),
+        (0, b"dlt-empty", b"", []),
+        (0, b"dlt-binary-" + bytes(range(256)), b"v", []),
+        (0, b"dlt-many-headers", b"v", many),
+        (0, None, None, [("a", None)]),
+        (0, b"forward", b"payload", [("a", None), ("b", b"2")]),
+    ]
+    produced = cluster.produce(source, odd)
+    handler = tmp_path / "odd_handler.py"
+    handler.write_text(ODD_HANDLER.format(repo=kernels.repo))
+    kernel = kernels.start(kernels.env(source, "odd-records", KERNEL_DEAD_LETTER_TOPIC=dlt, TEST_OUTPUT_TOPIC=output),
+                           script=handler)
+    wait_committed(cluster, kernel, "odd-records", source, produced, 1)
+    assert kernel.stop() == 0, kernel.log()[-3000:]
+
+    letters = {record.key(): record for record in cluster.read_topic(dlt, 1)}
+    assert set(letters) == {key for _, key, _, _ in odd if key != b"forward"}
+    own = {name: value for name, value in letters[b"dlt-null-header"].headers() if not name.startswith("kafka_dlt")}
+    assert (own["a"], own["b"]) == (b"", b"1"), "a null header value is kept, empty"
+    assert letters[b"dlt-tombstone"].value() is None and letters[b"dlt-empty"].value() == b""
+    assert [h for h in letters[b"dlt-many-headers"].headers() if h[0].startswith("h")] == many
+    assert letters[None].value() == b"", "neither key nor value: dead-lettered with an empty value"
+    [forwarded] = cluster.read_topic(output, 1)
+    assert (forwarded.key(), forwarded.value(), forwarded.headers()) == (b"forward", b"payload", [("a", b""), ("b", b"2")])

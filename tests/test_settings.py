@@ -88,3 +88,38 @@ def test_retry_backoff_doubles_up_to_the_maximum_with_bounded_jitter():
         ideal = min(500 * 2 ** (attempt - 1), 30_000)
         assert 0.9 * ideal <= delay <= ideal
     assert retry_delay_ms(10_000, 500, 30_000) <= 30_000  # no overflow on very long retries
+
+
+def test_the_heartbeat_follows_the_session_timeout_unless_set():
+    assert settings_from({"KAFKA_BOOTSTRAP_SERVERS": "a:1"}).heartbeat_interval_ms == 3000
+    assert settings_from({"KAFKA_BOOTSTRAP_SERVERS": "a:1", "KAFKA_SESSION_TIMEOUT_MS": "6000"}).heartbeat_interval_ms == 2000
+    assert settings_from({"KAFKA_BOOTSTRAP_SERVERS": "a:1", "KAFKA_SESSION_TIMEOUT_MS": "6000",
+                          "KAFKA_HEARTBEAT_INTERVAL_MS": "2500"}).heartbeat_interval_ms == 2500
+
+
+CHAIN = PEM + PEM.replace(b"MIIB", b"MIIC")
+BAG_ATTRIBUTES = (b"Bag Attributes\n    localKeyID: 01 02 03\n    friendlyName: kernel\n"
+                  b"subject=/CN=kernel\nissuer=/CN=ca\n")
+
+
+@pytest.mark.parametrize("value", [
+    PEM.decode().replace("\n", "\\n"),  # a platform's variable editor, a single-quoted .env value
+    PEM.decode().replace("\n", "\\r\\n"),
+    (BAG_ATTRIBUTES + PEM).decode(),  # openssl pkcs12 -nokeys
+    base64.b64encode(BAG_ATTRIBUTES + PEM).decode(),
+    f'"{PEM.decode()}"'.replace("\n", "\\n").strip('"'),
+])
+def test_pem_is_accepted_as_people_paste_it(value):
+    assert decode_pem("KAFKA_CA_CERT", value, "CERTIFICATE") == PEM
+
+
+def test_a_chain_keeps_every_certificate_and_drops_what_is_between_them():
+    pasted = (BAG_ATTRIBUTES + PEM + BAG_ATTRIBUTES + PEM.replace(b"MIIB", b"MIIC")).decode().replace("\n", "\\n")
+    assert decode_pem("KAFKA_CLIENT_CERT", pasted, "CERTIFICATE") == CHAIN
+
+
+def test_a_key_among_other_blocks_is_found_and_a_certificate_is_not_a_key():
+    key = b"-----BEGIN EC PRIVATE KEY-----\nMHcC\n-----END EC PRIVATE KEY-----\n"
+    assert decode_pem("KAFKA_CLIENT_KEY", (BAG_ATTRIBUTES + key).decode(), "PRIVATE KEY") == key
+    with pytest.raises(ConfigError, match="KAFKA_CLIENT_KEY does not decode to a PEM private key"):
+        decode_pem("KAFKA_CLIENT_KEY", PEM.decode().replace("\n", "\\n"), "PRIVATE KEY")

@@ -2,11 +2,14 @@
 removed, and TLS that really fails without the right certificates. The runs that consume use the
 recording handler (tests/recording_kernel.py), so they hold whatever process_message becomes."""
 
+import base64
 import signal
 import socket
 import ssl
 import stat
 import struct
+import subprocess
+import sys
 import time
 
 import trustme
@@ -112,3 +115,25 @@ def test_unreachable_broker_ends_start_up_after_the_bootstrap_timeout(kernels):
     assert 2 <= time.monotonic() - started < 15
     assert "Cannot reach the broker" in kernel.log() and "KAFKA_BOOTSTRAP_TIMEOUT_MS" in kernel.log()
     assert list(kernels.certificate_tmpdir.iterdir()) == []
+
+
+def pasted(pki) -> dict[str, str]:
+    """The certificates as people paste them: PEM with literal \\n (a platform's variable editor), PEM
+    after openssl pkcs12's Bag Attributes, and the base64 of such a file."""
+    bag = "Bag Attributes\n    localKeyID: 8A 11 F3\n    friendlyName: kernel-client\nsubject=/CN=kernel-client\n"
+    return {
+        "KAFKA_CA_CERT": pki.ca.cert_pem.bytes().decode().replace("\n", "\\n"),
+        "KAFKA_CLIENT_CERT": bag + pki.client.cert_chain_pems[0].bytes().decode(),
+        "KAFKA_CLIENT_KEY": base64.b64encode(bag.encode() + pki.client.private_key_pem.bytes()).decode(),
+    }
+
+
+def test_certificates_are_accepted_as_pasted_by_the_kernel_and_by_check(cluster, kernels, pki):
+    topic = cluster.create_topic(partitions=1)
+    cluster.produce(topic, [(0, None, b"hello")])
+    env = {**kernels.env(topic, "pasted-certificates"), **pasted(pki)}
+    check = subprocess.run([sys.executable, str(MAIN), "check"], env=env, capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0 and "ok      KAFKA_CLIENT_CERT is signed by KAFKA_CA_CERT" in check.stdout, check.stdout
+    kernel = kernels.start(env)
+    wait_until(lambda: processed(kernels.attempts()) == {(0, 0)}, 30, "the message processed over TLS")
+    assert kernel.stop() == 0 and "security=SSL" in kernel.log()

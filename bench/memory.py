@@ -1,0 +1,79 @@
+"""Memory benchmark: the kernel process's own peak resident set (VmHWM), small messages and large.
+
+    uv run bench/memory.py            # prints the table (about three minutes)
+    uv run bench/memory.py --write    # also writes it into BENCHMARKS.md
+
+Each run is a fresh kernel (bench/probe_kernel.py) in its own group on preloaded data, and reports its
+own VmHWM once it has processed every message: a no-op handler on 100,000 messages of 100 bytes; a
+backlog of large messages, four times KERNEL_BUFFER_MAX_BYTES in all, with a handler sleeping 10 ms, at
+concurrency 1 and 32; and that backlog again without the byte budget and with the client's default
+fetch size (what the kernel did before it counted bytes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmark import preload, run_probe, write_section  # noqa: E402
+
+import main  # noqa: E402
+from devtools.broker import Broker  # noqa: E402
+
+BUDGET = main.load_settings({"KAFKA_BOOTSTRAP_SERVERS": "-"}, "bench", "bench").buffer_max_bytes
+SLEEP = {"BENCH_SLEEP_S": "0.010"}
+NO_BUDGET = {"KERNEL_BUFFER_MAX_BYTES": str(10**12), "KAFKA_FETCH_MAX_BYTES": "52428800"}
+# (label, topic, messages, value bytes, partitions, environment)
+RUNS = [
+    ("no-op handler, 100-byte messages", "small", 100_000, 100, 6, {}),
+    ("300 KB messages, 10 ms handler, concurrency 1", "large", 4 * BUDGET // 300_000, 300_000, 3, SLEEP),
+    ("300 KB messages, 10 ms handler, concurrency 32", "large", 4 * BUDGET // 300_000, 300_000, 3,
+     {**SLEEP, "KERNEL_CONCURRENCY": "32"}),
+    ("1 MB messages, 10 ms handler, concurrency 1", "huge", 4 * BUDGET // 1_000_000, 1_000_000, 6, SLEEP),
+    ("1 MB messages, 10 ms handler, concurrency 32", "huge", 4 * BUDGET // 1_000_000, 1_000_000, 6,
+     {**SLEEP, "KERNEL_CONCURRENCY": "32"}),
+    ("300 KB messages, 10 ms handler, concurrency 1, no byte budget, 50 MB fetches (before)", "large",
+     4 * BUDGET // 300_000, 300_000, 3, {**SLEEP, **NO_BUDGET}),
+]
+
+
+def run() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md")
+    arguments = parser.parse_args()
+    rows = []
+    with Broker() as broker:
+        for topic, count, size, partitions in {(r[1], r[2], r[3], r[4]) for r in RUNS}:
+            broker.create_topic(topic, partitions)
+            print(f"Preloading {count:,} messages of {size:,} bytes into {topic}...", flush=True)
+            preload(broker.bootstrap, topic, count, value_bytes=size, partitions=partitions)
+        for label, topic, count, size, _, env in RUNS:
+            result = run_probe("probe_kernel.py", broker, topic, count, env)
+            rows.append((label, count, count * size, result))
+            print(f"{label}: peak RSS {result['rss_mb']:.0f} MB", flush=True)
+    table = render(rows)
+    print(table)
+    if arguments.write:
+        write_section("memory", table)
+
+
+def render(rows) -> str:
+    lines = [
+        f"Machine: {os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}; broker: Tansu "
+        f"(embedded, PLAINTEXT). KERNEL_BUFFER_MAX_BYTES={BUDGET:,} (the default) unless the run says otherwise.",
+        "",
+        "| run | messages | in all (MB) | peak RSS of the kernel process, VmHWM (MB) |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    lines += [f"| {label} | {count:,} | {total / 1e6:,.0f} | {result['rss_mb']:.0f} |"
+              for label, count, total, result in rows]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    run()

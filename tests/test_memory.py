@@ -1,0 +1,57 @@
+"""Memory is bounded in bytes: a backlog of large messages, six times KERNEL_BUFFER_MAX_BYTES, goes
+through a kernel with a slow handler while its resident memory stays under the budget plus a fixed
+overhead, and every message is processed once and committed."""
+
+import threading
+import uuid
+from collections import Counter
+
+from tests.conftest import processed, wait_committed
+
+BUDGET = 16 * 1024 * 1024
+MESSAGE = 300_000
+# Measured on the test machine with these settings (TLS, default fetch sizes): the kernel process
+# itself (interpreter, client, threads, TLS buffers) and the fetch data being decoded peak at about
+# 63 MiB over the budget (79 MiB in all; 132 MiB without the byte budget). The bound leaves room for
+# another interpreter or allocator.
+OVERHEAD = 100 * 1024 * 1024
+
+
+def resident_kb(pid: int, field: str) -> int:
+    """VmRSS (now) or VmHWM (the process's own peak) of `pid`, in kB; 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith(f"{field}:"))
+    except (FileNotFoundError, ProcessLookupError):
+        return 0
+
+
+class RssSampler(threading.Thread):
+    def __init__(self, pid: int):
+        super().__init__(daemon=True)
+        self.pid, self.samples_kb, self.done = pid, [], threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        while not self.done.wait(0.05):
+            self.samples_kb.append(resident_kb(self.pid, "VmRSS"))
+
+
+def test_a_backlog_of_large_messages_stays_within_the_byte_budget(cluster, kernels):
+    topic, group = cluster.create_topic(partitions=3), f"memory-{uuid.uuid4().hex[:6]}"
+    count = 6 * BUDGET // MESSAGE
+    produced = cluster.produce(topic, [(i % 3, None, f"m{i}|".encode().ljust(MESSAGE, b"x")) for i in range(count)])
+    kernel = kernels.start(kernels.env(topic, group, TEST_SLEEP_S=0.01, KERNEL_BUFFER_MAX_BYTES=BUDGET))
+    sampler = RssSampler(kernel.process.pid)
+    wait_committed(cluster, kernel, group, topic, produced, 3, timeout_s=120)
+    peak_kb = resident_kb(kernel.process.pid, "VmHWM")
+    sampler.done.set()
+    assert kernel.stop() == 0
+
+    attempts = Counter((a.partition, a.offset) for a in kernels.attempts())
+    assert set(attempts) == {(p, o) for p in range(3) for o in range(produced[p])} == processed(kernels.attempts())
+    assert set(attempts.values()) == {1}, "a message was processed twice"
+    print(f"\n{count} messages of {MESSAGE:,} bytes ({count * MESSAGE / 2**20:.0f} MiB), budget {BUDGET / 2**20:.0f} MiB: "
+          f"peak RSS {peak_kb / 1024:.0f} MiB (VmHWM; sampled VmRSS max {max(sampler.samples_kb) / 1024:.0f} MiB), "
+          f"bound {(BUDGET + OVERHEAD) / 2**20:.0f} MiB")
+    assert peak_kb * 1024 < BUDGET + OVERHEAD
