@@ -4,11 +4,9 @@ a subprocess configured only through environment variables, and an independent c
 
 from __future__ import annotations
 
-import base64
 import os
 import re
 import signal
-import ssl
 import subprocess
 import sys
 import threading
@@ -17,17 +15,15 @@ import urllib.error
 import urllib.request
 import uuid
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import pytest
-import trustme
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 import main
 from devtools.broker import Broker, free_port
-from tests.tls_proxy import TlsProxy
+from devtools.tls_proxy import Pki, TlsProxy
 
 REPO = Path(__file__).resolve().parent.parent
 MAIN = REPO / "main.py"
@@ -70,38 +66,9 @@ def wait_committed(cluster, kernel, group: str, topic: str, produced: Counter, p
                f"offsets {expected} committed\n{kernel.log()[-3000:]}")
 
 
-def base64_lines(data: bytes) -> str:
-    """What `base64` prints on Linux: wrapped at 76 characters."""
-    text = base64.b64encode(data).decode()
-    return "\n".join(text[i : i + 76] for i in range(0, len(text), 76))
-
-
-@dataclass
-class Pki:
-    ca: trustme.CA
-    server: trustme.LeafCert
-    client: trustme.LeafCert
-    directory: Path
-
-    @property
-    def env(self) -> dict[str, str]:
-        """The three certificate variables, base64-encoded as a user would paste them."""
-        return {
-            "KAFKA_CA_CERT": base64_lines(self.ca.cert_pem.bytes()),
-            "KAFKA_CLIENT_CERT": base64_lines(self.client.cert_chain_pems[0].bytes()),
-            "KAFKA_CLIENT_KEY": base64_lines(self.client.private_key_pem.bytes()),
-        }
-
-
 @pytest.fixture(scope="session")
 def pki(tmp_path_factory) -> Pki:
-    ca = trustme.CA()
-    directory = tmp_path_factory.mktemp("pki")
-    pki = Pki(ca, ca.issue_cert("127.0.0.1", "localhost"), ca.issue_cert("kernel-client"), directory)
-    ca.cert_pem.write_to_path(str(directory / "ca.pem"))
-    pki.client.cert_chain_pems[0].write_to_path(str(directory / "client.pem"))
-    pki.client.private_key_pem.write_to_path(str(directory / "client.key"))
-    return pki
+    return Pki.create(tmp_path_factory.mktemp("pki"))
 
 
 class Cluster:
@@ -120,9 +87,9 @@ class Cluster:
         return {
             "bootstrap.servers": self.bootstrap,
             "security.protocol": "SSL",
-            "ssl.ca.location": str(self.pki.directory / "ca.pem"),
-            "ssl.certificate.location": str(self.pki.directory / "client.pem"),
-            "ssl.key.location": str(self.pki.directory / "client.key"),
+            "ssl.ca.location": str(self.pki.ca_file),
+            "ssl.certificate.location": str(self.pki.client_cert_file),
+            "ssl.key.location": str(self.pki.client_key_file),
             **extra,
         }
 
@@ -201,11 +168,7 @@ def cluster(pki, tmp_path_factory):
     proxy_port = free_port()
     broker = Broker(advertised_port=proxy_port, log_path=str(tmp_path_factory.mktemp("broker") / "tansu.log"))
     broker.start()
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.verify_mode = ssl.CERT_REQUIRED
-    pki.ca.configure_trust(context)
-    pki.server.configure_cert(context)
-    proxy = TlsProxy(proxy_port, broker.port, context).start()
+    proxy = TlsProxy(proxy_port, broker.port, pki.server_context()).start()
     yield Cluster(broker, proxy, pki)
     proxy.stop()
     broker.stop()

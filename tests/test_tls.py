@@ -61,12 +61,12 @@ def tls_exchange(cluster, context: ssl.SSLContext) -> bytes:
 
 
 def test_proxy_rejects_a_client_without_a_certificate(cluster, pki):
-    with_certificate = ssl.create_default_context(cafile=str(pki.directory / "ca.pem"))
-    with_certificate.load_cert_chain(str(pki.directory / "client.pem"), str(pki.directory / "client.key"))
+    with_certificate = ssl.create_default_context(cafile=str(pki.ca_file))
+    with_certificate.load_cert_chain(str(pki.client_cert_file), str(pki.client_key_file))
     answer = tls_exchange(cluster, with_certificate)
     assert struct.unpack(">i", answer[4:8])[0] == 7, "the broker answered the probe's correlation id"
 
-    without_certificate = ssl.create_default_context(cafile=str(pki.directory / "ca.pem"))
+    without_certificate = ssl.create_default_context(cafile=str(pki.ca_file))
     try:
         answer = tls_exchange(cluster, without_certificate)
     except (ssl.SSLError, ConnectionError):
