@@ -112,9 +112,12 @@ class TlsProxy:
                 writer.transport.abort()
             self.writers.difference_update((client_writer, broker_writer))
             return
-        await asyncio.gather(
-            self._pipe(client_reader, broker_writer), self._pipe(broker_reader, client_writer)
-        )
+        try:
+            await asyncio.gather(
+                self._pipe(client_reader, broker_writer), self._pipe(broker_reader, client_writer)
+            )
+        except asyncio.CancelledError:
+            pass  # stop(): end quietly (Python 3.11's streams log a cancelled connection task as an error)
         self.writers.difference_update((client_writer, broker_writer))
 
     async def _admit(self, client_reader, broker_writer) -> bool:

@@ -1,0 +1,231 @@
+"""The local development loop, `devtools/run_local.py`, against its own embedded broker: the built-in
+samples and Ctrl-C, --reload, --messages, devtools/send.py while it runs, --tls and the summary.
+
+Except for the first, each test runs a copy of the project (main.py and devtools/) whose main.py gets
+a recording process_message of the test's own (whatever the template's handler is), so that its
+state file and edits stay its own."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from kafka import KafkaProducer
+
+from devtools.local_state import STATE_FILE_NAME, find_local_run
+from tests.conftest import HELLO_LINE, REPO, Attempt, check_one_owner_at_a_time, hello_world, wait_until
+
+# Inserted into the copy's main.py just before its entry point: the loop calls process_message through
+# the module's global name, so this one is used. One JSON line per call in $TEST_RECORD_PATH.
+RECORDING_HANDLER = '''
+HANDLER_VERSION = "v1"
+_said_false = set()
+
+
+def process_message(message) -> bool:  # the test's
+    import json as _json
+    import time as _time
+
+    started_ns = _time.time_ns()
+    value = (message.value or b"").decode(errors="replace")
+    if value.startswith("dead:"):
+        result = "dead"
+    elif value == "false-once" and (message.partition, message.offset) not in _said_false:
+        _said_false.add((message.partition, message.offset))
+        result = "false"
+    else:
+        _time.sleep(0.01)  # long enough for two versions processing at once to show as an overlap
+        result = "true"
+    record = {"version": HANDLER_VERSION, "topic": message.topic, "partition": message.partition,
+              "offset": message.offset, "key": message.key and message.key.decode(), "value": value,
+              "headers": [[k, v.decode()] for k, v in message.headers or []], "result": result,
+              "pid": os.getpid(), "started_ns": started_ns, "ended_ns": _time.time_ns()}
+    with open(os.environ["TEST_RECORD_PATH"], "a") as records:
+        records.write(_json.dumps(record) + "\\n")
+    if result == "dead":
+        raise DeadLetter(value[len("dead:"):])
+    return result == "true"
+
+'''
+ENTRY_POINT = '\nif __name__ == "__main__":'
+SUMMARY_PARTITION = re.compile(r"^ +(\S+)\[(\d+)\]: (?:committed (\d+)|nothing committed) of (\d+)", re.M)
+
+
+class LocalRunProcess:
+    """`python devtools/run_local.py ARGS` in `project`, its output in a file."""
+
+    def __init__(self, project: Path, args: list[str], env: dict[str, str], log_path: Path):
+        self.project = project
+        self.log_path = log_path
+        with log_path.open("wb") as log:
+            self.process = subprocess.Popen([sys.executable, str(project / "devtools" / "run_local.py"), *args],
+                                            cwd=project, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for(self, pattern: str, timeout_s: float = 30) -> re.Match:
+        return wait_until(lambda: re.search(pattern, self.output(), re.M), timeout_s,
+                          f"{pattern!r} in the local run's output\n{self.output()[-3000:]}")
+
+    def ctrl_c(self, timeout_s: float = 30) -> int:
+        """SIGINT to the runner's process group, as a terminal's Ctrl-C; its exit code."""
+        os.killpg(self.process.pid, signal.SIGINT)
+        try:
+            return self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the local run did not stop within {timeout_s} s\n{self.output()[-3000:]}")
+
+    def summary_partitions(self) -> dict[int, tuple[int | None, int]]:
+        """partition → (committed, end) from the summary's lines."""
+        return {int(p): (int(c) if c else None, int(e)) for _, p, c, e in SUMMARY_PARTITION.findall(self.output())}
+
+
+@pytest.fixture
+def local_run(tmp_path):
+    """Starts local runs in a copy of the project; any still running at the end is killed (its kernel and
+    broker get SIGTERM from the kernel's parent-death signal)."""
+    started: list[LocalRunProcess] = []
+
+    class Factory:
+        project = tmp_path / "project"
+        record_path = tmp_path / "records.jsonl"
+
+        def copy_project(self) -> Path:
+            self.project.mkdir()
+            shutil.copytree(REPO / "devtools", self.project / "devtools",
+                            ignore=shutil.ignore_patterns("__pycache__"))
+            main = (REPO / "main.py").read_text()
+            assert ENTRY_POINT in main, "main.py has no `if __name__ == \"__main__\":` entry point"
+            self.main = self.project / "main.py"
+            self.main.write_text(main.replace(ENTRY_POINT, RECORDING_HANDLER + ENTRY_POINT, 1))
+            return self.project
+
+        def env(self) -> dict[str, str]:
+            env = {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "KERNEL_", "TEST_"))}
+            # A short session: the broker's first join waits about half of it.
+            env.update(KAFKA_SESSION_TIMEOUT_MS="3000", KAFKA_HEARTBEAT_INTERVAL_MS="500",
+                       TEST_RECORD_PATH=str(self.record_path))
+            return env
+
+        def start(self, *args: str, project: Path | None = None) -> LocalRunProcess:
+            run = LocalRunProcess(project or self.project, list(args), self.env(),
+                                  tmp_path / f"run-local-{len(started)}.log")
+            started.append(run)
+            return run
+
+        def records(self) -> list[dict]:
+            if not self.record_path.exists():
+                return []
+            return [json.loads(line) for line in self.record_path.read_text().splitlines()]
+
+        def send(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+            return subprocess.run([sys.executable, str(self.project / "devtools" / "send.py"), *args],
+                                  input=stdin, capture_output=True, text=True, timeout=60, env=self.env())
+
+    yield Factory()
+    for run in started:
+        if run.process.poll() is None:
+            run.process.kill()
+            run.process.wait(timeout=10)
+
+
+def attempts(records: list[dict]) -> list[Attempt]:
+    return [Attempt(r["partition"], r["offset"], r["value"], r["result"], r["pid"], r["started_ns"], r["ended_ns"])
+            for r in records]
+
+
+def write_messages(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@hello_world
+def test_the_samples_are_processed_and_ctrl_c_stops_everything(local_run):
+    started = time.monotonic()
+    run = local_run.start(project=REPO)  # the command as a newcomer types it, on the real main.py
+    wait_until(lambda: len(HELLO_LINE.findall(run.output())) == 5, 30, "the five sample messages")
+    print(f"sample messages processed {time.monotonic() - started:.1f} s after start")
+    assert (REPO / STATE_FILE_NAME).exists()
+    assert run.ctrl_c() == 0
+    output = run.output()
+    assert "<256 bytes>" in output and "(529 characters)" in output
+    assert re.search(r"processed 5, retried 0, dead-lettered 0", output), output[-2000:]
+    assert sum(end for _, end in run.summary_partitions().values()) == 5
+    assert not (REPO / STATE_FILE_NAME).exists(), "the state file outlived the run"
+    broker_port = re.search(r"broker listening on 127\.0\.0\.1:(\d+)", output).group(1)
+    leftovers = subprocess.run(["pgrep", "-f", f"listener-url tcp://127.0.0.1:{broker_port}"], capture_output=True)
+    assert leftovers.stdout == b"", "the broker outlived the local run"
+
+
+class BackgroundSender(threading.Thread):
+    """Sends "bg-N" to the local run's topic every 20 ms until stopped, found through its state file."""
+
+    def __init__(self, project: Path):
+        super().__init__(daemon=True)
+        self.run_state = find_local_run(project)
+        self.stopped = threading.Event()
+        self.placed: list[tuple[int, int]] = []
+        self.start()
+
+    def run(self) -> None:
+        producer = KafkaProducer(**self.run_state.kafka_config(), acks="all")
+        number = 0
+        while not self.stopped.is_set():
+            sent = producer.send(self.run_state.topics[0], value=f"bg-{number}".encode()).get(timeout=30)
+            self.placed.append((sent.partition, sent.offset))
+            number += 1
+            time.sleep(0.02)
+        producer.close()
+
+    def stop(self) -> list[tuple[int, int]]:
+        self.stopped.set()
+        self.join(timeout=30)
+        assert not self.is_alive(), "the background sender did not stop"
+        return self.placed
+
+
+def test_reload_restarts_the_kernel_on_save_and_waits_out_a_syntax_error(local_run, tmp_path):
+    project = local_run.copy_project()
+    messages = write_messages(tmp_path / "messages.jsonl", [f"first-{n}" for n in range(20)])
+    run = local_run.start("--reload", "--messages", str(messages))
+    wait_until(lambda: len(local_run.records()) >= 20, 30, f"the first handler's records\n{run.output()[-3000:]}")
+    sender = BackgroundSender(project)
+    wait_until(lambda: any(r["value"].startswith("bg-") for r in local_run.records()), 10, "a message sent meanwhile")
+
+    fixed = local_run.main.read_text()
+    local_run.main.write_text(fixed.replace('HANDLER_VERSION = "v1"', 'HANDLER_VERSION = "v1'))  # unterminated
+    run.wait_for(r"^SyntaxError: ", 30)
+    assert run.process.poll() is None, "a syntax error stopped the local run"
+    for _ in range(3):  # saves in quick succession: one restart
+        local_run.main.write_text(fixed.replace('HANDLER_VERSION = "v1"', 'HANDLER_VERSION = "v2"'))
+        time.sleep(0.05)
+    wait_until(lambda: any(r["version"] == "v2" for r in local_run.records()), 30,
+               f"the edited handler's records\n{run.output()[-3000:]}")
+    sent = sender.stop()
+    wait_until(lambda: set(sent) <= {(r["partition"], r["offset"]) for r in local_run.records()}, 30,
+               f"every message sent meanwhile processed\n{run.output()[-3000:]}")
+    assert run.ctrl_c() == 0
+
+    output = run.output()
+    ends = {partition: end for partition, (_, end) in run.summary_partitions().items()}
+    assert sum(ends.values()) == 20 + len(sent), output[-2000:]
+    records = local_run.records()
+    everything = {(partition, offset) for partition, end in ends.items() for offset in range(end)}
+    assert {(r["partition"], r["offset"]) for r in records} == everything, "a message was lost"
+    assert len(records) == len(everything), "a message was processed twice"
+    check_one_owner_at_a_time(attempts(records))  # per partition, the two versions never overlap
+    assert len(re.findall(r"^SyntaxError: ", output, re.M)) == 1 and re.search(r'^ +HANDLER_VERSION = "v1$', output, re.M)
+    assert len(re.findall(r"run_local: starting the kernel", output)) == 2, "one start, one restart after the fix"
+    assert {r["version"] for r in records} == {"v1", "v2"}
+    assert all(committed == end for committed, end in run.summary_partitions().values()), output[-2000:]
