@@ -23,6 +23,7 @@ from kafka import KafkaProducer
 
 from devtools.local_state import STATE_FILE_NAME, find_local_run
 from tests.conftest import HELLO_LINE, REPO, Attempt, check_one_owner_at_a_time, hello_world, wait_until
+from tests.test_tls import check_client_certificate_required
 
 # Inserted into the copy's main.py just before its entry point: the loop calls process_message through
 # the module's global name, so this one is used. One JSON line per call in $TEST_RECORD_PATH.
@@ -86,9 +87,9 @@ class LocalRunProcess:
         except subprocess.TimeoutExpired:
             pytest.fail(f"the local run did not stop within {timeout_s} s\n{self.output()[-3000:]}")
 
-    def summary_partitions(self) -> dict[int, tuple[int | None, int]]:
-        """partition → (committed, end) from the summary's lines."""
-        return {int(p): (int(c) if c else None, int(e)) for _, p, c, e in SUMMARY_PARTITION.findall(self.output())}
+    def summary_partitions(self) -> dict[int, tuple[int, int]]:
+        """partition → (committed offset, 0 for nothing committed; end) from the summary's lines."""
+        return {int(p): (int(c or 0), int(e)) for _, p, c, e in SUMMARY_PARTITION.findall(self.output())}
 
 
 @pytest.fixture
@@ -228,4 +229,82 @@ def test_reload_restarts_the_kernel_on_save_and_waits_out_a_syntax_error(local_r
     assert len(re.findall(r"^SyntaxError: ", output, re.M)) == 1 and re.search(r'^ +HANDLER_VERSION = "v1$', output, re.M)
     assert len(re.findall(r"run_local: starting the kernel", output)) == 2, "one start, one restart after the fix"
     assert {r["version"] for r in records} == {"v1", "v2"}
+    assert re.search(rf"processed {len(records)}, retried 0", output), "the summary adds up both kernel runs"
     assert all(committed == end for committed, end in run.summary_partitions().values()), output[-2000:]
+
+
+def test_a_messages_file_and_messages_sent_while_it_runs(local_run, tmp_path):
+    local_run.copy_project()
+    messages = write_messages(tmp_path / "messages.jsonl", [
+        "# a comment, then a blank line",
+        "",
+        '{"event": "signup", "user": "u-1"}',
+        '{"key": "u-2", "value": {"event": "login"}, "headers": {"source": "file", "trace": "t-1"}}',
+        '{"key": "u-3", "value": "text in the form", "headers": [["h", "1"], ["h", "2"]]}',
+        "plain text, not JSON",
+    ])
+    run = local_run.start("--messages", str(messages))
+    wait_until(lambda: len(local_run.records()) == 4, 30, f"the file's four messages\n{run.output()[-3000:]}")
+    received = {r["value"]: (r["key"], r["headers"]) for r in local_run.records()}
+    assert received == {
+        '{"event": "signup", "user": "u-1"}': (None, []),
+        '{"event": "login"}': ("u-2", [["source", "file"], ["trace", "t-1"]]),
+        "text in the form": ("u-3", [["h", "1"], ["h", "2"]]),
+        "plain text, not JSON": (None, []),
+    }
+
+    by_argument = local_run.send('{"event": "sent"}', '{"key": "k", "value": "keyed"}')
+    by_stdin = local_run.send(stdin="from stdin\n# skipped\n")
+    assert by_argument.returncode == 0 and by_stdin.returncode == 0, by_argument.stderr + by_stdin.stderr
+    places = re.findall(r"^sent (\S+)\[(\d+)\]@(\d+)$", by_argument.stdout + by_stdin.stdout, re.M)
+    assert len(places) == 3
+    wait_until(lambda: len(local_run.records()) == 7, 30, f"the three messages sent\n{run.output()[-3000:]}")
+    later = {(r["partition"], r["offset"]): (r["key"], r["value"]) for r in local_run.records()[4:]}
+    assert sorted(later.values(), key=str) == sorted([(None, '{"event": "sent"}'), ("k", "keyed"), (None, "from stdin")], key=str)
+    assert set(later) == {(int(p), int(o)) for _, p, o in places}, "send.py printed where each message went"
+
+    assert run.ctrl_c() == 0
+    assert re.search(r"processed 7, retried 0, dead-lettered 0, failed 0", run.output()), run.output()[-2000:]
+    assert sum(end for _, end in run.summary_partitions().values()) == 7
+    assert all(committed == end for committed, end in run.summary_partitions().values())
+
+
+def test_tls_run_dead_letters_retries_and_the_summary(local_run, tmp_path):
+    project = local_run.copy_project()
+    messages = write_messages(tmp_path / "messages.jsonl", ["ok-1", "dead:reason one", "false-once", "ok-2",
+                                                            "dead:reason two"])
+    run = local_run.start("--tls", "--messages", str(messages))
+    state = wait_until(lambda: (project / STATE_FILE_NAME).exists() and find_local_run(project), 30, "the state file")
+    assert local_run.send("ok-3").returncode == 0  # send.py over TLS, with the run's client certificate
+    wait_until(lambda: sum(r["result"] in ("true", "dead") for r in local_run.records()) == 6, 30,
+               f"every message done\n{run.output()[-3000:]}")
+
+    check_client_certificate_required(state.bootstrap, state.tls_files["ca"], state.tls_files["cert"],
+                                      state.tls_files["key"])
+    assert run.ctrl_c() == 0
+
+    output = run.output()
+    assert re.search(r"processed 4, retried 1, dead-lettered 2, failed 0", output), output[-2000:]
+    reasons = re.findall(r"^ +\S+\[\d+\]@\d+: (reason \w+)$", output, re.M)
+    assert sorted(reasons) == ["reason one", "reason two"], output[-2000:]
+    assert sum(end for _, end in run.summary_partitions().values()) == 6
+    assert all(committed == end for committed, end in run.summary_partitions().values())
+    assert not (project / STATE_FILE_NAME).exists() and not Path(state.tls_files["key"]).exists(), "left behind"
+
+
+def test_bad_input_gets_a_one_line_error(local_run, tmp_path):
+    project = local_run.copy_project()
+    malformed = write_messages(tmp_path / "bad.jsonl", ['{"ok": 1}', '{"key": "k", "value": 1', "text"])
+    checks = [
+        ([str(project / "devtools" / "run_local.py"), "--messages", str(malformed)],
+         rf"^run_local\.py: {re.escape(str(malformed))}:2: starts with '{{' but is not JSON: .+\n$"),
+        ([str(project / "devtools" / "run_local.py"), "--messages", str(tmp_path / "missing.jsonl")],
+         r"^run_local\.py: .*missing\.jsonl: no such file\n$"),
+        ([str(project / "devtools" / "send.py"), "hello"], r"^send\.py: no local run found .+ does not exist.+\n$"),
+        ([str(project / "devtools" / "send.py"), '{"key": 1, "value": "v"}'],
+         r'^send\.py: <arguments>:1: "key" must be a string or null, not 1\n$'),
+    ]
+    for command, error in checks:
+        result = subprocess.run([sys.executable, *command], capture_output=True, text=True, timeout=60,
+                                stdin=subprocess.DEVNULL, env=local_run.env())
+        assert result.returncode != 0 and re.search(error, result.stderr), (command, result.stderr)

@@ -51,27 +51,33 @@ def api_versions_request() -> bytes:
     return struct.pack(">i", len(body)) + body
 
 
-def tls_exchange(cluster, context: ssl.SSLContext) -> bytes:
+def tls_exchange(bootstrap: str, context: ssl.SSLContext) -> bytes:
     """Send an ApiVersions request through the proxy; return the first bytes of the answer."""
-    host, port = cluster.bootstrap.split(":")
+    host, port = bootstrap.split(":")
     with socket.create_connection((host, int(port)), timeout=5) as raw:
         with context.wrap_socket(raw, server_hostname=host) as tls:
             tls.sendall(api_versions_request())
             return tls.recv(8)
 
 
-def test_proxy_rejects_a_client_without_a_certificate(cluster, pki):
-    with_certificate = ssl.create_default_context(cafile=str(pki.ca_file))
-    with_certificate.load_cert_chain(str(pki.client_cert_file), str(pki.client_key_file))
-    answer = tls_exchange(cluster, with_certificate)
+def check_client_certificate_required(bootstrap: str, ca_file: str, cert_file: str, key_file: str) -> None:
+    """The broker behind the TLS proxy at `bootstrap` answers a client with the certificate, not one without."""
+    with_certificate = ssl.create_default_context(cafile=ca_file)
+    with_certificate.load_cert_chain(cert_file, key_file)
+    answer = tls_exchange(bootstrap, with_certificate)
     assert struct.unpack(">i", answer[4:8])[0] == 7, "the broker answered the probe's correlation id"
 
-    without_certificate = ssl.create_default_context(cafile=str(pki.ca_file))
+    without_certificate = ssl.create_default_context(cafile=ca_file)
     try:
-        answer = tls_exchange(cluster, without_certificate)
+        answer = tls_exchange(bootstrap, without_certificate)
     except (ssl.SSLError, ConnectionError):
         answer = b""
     assert answer == b"", "a client without a certificate got an answer"
+
+
+def test_proxy_rejects_a_client_without_a_certificate(cluster, pki):
+    check_client_certificate_required(cluster.bootstrap, str(pki.ca_file), str(pki.client_cert_file),
+                                      str(pki.client_key_file))
 
 
 def test_wrong_ca_fails_with_a_clear_error_instead_of_hanging(cluster, kernels):
