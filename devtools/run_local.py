@@ -32,7 +32,6 @@ from devtools.broker import Broker, die_with_parent, free_port  # noqa: E402
 from devtools.local_state import PROJECT, LocalRun, LocalRunError, produce  # noqa: E402
 from devtools.messages import Message, MessageError, read_messages  # noqa: E402
 from devtools.summary import summary  # noqa: E402
-from devtools.tls_proxy import Pki, TlsProxy  # noqa: E402
 
 SAMPLES = [
     Message(json.dumps({"event": "signup", "user": "user-1"}).encode(), b"user-1"),
@@ -44,10 +43,11 @@ SAMPLES = [
 PARTITIONS = 3
 # Tansu's first join waits about half the session timeout: keep it short locally (the environment may
 # set its own values; a .env file meant for a cluster does not).
-LOCAL_DEFAULTS = {"KAFKA_SESSION_TIMEOUT_MS": "6000", "KAFKA_HEARTBEAT_INTERVAL_MS": "1000"}
+LOCAL_DEFAULTS = {"KAFKA_SESSION_TIMEOUT_MS": "3000", "KAFKA_HEARTBEAT_INTERVAL_MS": "1000"}
 SAVES_SETTLE_MS = 300  # saves closer together than this (an editor's save and its formatter) restart once
 KERNEL_STOP_TIMEOUT_S = 60.0  # past its own KERNEL_SHUTDOWN_TIMEOUT_MS (30 s by default), a stop is forced
 WAIT_STEP_S = 0.1  # how often the loop looks at the kernel, the watcher and Ctrl-C
+ASK_TIMEOUT_S = 60.0  # importing main.py (for its name and topic) takes longer only if it hangs
 
 # Run in a short subprocess, so that the runner never imports main.py itself (it would go stale on
 # reload, and die on a syntax error): prints what the runner needs, or shows why main.py cannot load.
@@ -88,16 +88,31 @@ class KernelInfo:
         return f"{self.topics[0]}-dead-letters"
 
 
-def ask_kernel(project: Path) -> KernelInfo:
+def start_asking(project: Path) -> subprocess.Popen:
+    """Start the question to main.py; the runner does other work while Python imports it."""
+    return subprocess.Popen([sys.executable, "-c", ASK_KERNEL, str(project)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+                            start_new_session=True)  # the Ctrl-C is the runner's to handle
+
+
+def kernel_info(asking: subprocess.Popen, project: Path) -> KernelInfo:
     """The kernel's name, topics, group and source files, as `python main.py` would see them."""
-    result = subprocess.run([sys.executable, "-c", ASK_KERNEL, str(project)], capture_output=True, text=True,
-                            timeout=60, stdin=subprocess.DEVNULL, start_new_session=True)  # Ctrl-C is ours
-    if result.returncode != 0:
-        raise KernelLoadError(result.stderr.rstrip() or f"importing main.py exited with code {result.returncode}")
-    answer = json.loads(result.stdout.splitlines()[-1])
-    topics = [t.strip() for t in (os.environ.get("KAFKA_TOPIC") or answer["default_topic"]).split(",") if t.strip()]
-    group = os.environ.get("KAFKA_CONSUMER_GROUP") or f"{answer['name']}-group"  # the kernel's own default
-    return KernelInfo(answer["name"], topics, group, {Path(f) for f in answer["files"]} | {project / "main.py"})
+    try:
+        answer, error = asking.communicate(timeout=ASK_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        asking.kill()
+        asking.wait()
+        raise KernelLoadError(f"importing main.py took more than {ASK_TIMEOUT_S:.0f} s") from None
+    if asking.returncode != 0:
+        raise KernelLoadError(error.rstrip() or f"importing main.py exited with code {asking.returncode}")
+    found = json.loads(answer.splitlines()[-1])
+    topics = [t.strip() for t in (os.environ.get("KAFKA_TOPIC") or found["default_topic"]).split(",") if t.strip()]
+    group = os.environ.get("KAFKA_CONSUMER_GROUP") or f"{found['name']}-group"  # the kernel's own default
+    return KernelInfo(found["name"], topics, group, {Path(f) for f in found["files"]} | {project / "main.py"})
+
+
+def ask_kernel(project: Path) -> KernelInfo:
+    return kernel_info(start_asking(project), project)
 
 
 def show_load_error(error: KernelLoadError, waiting: bool) -> None:
@@ -245,10 +260,8 @@ class Runner:
     def run(self) -> int:
         # Read first: a bad line is reported before anything starts.
         messages = read_messages(self.arguments.messages) if self.arguments.messages else SAMPLES
+        asking = start_asking(self.project)  # answers while the broker starts
         watcher = SourceWatcher(self.project, {self.project / "main.py"}) if self.arguments.reload else None
-        info = self.load_kernel_at_start(watcher)
-        if info is None:
-            return self.last_exit_code
         with ExitStack() as stack:
             if watcher is not None:
                 stack.callback(watcher.stop)
@@ -257,6 +270,9 @@ class Runner:
             self.metrics_dir = workdir / "metrics"
             self.metrics_dir.mkdir()
             tls_files = self.start_broker(stack, workdir)
+            info = self.load_kernel_at_start(asking, watcher)
+            if info is None:
+                return self.last_exit_code
             self.state = LocalRun(os.getpid(), self.broker.bootstrap, info.topics, info.group,
                                   info.dead_letter_topic, tls_files)
             stack.callback(lambda: self.state.remove(self.project))
@@ -267,11 +283,11 @@ class Runner:
             self.print_summary()
             return exit_code
 
-    def load_kernel_at_start(self, watcher: SourceWatcher | None) -> KernelInfo | None:
+    def load_kernel_at_start(self, asking: subprocess.Popen, watcher: SourceWatcher | None) -> KernelInfo | None:
         """What main.py says; with --reload, a main.py that does not load is waited for."""
         while not self.interrupts.count:
             try:
-                return ask_kernel(self.project)
+                return kernel_info(asking, self.project)
             except KernelLoadError as error:
                 show_load_error(error, waiting=watcher is not None)
                 if watcher is None:
@@ -280,6 +296,7 @@ class Runner:
                 watcher.files = None
                 while not self.interrupts.count and watcher.next_report(WAIT_STEP_S) is None:
                     pass
+                asking = start_asking(self.project)
         return None
 
     def start_broker(self, stack: ExitStack, workdir: Path) -> dict[str, str] | None:
@@ -288,6 +305,8 @@ class Runner:
             self.broker = stack.enter_context(Broker())
             self.tls_env: dict[str, str] = {}
             return None
+        from devtools.tls_proxy import Pki, TlsProxy  # only here: trustme takes a fifth of a second to import
+
         pki = Pki.create(workdir)
         proxy_port = free_port()
         self.broker = stack.enter_context(Broker(advertised_port=proxy_port))  # clients are sent to the proxy
