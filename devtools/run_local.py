@@ -348,7 +348,7 @@ class Runner:
 
     def supervise(self, info: KernelInfo, watcher: SourceWatcher | None) -> int:
         """Run the kernel until Ctrl-C (or, without --reload, until it exits); the last exit code."""
-        kernel: KernelProcess | None = self.start_kernel(info)
+        kernel: KernelProcess | None = None if self.interrupts.count else self.start_kernel(info)
         while not self.interrupts.count:
             if kernel is not None and kernel.exit_code() is not None:  # it stopped by itself
                 self.last_exit_code = kernel.exit_code()
