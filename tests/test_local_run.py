@@ -22,6 +22,7 @@ import pytest
 from kafka import KafkaProducer
 
 from devtools.local_state import STATE_FILE_NAME, find_local_run
+from devtools.messages import Message, MessageError, parse_line, read_messages
 from tests.conftest import HELLO_LINE, REPO, Attempt, check_one_owner_at_a_time, hello_world, wait_until
 from tests.test_tls import check_client_certificate_required
 
@@ -308,3 +309,36 @@ def test_bad_input_gets_a_one_line_error(local_run, tmp_path):
         result = subprocess.run([sys.executable, *command], capture_output=True, text=True, timeout=60,
                                 stdin=subprocess.DEVNULL, env=local_run.env())
         assert result.returncode != 0 and re.search(error, result.stderr), (command, result.stderr)
+
+
+@pytest.mark.parametrize("line, expected", [
+    ('{"event": "a", "n": 1}', Message(b'{"event": "a", "n": 1}')),  # a JSON object: the value, as written
+    ('{"key": "k", "value": {"a": 1}}', Message(b'{"a": 1}', b"k")),  # the form: other JSON is sent as JSON
+    ('{"value": "text", "headers": {"h": "v"}}', Message(b"text", None, [("h", b"v")])),  # a string as text
+    ('{"value": "x", "headers": [["h", "1"], ["h", "2"]]}', Message(b"x", None, [("h", b"1"), ("h", b"2")])),
+    ('{"key": "k", "value": null}', Message(None, b"k")),  # a tombstone
+    ('{"value": 1, "other": 2}', Message(b'{"value": 1, "other": 2}')),  # not the form: an object value
+    ('{"value": {"value": 1}}', Message(b'{"value": 1}')),  # the way to send an object that looks like the form
+    ("[1, 2]", Message(b"[1, 2]")),
+    ("plain text ", Message(b"plain text ")),
+    ("", None),
+    ("  # a comment", None),
+])
+def test_a_message_line(line, expected):
+    assert parse_line(line) == expected
+
+
+@pytest.mark.parametrize("line, error", [
+    ('{"event": ', "starts with '{' but is not JSON: Expecting value (column 11)"),
+    ('{"key": 1, "value": "v"}', '"key" must be a string or null, not 1'),
+    ('{"value": "v", "headers": {"h": 1}}', '"headers": ["h", 1] is not a name and a string value'),
+    ('{"value": "v", "headers": "h"}', '"headers" must be an object'),
+])
+def test_a_malformed_message_line(line, error):
+    with pytest.raises(MessageError, match=re.escape(error)):
+        parse_line(line)
+
+
+def test_the_sample_messages_file_parses():
+    messages = read_messages(REPO / "devtools" / "sample_messages.jsonl")
+    assert [m.key for m in messages] == [None, b"user-2", b"user-2", b"user-2", None]
