@@ -7,6 +7,9 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
+import ssl
+import struct
 import subprocess
 import sys
 import threading
@@ -69,6 +72,36 @@ def wait_committed(cluster, kernel, group: str, topic: str, produced: Counter, p
 @pytest.fixture(scope="session")
 def pki(tmp_path_factory) -> Pki:
     return Pki.create(tmp_path_factory.mktemp("pki"))
+
+
+def api_versions_request() -> bytes:
+    client_id = b"probe"
+    body = struct.pack(">hhih", 18, 0, 7, len(client_id)) + client_id
+    return struct.pack(">i", len(body)) + body
+
+
+def tls_exchange(bootstrap: str, context: ssl.SSLContext) -> bytes:
+    """Send an ApiVersions request through the proxy; return the first bytes of the answer."""
+    host, port = bootstrap.split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as raw:
+        with context.wrap_socket(raw, server_hostname=host) as tls:
+            tls.sendall(api_versions_request())
+            return tls.recv(8)
+
+
+def check_client_certificate_required(bootstrap: str, ca_file: str, cert_file: str, key_file: str) -> None:
+    """The broker behind the TLS proxy at `bootstrap` answers a client with the certificate, not one without."""
+    with_certificate = ssl.create_default_context(cafile=ca_file)
+    with_certificate.load_cert_chain(cert_file, key_file)
+    answer = tls_exchange(bootstrap, with_certificate)
+    assert struct.unpack(">i", answer[4:8])[0] == 7, "the broker answered the probe's correlation id"
+
+    without_certificate = ssl.create_default_context(cafile=ca_file)
+    try:
+        answer = tls_exchange(bootstrap, without_certificate)
+    except (ssl.SSLError, ConnectionError):
+        answer = b""
+    assert answer == b"", "a client without a certificate got an answer"
 
 
 class Cluster:

@@ -23,8 +23,15 @@ from kafka import KafkaProducer
 
 from devtools.local_state import STATE_FILE_NAME, find_local_run
 from devtools.messages import Message, MessageError, parse_line, read_messages
-from tests.conftest import HELLO_LINE, REPO, Attempt, check_one_owner_at_a_time, hello_world, wait_until
-from tests.test_tls import check_client_certificate_required
+from tests.conftest import (
+    HELLO_LINE,
+    REPO,
+    Attempt,
+    check_client_certificate_required,
+    check_one_owner_at_a_time,
+    hello_world,
+    wait_until,
+)
 
 # Inserted into the copy's main.py just before its entry point: the loop calls process_message through
 # the module's global name, so this one is used. One JSON line per call in $TEST_RECORD_PATH.

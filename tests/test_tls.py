@@ -3,16 +3,13 @@ removed, and TLS that really fails without the right certificates. The runs that
 recording handler (tests/recording_kernel.py), so they hold whatever process_message becomes."""
 
 import signal
-import socket
-import ssl
 import stat
-import struct
 import time
 
 import trustme
 
 from devtools.broker import free_port
-from tests.conftest import MAIN, processed, wait_until
+from tests.conftest import MAIN, check_client_certificate_required, processed, wait_until
 
 
 def test_stream_over_mutual_tls_is_processed_committed_and_cleaned_up(cluster, kernels):
@@ -43,36 +40,6 @@ def test_sigint_stops_cleanly_too(cluster, kernels):
     assert time.monotonic() - started < 5
     assert "Consumer closed" in kernel.log()
     assert list(kernels.certificate_tmpdir.iterdir()) == []
-
-
-def api_versions_request() -> bytes:
-    client_id = b"probe"
-    body = struct.pack(">hhih", 18, 0, 7, len(client_id)) + client_id
-    return struct.pack(">i", len(body)) + body
-
-
-def tls_exchange(bootstrap: str, context: ssl.SSLContext) -> bytes:
-    """Send an ApiVersions request through the proxy; return the first bytes of the answer."""
-    host, port = bootstrap.split(":")
-    with socket.create_connection((host, int(port)), timeout=5) as raw:
-        with context.wrap_socket(raw, server_hostname=host) as tls:
-            tls.sendall(api_versions_request())
-            return tls.recv(8)
-
-
-def check_client_certificate_required(bootstrap: str, ca_file: str, cert_file: str, key_file: str) -> None:
-    """The broker behind the TLS proxy at `bootstrap` answers a client with the certificate, not one without."""
-    with_certificate = ssl.create_default_context(cafile=ca_file)
-    with_certificate.load_cert_chain(cert_file, key_file)
-    answer = tls_exchange(bootstrap, with_certificate)
-    assert struct.unpack(">i", answer[4:8])[0] == 7, "the broker answered the probe's correlation id"
-
-    without_certificate = ssl.create_default_context(cafile=ca_file)
-    try:
-        answer = tls_exchange(bootstrap, without_certificate)
-    except (ssl.SSLError, ConnectionError):
-        answer = b""
-    assert answer == b"", "a client without a certificate got an answer"
 
 
 def test_proxy_rejects_a_client_without_a_certificate(cluster, pki):
