@@ -65,12 +65,12 @@ def find_local_run(project: Path = PROJECT) -> LocalRun:
         state = LocalRun(**json.loads(path.read_text()))
     except FileNotFoundError:
         raise LocalRunError(f"no local run found ({path} does not exist): start `uv run devtools/run_local.py` "
-                         "first") from None
+                            "first") from None
     except (OSError, ValueError, TypeError) as error:
         raise LocalRunError(f"{path} cannot be read ({error}): restart `uv run devtools/run_local.py`") from None
     if not process_exists(state.pid):
         raise LocalRunError(f"the local run that wrote {path} (process {state.pid}) is no longer running: start "
-                         "`uv run devtools/run_local.py` again")
+                            "`uv run devtools/run_local.py` again")
     return state
 
 
@@ -80,7 +80,7 @@ def process_exists(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass  # it exists, under another user
     return True
 
 
@@ -89,14 +89,13 @@ def produce(config: dict, topic: str, messages: list[Message], timeout_s: float 
     try:
         producer = KafkaProducer(**config, acks="all", max_block_ms=int(timeout_s * 1000))
     except KafkaError as error:
-        raise LocalRunError(f"cannot reach the local broker at {config['bootstrap_servers']} ({error}): is "
-                         "`uv run devtools/run_local.py` still running?") from None
+        raise LocalRunError(f"cannot reach the local broker at {config['bootstrap_servers']}: {error}") from None
     try:
         futures = [producer.send(topic, key=m.key, value=m.value, headers=m.headers) for m in messages]
         placed = [future.get(timeout=timeout_s) for future in futures]
     except KafkaError as error:
         raise LocalRunError(f"the local broker at {config['bootstrap_servers']} did not take the messages for "
-                         f"{topic}: {error}") from None
+                            f"{topic}: {error}") from None
     finally:
         producer.close(timeout=5)
     return [f"{p.topic}[{p.partition}]@{p.offset}" for p in placed]

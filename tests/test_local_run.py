@@ -21,8 +21,10 @@ from pathlib import Path
 import pytest
 from kafka import KafkaProducer
 
+import main
 from devtools.local_state import STATE_FILE_NAME, find_local_run
 from devtools.messages import Message, MessageError, parse_line, read_messages
+from devtools.run_local import KernelLoadError, ask_kernel
 from tests.conftest import (
     HELLO_LINE,
     REPO,
@@ -348,3 +350,16 @@ def test_a_malformed_message_line(line, error):
 def test_the_sample_messages_file_parses():
     messages = read_messages(REPO / "devtools" / "sample_messages.jsonl")
     assert [m.key for m in messages] == [None, b"user-2", b"user-2", b"user-2", None]
+
+
+def test_the_kernel_is_asked_for_its_topic_group_and_own_modules(local_run):
+    """What --reload watches: main.py and the project modules it imports, not what is installed."""
+    project = local_run.copy_project()
+    (project / "helper.py").write_text("def shout(text):\n    return text.upper()\n")
+    local_run.main.write_text(local_run.main.read_text().replace(ENTRY_POINT, "\nimport helper\n" + ENTRY_POINT, 1))
+    info = ask_kernel(project)
+    assert info.files == {project / "main.py", project / "helper.py"}
+    assert (info.topics, info.group) == ([main.DEFAULT_TOPIC], f"{main.KERNEL_NAME}-group")
+    (project / "helper.py").write_text("def shout(text)\n    return text.upper()\n")
+    with pytest.raises(KernelLoadError, match=r'File ".*helper\.py", line 1\n.*\n.*\^\nSyntaxError: '):
+        ask_kernel(project)
