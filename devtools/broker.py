@@ -22,11 +22,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+# Looked up once, here: in a child between fork and exec only the call is safe while other threads run.
+PRCTL = ctypes.CDLL("libc.so.6", use_errno=True).prctl if sys.platform.startswith("linux") else None
+PR_SET_PDEATHSIG = 1
+
+
 def die_with_parent() -> None:
-    """Linux only: the broker gets SIGTERM if the process that started it dies (no orphans)."""
-    if sys.platform.startswith("linux"):
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    """Linux only, as a preexec_fn: the child gets SIGTERM if the process that started it dies (no orphans)."""
+    if PRCTL is not None:
+        PRCTL(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class Broker:
@@ -86,6 +90,7 @@ class Broker:
             check=True,
             capture_output=True,
             timeout=30,
+            start_new_session=True,  # a Ctrl-C meant for the local run does not break it halfway
         )
 
     def stop(self) -> None:

@@ -4,12 +4,13 @@ a subprocess configured only through environment variables, and an independent c
 
 from __future__ import annotations
 
-import base64
 import os
 import re
 import shutil
 import signal
+import socket
 import ssl
+import struct
 import subprocess
 import sys
 import threading
@@ -18,18 +19,16 @@ import urllib.error
 import urllib.request
 import uuid
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import pytest
-import trustme
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 import main
 from devtools.broker import Broker, free_port
-from tests.tls_proxy import TlsProxy
+from devtools.tls_proxy import Pki, TlsProxy
 
 REPO = Path(__file__).resolve().parent.parent
 MAIN = REPO / "main.py"
@@ -88,38 +87,39 @@ def wait_committed(cluster, kernel, group: str, topic: str, produced: Counter, p
                f"offsets {expected} committed\n{kernel.log()[-3000:]}")
 
 
-def base64_lines(data: bytes) -> str:
-    """What `base64` prints on Linux: wrapped at 76 characters."""
-    text = base64.b64encode(data).decode()
-    return "\n".join(text[i : i + 76] for i in range(0, len(text), 76))
-
-
-@dataclass
-class Pki:
-    ca: trustme.CA
-    server: trustme.LeafCert
-    client: trustme.LeafCert
-    directory: Path
-
-    @property
-    def env(self) -> dict[str, str]:
-        """The three certificate variables, base64-encoded as a user would paste them."""
-        return {
-            "KAFKA_CA_CERT": base64_lines(self.ca.cert_pem.bytes()),
-            "KAFKA_CLIENT_CERT": base64_lines(self.client.cert_chain_pems[0].bytes()),
-            "KAFKA_CLIENT_KEY": base64_lines(self.client.private_key_pem.bytes()),
-        }
-
-
 @pytest.fixture(scope="session")
 def pki(tmp_path_factory) -> Pki:
-    ca = trustme.CA()
-    directory = tmp_path_factory.mktemp("pki")
-    pki = Pki(ca, ca.issue_cert("127.0.0.1", "localhost"), ca.issue_cert("kernel-client"), directory)
-    ca.cert_pem.write_to_path(str(directory / "ca.pem"))
-    pki.client.cert_chain_pems[0].write_to_path(str(directory / "client.pem"))
-    pki.client.private_key_pem.write_to_path(str(directory / "client.key"))
-    return pki
+    return Pki.create(tmp_path_factory.mktemp("pki"))
+
+
+def api_versions_request() -> bytes:
+    client_id = b"probe"
+    body = struct.pack(">hhih", 18, 0, 7, len(client_id)) + client_id
+    return struct.pack(">i", len(body)) + body
+
+
+def tls_exchange(bootstrap: str, context: ssl.SSLContext) -> bytes:
+    """Send an ApiVersions request through the proxy; return the first bytes of the answer."""
+    host, port = bootstrap.split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as raw:
+        with context.wrap_socket(raw, server_hostname=host) as tls:
+            tls.sendall(api_versions_request())
+            return tls.recv(8)
+
+
+def check_client_certificate_required(bootstrap: str, ca_file: str, cert_file: str, key_file: str) -> None:
+    """The broker behind the TLS proxy at `bootstrap` answers a client with the certificate, not one without."""
+    with_certificate = ssl.create_default_context(cafile=ca_file)
+    with_certificate.load_cert_chain(cert_file, key_file)
+    answer = tls_exchange(bootstrap, with_certificate)
+    assert struct.unpack(">i", answer[4:8])[0] == 7, "the broker answered the probe's correlation id"
+
+    without_certificate = ssl.create_default_context(cafile=ca_file)
+    try:
+        answer = tls_exchange(bootstrap, without_certificate)
+    except (ssl.SSLError, ConnectionError):
+        answer = b""
+    assert answer == b"", "a client without a certificate got an answer"
 
 
 class Cluster:
@@ -138,9 +138,9 @@ class Cluster:
         return {
             "bootstrap.servers": self.bootstrap,
             "security.protocol": "SSL",
-            "ssl.ca.location": str(self.pki.directory / "ca.pem"),
-            "ssl.certificate.location": str(self.pki.directory / "client.pem"),
-            "ssl.key.location": str(self.pki.directory / "client.key"),
+            "ssl.ca.location": str(self.pki.ca_file),
+            "ssl.certificate.location": str(self.pki.client_cert_file),
+            "ssl.key.location": str(self.pki.client_key_file),
             **extra,
         }
 
@@ -232,11 +232,7 @@ def cluster(pki, tmp_path_factory):
     proxy_port = free_port()
     broker = Broker(advertised_port=proxy_port, log_path=str(tmp_path_factory.mktemp("broker") / "tansu.log"))
     broker.start()
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.verify_mode = ssl.CERT_REQUIRED
-    pki.ca.configure_trust(context)
-    pki.server.configure_cert(context)
-    proxy = TlsProxy(proxy_port, broker.port, context).start()
+    proxy = TlsProxy(proxy_port, broker.port, pki.server_context()).start()
     yield Cluster(broker, proxy, pki)
     proxy.stop()
     broker.stop()

@@ -10,7 +10,8 @@ import time
 import pytest
 import trustme
 
-from tests.conftest import MAIN, base64_lines
+from devtools.tls_proxy import base64_lines
+from tests.conftest import MAIN
 
 
 @pytest.fixture(scope="module")

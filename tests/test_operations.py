@@ -15,7 +15,8 @@ import trustme
 
 import main
 from devtools.broker import free_port
-from tests.conftest import MAIN, REPO, base64_lines, http_get, processed, wait_committed, wait_until
+from devtools.tls_proxy import base64_lines
+from tests.conftest import MAIN, REPO, http_get, processed, wait_committed, wait_until
 
 
 def metric(text: str, name: str, **labels) -> float | None:

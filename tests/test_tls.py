@@ -4,10 +4,7 @@ recording handler (tests/recording_kernel.py), so they hold whatever process_mes
 
 import base64
 import signal
-import socket
-import ssl
 import stat
-import struct
 import subprocess
 import sys
 import time
@@ -15,7 +12,7 @@ import time
 import trustme
 
 from devtools.broker import free_port
-from tests.conftest import MAIN, processed, wait_until
+from tests.conftest import MAIN, check_client_certificate_required, processed, wait_until
 
 
 def test_stream_over_mutual_tls_is_processed_committed_and_cleaned_up(cluster, kernels):
@@ -48,33 +45,9 @@ def test_sigint_stops_cleanly_too(cluster, kernels):
     assert list(kernels.certificate_tmpdir.iterdir()) == []
 
 
-def api_versions_request() -> bytes:
-    client_id = b"probe"
-    body = struct.pack(">hhih", 18, 0, 7, len(client_id)) + client_id
-    return struct.pack(">i", len(body)) + body
-
-
-def tls_exchange(cluster, context: ssl.SSLContext) -> bytes:
-    """Send an ApiVersions request through the proxy; return the first bytes of the answer."""
-    host, port = cluster.bootstrap.split(":")
-    with socket.create_connection((host, int(port)), timeout=5) as raw:
-        with context.wrap_socket(raw, server_hostname=host) as tls:
-            tls.sendall(api_versions_request())
-            return tls.recv(8)
-
-
 def test_proxy_rejects_a_client_without_a_certificate(cluster, pki):
-    with_certificate = ssl.create_default_context(cafile=str(pki.directory / "ca.pem"))
-    with_certificate.load_cert_chain(str(pki.directory / "client.pem"), str(pki.directory / "client.key"))
-    answer = tls_exchange(cluster, with_certificate)
-    assert struct.unpack(">i", answer[4:8])[0] == 7, "the broker answered the probe's correlation id"
-
-    without_certificate = ssl.create_default_context(cafile=str(pki.directory / "ca.pem"))
-    try:
-        answer = tls_exchange(cluster, without_certificate)
-    except (ssl.SSLError, ConnectionError):
-        answer = b""
-    assert answer == b"", "a client without a certificate got an answer"
+    check_client_certificate_required(cluster.bootstrap, str(pki.ca_file), str(pki.client_cert_file),
+                                      str(pki.client_key_file))
 
 
 def test_wrong_ca_fails_with_a_clear_error_instead_of_hanging(cluster, kernels):

@@ -1,6 +1,7 @@
-"""A TLS-terminating TCP proxy that requires a client certificate, in front of the plaintext broker.
+"""Mutual TLS in front of the plaintext broker (Tansu's own TLS listener does not work): certificates
+made on the fly, and a TLS-terminating TCP proxy that requires a client certificate.
 
-Runs an asyncio loop in a daemon thread. `drop_connections(seconds)` cuts every connection and
+The proxy runs an asyncio loop in a daemon thread. `drop_connections(seconds)` cuts every connection and
 refuses new ones for a while, to simulate a broker outage; `refuse_clients(suffix)` turns away, until
 `admit_clients(suffix)`, only new connections whose first request carries a client id ending in
 `suffix` (the kernel's producer is "<client id>-producer"): one client fails while the others go on.
@@ -9,9 +10,69 @@ refuses new ones for a while, to simulate a broker outage; `refuse_clients(suffi
 from __future__ import annotations
 
 import asyncio
+import base64
 import ssl
 import threading
 import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import trustme
+
+
+def base64_lines(data: bytes) -> str:
+    """What `base64` prints on Linux: wrapped at 76 characters."""
+    text = base64.b64encode(data).decode()
+    return "\n".join(text[i : i + 76] for i in range(0, len(text), 76))
+
+
+@dataclass
+class Pki:
+    """A CA, the broker's certificate (127.0.0.1, localhost) and a client certificate; the CA and the
+    client's certificate and key are also written as PEM files into `directory`, for other clients."""
+
+    ca: trustme.CA
+    server: trustme.LeafCert
+    client: trustme.LeafCert
+    directory: Path
+
+    @classmethod
+    def create(cls, directory: Path) -> Pki:
+        ca = trustme.CA()
+        pki = cls(ca, ca.issue_cert("127.0.0.1", "localhost"), ca.issue_cert("kernel-client"), directory)
+        ca.cert_pem.write_to_path(str(pki.ca_file))
+        pki.client.cert_chain_pems[0].write_to_path(str(pki.client_cert_file))
+        pki.client.private_key_pem.write_to_path(str(pki.client_key_file))
+        return pki
+
+    @property
+    def ca_file(self) -> Path:
+        return self.directory / "ca.pem"
+
+    @property
+    def client_cert_file(self) -> Path:
+        return self.directory / "client.pem"
+
+    @property
+    def client_key_file(self) -> Path:
+        return self.directory / "client.key"
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The kernel's three certificate variables, base64-encoded as a user pastes them in production."""
+        return {
+            "KAFKA_CA_CERT": base64_lines(self.ca.cert_pem.bytes()),
+            "KAFKA_CLIENT_CERT": base64_lines(self.client.cert_chain_pems[0].bytes()),
+            "KAFKA_CLIENT_KEY": base64_lines(self.client.private_key_pem.bytes()),
+        }
+
+    def server_context(self) -> ssl.SSLContext:
+        """The proxy's side: the broker's certificate, and a client certificate signed by the CA required."""
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.verify_mode = ssl.CERT_REQUIRED
+        self.ca.configure_trust(context)
+        self.server.configure_cert(context)
+        return context
 
 
 class TlsProxy:
@@ -51,9 +112,12 @@ class TlsProxy:
                 writer.transport.abort()
             self.writers.difference_update((client_writer, broker_writer))
             return
-        await asyncio.gather(
-            self._pipe(client_reader, broker_writer), self._pipe(broker_reader, client_writer)
-        )
+        try:
+            await asyncio.gather(
+                self._pipe(client_reader, broker_writer), self._pipe(broker_reader, client_writer)
+            )
+        except asyncio.CancelledError:
+            pass  # stop(): end quietly (Python 3.11's streams log a cancelled connection task as an error)
         self.writers.difference_update((client_writer, broker_writer))
 
     async def _admit(self, client_reader, broker_writer) -> bool:
