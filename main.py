@@ -13,7 +13,7 @@ What process_message(message) decides:
   raise anything else     fatal: the kernel commits what finished before it and exits with code 1.
 
 The machinery, in reading order:
-  What process_message can use   DeadLetter, send(), json_object(), describe_bytes()
+  What process_message can use   DeadLetter, send(), json_object(), coordinates(), describe_bytes()
   How the kernel stops           exit codes and the errors behind them
   Settings                       the environment, read and checked once
   Logging                        plain or JSON lines; repeating warnings throttled
@@ -26,11 +26,12 @@ The machinery, in reading order:
   Bookkeeping                    lanes, retries and the offset to commit, per partition
   The consumer loop              failures, the watchdog, and the loop: poll, hand out, settle, commit
   Checking a deployment          python main.py check
-  Entry point                    run(): what python main.py and the examples call
+  Entry point                    run_kernel(): what python main.py and the examples call
 """
 
 from __future__ import annotations
 
+# isort: split
 # Your kernel: edit from here to "End of your kernel". Your imports go just below.
 import logging
 
@@ -38,6 +39,9 @@ KERNEL_NAME = "hello-world"
 DEFAULT_TOPIC = "clustera-hello-world"
 
 log = logging.getLogger(KERNEL_NAME)
+
+# process_message can use DeadLetter, send(), json_object(), coordinates() and describe_bytes(): the
+# machinery defines them below ("What process_message can use").
 
 
 def process_message(message) -> bool:
@@ -64,13 +68,21 @@ def process_message(message) -> bool:
 
 # End of your kernel. The template's machinery follows.
 
-your_kernel = dict(globals())  # what the part above defines; see "Entry point" for why
+# What the part above defines, for the check at the end of the file (none when the module is reloaded).
+names_of_your_part = None if "names_of_your_part" in globals() else dict(globals())
 
 import base64
 import binascii
+import builtins
+import contextlib
+import dataclasses
+import datetime as dt
+import enum
+import http.server
 import json
 import logging
 import os
+import queue
 import random
 import re
 import shutil
@@ -81,19 +93,18 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from enum import Enum
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from queue import Empty, SimpleQueue
+from typing import TYPE_CHECKING
 
-from dotenv import load_dotenv
+import dotenv
+import kafka.future
+import prometheus_client
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
 from kafka.errors import CommitFailedError, KafkaError, NoBrokersAvailable
-from kafka.future import Future
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+if TYPE_CHECKING:  # names only annotations use, so that your part may bind them as it likes
+    from collections.abc import Callable, Iterator, Mapping
+
+    from kafka.future import Future
 
 # What process_message can use
 
@@ -192,7 +203,7 @@ def describe_bytes(data: bytes | None, limit: int = 200) -> str:
 def describe_timestamp(timestamp_ms: int | None) -> str:
     if timestamp_ms is None or timestamp_ms < 0:
         return "none"
-    return datetime.fromtimestamp(timestamp_ms / 1000, UTC).isoformat(timespec="milliseconds")
+    return dt.datetime.fromtimestamp(timestamp_ms / 1000, dt.UTC).isoformat(timespec="milliseconds")
 
 
 # How the kernel stops: exit codes and the errors behind them
@@ -203,6 +214,7 @@ EXIT_CONFIG = 2  # a setting is missing or invalid
 EXIT_BROKER = 3  # the broker was unreachable at start-up, or gave an unrecoverable error
 EXIT_NO_DEAD_LETTER_TOPIC = 4  # a message was to be dead-lettered but KERNEL_DEAD_LETTER_TOPIC is not set
 EXIT_FORCED = 128  # + signal number: a second SIGTERM/SIGINT during shutdown
+EXIT_CHECK_FAILED = 1  # `python main.py check` found something wrong
 
 
 class ConfigError(Exception):
@@ -239,7 +251,7 @@ def retry_delay_ms(attempts: int, initial_ms: int, maximum_ms: int) -> int:
     return int(delay * random.uniform(0.9, 1.0))
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class RetryPolicy:
     """What happens after process_message returns False: KERNEL_RETRY_INITIAL_MS, KERNEL_RETRY_MAX_MS
     and KERNEL_MAX_ATTEMPTS."""
@@ -260,8 +272,8 @@ class RetryPolicy:
         return retry_delay_ms(attempts, self.initial_ms, self.max_ms) / 1000
 
 
-@dataclass(frozen=True)
-class Settings:
+@dataclasses.dataclass(frozen=True)
+class KernelSettings:
     """Everything the kernel reads from the environment; load_settings holds the defaults."""
 
     kernel_name: str
@@ -309,51 +321,6 @@ class Settings:
     @property
     def uses_tls(self) -> bool:
         return self.ca_cert is not None
-
-
-def load_settings(env: Mapping[str, str], kernel_name: str, default_topic: str) -> Settings:
-    """Build the settings from environment variables; raise ConfigError naming the bad one."""
-    certs = certificate_values(env)
-    session_timeout_ms = parse_int(env, "KAFKA_SESSION_TIMEOUT_MS", 45_000, minimum=1_000)
-    return Settings(
-        kernel_name=kernel_name,
-        bootstrap_servers=parse_list(env, "KAFKA_BOOTSTRAP_SERVERS", default=None),
-        topics=parse_list(env, "KAFKA_TOPIC", default=default_topic),
-        group_id=env.get("KAFKA_CONSUMER_GROUP") or f"{kernel_name}-group",
-        client_id=env.get("KAFKA_CLIENT_ID") or f"{kernel_name}-consumer-{os.getpid()}",
-        ca_cert=certs["KAFKA_CA_CERT"],
-        client_cert=certs["KAFKA_CLIENT_CERT"],
-        client_key=certs["KAFKA_CLIENT_KEY"],
-        ssl_check_hostname=parse_bool(env, "KAFKA_SSL_CHECK_HOSTNAME", True),
-        group_instance_id=env.get("KAFKA_GROUP_INSTANCE_ID", "").strip() or None,
-        auto_offset_reset=parse_choice(env, "KAFKA_AUTO_OFFSET_RESET", "earliest", ("earliest", "latest")),
-        max_poll_records=parse_int(env, "KAFKA_MAX_POLL_RECORDS", 2_000, minimum=1),
-        buffer_max_bytes=parse_int(env, "KERNEL_BUFFER_MAX_BYTES", 67_108_864, minimum=1024),
-        fetch_max_bytes=parse_int(env, "KAFKA_FETCH_MAX_BYTES", 16_777_216, minimum=1024),
-        max_partition_fetch_bytes=parse_int(env, "KAFKA_MAX_PARTITION_FETCH_BYTES", 1_048_576, minimum=1024),
-        check_crcs=parse_bool(env, "KAFKA_CHECK_CRCS", True),
-        session_timeout_ms=session_timeout_ms,
-        # The client warns above a third of the session timeout; more often than 3 s is not needed.
-        heartbeat_interval_ms=parse_int(env, "KAFKA_HEARTBEAT_INTERVAL_MS", min(3_000, session_timeout_ms // 3),
-                                        minimum=100),
-        max_poll_interval_ms=parse_int(env, "KAFKA_MAX_POLL_INTERVAL_MS", 300_000, minimum=1_000),
-        bootstrap_timeout_ms=parse_int(env, "KAFKA_BOOTSTRAP_TIMEOUT_MS", 30_000, minimum=1_000),
-        commit_timeout_ms=parse_int(env, "KAFKA_COMMIT_TIMEOUT_MS", 10_000, minimum=100),
-        produce_timeout_ms=parse_int(env, "KAFKA_PRODUCE_TIMEOUT_MS", 10_000, minimum=100),
-        retry=RetryPolicy(
-            initial_ms=parse_int(env, "KERNEL_RETRY_INITIAL_MS", 500, minimum=1),
-            max_ms=parse_int(env, "KERNEL_RETRY_MAX_MS", 30_000, minimum=1),
-            max_attempts=parse_int(env, "KERNEL_MAX_ATTEMPTS", 0, minimum=0),
-        ),
-        dead_letter_topic=env.get("KERNEL_DEAD_LETTER_TOPIC", "").strip() or None,
-        concurrency=parse_int(env, "KERNEL_CONCURRENCY", 1, minimum=1),
-        ordering=parse_choice(env, "KERNEL_ORDERING", "key", ("key", "partition")),
-        shutdown_timeout_ms=parse_int(env, "KERNEL_SHUTDOWN_TIMEOUT_MS", 30_000, minimum=0),
-        # The platform's PORT (Railway, Heroku, Cloud Run) is honoured so its health check finds us.
-        http_port=parse_int(env, "KERNEL_HTTP_PORT", 0, minimum=0) or parse_int(env, "PORT", 0, minimum=0) or None,
-        log_level=parse_choice(env, "LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
-        log_format=parse_choice(env, "LOG_FORMAT", "plain", ("plain", "json")),
-    )
 
 
 def certificate_values(env: Mapping[str, str]) -> dict[str, str | None]:
@@ -405,6 +372,51 @@ def parse_choice(env: Mapping[str, str], name: str, default: str, choices: tuple
     return value
 
 
+def load_settings(env: Mapping[str, str], kernel_name: str, default_topic: str) -> KernelSettings:
+    """Build the settings from environment variables; raise ConfigError naming the bad one."""
+    certs = certificate_values(env)
+    session_timeout_ms = parse_int(env, "KAFKA_SESSION_TIMEOUT_MS", 45_000, minimum=1_000)
+    return KernelSettings(
+        kernel_name=kernel_name,
+        bootstrap_servers=parse_list(env, "KAFKA_BOOTSTRAP_SERVERS", default=None),
+        topics=parse_list(env, "KAFKA_TOPIC", default=default_topic),
+        group_id=env.get("KAFKA_CONSUMER_GROUP") or f"{kernel_name}-group",
+        client_id=env.get("KAFKA_CLIENT_ID") or f"{kernel_name}-consumer-{os.getpid()}",
+        ca_cert=certs["KAFKA_CA_CERT"],
+        client_cert=certs["KAFKA_CLIENT_CERT"],
+        client_key=certs["KAFKA_CLIENT_KEY"],
+        ssl_check_hostname=parse_bool(env, "KAFKA_SSL_CHECK_HOSTNAME", True),
+        group_instance_id=env.get("KAFKA_GROUP_INSTANCE_ID", "").strip() or None,
+        auto_offset_reset=parse_choice(env, "KAFKA_AUTO_OFFSET_RESET", "earliest", ("earliest", "latest")),
+        max_poll_records=parse_int(env, "KAFKA_MAX_POLL_RECORDS", 2_000, minimum=1),
+        buffer_max_bytes=parse_int(env, "KERNEL_BUFFER_MAX_BYTES", 67_108_864, minimum=1024),
+        fetch_max_bytes=parse_int(env, "KAFKA_FETCH_MAX_BYTES", 16_777_216, minimum=1024),
+        max_partition_fetch_bytes=parse_int(env, "KAFKA_MAX_PARTITION_FETCH_BYTES", 1_048_576, minimum=1024),
+        check_crcs=parse_bool(env, "KAFKA_CHECK_CRCS", True),
+        session_timeout_ms=session_timeout_ms,
+        # The client warns above a third of the session timeout; more often than 3 s is not needed.
+        heartbeat_interval_ms=parse_int(env, "KAFKA_HEARTBEAT_INTERVAL_MS", min(3_000, session_timeout_ms // 3),
+                                        minimum=100),
+        max_poll_interval_ms=parse_int(env, "KAFKA_MAX_POLL_INTERVAL_MS", 300_000, minimum=1_000),
+        bootstrap_timeout_ms=parse_int(env, "KAFKA_BOOTSTRAP_TIMEOUT_MS", 30_000, minimum=1_000),
+        commit_timeout_ms=parse_int(env, "KAFKA_COMMIT_TIMEOUT_MS", 10_000, minimum=100),
+        produce_timeout_ms=parse_int(env, "KAFKA_PRODUCE_TIMEOUT_MS", 10_000, minimum=100),
+        retry=RetryPolicy(
+            initial_ms=parse_int(env, "KERNEL_RETRY_INITIAL_MS", 500, minimum=1),
+            max_ms=parse_int(env, "KERNEL_RETRY_MAX_MS", 30_000, minimum=1),
+            max_attempts=parse_int(env, "KERNEL_MAX_ATTEMPTS", 0, minimum=0),
+        ),
+        dead_letter_topic=env.get("KERNEL_DEAD_LETTER_TOPIC", "").strip() or None,
+        concurrency=parse_int(env, "KERNEL_CONCURRENCY", 1, minimum=1),
+        ordering=parse_choice(env, "KERNEL_ORDERING", "key", ("key", "partition")),
+        shutdown_timeout_ms=parse_int(env, "KERNEL_SHUTDOWN_TIMEOUT_MS", 30_000, minimum=0),
+        # The platform's PORT (Railway, Heroku, Cloud Run) is honoured so its health check finds us.
+        http_port=parse_int(env, "KERNEL_HTTP_PORT", 0, minimum=0) or parse_int(env, "PORT", 0, minimum=0) or None,
+        log_level=parse_choice(env, "LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
+        log_format=parse_choice(env, "LOG_FORMAT", "plain", ("plain", "json")),
+    )
+
+
 # Logging
 
 kernel_log = logging.getLogger("kernel")  # the machinery's own; yours is named after the kernel
@@ -427,7 +439,7 @@ class RepeatFilter(logging.Filter):
         self.seen: dict[tuple[str, str], tuple[float, int]] = {}  # (logger, template): (last, held)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not (record.name.startswith("kafka") or getattr(record, "repeating", False)):
+        if not (record.name == "kafka" or record.name.startswith("kafka.") or getattr(record, "repeating", False)):
             return True
         key, now = (record.name, str(record.msg)), time.monotonic()
         last_s, held = self.seen.get(key, (-REPEATED_WARNING_INTERVAL_S, 0))
@@ -462,7 +474,7 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {
-            "timestamp": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "timestamp": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname,
             "kernel": self.kernel_name,
             "logger": record.name,
@@ -483,7 +495,7 @@ def configure_logging(kernel_name: str) -> None:
     logging.getLogger().setLevel(logging.INFO)
 
 
-def apply_log_settings(settings: Settings) -> None:
+def apply_log_settings(settings: KernelSettings) -> None:
     root = logging.getLogger()
     root.setLevel(settings.log_level)
     formatter = (JsonFormatter if settings.log_format == "json" else PlainFormatter)(settings.kernel_name)
@@ -520,7 +532,7 @@ class StopSignal:
 # TLS material
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class TlsFiles:
     directory: str
     ca_file: str
@@ -553,21 +565,27 @@ def decode_pem(name: str, value: str, block: str) -> bytes:
     return b"\n".join(blocks) + b"\n"
 
 
-@contextmanager
-def tls_files(settings: Settings) -> Iterator[TlsFiles | None]:
-    """The certificates, decoded into private files for the life of the block and removed however
-    it ends; None for PLAINTEXT."""
-    if not settings.uses_tls:
-        yield None
-        return
-    tls = write_tls_material(settings)
+def check_tls_material(files: TlsFiles) -> None:
+    """Load the files the way the client will, so a bad one fails now with its variable's name."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    for name, path in (("KAFKA_CA_CERT", files.ca_file), ("KAFKA_CLIENT_CERT", files.cert_file)):
+        try:
+            context.load_verify_locations(cafile=path)
+        except ssl.SSLError:
+            raise ConfigError(f"{name} is not a valid PEM certificate") from None
+
+    def refuse_encrypted_key():
+        raise ConfigError("KAFKA_CLIENT_KEY is encrypted: provide the key without a passphrase")
+
     try:
-        yield tls
-    finally:
-        tls.remove()
+        context.load_cert_chain(files.cert_file, files.key_file, password=refuse_encrypted_key)
+    except ssl.SSLError as error:
+        if "KEY_VALUES_MISMATCH" in str(error):
+            raise ConfigError("KAFKA_CLIENT_KEY does not match KAFKA_CLIENT_CERT") from None
+        raise ConfigError("KAFKA_CLIENT_KEY is not a valid PEM private key") from None
 
 
-def write_tls_material(settings: Settings) -> TlsFiles:
+def write_tls_material(settings: KernelSettings) -> TlsFiles:
     """Write the decoded certificates into a private directory (0700, files 0600) and check that
     they fit together; the caller removes the directory (tls_files does)."""
     material = {
@@ -589,33 +607,27 @@ def write_tls_material(settings: Settings) -> TlsFiles:
     return files
 
 
-def check_tls_material(files: TlsFiles) -> None:
-    """Load the files the way the client will, so a bad one fails now with its variable's name."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    for name, path in (("KAFKA_CA_CERT", files.ca_file), ("KAFKA_CLIENT_CERT", files.cert_file)):
-        try:
-            context.load_verify_locations(cafile=path)
-        except ssl.SSLError:
-            raise ConfigError(f"{name} is not a valid PEM certificate") from None
-
-    def refuse_encrypted_key():
-        raise ConfigError("KAFKA_CLIENT_KEY is encrypted: provide the key without a passphrase")
-
+@contextlib.contextmanager
+def tls_files(settings: KernelSettings) -> Iterator[TlsFiles | None]:
+    """The certificates, decoded into private files for the life of the block and removed however
+    it ends; None for PLAINTEXT."""
+    if not settings.uses_tls:
+        yield None
+        return
+    tls = write_tls_material(settings)
     try:
-        context.load_cert_chain(files.cert_file, files.key_file, password=refuse_encrypted_key)
-    except ssl.SSLError as error:
-        if "KEY_VALUES_MISMATCH" in str(error):
-            raise ConfigError("KAFKA_CLIENT_KEY does not match KAFKA_CLIENT_CERT") from None
-        raise ConfigError("KAFKA_CLIENT_KEY is not a valid PEM private key") from None
+        yield tls
+    finally:
+        tls.remove()
 
 
 # Health and metrics
 
 
-class Health:
+class HealthState:
     """What /healthz and /readyz answer, written by the loop and read by the HTTP thread."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: KernelSettings):
         self.max_poll_interval_s = settings.max_poll_interval_ms / 1000
         self.last_poll_s = time.monotonic()  # starting counts as progress
         self.busy_since_s: float | None = None  # start of the longest-running process_message call
@@ -636,40 +648,44 @@ class Health:
         return (True, "ok") if self.joined else (False, "not in the group yet")
 
 
-class Metrics:
+class KernelMetrics:
     """The kernel's Prometheus metrics, served at /metrics."""
 
     def __init__(self):
-        self.registry = CollectorRegistry()
-        by_topic = dict(labelnames=["topic"], registry=self.registry)
-        self.processed = Counter("kernel_messages_processed", "Messages process_message finished", **by_topic)
-        self.failed = Counter("kernel_messages_failed", "Messages on which process_message raised", **by_topic)
-        self.retried = Counter("kernel_messages_retried", "Messages to be tried again", **by_topic)
-        self.dead_lettered = Counter("kernel_messages_dead_lettered", "Messages sent to the dead-letter topic",
-                                     **by_topic)
-        self.sent = Counter("kernel_messages_sent", "Messages the broker confirmed, sent with send() or "
-                            "dead-lettered, by the topic they went to", **by_topic)
-        self.send_failures = Counter("kernel_send_failures", "Messages the broker did not confirm, by the "
-                                     "topic they were for", **by_topic)
-        self.processing = Histogram("kernel_processing_seconds", "Time spent in process_message", **by_topic)
-        self.commits = Counter("kernel_commits", "Offset commits that succeeded", registry=self.registry)
-        self.commit_failures = Counter("kernel_commit_failures", "Offset commits that failed", registry=self.registry)
-        self.rebalances = Counter("kernel_rebalances", "Partition assignments received", registry=self.registry)
-        self.assigned = Gauge("kernel_assigned_partitions", "Partitions assigned to this kernel",
-                              registry=self.registry)
-        self.lag = Gauge("kernel_consumer_lag", "End offset minus committed offset",
-                         labelnames=["topic", "partition"], registry=self.registry)
-        self.buffered_bytes = Gauge("kernel_buffered_bytes", "Memory held by fetched messages not finished yet "
-                                    "(estimated; fetching pauses at KERNEL_BUFFER_MAX_BYTES)", registry=self.registry)
+        self.registry = prometheus_client.CollectorRegistry()
+        counter, gauge = self.metric(prometheus_client.Counter), self.metric(prometheus_client.Gauge)
+        topic = ("topic",)
+        self.processed = counter("kernel_messages_processed", "Messages process_message finished", topic)
+        self.failed = counter("kernel_messages_failed", "Messages on which process_message raised", topic)
+        self.retried = counter("kernel_messages_retried", "Messages to be tried again", topic)
+        self.dead_lettered = counter("kernel_messages_dead_lettered", "Messages sent to the dead-letter topic", topic)
+        self.sent = counter("kernel_messages_sent", "Messages the broker confirmed, sent with send() or dead-lettered, "
+                            "by the topic they went to", topic)
+        self.send_failures = counter("kernel_send_failures", "Messages the broker did not confirm, by the topic they "
+                                     "were for", topic)
+        self.processing = self.metric(prometheus_client.Histogram)("kernel_processing_seconds",
+                                                                   "Time spent in process_message", topic)
+        self.commits = counter("kernel_commits", "Offset commits that succeeded")
+        self.commit_failures = counter("kernel_commit_failures", "Offset commits that failed")
+        self.rebalances = counter("kernel_rebalances", "Partition assignments received")
+        self.assigned = gauge("kernel_assigned_partitions", "Partitions assigned to this kernel")
+        self.lag = gauge("kernel_consumer_lag", "End offset minus committed offset", ("topic", "partition"))
+        self.buffered_bytes = gauge("kernel_buffered_bytes", "Memory held by fetched messages not finished yet "
+                                    "(estimated; fetching pauses at KERNEL_BUFFER_MAX_BYTES)")
+
+    def metric(self, kind: type) -> Callable:
+        """A maker of metrics of `kind` in this registry: name, help text, label names."""
+        return lambda name, text, labels=(): kind(name, text, labelnames=labels, registry=self.registry)
 
 
-def serve_http(port: int, health: Health, metrics: Metrics) -> ThreadingHTTPServer:
+def serve_http(port: int, health: HealthState, metrics: KernelMetrics) -> http.server.ThreadingHTTPServer:
     """Serve /healthz (liveness), /readyz (readiness) and /metrics from a daemon thread."""
 
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
             if self.path == "/metrics":
-                status, body, kind = 200, generate_latest(metrics.registry), CONTENT_TYPE_LATEST
+                status, kind = 200, prometheus_client.CONTENT_TYPE_LATEST
+                body = prometheus_client.generate_latest(metrics.registry)
             elif self.path in ("/healthz", "/readyz"):
                 ok, text = health.alive() if self.path == "/healthz" else health.ready()
                 status, body, kind = (200 if ok else 503), f"{text}\n".encode(), "text/plain"
@@ -685,7 +701,7 @@ def serve_http(port: int, health: Health, metrics: Metrics) -> ThreadingHTTPServ
             pass
 
     try:
-        server = ThreadingHTTPServer(("0.0.0.0", port), Handler)
+        server = http.server.ThreadingHTTPServer(("0.0.0.0", port), Handler)
     except OSError as error:
         raise ConfigError(f"KERNEL_HTTP_PORT (or PORT) {port} cannot be served: {error.strerror}") from None
     server.daemon_threads = True
@@ -696,7 +712,7 @@ def serve_http(port: int, health: Health, metrics: Metrics) -> ThreadingHTTPServ
 # Connecting
 
 
-def security_config(settings: Settings, tls: TlsFiles | None) -> dict:
+def security_config(settings: KernelSettings, tls: TlsFiles | None) -> dict:
     """Connection settings shared by the consumer and the producer."""
     if tls is None:
         return dict(bootstrap_servers=settings.bootstrap_servers, security_protocol="PLAINTEXT")
@@ -710,7 +726,7 @@ def security_config(settings: Settings, tls: TlsFiles | None) -> dict:
     )
 
 
-def consumer_config(settings: Settings, tls: TlsFiles | None) -> dict:
+def consumer_config(settings: KernelSettings, tls: TlsFiles | None) -> dict:
     """kafka-python KafkaConsumer arguments; see the KafkaConsumer docstring for each."""
     return dict(
         security_config(settings, tls),
@@ -732,12 +748,12 @@ def consumer_config(settings: Settings, tls: TlsFiles | None) -> dict:
         session_timeout_ms=settings.session_timeout_ms,
         heartbeat_interval_ms=settings.heartbeat_interval_ms,
         max_poll_interval_ms=settings.max_poll_interval_ms,
-        # Bootstrap is retried by connect() in short attempts so that a stop request is honoured.
+        # Bootstrap is retried by connect_consumer() in short attempts so that a stop request is honoured.
         api_version_auto_timeout_ms=min(settings.bootstrap_timeout_ms, 2_000),
     )
 
 
-def producer_config(settings: Settings, tls: TlsFiles | None, api_version: tuple | None) -> dict:
+def producer_config(settings: KernelSettings, tls: TlsFiles | None, api_version: tuple | None) -> dict:
     """kafka-python KafkaProducer arguments; see the KafkaProducer docstring for each."""
     return dict(
         security_config(settings, tls),
@@ -761,7 +777,7 @@ def producer_config(settings: Settings, tls: TlsFiles | None, api_version: tuple
     )
 
 
-def connect(settings: Settings, tls: TlsFiles | None, stop: StopSignal) -> KafkaConsumer | None:
+def connect_consumer(settings: KernelSettings, tls: TlsFiles | None, stop: StopSignal) -> KafkaConsumer | None:
     """Create the consumer, retrying until the bootstrap timeout; None if a stop was requested."""
     servers = ",".join(settings.bootstrap_servers)
     deadline = time.monotonic() + settings.bootstrap_timeout_ms / 1000
@@ -791,7 +807,7 @@ def connect(settings: Settings, tls: TlsFiles | None, stop: StopSignal) -> Kafka
 # Producing
 
 
-def wait_for_confirmation(future: Future, timeout_s: float) -> KafkaError | None:
+def delivery_error(future: Future, timeout_s: float) -> KafkaError | None:
     """Wait up to `timeout_s` for the broker to confirm a send; the error if it did not."""
     if not future.is_done:
         try:
@@ -801,36 +817,36 @@ def wait_for_confirmation(future: Future, timeout_s: float) -> KafkaError | None
     return future.exception
 
 
-class Producer:
+class KernelProducer:
     """The kernel's one KafkaProducer, shared by send() and the dead-letter topic. Created on first
     use (most kernels never produce) from whichever thread needs it first; closed at shutdown."""
 
-    def __init__(self, settings: Settings, tls: TlsFiles | None, api_version: tuple | None = None,
-                 metrics: Metrics | None = None):
+    def __init__(self, settings: KernelSettings, tls: TlsFiles | None, api_version: tuple | None = None,
+                 metrics: KernelMetrics | None = None):
         self.config = producer_config(settings, tls, api_version)
         self.metrics = metrics  # counts confirmed and failed sends when set
-        self.producer: KafkaProducer | None = None
+        self.client: KafkaProducer | None = None
         self.lock = threading.Lock()
         self.timeout_s = settings.produce_timeout_ms / 1000
 
     def send(self, topic: str, key: bytes | None, value: bytes | None, headers: list) -> Future:
         """Queue a message; broker trouble shows in the returned future, never as an exception here."""
         try:
-            if self.producer is None:  # the lock is taken only until the producer exists
+            if self.client is None:  # the lock is taken only until the client exists
                 with self.lock:
-                    if self.producer is None:
-                        self.producer = KafkaProducer(**self.config)
-            future = self.producer.send(topic, key=key, value=value, headers=headers)
+                    if self.client is None:
+                        self.client = KafkaProducer(**self.config)
+            future = self.client.send(topic, key=key, value=value, headers=headers)
         except KafkaError as error:  # no broker, the buffer stayed full, or the topic is unknown
-            future = Future().failure(error)
+            future = kafka.future.Future().failure(error)
         if self.metrics is not None:
             future.add_callback(lambda _: self.metrics.sent.labels(topic).inc())
             future.add_errback(lambda _: self.metrics.send_failures.labels(topic).inc())
         return future
 
     def close(self) -> None:
-        if self.producer is not None:
-            self.producer.close(timeout=self.timeout_s)
+        if self.client is not None:
+            self.client.close(timeout=self.timeout_s)
 
 
 def dead_letter_headers(record, attempts: int, group_id: str, exception: str, reason: str,
@@ -855,7 +871,7 @@ class DeadLetterTopic:
     """KERNEL_DEAD_LETTER_TOPIC: where a message that will never succeed goes, with its origin and
     the reason in its headers, published through the kernel's producer."""
 
-    def __init__(self, settings: Settings, producer: Producer, metrics: Metrics):
+    def __init__(self, settings: KernelSettings, producer: KernelProducer, metrics: KernelMetrics):
         self.topic = settings.dead_letter_topic
         self.group_id = settings.group_id
         self.kernel_name = settings.kernel_name
@@ -870,7 +886,7 @@ class DeadLetterTopic:
                                                                            exception, reason, self.kernel_name)
         value = b"" if record.key is None and record.value is None else record.value
         try:
-            error = wait_for_confirmation(self.producer.send(self.topic, record.key, value, headers),
+            error = delivery_error(self.producer.send(self.topic, record.key, value, headers),
                                           self.producer.timeout_s)
         except Exception as unexpected:  # the message stays put, named, rather than crash-loop the kernel
             error = unexpected
@@ -887,7 +903,7 @@ class DeadLetterTopic:
 # Processing
 
 
-class Consequence(Enum):
+class Consequence(enum.Enum):
     """How a task ended early, at the record after its finished ones."""
 
     RETRY = "retry"  # it returned False, or what it sent was not confirmed
@@ -895,15 +911,15 @@ class Consequence(Enum):
     FATAL = "fatal"  # it raised something else, or returned neither True nor False
 
 
-@dataclass(frozen=True)
-class Failure:
+@dataclasses.dataclass(frozen=True)
+class TaskFailure:
     consequence: Consequence
     reason: str
     error: BaseException | None = None  # what stops the kernel, for Consequence.FATAL
 
 
-@dataclass(eq=False)
-class Task:
+@dataclasses.dataclass(eq=False)
+class LaneTask:
     """A run of one lane's records handed to a worker thread, processed in offset order.
 
     The worker counts the records it finished and, if it stops before the end, says why in
@@ -913,7 +929,7 @@ class Task:
     lane: Lane
     records: list
     finished: int = 0  # records[:finished] returned True and what they sent is confirmed
-    failure: Failure | None = None  # why records[finished] did not finish
+    failure: TaskFailure | None = None  # why records[finished] did not finish
     started_s: float = 0.0  # time.monotonic() when records[finished] started
     warned_slow: int = -1  # the `finished` index a slowness warning was logged for
     cancelled: bool = False
@@ -923,7 +939,7 @@ class Task:
         return bool(self.started_s) and self.finished < len(self.records)
 
 
-def call_process_message(handler: Callable, record, producer: Producer | None) -> tuple[object, list[Future]]:
+def call_process_message(handler: Callable, record, producer: KernelProducer | None) -> tuple[object, list[Future]]:
     """handler(record), with send() going to `producer`; its result and the sends it made."""
     current_call.producer, current_call.sends = producer, []
     try:
@@ -932,23 +948,45 @@ def call_process_message(handler: Callable, record, producer: Producer | None) -
         current_call.sends = None
 
 
-def process_record(handler: Callable, record, producer: Producer | None) -> list[Future] | Failure:
+def process_record(handler: Callable, record, producer: KernelProducer | None) -> list[Future] | TaskFailure:
     """Call the handler on one record: the sends it made if it returned True, else why not."""
     try:
         result, sends = call_process_message(handler, record, producer)
     except DeadLetter as rejection:
-        return Failure(Consequence.DEAD_LETTER, str(rejection) or "process_message raised DeadLetter")
+        return TaskFailure(Consequence.DEAD_LETTER, str(rejection) or "process_message raised DeadLetter")
     except BaseException as error:  # SystemExit and KeyboardInterrupt too: exit code 1 like any other
         raise MessageFailed(record) from error
     if result is True:
         return sends
     if result is False:
-        return Failure(Consequence.RETRY, "process_message returned False")
+        return TaskFailure(Consequence.RETRY, "process_message returned False")
     raise MessageFailed(record) from TypeError(f"process_message must return True or False, got {result!r}")
 
 
-def process_task(task: Task, handler: Callable, stop: StopSignal, producer: Producer | None = None,
-                 metrics: Metrics | None = None) -> None:
+def confirm_sends(task: LaneTask, unconfirmed: deque, timeout_s: float) -> None:
+    """Advance task.finished over the records whose sends the broker confirmed, in order; with a
+    zero timeout only as far as confirmations have already arrived. A failed send stops the advance
+    at its record, which is then tried again: its outputs may be sent twice, never lost."""
+    deadline_s = time.monotonic() + timeout_s
+    while unconfirmed:
+        sends = unconfirmed[0]
+        if not timeout_s and not all(future.is_done for future in sends):
+            return
+        errors = [error for future in sends
+                  if (error := delivery_error(future, max(0.0, deadline_s - time.monotonic()))) is not None]
+        if errors:
+            record = task.records[task.finished]
+            task.failure = TaskFailure(Consequence.RETRY, f"a message it sent was not delivered ({errors[0]!r})")
+            kernel_log.warning("A message process_message sent for %s was not delivered (%r); it is processed again",
+                               coordinates(record), errors[0], extra=log_fields(record) | REPEATING)
+            unconfirmed.clear()
+            return
+        unconfirmed.popleft()
+        task.finished += 1
+
+
+def process_task(task: LaneTask, handler: Callable, stop: StopSignal, producer: KernelProducer | None = None,
+                 metrics: KernelMetrics | None = None) -> None:
     """Call the handler on each record of `task` until one is not done (on a worker thread).
 
     A record counts as finished once the broker has confirmed what its call sent; the confirmations
@@ -956,22 +994,22 @@ def process_task(task: Task, handler: Callable, stop: StopSignal, producer: Prod
     if metrics is not None:
         observe = metrics.processing.labels(task.lane.partition.topic).observe
         count = metrics.processed.labels(task.lane.partition.topic).inc
-    unconfirmed: deque[list[Future]] = deque()  # sends of each record after records[finished] that returned True
+    unconfirmed: deque[list[Future]] = deque()  # sends of the records after records[finished] that returned True
     try:
         for record in task.records:
             if task.cancelled or stop.requested:
                 return
             task.started_s = time.monotonic()
             try:
-                sends = process_record(handler, record, producer)
+                outcome = process_record(handler, record, producer)
             finally:
                 if metrics is not None:
                     observe(time.monotonic() - task.started_s)
-            if isinstance(sends, Failure):
-                task.failure = sends
+            if isinstance(outcome, TaskFailure):
+                task.failure = outcome
                 return
-            if sends or unconfirmed:
-                unconfirmed.append(sends)
+            if outcome or unconfirmed:  # it sent something, or an earlier record's sends are unconfirmed
+                unconfirmed.append(outcome)
                 confirm_sends(task, unconfirmed, timeout_s=0)
                 if task.failure:
                     return
@@ -983,63 +1021,42 @@ def process_task(task: Task, handler: Callable, stop: StopSignal, producer: Prod
         confirm_sends(task, unconfirmed, timeout_s=producer.timeout_s if producer else 0)
 
 
-def confirm_sends(task: Task, unconfirmed: deque, timeout_s: float) -> None:
-    """Advance task.finished over the records whose sends the broker confirmed, in order; with a
-    zero timeout only as far as confirmations have already arrived. A failed send stops the advance
-    at its record, which is then tried again: its outputs may be sent twice, never lost."""
-    deadline_s = time.monotonic() + timeout_s
-    while unconfirmed:
-        sends = unconfirmed[0]
-        if not timeout_s and not all(future.is_done for future in sends):
-            return
-        errors = [error for future in sends
-                  if (error := wait_for_confirmation(future, max(0.0, deadline_s - time.monotonic()))) is not None]
-        if errors:
-            record = task.records[task.finished]
-            task.failure = Failure(Consequence.RETRY, f"a message it sent was not delivered ({errors[0]!r})")
-            kernel_log.warning("A message process_message sent for %s was not delivered (%r); it is processed again",
-                               coordinates(record), errors[0], extra=log_fields(record) | REPEATING)
-            unconfirmed.clear()
-            return
-        unconfirmed.popleft()
-        task.finished += 1
-
-
-class Workers:
+class WorkerPool:
     """KERNEL_CONCURRENCY threads that process the tasks they are given and hand them back."""
 
-    def __init__(self, count: int, handler: Callable, stop: StopSignal, producer: Producer,
-                 metrics: Metrics | None):
+    def __init__(self, count: int, handler: Callable, stop: StopSignal, producer: KernelProducer,
+                 metrics: KernelMetrics | None):
         self.count = count
-        self.given: SimpleQueue[Task | None] = SimpleQueue()  # None stops a worker
-        self.handed_back: SimpleQueue[Task] = SimpleQueue()
-        self.held: deque[Task] = deque()  # handed back while the loop waited for others; taken first
+        self.given: queue.SimpleQueue[LaneTask | None] = queue.SimpleQueue()  # None stops a worker
+        self.handed_back: queue.SimpleQueue[LaneTask] = queue.SimpleQueue()
+        self.held: deque[LaneTask] = deque()  # handed back while the loop waited for others; taken first
         for number in range(count):
             threading.Thread(target=self.work, args=(handler, stop, producer, metrics), daemon=True,
                              name=f"process_message-{number}").start()
 
-    def work(self, handler: Callable, stop: StopSignal, producer: Producer, metrics: Metrics | None) -> None:
+    def work(self, handler: Callable, stop: StopSignal, producer: KernelProducer,
+             metrics: KernelMetrics | None) -> None:
         while (task := self.given.get()) is not None:
             try:
                 process_task(task, handler, stop, producer, metrics)
             except BaseException as error:  # reported to the loop, which stops the kernel
-                task.failure = Failure(Consequence.FATAL, str(error), error)
+                task.failure = TaskFailure(Consequence.FATAL, str(error), error)
             finally:
                 self.handed_back.put(task)
 
-    def give(self, task: Task) -> None:
+    def give(self, task: LaneTask) -> None:
         self.given.put(task)
 
-    def next_back(self, timeout_s: float) -> Task | None:
+    def next_back(self, timeout_s: float) -> LaneTask | None:
         """The next task handed back, waiting up to `timeout_s` for one; None if none came."""
         if self.held:
             return self.held.popleft()
         try:
             return self.handed_back.get(timeout=timeout_s) if timeout_s > 0 else self.handed_back.get_nowait()
-        except Empty:
+        except queue.Empty:
             return None
 
-    def wait_for(self, tasks: set[Task], deadline_s: float) -> list[Task]:
+    def wait_for(self, tasks: set[LaneTask], deadline_s: float) -> list[LaneTask]:
         """Wait until `tasks` are handed back or the deadline passes; those that came back. Other
         tasks handed back meanwhile are held for next_back."""
         waiting = set(tasks)
@@ -1049,7 +1066,7 @@ class Workers:
         while waiting and (timeout_s := deadline_s - time.monotonic()) > 0:
             try:
                 task = self.handed_back.get(timeout=timeout_s)
-            except Empty:
+            except queue.Empty:
                 break
             if task in waiting:
                 waiting.discard(task)
@@ -1066,8 +1083,8 @@ class Workers:
 # Bookkeeping
 
 
-@dataclass
-class Retry:
+@dataclasses.dataclass
+class PendingRetry:
     """The first record of a lane is to be tried again at `due_s`."""
 
     offset: int
@@ -1075,18 +1092,18 @@ class Retry:
     due_s: float  # time.monotonic() of the next attempt
 
 
-@dataclass(eq=False)
+@dataclasses.dataclass(eq=False)
 class Lane:
     """Records processed strictly one after another: those of one key in a partition, or of the
-    whole partition. At most one Task of a lane is in flight, which is what keeps the order."""
+    whole partition. At most one task of a lane is in flight, which is what keeps the order."""
 
     partition: TopicPartition
     key: bytes | None
-    records: deque = field(default_factory=deque)  # fetched, waiting for their turn
-    task: Task | None = None  # handed to a worker
-    retry: Retry | None = None  # records[0] failed and waits for its next attempt
+    records: deque = dataclasses.field(default_factory=deque)  # fetched, waiting for their turn
+    task: LaneTask | None = None  # handed to a worker
+    retry: PendingRetry | None = None  # records[0] failed and waits for its next attempt
 
-    def first_unfinished(self) -> int | None:
+    def first_unfinished_offset(self) -> int | None:
         task = self.task
         if task is not None and task.finished < len(task.records):
             return task.records[task.finished].offset
@@ -1109,9 +1126,9 @@ def memory_cost(record) -> int:
             + max(record.serialized_header_size, 0) + HEADER_OVERHEAD_BYTES * len(record.headers))
 
 
-@dataclass
+@dataclasses.dataclass
 class PartitionState:
-    lanes: dict[bytes | None, Lane] = field(default_factory=dict)
+    lanes: dict[bytes | None, Lane] = dataclasses.field(default_factory=dict)
     unfinished: int = 0  # fetched records not finished yet
     unfinished_bytes: int = 0  # what they hold in memory (memory_cost)
     fetched_end: int | None = None  # offset after the last fetched record
@@ -1127,7 +1144,7 @@ class PartitionState:
 
     def next_commit(self) -> int | None:
         """The end of the longest finished prefix: never past an unfinished or failed message."""
-        firsts = [offset for lane in self.lanes.values() if (offset := lane.first_unfinished()) is not None]
+        firsts = [offset for lane in self.lanes.values() if (offset := lane.first_unfinished_offset()) is not None]
         return min(firsts) if firsts else self.fetched_end
 
 
@@ -1143,7 +1160,7 @@ class Ledger:
         self.partitions: dict[TopicPartition, PartitionState] = {}  # the assigned ones
         self.ready: dict[Lane, None] = {}  # lanes with records and nothing in flight or waiting, in order
         self.retrying: set[Lane] = set()  # lanes waiting for a retry to be due
-        self.in_flight: set[Task] = set()
+        self.in_flight: set[LaneTask] = set()
 
     @property
     def unfinished(self) -> int:
@@ -1168,11 +1185,13 @@ class Ledger:
         state.hold(records)
         if self.keyed:
             for record in records:
-                self.lane(partition, state, record.key).records.append(record)
+                self.lane_for(partition, state, record.key).records.append(record)
         else:
-            self.lane(partition, state, None).records.extend(records)
+            self.lane_for(partition, state, None).records.extend(records)
 
-    def lane(self, partition: TopicPartition, state: PartitionState, key: bytes | None) -> Lane:
+    def lane_for(self, partition: TopicPartition, state: PartitionState, key: bytes | None) -> Lane:
+        """The key's lane in the partition, made if new; ready for a task unless one is in flight or
+        it waits for a retry."""
         lane = state.lanes.get(key)
         if lane is None:
             lane = state.lanes[key] = Lane(partition, key)
@@ -1180,21 +1199,21 @@ class Ledger:
             self.ready[lane] = None
         return lane
 
-    def start_tasks(self, now_s: float) -> list[Task]:
+    def start_tasks(self, now_s: float) -> list[LaneTask]:
         """A task for each lane that is ready, or whose retry is due by `now_s`; now in flight."""
         for lane in [lane for lane in self.retrying if lane.retry.due_s <= now_s]:
             self.retrying.discard(lane)
             self.ready[lane] = None
         tasks = []
         for lane in self.ready:
-            lane.task = Task(lane, list(lane.records))
+            lane.task = LaneTask(lane, list(lane.records))
             lane.records.clear()
             tasks.append(lane.task)
         self.in_flight.update(tasks)
         self.ready.clear()
         return tasks
 
-    def take_back(self, task: Task) -> Lane | None:
+    def take_back(self, task: LaneTask) -> Lane | None:
         """A task came back: its finished records are done, the others go back to the head of the
         lane, which is returned; None if the partition was revoked meanwhile."""
         self.in_flight.discard(task)
@@ -1210,22 +1229,22 @@ class Ledger:
         return lane
 
     def retry_later(self, lane: Lane, attempts: int, due_s: float) -> None:
-        lane.retry = Retry(lane.records[0].offset, attempts, due_s)
+        lane.retry = PendingRetry(lane.records[0].offset, attempts, due_s)
         self.retrying.add(lane)
 
-    def finish_first(self, lane: Lane) -> None:
+    def pass_first(self, lane: Lane) -> None:
         """The lane's first record is dealt with without finishing (it was dead-lettered)."""
         self.partitions[lane.partition].let_go([lane.records.popleft()])
         lane.retry = None
 
-    def reschedule(self, lane: Lane) -> None:
+    def requeue(self, lane: Lane) -> None:
         """The lane has nothing in flight: ready if it has records and no retry pending, gone if empty."""
         if lane.records and lane not in self.retrying:
             self.ready[lane] = None
         elif not lane.records:
             del self.partitions[lane.partition].lanes[lane.key]
 
-    def tasks_of(self, partitions: set[TopicPartition]) -> set[Task]:
+    def tasks_of(self, partitions: set[TopicPartition]) -> set[LaneTask]:
         return {task for task in self.in_flight if task.lane.partition in partitions}
 
     def next_retry_due_s(self) -> float | None:
@@ -1269,13 +1288,14 @@ class FailurePolicy:
     """What happens to a message that failed: it is tried again after a backoff (RetryPolicy), or
     goes to the dead-letter topic once it raised DeadLetter or used up KERNEL_MAX_ATTEMPTS."""
 
-    def __init__(self, settings: Settings, ledger: Ledger, dead_letters: DeadLetterTopic | None, metrics: Metrics):
+    def __init__(self, settings: KernelSettings, ledger: Ledger, dead_letters: DeadLetterTopic | None,
+                 metrics: KernelMetrics):
         self.retry = settings.retry
         self.ledger = ledger
         self.dead_letters = dead_letters
         self.metrics = metrics
 
-    def apply(self, lane: Lane, failure: Failure) -> None:
+    def apply(self, lane: Lane, failure: TaskFailure) -> None:
         """The lane's first record failed: dead-letter it, or schedule its next attempt."""
         record, attempts, reason = lane.records[0], lane.attempts_made(), failure.reason
         dead = failure.consequence is Consequence.DEAD_LETTER
@@ -1286,7 +1306,7 @@ class FailurePolicy:
                 raise NoDeadLetterTopic(record, reason)
             exception = "DeadLetter" if failure.consequence is Consequence.DEAD_LETTER else "RetriesExhausted"
             if self.dead_letters.publish(record, attempts, reason, exception):
-                self.ledger.finish_first(lane)
+                self.ledger.pass_first(lane)
                 return
             reason = "the dead-letter topic could not be reached"
         self.metrics.retried.labels(record.topic).inc()
@@ -1301,7 +1321,7 @@ class Watchdog:
     longest-running message started (for /healthz) and a warning for one that runs long; every few
     seconds, each partition's lag."""
 
-    def __init__(self, settings: Settings, ledger: Ledger, health: Health, metrics: Metrics):
+    def __init__(self, settings: KernelSettings, ledger: Ledger, health: HealthState, metrics: KernelMetrics):
         self.max_poll_interval_ms = settings.max_poll_interval_ms
         self.ledger = ledger
         self.health = health
@@ -1345,6 +1365,34 @@ class Watchdog:
                 pass
 
 
+def format_partitions(partitions, offsets: Mapping | None = None) -> str:
+    return ", ".join(
+        f"{tp.topic}[{tp.partition}]" + (f"@{offsets.get(tp)}" if offsets is not None else "")
+        for tp in sorted(partitions)
+    )
+
+
+class RebalanceListener(ConsumerRebalanceListener):
+    """kafka-python 2.x calls these from inside poll(), on the loop's own thread."""
+
+    def __init__(self, loop: ConsumerLoop):
+        self.loop = loop
+
+    def on_partitions_revoked(self, revoked):
+        # Revocations may be partial (cooperative rebalancing): handle only the partitions named.
+        self.loop.revoked(set(revoked))
+        if revoked:
+            kernel_log.info("Partitions revoked: %s", format_partitions(revoked))
+
+    def on_partitions_assigned(self, assigned):
+        self.loop.assigned(set(assigned))
+        if assigned:
+            committed = {tp: self.loop.consumer.committed(tp) for tp in assigned}
+            kernel_log.info("Partitions assigned (committed offset): %s", format_partitions(assigned, committed))
+        else:
+            kernel_log.info("No partitions assigned (the group has more members than partitions)")
+
+
 class ConsumerLoop:
     """Polls, has the workers process each lane's records in order, commits the finished prefixes.
 
@@ -1356,28 +1404,37 @@ class ConsumerLoop:
     many unfinished records is paused, which bounds memory.
     """
 
-    def __init__(self, consumer: KafkaConsumer, settings: Settings, handler: Callable, stop: StopSignal,
-                 tls: TlsFiles | None = None, health: Health | None = None, metrics: Metrics | None = None):
+    def __init__(self, consumer: KafkaConsumer, settings: KernelSettings, handler: Callable, stop: StopSignal,
+                 tls: TlsFiles | None = None, health: HealthState | None = None, metrics: KernelMetrics | None = None):
         self.consumer = consumer
         self.settings = settings
         self.stop = stop
-        self.health = health or Health(settings)
-        self.metrics = metrics or Metrics()
+        self.health = health or HealthState(settings)
+        self.metrics = metrics or KernelMetrics()
         self.ledger = Ledger(keyed=settings.ordering == "key" and settings.concurrency > 1)
         self.paused: set[TopicPartition] = set()  # by back-pressure
         self.over_budget = False  # the unfinished messages hold KERNEL_BUFFER_MAX_BYTES, not yet half of it again
+        self.failed_while_stopping = False  # process_message raised on a message in hand at shutdown
         # One poll's worth, and enough to keep every worker busy, is buffered before polling pauses.
         self.buffer_limit = max(settings.max_poll_records, 4 * settings.concurrency)
         self.last_commit_s = 0.0
         # Counting and timing every message costs a little: only when /metrics is served.
         per_message = self.metrics if settings.http_port else None
-        self.producer = Producer(settings, tls, consumer.config["api_version"], per_message)
+        self.producer = KernelProducer(settings, tls, consumer.config["api_version"], per_message)
         dead_letters = DeadLetterTopic(settings, self.producer, self.metrics) if settings.dead_letter_topic else None
         self.failures = FailurePolicy(settings, self.ledger, dead_letters, self.metrics)
         self.watchdog = Watchdog(settings, self.ledger, self.health, self.metrics)
-        self.workers = Workers(settings.concurrency, handler, stop, self.producer, per_message)
+        self.workers = WorkerPool(settings.concurrency, handler, stop, self.producer, per_message)
 
     def run(self) -> int:
+        """Consume until stopped, or until a failure stops the kernel; the exit code."""
+        try:
+            code = self.process_until_stopped()
+        finally:
+            self.close()
+        return EXIT_FATAL if code == EXIT_OK and self.failed_while_stopping else code
+
+    def process_until_stopped(self) -> int:
         try:
             if self.wait_for_topics():
                 self.consumer.subscribe(self.settings.topics, listener=RebalanceListener(self))
@@ -1395,8 +1452,6 @@ class ConsumerLoop:
         except KafkaError:
             kernel_log.exception("Unrecoverable Kafka error; stopping")
             return EXIT_BROKER
-        finally:
-            self.close()
 
     def wait_for_topics(self) -> bool:
         """Wait until every topic of KAFKA_TOPIC exists, saying which does not: kafka-python 2.3.3
@@ -1451,7 +1506,7 @@ class ConsumerLoop:
             task = self.workers.next_back(0)
         return True
 
-    def settle(self, task: Task) -> None:
+    def settle(self, task: LaneTask) -> None:
         """Take a task's progress; a fatal failure stops the kernel, any other is retried or
         dead-lettered."""
         lane = self.ledger.take_back(task)
@@ -1463,7 +1518,7 @@ class ConsumerLoop:
             return
         if failure is not None and not self.stop.requested:
             self.failures.apply(lane, failure)
-        self.ledger.reschedule(lane)
+        self.ledger.requeue(lane)
 
     def apply_back_pressure(self) -> None:
         """Stop fetching for a partition with two polls' worth of records unfinished (go on below
@@ -1521,7 +1576,7 @@ class ConsumerLoop:
             return
         self.metrics.commits.inc()
         self.ledger.mark_committed(offsets)
-        kernel_log.debug("Committed %s", {f"{tp.topic}[{tp.partition}]": offset for tp, offset in offsets.items()})
+        kernel_log.debug("Committed %s", format_partitions(offsets, offsets))
 
     def assigned(self, partitions: set[TopicPartition]) -> None:
         self.ledger.assign(partitions)
@@ -1533,11 +1588,9 @@ class ConsumerLoop:
         """Partitions are being revoked: stop their tasks after the messages in hand (waiting at
         most the max-poll interval, the group's rebalance timeout), commit their finished prefix,
         and forget them; the next owner starts from that commit, retries included."""
-        leaving = self.ledger.tasks_of(partitions)
-        for task in leaving:
-            task.cancelled = True
-        for task in self.workers.wait_for(leaving, time.monotonic() + self.settings.max_poll_interval_ms / 1000):
-            self.ledger.take_back(task)
+        failed = self.recall(self.ledger.tasks_of(partitions), self.settings.max_poll_interval_ms / 1000)
+        # kafka-python swallows what this callback raises: the loop settles these once poll() returns.
+        self.workers.held.extend(failed)
         self.commit(partitions, force=True)
         self.health.joined = False
         self.watchdog.forget(partitions)
@@ -1545,14 +1598,25 @@ class ConsumerLoop:
         self.paused -= partitions
         self.metrics.assigned.set(len(self.ledger.partitions))
 
+    def recall(self, tasks: set[LaneTask], timeout_s: float) -> list[LaneTask]:
+        """Have `tasks` stop after the message in hand, wait up to `timeout_s` for them, and take
+        back what they finished; those that failed fatally meanwhile."""
+        for task in tasks:
+            task.cancelled = True
+        back = self.workers.wait_for(tasks, time.monotonic() + timeout_s)
+        for task in back:
+            self.ledger.take_back(task)
+        return [task for task in back if task.failure and task.failure.consequence is Consequence.FATAL]
+
     def drain(self) -> None:
         """At shutdown: have the workers stop after the messages in hand, waiting at most
         KERNEL_SHUTDOWN_TIMEOUT_MS, and take their progress."""
-        in_flight = set(self.ledger.in_flight)
-        for task in in_flight:
-            task.cancelled = True
-        for task in self.workers.wait_for(in_flight, time.monotonic() + self.settings.shutdown_timeout_ms / 1000):
-            self.ledger.take_back(task)
+        for task in self.recall(set(self.ledger.in_flight), self.settings.shutdown_timeout_ms / 1000):
+            self.metrics.failed.labels(task.lane.partition.topic).inc()
+            error = task.failure.error
+            kernel_log.error("process_message failed on %s while stopping; it stays uncommitted", error,
+                             exc_info=error.__cause__ or error)
+            self.failed_while_stopping = True
         if self.ledger.in_flight:
             kernel_log.warning("%d message(s) still in process_message after KERNEL_SHUTDOWN_TIMEOUT_MS: left "
                                "uncommitted, to be processed again", len(self.ledger.in_flight))
@@ -1566,34 +1630,6 @@ class ConsumerLoop:
         self.producer.close()
         self.consumer.close(autocommit=False)  # leaves the group: the others rebalance at once
         kernel_log.info("Consumer closed")
-
-
-class RebalanceListener(ConsumerRebalanceListener):
-    """kafka-python 2.x calls these from inside poll(), on the loop's own thread."""
-
-    def __init__(self, loop: ConsumerLoop):
-        self.loop = loop
-
-    def on_partitions_revoked(self, revoked):
-        # Revocations may be partial (cooperative rebalancing): handle only the partitions named.
-        self.loop.revoked(set(revoked))
-        if revoked:
-            kernel_log.info("Partitions revoked: %s", format_partitions(revoked))
-
-    def on_partitions_assigned(self, assigned):
-        self.loop.assigned(set(assigned))
-        if assigned:
-            committed = {tp: self.loop.consumer.committed(tp) for tp in assigned}
-            kernel_log.info("Partitions assigned (committed offset): %s", format_partitions(assigned, committed))
-        else:
-            kernel_log.info("No partitions assigned (the group has more members than partitions)")
-
-
-def format_partitions(partitions, offsets: Mapping | None = None) -> str:
-    return ", ".join(
-        f"{tp.topic}[{tp.partition}]" + (f"@{offsets.get(tp)}" if offsets is not None else "")
-        for tp in sorted(partitions)
-    )
 
 
 # Checking a deployment
@@ -1610,30 +1646,20 @@ class CheckReport:
         print(f"{level:<7} {text}", flush=True)
 
 
-def check(env: Mapping[str, str], kernel_name: str, default_topic: str) -> int:
-    """Validate settings, certificates and the connection, consuming nothing. Exit code 0 when
-    nothing is wrong, 1 when something is, 2 for a configuration error."""
-    report = CheckReport()
-    try:
-        settings = load_settings(env, kernel_name, default_topic)
-        with tls_files(settings) as tls:
-            report.say("ok", f"settings: topics={','.join(settings.topics)} group={settings.group_id} "
-                             f"security={'SSL' if tls else 'PLAINTEXT'}")
-            if tls is not None:
-                for name, path in (("KAFKA_CA_CERT", tls.ca_file), ("KAFKA_CLIENT_CERT", tls.cert_file)):
-                    report.say(*describe_certificate(name, path))
-                report.say("ok", "KAFKA_CLIENT_KEY matches KAFKA_CLIENT_CERT")
-                report.say(*check_chain(tls))
-            check_broker(settings, tls, report)
-    except ConfigError as error:
-        report.say("error", str(error))
-        return EXIT_CONFIG
-    return 1 if report.errors else EXIT_OK
+def openssl_time(moment: dt.datetime) -> str:
+    """A time as OpenSSL prints certificate dates: 'Jan  1 00:00:00 3000 GMT'."""
+    return f"{moment:%b} {moment.day:2d} {moment:%H:%M:%S} {moment.year} GMT"
 
 
-# OpenSSL's long names for the attributes of a distinguished name, as `openssl x509 -text` writes them.
-ATTRIBUTE_NAMES = {"CN": "commonName", "O": "organizationName", "OU": "organizationalUnitName", "C": "countryName",
-                   "ST": "stateOrProvinceName", "L": "localityName", "DC": "domainComponent", "UID": "userId"}
+def distinguished_name(name) -> str:
+    """A certificate's subject or issuer as OpenSSL writes it: organizationName=..., commonName=..."""
+    from cryptography.x509.oid import NameOID
+
+    # NameOID.ORGANIZATIONAL_UNIT_NAME is OpenSSL's organizationalUnitName, and so on for each attribute.
+    long_names = {oid: re.sub(r"_(\w)", lambda m: m.group(1).upper(), constant.lower())
+                  for constant, oid in vars(NameOID).items() if not constant.startswith("_")}
+    return ", ".join(f"{long_names.get(attribute.oid, attribute.oid.dotted_string)}={attribute.value}"
+                     for attribute in name)
 
 
 def describe_certificate(name: str, path: str) -> tuple[str, str]:
@@ -1641,12 +1667,14 @@ def describe_certificate(name: str, path: str) -> tuple[str, str]:
     from cryptography import x509  # only `check` reads certificates: the running kernel leaves them to OpenSSL
 
     with open(path, "rb") as file:
-        certificate = x509.load_pem_x509_certificate(file.read())
-    subject, issuer = (", ".join(f"{ATTRIBUTE_NAMES.get(a.rfc4514_attribute_name, a.rfc4514_attribute_name)}="
-                                 f"{a.value}" for a in dn) for dn in (certificate.subject, certificate.issuer))
+        try:
+            certificate = x509.load_pem_x509_certificate(file.read())
+        except ValueError as error:
+            return "error", f"{name}: OpenSSL loads it, but its fields cannot be read ({error})"
+    subject, issuer = (distinguished_name(dn) for dn in (certificate.subject, certificate.issuer))
     not_before, not_after = certificate.not_valid_before_utc, certificate.not_valid_after_utc
     text = f"{name}: subject {subject}; issuer {issuer}; valid until {openssl_time(not_after)}"
-    now = datetime.now(UTC)
+    now = dt.datetime.now(dt.UTC)
     if now < not_before:
         return "error", f"{text}: not valid before {openssl_time(not_before)}; check the machine's clock"
     if now > not_after:
@@ -1654,11 +1682,6 @@ def describe_certificate(name: str, path: str) -> tuple[str, str]:
     if (not_after - now).total_seconds() < 14 * 86400:
         return "warning", f"{text}: expires in {(not_after - now).total_seconds() / 86400:.0f} days; renew it"
     return "ok", text
-
-
-def openssl_time(moment: datetime) -> str:
-    """A time as OpenSSL prints certificate dates: 'Jan  1 00:00:00 3000 GMT'."""
-    return f"{moment:%b} {moment.day:2d} {moment:%H:%M:%S} {moment.year} GMT"
 
 
 def check_chain(tls: TlsFiles) -> tuple[str, str]:
@@ -1690,22 +1713,6 @@ def check_chain(tls: TlsFiles) -> tuple[str, str]:
     return "error", "KAFKA_CLIENT_CERT could not be verified against KAFKA_CA_CERT"
 
 
-def check_broker(settings: Settings, tls: TlsFiles | None, report: CheckReport) -> None:
-    """Connect as the kernel does, then list each topic's partitions with the group's committed
-    offset, the end offset and the lag."""
-    try:
-        consumer = connect(settings, tls, StopSignal())
-    except BrokerUnavailable as error:
-        report.say("error", str(error))
-        return
-    try:
-        report.say("ok", f"connected to {','.join(settings.bootstrap_servers)} over {'SSL' if tls else 'PLAINTEXT'}")
-        for topic in settings.topics:
-            describe_topic(consumer, topic, report)
-    finally:
-        consumer.close(autocommit=False)
-
-
 def describe_topic(consumer: KafkaConsumer, topic: str, report: CheckReport) -> None:
     partitions = consumer.partitions_for_topic(topic)
     if not partitions:
@@ -1725,18 +1732,69 @@ def describe_topic(consumer: KafkaConsumer, topic: str, report: CheckReport) -> 
             report.say("ok", f"  {topic}[{tp.partition}]: committed {committed}, end {ends[tp]}, lag {lag}")
 
 
+def check_broker(settings: KernelSettings, tls: TlsFiles | None, report: CheckReport) -> None:
+    """Connect as the kernel does, then list each topic's partitions with the group's committed
+    offset, the end offset and the lag."""
+    try:
+        consumer = connect_consumer(settings, tls, StopSignal())
+    except BrokerUnavailable as error:
+        report.say("error", str(error))
+        return
+    try:
+        report.say("ok", f"connected to {','.join(settings.bootstrap_servers)} over {'SSL' if tls else 'PLAINTEXT'}")
+        for topic in settings.topics:
+            describe_topic(consumer, topic, report)
+    finally:
+        consumer.close(autocommit=False)
+
+
+def check_deployment(env: Mapping[str, str], kernel_name: str, default_topic: str) -> int:
+    """Validate settings, certificates and the connection, consuming nothing. Exit code 0 when
+    nothing is wrong, 1 when something is, 2 for a configuration error."""
+    report = CheckReport()
+    try:
+        settings = load_settings(env, kernel_name, default_topic)
+        with tls_files(settings) as tls:
+            report.say("ok", f"settings: topics={','.join(settings.topics)} group={settings.group_id} "
+                             f"security={'SSL' if tls else 'PLAINTEXT'}")
+            if tls is not None:
+                for name, path in (("KAFKA_CA_CERT", tls.ca_file), ("KAFKA_CLIENT_CERT", tls.cert_file)):
+                    report.say(*describe_certificate(name, path))
+                report.say("ok", "KAFKA_CLIENT_KEY matches KAFKA_CLIENT_CERT")
+                report.say(*check_chain(tls))
+            check_broker(settings, tls, report)
+    except ConfigError as error:
+        report.say("error", str(error))
+        return EXIT_CONFIG
+    return EXIT_CHECK_FAILED if report.errors else EXIT_OK
+
+
 # Entry point
 
 
-def run(process_message: Callable, *, name: str, default_topic: str, argv: list[str] | None = None) -> int:
+def consume_until_stopped(handler: Callable, settings: KernelSettings, tls: TlsFiles | None, stop: StopSignal) -> int:
+    health, metrics = HealthState(settings), KernelMetrics()
+    if settings.http_port:
+        serve_http(settings.http_port, health, metrics)
+        kernel_log.info("Serving /healthz, /readyz and /metrics on port %d", settings.http_port)
+    kernel_log.info("Starting: topics=%s group=%s client=%s bootstrap=%s security=%s", ",".join(settings.topics),
+                    settings.group_id, settings.client_id, ",".join(settings.bootstrap_servers),
+                    "SSL" if tls else "PLAINTEXT")
+    consumer = connect_consumer(settings, tls, stop)
+    if consumer is None:
+        return EXIT_OK
+    return ConsumerLoop(consumer, settings, handler, stop, tls, health, metrics).run()
+
+
+def run_kernel(process_message: Callable, *, name: str, default_topic: str, argv: list[str] | None = None) -> int:
     """Run a kernel until it is stopped; its exit code. `python main.py` runs this file's own kernel
     (the last lines below); an example or a test passes its own process_message and names. With the
     argument "check" (`python main.py check`), it checks the deployment instead of consuming."""
     argv = sys.argv if argv is None else argv
     # Only the .env beside main.py, never one found further up; the real environment wins over it.
-    load_dotenv(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".env"), override=False)
+    dotenv.load_dotenv(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".env"), override=False)
     if argv[1:] == ["check"]:
-        return check(os.environ, name, default_topic)
+        return check_deployment(os.environ, name, default_topic)
     if argv[1:]:
         print(f"usage: {argv[0]} [check]", file=sys.stderr)
         return EXIT_CONFIG
@@ -1749,7 +1807,7 @@ def run(process_message: Callable, *, name: str, default_topic: str, argv: list[
         with tls_files(settings) as tls:
             if tls is not None:
                 stop.cleanups.append(tls.remove)  # a second signal exits at once, but not leaving keys behind
-            return consume(process_message, settings, tls, stop)
+            return consume_until_stopped(process_message, settings, tls, stop)
     except ConfigError as error:
         kernel_log.error("Configuration error: %s", error)
         return EXIT_CONFIG
@@ -1758,25 +1816,27 @@ def run(process_message: Callable, *, name: str, default_topic: str, argv: list[
         return EXIT_BROKER
 
 
-def consume(handler: Callable, settings: Settings, tls: TlsFiles | None, stop: StopSignal) -> int:
-    health, metrics = Health(settings), Metrics()
-    if settings.http_port:
-        serve_http(settings.http_port, health, metrics)
-        kernel_log.info("Serving /healthz, /readyz and /metrics on port %d", settings.http_port)
-    kernel_log.info("Starting: topics=%s group=%s client=%s bootstrap=%s security=%s", ",".join(settings.topics),
-                    settings.group_id, settings.client_id, ",".join(settings.bootstrap_servers),
-                    "SSL" if tls else "PLAINTEXT")
-    consumer = connect(settings, tls, stop)
-    if consumer is None:
-        return EXIT_OK
-    return ConsumerLoop(consumer, settings, handler, stop, tls, health, metrics).run()
+def check_your_part(names: dict | None) -> None:
+    """Refuse at import what would break a kernel later and less clearly: one of the three names the
+    machinery needs missing from your part, or a name your part defines (or imports) that the
+    machinery, or Python itself, also defines. The machinery's own would silently replace yours, in
+    your code too; a builtin of yours (say `type = "order"`) would replace Python's in the machinery."""
+    if names is None:  # importlib.reload: the machinery's names of the first import are still there
+        return
+    if missing := [name for name in ("KERNEL_NAME", "DEFAULT_TOPIC", "process_message") if name not in names]:
+        raise ImportError(f"main.py: your part must define {', '.join(missing)}")
+    clashes = sorted(name for name, value in names.items() if not name.startswith("__")
+                     and (globals()[name] is not value or name in vars(builtins)))
+    if clashes:
+        raise ImportError(f"main.py: {', '.join(clashes)} defined in your part of main.py is also a name of the "
+                          "template's machinery, or of Python, which would replace yours: rename yours")
 
 
-# A name defined both in your part and in the machinery would silently be the machinery's from here
-# on, in your code too: refuse to start instead, naming it.
-if shadowed := sorted(name for name, value in your_kernel.items() if globals()[name] is not value):
-    raise ImportError(f"main.py: {', '.join(shadowed)} defined in your part of main.py is also a name of the "
-                      "template's machinery, which would replace yours: rename yours")
+check_your_part(names_of_your_part)
 
 if __name__ == "__main__":
-    sys.exit(run(process_message, name=KERNEL_NAME, default_topic=DEFAULT_TOPIC))
+    # Run this file as the module `main`, the one the examples, the tests and your own modules import:
+    # as __main__ it would be a second copy, with a DeadLetter and a send() of its own.
+    import main
+
+    sys.exit(main.run_kernel(main.process_message, name=main.KERNEL_NAME, default_topic=main.DEFAULT_TOPIC))

@@ -1,4 +1,4 @@
-"""The real kernel (main.run) with a counting process_message, for the benchmark.
+"""The real kernel (main.run_kernel) with a counting process_message, for the benchmark.
 
 Counts calls; when $BENCH_COUNT messages are done, writes timings and resource use as JSON to
 $BENCH_OUT. Sleeps $BENCH_SLEEP_S per message (0: a no-op handler); with $BENCH_FORWARD, send()s
@@ -42,4 +42,4 @@ def process_message(message) -> bool:
 
 
 if __name__ == "__main__":
-    sys.exit(main.run(process_message, name="bench-kernel", default_topic="bench"))
+    sys.exit(main.run_kernel(process_message, name="bench-kernel", default_topic="bench"))

@@ -20,7 +20,7 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from main import DeadLetter, json_object  # adopting: drop this line
+from main import DeadLetter, coordinates, json_object  # adopting: drop this line
 
 KERNEL_NAME = "memory-kernel"
 DEFAULT_TOPIC = "memories"
@@ -38,11 +38,10 @@ def process_message(message) -> bool:
     except psycopg.DataError as refused:  # this message can never be stored
         raise DeadLetter(f"PostgreSQL refused it: {first_line(refused)}") from None
     except (psycopg.OperationalError, PoolTimeout) as error:  # the database is down or overloaded
-        log.warning("PostgreSQL unavailable (%s); %s[%d]@%d will be retried", first_line(error),
-                    message.topic, message.partition, message.offset)
+        log.warning("PostgreSQL unavailable (%s); %s will be retried", first_line(error), coordinates(message))
         return False
     if not stored:
-        log.debug("%s[%d]@%d was already stored: a redelivery", message.topic, message.partition, message.offset)
+        log.debug("%s was already stored: a redelivery", coordinates(message))
     return True
 
 
@@ -106,4 +105,4 @@ def memories() -> Memories:
 if __name__ == "__main__":
     import main
 
-    raise SystemExit(main.run(process_message, name=KERNEL_NAME, default_topic=DEFAULT_TOPIC))
+    raise SystemExit(main.run_kernel(process_message, name=KERNEL_NAME, default_topic=DEFAULT_TOPIC))

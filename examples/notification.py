@@ -68,4 +68,4 @@ def webhook() -> tuple[str, httpx.Client]:
 if __name__ == "__main__":
     import main
 
-    raise SystemExit(main.run(process_message, name=KERNEL_NAME, default_topic=DEFAULT_TOPIC))
+    raise SystemExit(main.run_kernel(process_message, name=KERNEL_NAME, default_topic=DEFAULT_TOPIC))

@@ -53,7 +53,7 @@ def copy_repository(destination: Path) -> Path:
     return destination
 
 
-def settings_from(env: dict[str, str]) -> main.Settings:
+def settings_from(env: dict[str, str]) -> main.KernelSettings:
     """main.py's settings from `env` alone, under main.py's own kernel name and default topic."""
     return main.load_settings(env, main.KERNEL_NAME, main.DEFAULT_TOPIC)
 

@@ -75,7 +75,7 @@ def make_message(value: bytes | str | dict | list | None = b"", key: bytes | str
     )
 
 
-class CapturedOutput:
+class CapturedProducer:
     """Stands in for the kernel's producer: every send is recorded and confirmed at once."""
 
     def __init__(self):
@@ -87,12 +87,14 @@ class CapturedOutput:
 
 
 def call(message: ConsumerRecord, handler: Callable[[Any], bool] | None = None) -> Outcome:
-    """Run `handler` (default: main.process_message) on `message` as a kernel worker would."""
-    output = CapturedOutput()
+    """Run `handler` (default: main.process_message) on `message` as a kernel worker would, with the
+    kernel's own rules for what its result means (main.process_record)."""
+    producer = CapturedProducer()
     try:
-        result, _ = main.call_process_message(handler or main.process_message, message, output)
-    except main.DeadLetter as rejection:
-        return Outcome(None, output.sent, str(rejection) or "process_message raised DeadLetter")
-    if result is not True and result is not False:
-        raise TypeError(f"process_message must return True or False, got {result!r} (the kernel would stop)")
-    return Outcome(result, output.sent)
+        outcome = main.process_record(handler or main.process_message, message, producer)
+    except main.MessageFailed as failure:  # the kernel would stop: the handler's exception, or a wrong result
+        raise failure.__cause__ from None
+    if isinstance(outcome, main.TaskFailure):
+        dead_letter = outcome.reason if outcome.consequence is main.Consequence.DEAD_LETTER else None
+        return Outcome(None if dead_letter else False, producer.sent, dead_letter)
+    return Outcome(True, producer.sent)

@@ -1,8 +1,9 @@
-"""The real kernel (main.run) with a test process_message, run as `python tests/recording_kernel.py`.
+"""The real kernel (main.run_kernel) with a test process_message, run as `python tests/recording_kernel.py`.
 
-It hands main.run its own process_message, the way an example kernel does, and records every call, one line
-per attempt, "topic partition offset value result pid start_ns end_ns", to $TEST_RECORD_PATH
-(appended and flushed per line, so it survives SIGKILL). What the handler does depends on the
+It hands main.run_kernel its own process_message under a name of its own (recording-kernel), the
+way an example kernel does, and records every call, one line per attempt, "topic partition offset
+value result pid start_ns end_ns", to $TEST_RECORD_PATH (appended and flushed per line, so it
+survives SIGKILL). What the handler does depends on the
 message value (the part before a "|", if any; what follows is a label for the test):
   "false:N"  return False for the first N attempts in this process, then True
   "raise"    raise RuntimeError while $TEST_RAISE is not "0"
@@ -48,4 +49,4 @@ def process_message(message) -> bool:
 
 
 if __name__ == "__main__":
-    sys.exit(main.run(process_message, name=main.KERNEL_NAME, default_topic=main.DEFAULT_TOPIC))
+    sys.exit(main.run_kernel(process_message, name="recording-kernel", default_topic="unused"))

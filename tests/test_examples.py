@@ -115,6 +115,7 @@ def test_transform_forwards_valid_events_and_dead_letters_the_rest(cluster, kern
         assert reason in rejected[label]
     assert rejected["no-type"] == 'field "type" must be a non-empty string, got None'
     assert "Dead-lettered" in kernel.log() and "not JSON" in kernel.log()
+    assert "INFO [transform-kernel] Partitions assigned" in kernel.log(), "the name the example hands run_kernel()"
 
 
 def test_transform_never_loses_an_output_when_killed(cluster, kernels):

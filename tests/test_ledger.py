@@ -5,7 +5,7 @@ from kafka import TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 
 import main
-from main import Consequence, Failure
+from main import Consequence, TaskFailure
 
 P0, P1 = TopicPartition("t", 0), TopicPartition("t", 1)
 
@@ -20,7 +20,7 @@ def ledger(keyed: bool = False) -> main.Ledger:
     return book
 
 
-def back(book: main.Ledger, task: main.Task, finished: int, failure: Failure | None = None) -> main.Lane | None:
+def back(book: main.Ledger, task: main.LaneTask, finished: int, failure: TaskFailure | None = None) -> main.Lane | None:
     """The task comes back having finished `finished` records."""
     task.finished, task.failure = finished, failure
     return book.take_back(task)
@@ -29,7 +29,7 @@ def back(book: main.Ledger, task: main.Task, finished: int, failure: Failure | N
 def test_the_commit_never_passes_an_unfinished_message():
     state = main.PartitionState(fetched_end=10)
     slow, fast = main.Lane(P0, b"slow"), main.Lane(P0, b"fast")
-    slow.task = main.Task(slow, [record(P0, 4), record(P0, 7)], finished=1)  # 4 done, 7 in process_message
+    slow.task = main.LaneTask(slow, [record(P0, 4), record(P0, 7)], finished=1)  # 4 done, 7 in process_message
     fast.records.extend([record(P0, 9)])
     state.lanes = {b"slow": slow, b"fast": fast}
     assert state.next_commit() == 7
@@ -54,7 +54,7 @@ def test_unfinished_records_are_counted_once_per_partition_and_the_commit_follow
     book.add(P0, [record(P0, offset) for offset in range(5, 10)])
     assert book.unfinished == 5 and book.commits_due() == {}, "the fetch started where the group had committed"
     [task] = book.start_tasks(0)
-    lane = back(book, task, finished=3, failure=Failure(Consequence.RETRY, "False"))
+    lane = back(book, task, finished=3, failure=TaskFailure(Consequence.RETRY, "False"))
     assert book.unfinished == 2 and book.commits_due() == {P0: 8}
     book.mark_committed({P0: 8})
     assert book.commits_due() == {}
@@ -65,18 +65,18 @@ def test_a_retry_is_handed_out_when_due_and_not_before():
     book = ledger()
     book.add(P0, [record(P0, 0), record(P0, 1)])
     [task] = book.start_tasks(0)
-    lane = back(book, task, finished=0, failure=Failure(Consequence.RETRY, "False"))
+    lane = back(book, task, finished=0, failure=TaskFailure(Consequence.RETRY, "False"))
     assert lane.attempts_made() == 1
     book.retry_later(lane, attempts=1, due_s=10)
-    book.reschedule(lane)
+    book.requeue(lane)
     book.add(P0, [record(P0, 2)])  # more records for a waiting lane: still waiting
     assert book.start_tasks(now_s=9.9) == [] and book.next_retry_due_s() == 10
     [task] = book.start_tasks(now_s=10)
     assert [r.offset for r in task.records] == [0, 1, 2]
-    lane = back(book, task, finished=0, failure=Failure(Consequence.RETRY, "False"))
+    lane = back(book, task, finished=0, failure=TaskFailure(Consequence.RETRY, "False"))
     assert lane.attempts_made() == 2, "the second attempt on the same offset"
     book.retry_later(lane, attempts=2, due_s=20)
-    book.reschedule(lane)
+    book.requeue(lane)
     [task] = book.start_tasks(now_s=20)
     back(book, task, finished=3)
     assert lane.retry is None and book.unfinished == 0 and book.commits_due() == {P0: 3}
@@ -86,9 +86,9 @@ def test_a_dead_lettered_record_is_passed_and_the_rest_go_on():
     book = ledger()
     book.add(P0, [record(P0, 0), record(P0, 1), record(P0, 2)])
     [task] = book.start_tasks(0)
-    lane = back(book, task, finished=1, failure=Failure(Consequence.DEAD_LETTER, "bad"))
-    book.finish_first(lane)
-    book.reschedule(lane)
+    lane = back(book, task, finished=1, failure=TaskFailure(Consequence.DEAD_LETTER, "bad"))
+    book.pass_first(lane)
+    book.requeue(lane)
     assert book.commits_due() == {P0: 2} and book.unfinished == 1
     [task] = book.start_tasks(0)
     assert [r.offset for r in task.records] == [2]

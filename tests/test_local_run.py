@@ -35,8 +35,8 @@ from tests.conftest import (
     wait_until,
 )
 
-# Inserted into the copy's main.py just before its entry point: the loop calls process_message through
-# the module's global name, so this one is used. One JSON line per call in $TEST_RECORD_PATH.
+# Added at the end of the author's part of the copy's main.py, after whatever process_message it has:
+# this one, defined last, is the one `python main.py` runs. One JSON line per call in $TEST_RECORD_PATH.
 RECORDING_HANDLER = '''
 HANDLER_VERSION = "v1"
 _said_false = set()
@@ -68,7 +68,7 @@ def process_message(message) -> bool:  # the test's; imports its own, whatever m
     return result == "true"
 
 '''
-ENTRY_POINT = '\nif __name__ == "__main__":'
+END_OF_YOUR_PART = "\n# End of your kernel"
 SUMMARY_PARTITION = re.compile(r"^ +(\S+)\[(\d+)\]: (?:committed (\d+)|nothing committed) of (\d+)", re.M)
 
 
@@ -118,9 +118,9 @@ def local_run(tmp_path):
             shutil.copytree(REPO / "devtools", self.project / "devtools",
                             ignore=shutil.ignore_patterns("__pycache__"))
             main = (REPO / "main.py").read_text()
-            assert ENTRY_POINT in main, "main.py has no `if __name__ == \"__main__\":` entry point"
+            assert END_OF_YOUR_PART in main, "main.py has no '# End of your kernel' line"
             self.main = self.project / "main.py"
-            self.main.write_text(main.replace(ENTRY_POINT, RECORDING_HANDLER + ENTRY_POINT, 1))
+            self.main.write_text(main.replace(END_OF_YOUR_PART, "\n" + RECORDING_HANDLER + END_OF_YOUR_PART, 1))
             return self.project
 
         def env(self) -> dict[str, str]:
@@ -357,7 +357,7 @@ def test_the_kernel_is_asked_for_its_topic_group_and_own_modules(local_run):
     """What --reload watches: main.py and the project modules it imports, not what is installed."""
     project = local_run.copy_project()
     (project / "helper.py").write_text("def shout(text):\n    return text.upper()\n")
-    local_run.main.write_text(local_run.main.read_text().replace(ENTRY_POINT, "\nimport helper\n" + ENTRY_POINT, 1))
+    local_run.main.write_text(local_run.main.read_text().replace(END_OF_YOUR_PART, "\nimport helper\n" + END_OF_YOUR_PART, 1))
     info = ask_kernel(project)
     assert info.files == {project / "main.py", project / "helper.py"}
     assert (info.topics, info.group) == ([main.DEFAULT_TOPIC], f"{main.KERNEL_NAME}-group")

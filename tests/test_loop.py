@@ -11,7 +11,7 @@ from kafka.errors import CommitFailedError, KafkaTimeoutError
 from kafka.producer.future import FutureProduceResult, FutureRecordMetadata
 
 import main
-from main import Consequence, Failure
+from main import Consequence, TaskFailure
 
 P0, P1 = TopicPartition("t", 0), TopicPartition("t", 1)
 
@@ -76,13 +76,13 @@ def settle_all(loop):
 
 
 def task_of(records):
-    return main.Task(main.Lane(P0, None), records)
+    return main.LaneTask(main.Lane(P0, None), records)
 
 
 def test_process_task_counts_finished_messages_and_stops_at_false():
     task = task_of([record(P0, 5), record(P0, 6), record(P0, 7)])
     main.process_task(task, answers({(0, 6): False}), main.StopSignal())
-    assert (task.finished, task.failure) == (1, Failure(Consequence.RETRY, "process_message returned False"))
+    assert (task.finished, task.failure) == (1, TaskFailure(Consequence.RETRY, "process_message returned False"))
 
 
 def test_process_task_stops_after_the_message_in_hand():
@@ -242,6 +242,7 @@ class PendingProducer:
         produced = FutureProduceResult(TopicPartition(topic, 0))
         future = FutureRecordMetadata(produced, 0, 0, None, 0, 0, 0)
         self.futures.append((topic, value, produced))
+        self.headers = headers
         return future
 
 
@@ -275,7 +276,7 @@ def test_an_undelivered_send_stops_the_task_at_its_message_to_be_tried_again():
     producer.futures[1][2].failure(KafkaTimeoutError("no broker"))
     producer.futures[0][2].success((0, -1, None))
     worker.join(timeout=10)
-    assert (task.finished, task.failure) == (1, Failure(
+    assert (task.finished, task.failure) == (1, TaskFailure(
         Consequence.RETRY, "a message it sent was not delivered (KafkaTimeoutError('no broker'))"))
 
     unconfirmed = task_of([record(P0, 5)])
@@ -299,6 +300,7 @@ def test_dead_letter_is_published_with_its_reason_then_passed():
     loop.hand_out()
     assert loop.settle_handed_back(timeout_s=5)  # 5 done, 6 rejected: its dead letter goes unconfirmed
     assert [(topic, value) for topic, value, _ in producer.futures] == [("dlt", b"v")]
+    assert dict(producer.headers)["kernel-name"] == b"test-kernel", "the name the kernel runs under"
     assert list(loop.ledger.partitions[P0].lanes[None].records)[0].offset == 6, "kept while the publish failed"
     loop.ledger.partitions[P0].lanes[None].retry.due_s = 0
     threading.Timer(0.05, lambda: producer.futures[1][2].success((0, -1, None))).start()
@@ -359,7 +361,7 @@ def test_fetching_pauses_while_unfinished_messages_hold_the_byte_budget_and_resu
     assert loop.consumer.paused() == {P0, P1}, "every partition waits, not only the one that holds the bytes"
     [task] = loop.ledger.start_tasks(0)
     task.finished = 1  # 300 KB finished: 700 KB held, above half the budget
-    loop.ledger.reschedule(loop.ledger.take_back(task))
+    loop.ledger.requeue(loop.ledger.take_back(task))
     loop.apply_back_pressure()
     assert loop.consumer.paused() == {P0, P1}
     [task] = loop.ledger.start_tasks(0)
@@ -425,7 +427,7 @@ class CapturingProducer:
         if self.error is not None:
             raise self.error
         self.sent.append((topic, key, value, headers))
-        return main.Future().success(None)
+        return main.kafka.future.Future().success(None)
 
 
 def test_an_error_in_the_dead_letter_path_keeps_the_message_and_names_it(caplog):
@@ -437,4 +439,77 @@ def test_an_error_in_the_dead_letter_path_keeps_the_message_and_names_it(caplog)
     assert "Could not publish t[0]@0 to the dead-letter topic dlt (AssertionError('the producer refused it'))" in caplog.text
     assert [r.offset for r in loop.ledger.partitions[P0].lanes[None].records] == [0, 1], "kept, to be retried"
     loop.commit()
+    assert loop.consumer.commits() == []
+
+
+def test_a_task_handed_back_while_the_loop_waits_for_another_is_held_then_found():
+    workers = main.WorkerPool(2, lambda message: True, main.StopSignal(), None, None)
+    first, second = task_of([record(P0, 0)]), task_of([record(P0, 1)])
+    workers.give(second)
+    wait_for(lambda: workers.handed_back.qsize() == 1)  # back before anyone waits for it
+    workers.give(first)
+    assert workers.wait_for({first}, time.monotonic() + 5) == [first]
+    assert list(workers.held) == [second]
+    started = time.monotonic()
+    assert workers.wait_for({second}, time.monotonic() + 5) == [second], "found among the held ones"
+    assert time.monotonic() - started < 0.5 and not workers.held
+    workers.stop()
+
+
+def test_revocation_finds_the_task_it_waits_for_among_those_already_handed_back():
+    """Concurrency 2: P1's task comes back while the revocation of P0 waits; the loop settles it after."""
+    release = threading.Event()
+    loop = make_loop(lambda message: release.wait(5), KERNEL_CONCURRENCY="2", KERNEL_ORDERING="partition")
+    loop.ledger.add(P0, [record(P0, 0)])
+    loop.ledger.add(P1, [record(P1, 0)])
+    loop.hand_out()
+    release.set()
+    wait_for(lambda: loop.workers.handed_back.qsize() == 2)
+    main.RebalanceListener(loop).on_partitions_revoked([P1])
+    assert len(loop.workers.held) == 1 and loop.workers.held[0].lane.partition == P0
+    assert loop.consumer.commits() == [{P1: 1}]
+    settle_all(loop)
+    loop.commit()
+    assert loop.consumer.commits()[-1] == {P0: 1}
+
+
+def test_a_fatal_failure_on_a_revoked_partition_still_stops_the_kernel():
+    """kafka-python swallows exceptions raised in a rebalance callback: the loop raises it after."""
+    started, release = threading.Event(), threading.Event()
+
+    def failing(message):
+        started.set()
+        release.wait(5)
+        raise ValueError("boom")
+
+    loop = make_loop(failing)
+    loop.ledger.add(P0, [record(P0, 3)])
+    loop.hand_out()
+    assert started.wait(5)
+    release.set()
+    main.RebalanceListener(loop).on_partitions_revoked([P0])
+    with pytest.raises(main.MessageFailed, match=r"t\[0\]@3"):
+        loop.settle_handed_back(timeout_s=0)
+    assert loop.metrics.failed.labels("t")._value.get() == 1
+
+
+def test_a_fatal_failure_while_stopping_is_logged_and_makes_the_exit_code_1(caplog):
+    started = threading.Event()
+
+    def failing(message):
+        started.set()
+        time.sleep(0.2)
+        raise ValueError("boom while stopping")
+
+    loop = make_loop(failing)
+    loop.ledger.add(P0, [record(P0, 3)])
+    loop.hand_out()
+    assert started.wait(5)
+    loop.stop.requested = True
+    loop.consumer.close = lambda autocommit: None
+    loop.consumer.subscribe = lambda topics, listener: None
+    loop.consumer.partitions_for_topic = lambda topic: {0}
+    assert loop.run() == main.EXIT_FATAL
+    assert "process_message failed on t[0]@3 while stopping; it stays uncommitted" in caplog.text
+    assert "ValueError: boom while stopping" in caplog.text
     assert loop.consumer.commits() == []

@@ -64,7 +64,7 @@ def test_a_return_value_other_than_true_or_false_is_fatal(cluster, kernels, tmp_
     handler = tmp_path / "returns_none.py"
     handler.write_text(
         f"import sys\nsys.path.insert(0, {kernels.repo!r})\nimport main\n"
-        "sys.exit(main.run(lambda message: None, name='returns-none', default_topic='unused'))\n"
+        "sys.exit(main.run_kernel(lambda message: None, name='returns-none', default_topic='unused'))\n"
     )
     kernel = kernels.start(kernels.env(topic, "returns-none"), script=handler)
     assert kernel.wait(timeout_s=30) == 1
@@ -79,7 +79,7 @@ def test_system_exit_or_keyboard_interrupt_from_process_message_exits_with_code_
     handler = tmp_path / "exits.py"
     handler.write_text(
         f"import sys\nsys.path.insert(0, {kernels.repo!r})\nimport main\n\ndef process_message(message):\n"
-        f"    raise {raised}\n\nsys.exit(main.run(process_message, name='exits', default_topic='unused'))\n"
+        f"    raise {raised}\n\nsys.exit(main.run_kernel(process_message, name='exits', default_topic='unused'))\n"
     )
     kernel = kernels.start(kernels.env(topic, "exits"), script=handler)
     assert kernel.wait(timeout_s=30) == 1

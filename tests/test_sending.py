@@ -47,7 +47,7 @@ def process_message(message):
     main.send(os.environ["TEST_OUTPUT_TOPIC"], message.value, key=message.key, headers=message.headers)
     return True
 
-sys.exit(main.run(process_message, name="odd-records", default_topic="unused"))
+sys.exit(main.run_kernel(process_message, name="odd-records", default_topic="unused"))
 """
 
 

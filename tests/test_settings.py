@@ -123,3 +123,29 @@ def test_a_key_among_other_blocks_is_found_and_a_certificate_is_not_a_key():
     assert decode_pem("KAFKA_CLIENT_KEY", (BAG_ATTRIBUTES + key).decode(), "PRIVATE KEY") == key
     with pytest.raises(ConfigError, match="KAFKA_CLIENT_KEY does not decode to a PEM private key"):
         decode_pem("KAFKA_CLIENT_KEY", PEM.decode().replace("\n", "\\n"), "PRIVATE KEY")
+
+
+def test_check_names_certificate_attributes_as_openssl_does(tmp_path):
+    """`check` prints subject and issuer with OpenSSL's long attribute names, as it did when it read
+    certificates with CPython's private test helper."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COUNTRY_NAME, "NL"), x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Acme"),
+                      x509.NameAttribute(NameOID.STREET_ADDRESS, "Main St 1"), x509.NameAttribute(NameOID.SERIAL_NUMBER, "42"),
+                      x509.NameAttribute(NameOID.EMAIL_ADDRESS, "ops@example.com"), x509.NameAttribute(NameOID.COMMON_NAME, "kernel")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+                   .serial_number(1).not_valid_before(now - datetime.timedelta(days=1))
+                   .not_valid_after(datetime.datetime(3000, 1, 1, tzinfo=datetime.UTC)).sign(key, hashes.SHA256()))
+    path = tmp_path / "client.pem"
+    path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    level, text = main.describe_certificate("KAFKA_CLIENT_CERT", str(path))
+    dn = ("countryName=NL, organizationName=Acme, streetAddress=Main St 1, serialNumber=42, "
+          "emailAddress=ops@example.com, commonName=kernel")
+    assert (level, text) == ("ok", f"KAFKA_CLIENT_CERT: subject {dn}; issuer {dn}; valid until Jan  1 00:00:00 3000 GMT")

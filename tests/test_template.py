@@ -17,17 +17,27 @@ from tests.conftest import MAIN, copy_repository, wait_committed
 
 START, END = "# Your kernel", "# End of your kernel"
 # A kernel author's part, unlike the template's: another name, topic and logger (named and bound
-# differently), a helper and an import of their own, in another order.
+# differently), helpers and imports of their own (unsorted; names the machinery also uses, bound to
+# other things), in another order.
 RENAMED_PART = '''
-import logging
 import textwrap
+import logging
+import datetime
+from collections import Counter
+from concurrent.futures import Future
 
 DEFAULT_TOPIC = "renamed-topic"
 KERNEL_NAME = "renamed-kernel"
+seen: Counter = Counter()
 
 
 def shout(text: str) -> str:
+    seen[datetime.date.today()] += 1
     return textwrap.shorten(text.upper(), width=40)
+
+
+def pending(futures: list[Future]) -> int:
+    return sum(not future.done() for future in futures)
 
 
 def process_message(message) -> bool:
@@ -58,6 +68,9 @@ def run(command: list[str], cwd, **kwargs) -> subprocess.CompletedProcess:
 def test_your_part_can_be_renamed_reordered_and_extended(cluster, kernels, tmp_path):
     project = copy_repository(tmp_path / "project")
     (project / "main.py").write_text(replace_your_part(MAIN.read_text(), RENAMED_PART))
+    fixed = run([sys.executable, "-m", "ruff", "check", "--fix", "--select", "I", "main.py"], project)
+    assert fixed.returncode == 0, fixed.stdout
+    assert "import textwrap" in your_part((project / "main.py").read_text()), "ruff moved an import out of your part"
 
     kit = run([sys.executable, "-c", "from tests.kit import call, make_message\n"
                "outcome = call(make_message(b'hi'))\nassert outcome.result is True, outcome"], project)
@@ -85,19 +98,25 @@ def test_your_part_can_be_renamed_reordered_and_extended(cluster, kernels, tmp_p
     assert run([sys.executable, "-c", "import main"], project).returncode == 0
 
 
-def test_a_name_your_part_shares_with_the_machinery_is_refused(tmp_path):
-    """A helper named like a piece of the machinery would be replaced by it, silently: refused at import."""
-    part = RENAMED_PART + "\n\ndef connect(url):\n    return url\n"
-    (tmp_path / "main.py").write_text(replace_your_part(MAIN.read_text(), part))
+@pytest.mark.parametrize("addition, error", [
+    ("def connect_consumer(url):\n    return url\n", "connect_consumer defined in your part of main.py is also a name "
+     "of the template's machinery, or of Python, which would replace yours: rename yours"),
+    ('type = "order"\n', "type defined in your part of main.py is also a name of the template's machinery, or of "
+     "Python, which would replace yours: rename yours"),
+    ("del process_message\n", "your part must define process_message"),
+])
+def test_what_would_break_the_kernel_later_is_refused_at_import(tmp_path, addition, error):
+    """A helper named like a piece of the machinery would be replaced by it, silently; a builtin of
+    yours would replace Python's in the machinery; without process_message nothing runs."""
+    (tmp_path / "main.py").write_text(replace_your_part(MAIN.read_text(), RENAMED_PART + "\n\n" + addition))
     result = run([sys.executable, "main.py"], tmp_path)
     assert result.returncode != 0
-    assert result.stderr.strip().splitlines()[-1] == (
-        "ImportError: main.py: connect defined in your part of main.py is also a name of the template's "
-        "machinery, which would replace yours: rename yours")
+    assert result.stderr.strip().splitlines()[-1] == f"ImportError: main.py: {error}"
 
 
 # A kernel author's changes, as in the README: their own part of main.py, a dependency, a test.
-KERNEL_PART = RENAMED_PART.replace("renamed", "orders")
+KERNEL_PART = RENAMED_PART.replace("renamed", "orders").replace(
+    "import textwrap\nimport logging\nimport datetime\n", "import datetime\nimport logging\nimport textwrap\n")
 KERNEL_TEST = '''from tests.kit import call, make_message
 
 
