@@ -79,6 +79,7 @@ import dataclasses
 import datetime as dt
 import enum
 import http.server
+import itertools
 import json
 import logging
 import os
@@ -112,7 +113,13 @@ if TYPE_CHECKING:  # names only annotations use, so that your part may bind them
 class DeadLetter(Exception):
     """Raise it from process_message for a message that can never succeed (invalid input, a 4xx
     answer): the kernel publishes it to KERNEL_DEAD_LETTER_TOPIC with the reason in its headers and
-    moves on. Without a dead-letter topic the kernel stops instead, leaving the message uncommitted."""
+    moves on. Without a dead-letter topic the kernel stops instead, leaving the message uncommitted.
+    From process_batch, name the message: DeadLetter("why", message=messages[i]); the messages before
+    it count as done, and those after it come again in the next batch."""
+
+    def __init__(self, reason: str = "", message=None):
+        super().__init__(reason)
+        self.message = message
 
 
 current_call = threading.local()  # on a worker thread, during a call: .producer and .sends
@@ -187,6 +194,11 @@ def coordinates(record) -> str:
     return f"{record.topic}[{record.partition}]@{record.offset}"
 
 
+def batch_coordinates(records: list) -> str:
+    """Where a run of one partition's messages sits: topic[partition]@first..last."""
+    return coordinates(records[0]) + (f"..{records[-1].offset}" if len(records) > 1 else "")
+
+
 def describe_bytes(data: bytes | None, limit: int = 200) -> str:
     """Text for a log line: UTF-8 shown (truncated to `limit` characters), binary as a size."""
     if data is None:
@@ -222,10 +234,10 @@ class ConfigError(Exception):
 
 
 class MessageFailed(Exception):
-    """process_message raised, or returned something other than True or False."""
+    """process_message (or process_batch) raised, or returned something other than True or False."""
 
-    def __init__(self, record):
-        super().__init__(coordinates(record))
+    def __init__(self, handler_name: str, records: list):
+        super().__init__(f"{handler_name} failed on {batch_coordinates(records)}")
 
 
 class NoDeadLetterTopic(Exception):
@@ -299,6 +311,8 @@ class KernelSettings:
     commit_timeout_ms: int
     produce_timeout_ms: int
     retry: RetryPolicy
+    batch_max_messages: int
+    batch_max_wait_ms: int
     dead_letter_topic: str | None
     concurrency: int
     ordering: str  # "key" or "partition"
@@ -406,6 +420,8 @@ def load_settings(env: Mapping[str, str], kernel_name: str, default_topic: str) 
             max_ms=parse_int(env, "KERNEL_RETRY_MAX_MS", 30_000, minimum=1),
             max_attempts=parse_int(env, "KERNEL_MAX_ATTEMPTS", 0, minimum=0),
         ),
+        batch_max_messages=parse_int(env, "KERNEL_BATCH_MAX_MESSAGES", 500, minimum=1),
+        batch_max_wait_ms=parse_int(env, "KERNEL_BATCH_MAX_WAIT_MS", 100, minimum=0),
         dead_letter_topic=env.get("KERNEL_DEAD_LETTER_TOPIC", "").strip() or None,
         concurrency=parse_int(env, "KERNEL_CONCURRENCY", 1, minimum=1),
         ordering=parse_choice(env, "KERNEL_ORDERING", "key", ("key", "partition")),
@@ -664,7 +680,8 @@ class KernelMetrics:
         self.send_failures = counter("kernel_send_failures", "Messages the broker did not confirm, by the topic they "
                                      "were for", topic)
         self.processing = self.metric(prometheus_client.Histogram)("kernel_processing_seconds",
-                                                                   "Time spent in process_message", topic)
+                                                                   "Time spent in process_message or process_batch",
+                                                                   topic)
         self.commits = counter("kernel_commits", "Offset commits that succeeded")
         self.commit_failures = counter("kernel_commit_failures", "Offset commits that failed")
         self.rebalances = counter("kernel_rebalances", "Partition assignments received")
@@ -672,10 +689,14 @@ class KernelMetrics:
         self.lag = gauge("kernel_consumer_lag", "End offset minus committed offset", ("topic", "partition"))
         self.buffered_bytes = gauge("kernel_buffered_bytes", "Memory held by fetched messages not finished yet "
                                     "(estimated; fetching pauses at KERNEL_BUFFER_MAX_BYTES)")
+        histogram = self.metric(prometheus_client.Histogram)
+        self.batch_sizes = histogram("kernel_batch_size", "Messages per process_batch call", topic,
+                                     buckets=(1, 10, 100, 500, 1000, 5000))
 
     def metric(self, kind: type) -> Callable:
-        """A maker of metrics of `kind` in this registry: name, help text, label names."""
-        return lambda name, text, labels=(): kind(name, text, labelnames=labels, registry=self.registry)
+        """A maker of metrics of `kind` in this registry: name, help text, label names, options."""
+        return lambda name, text, labels=(), **options: kind(name, text, labelnames=labels, registry=self.registry,
+                                                             **options)
 
 
 def serve_http(port: int, health: HealthState, metrics: KernelMetrics) -> http.server.ThreadingHTTPServer:
@@ -903,6 +924,19 @@ class DeadLetterTopic:
 # Processing
 
 
+@dataclasses.dataclass(frozen=True)
+class KernelHandler:
+    """What the kernel calls: process_message(message) on each message, or process_batch(messages)
+    on runs of one partition's messages."""
+
+    function: Callable
+    batch: bool = False
+
+    @property
+    def name(self) -> str:
+        return "process_batch" if self.batch else "process_message"
+
+
 class Consequence(enum.Enum):
     """How a task ended early, at the record after its finished ones."""
 
@@ -916,6 +950,7 @@ class TaskFailure:
     consequence: Consequence
     reason: str
     error: BaseException | None = None  # what stops the kernel, for Consequence.FATAL
+    batch: int | None = None  # process_batch: how many records from the failed one go together
 
 
 @dataclasses.dataclass(eq=False)
@@ -939,11 +974,15 @@ class LaneTask:
         return bool(self.started_s) and self.finished < len(self.records)
 
 
-def call_process_message(handler: Callable, record, producer: KernelProducer | None) -> tuple[object, list[Future]]:
-    """handler(record), with send() going to `producer`; its result and the sends it made."""
+def call_process_message(handler: Callable, argument, producer: KernelProducer | None) -> tuple[object, list[Future]]:
+    """handler(argument), with send() going to `producer`; its result and the sends it made (also
+    kept on a DeadLetter it raises, as .sends)."""
     current_call.producer, current_call.sends = producer, []
     try:
-        return handler(record), current_call.sends
+        return handler(argument), current_call.sends
+    except DeadLetter as rejection:
+        rejection.sends = current_call.sends
+        raise
     finally:
         current_call.sends = None
 
@@ -955,12 +994,51 @@ def process_record(handler: Callable, record, producer: KernelProducer | None) -
     except DeadLetter as rejection:
         return TaskFailure(Consequence.DEAD_LETTER, str(rejection) or "process_message raised DeadLetter")
     except BaseException as error:  # SystemExit and KeyboardInterrupt too: exit code 1 like any other
-        raise MessageFailed(record) from error
+        raise MessageFailed("process_message", [record]) from error
     if result is True:
         return sends
     if result is False:
         return TaskFailure(Consequence.RETRY, "process_message returned False")
-    raise MessageFailed(record) from TypeError(f"process_message must return True or False, got {result!r}")
+    raise MessageFailed("process_message", [record]) from TypeError(
+        f"process_message must return True or False, got {result!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchOutcome:
+    done: int  # how many of the records, from the first, count as done once `sends` are confirmed
+    sends: list[Future]
+    failure: TaskFailure | None = None  # what happens to records[done:]
+
+
+def process_as_batch(handler: Callable, records: list, producer: KernelProducer | None) -> BatchOutcome:
+    """Call process_batch on `records`: True, all done; False, the batch is tried again as it is;
+    DeadLetter naming one of them, those before it are done and it is dead-lettered."""
+    try:
+        result, sends = call_process_message(handler, records, producer)
+    except DeadLetter as rejection:
+        index = next((i for i, record in enumerate(records) if record is rejection.message), None)
+        if index is None:
+            raise MessageFailed("process_batch", records) from TypeError(
+                "DeadLetter from process_batch must name one of its messages: DeadLetter(reason, message=messages[i])")
+        reason = str(rejection) or "process_batch raised DeadLetter"
+        return BatchOutcome(index, rejection.sends, TaskFailure(Consequence.DEAD_LETTER, reason, batch=1))
+    except BaseException as error:
+        raise MessageFailed("process_batch", records) from error
+    if result is True:
+        return BatchOutcome(len(records), sends)
+    if result is False:
+        return BatchOutcome(0, [], TaskFailure(Consequence.RETRY, "process_batch returned False", batch=len(records)))
+    raise MessageFailed("process_batch", records) from TypeError(
+        f"process_batch must return True or False, got {result!r}")
+
+
+def first_delivery_error(sends: list[Future], timeout_s: float) -> KafkaError | None:
+    """Wait up to `timeout_s` in all for the broker to confirm `sends`; the first error, if any."""
+    deadline_s = time.monotonic() + timeout_s
+    for future in sends:
+        if (error := delivery_error(future, max(0.0, deadline_s - time.monotonic()))) is not None:
+            return error
+    return None
 
 
 def confirm_sends(task: LaneTask, unconfirmed: deque, timeout_s: float) -> None:
@@ -972,17 +1050,21 @@ def confirm_sends(task: LaneTask, unconfirmed: deque, timeout_s: float) -> None:
         sends = unconfirmed[0]
         if not timeout_s and not all(future.is_done for future in sends):
             return
-        errors = [error for future in sends
-                  if (error := delivery_error(future, max(0.0, deadline_s - time.monotonic()))) is not None]
-        if errors:
-            record = task.records[task.finished]
-            task.failure = TaskFailure(Consequence.RETRY, f"a message it sent was not delivered ({errors[0]!r})")
-            kernel_log.warning("A message process_message sent for %s was not delivered (%r); it is processed again",
-                               coordinates(record), errors[0], extra=log_fields(record) | REPEATING)
+        error = first_delivery_error(sends, max(0.0, deadline_s - time.monotonic()))
+        if error is not None:
+            undelivered(task, task.records[task.finished:task.finished + 1], error, "process_message")
             unconfirmed.clear()
             return
         unconfirmed.popleft()
         task.finished += 1
+
+
+def undelivered(task: LaneTask, records: list, error: KafkaError, handler_name: str) -> None:
+    """What `records` sent was not confirmed: they are processed again, after a backoff."""
+    batch = len(records) if handler_name == "process_batch" else None
+    task.failure = TaskFailure(Consequence.RETRY, f"a message it sent was not delivered ({error!r})", batch=batch)
+    kernel_log.warning("A message %s sent for %s was not delivered (%r); it is processed again", handler_name,
+                       batch_coordinates(records), error, extra=log_fields(records[0]) | REPEATING)
 
 
 def process_task(task: LaneTask, handler: Callable, stop: StopSignal, producer: KernelProducer | None = None,
@@ -1021,24 +1103,43 @@ def process_task(task: LaneTask, handler: Callable, stop: StopSignal, producer: 
         confirm_sends(task, unconfirmed, timeout_s=producer.timeout_s if producer else 0)
 
 
+def process_batch_task(task: LaneTask, handler: Callable, stop: StopSignal, producer: KernelProducer | None = None,
+                       metrics: KernelMetrics | None = None) -> None:
+    """Call process_batch on the task's records, once (on a worker thread). Those it says are done
+    count as finished once the broker has confirmed what the call sent."""
+    if task.cancelled or stop.requested:
+        return
+    task.started_s = time.monotonic()
+    try:
+        outcome = process_as_batch(handler, task.records, producer)
+    finally:
+        if metrics is not None:
+            metrics.processing.labels(task.lane.partition.topic).observe(time.monotonic() - task.started_s)
+    error = first_delivery_error(outcome.sends, producer.timeout_s if producer else 0)
+    if error is not None:
+        undelivered(task, task.records, error, "process_batch")
+        return
+    task.finished, task.failure = outcome.done, outcome.failure
+    if metrics is not None:
+        metrics.processed.labels(task.lane.partition.topic).inc(outcome.done)
+        metrics.batch_sizes.labels(task.lane.partition.topic).observe(len(task.records))
+
+
 class WorkerPool:
     """KERNEL_CONCURRENCY threads that process the tasks they are given and hand them back."""
 
-    def __init__(self, count: int, handler: Callable, stop: StopSignal, producer: KernelProducer,
-                 metrics: KernelMetrics | None):
+    def __init__(self, count: int, name: str, process: Callable[[LaneTask], None]):
         self.count = count
         self.given: queue.SimpleQueue[LaneTask | None] = queue.SimpleQueue()  # None stops a worker
         self.handed_back: queue.SimpleQueue[LaneTask] = queue.SimpleQueue()
         self.held: deque[LaneTask] = deque()  # handed back while the loop waited for others; taken first
         for number in range(count):
-            threading.Thread(target=self.work, args=(handler, stop, producer, metrics), daemon=True,
-                             name=f"process_message-{number}").start()
+            threading.Thread(target=self.work, args=(process,), daemon=True, name=f"{name}-{number}").start()
 
-    def work(self, handler: Callable, stop: StopSignal, producer: KernelProducer,
-             metrics: KernelMetrics | None) -> None:
+    def work(self, process: Callable[[LaneTask], None]) -> None:
         while (task := self.given.get()) is not None:
             try:
-                process_task(task, handler, stop, producer, metrics)
+                process(task)
             except BaseException as error:  # reported to the loop, which stops the kernel
                 task.failure = TaskFailure(Consequence.FATAL, str(error), error)
             finally:
@@ -1090,6 +1191,15 @@ class PendingRetry:
     offset: int
     attempts: int  # made so far
     due_s: float  # time.monotonic() of the next attempt
+    batch: int | None = None  # process_batch: the records tried again together, from the first
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchPolicy:
+    """How process_batch gets its messages: KERNEL_BATCH_MAX_MESSAGES and KERNEL_BATCH_MAX_WAIT_MS."""
+
+    max_messages: int
+    max_wait_s: float  # how long the first message of a batch that is not full waits for more
 
 
 @dataclasses.dataclass(eq=False)
@@ -1102,6 +1212,7 @@ class Lane:
     records: deque = dataclasses.field(default_factory=deque)  # fetched, waiting for their turn
     task: LaneTask | None = None  # handed to a worker
     retry: PendingRetry | None = None  # records[0] failed and waits for its next attempt
+    waiting_since_s: float | None = None  # when its oldest waiting record arrived (batches wait for more)
 
     def first_unfinished_offset(self) -> int | None:
         task = self.task
@@ -1155,8 +1266,9 @@ class Ledger:
     Pure bookkeeping: no consumer, no threads, and the time comes from the caller, so a unit test
     drives it directly. Each count is kept in one place, the partition's state."""
 
-    def __init__(self, keyed: bool):
+    def __init__(self, keyed: bool, batch: BatchPolicy | None = None):
         self.keyed = keyed  # one lane per key (KERNEL_ORDERING=key above concurrency 1), else per partition
+        self.batch = batch  # process_batch: tasks of up to batch.max_messages, after waiting for more
         self.partitions: dict[TopicPartition, PartitionState] = {}  # the assigned ones
         self.ready: dict[Lane, None] = {}  # lanes with records and nothing in flight or waiting, in order
         self.retrying: set[Lane] = set()  # lanes waiting for a retry to be due
@@ -1174,7 +1286,7 @@ class Ledger:
         for partition in partitions:
             self.partitions.setdefault(partition, PartitionState())
 
-    def add(self, partition: TopicPartition, records: list) -> None:
+    def add(self, partition: TopicPartition, records: list, now_s: float = 0.0) -> None:
         """Sort polled records into their lanes; ignored if the partition was revoked meanwhile."""
         state = self.partitions.get(partition)
         if state is None:
@@ -1187,7 +1299,10 @@ class Ledger:
             for record in records:
                 self.lane_for(partition, state, record.key).records.append(record)
         else:
-            self.lane_for(partition, state, None).records.extend(records)
+            lane = self.lane_for(partition, state, None)
+            lane.records.extend(records)
+            if lane.waiting_since_s is None:
+                lane.waiting_since_s = now_s
 
     def lane_for(self, partition: TopicPartition, state: PartitionState, key: bytes | None) -> Lane:
         """The key's lane in the partition, made if new; ready for a task unless one is in flight or
@@ -1200,10 +1315,13 @@ class Ledger:
         return lane
 
     def start_tasks(self, now_s: float) -> list[LaneTask]:
-        """A task for each lane that is ready, or whose retry is due by `now_s`; now in flight."""
+        """A task for each lane that is ready (with process_batch, whose batch is full or has waited
+        long enough), or whose retry is due by `now_s`; now in flight."""
         for lane in [lane for lane in self.retrying if lane.retry.due_s <= now_s]:
             self.retrying.discard(lane)
             self.ready[lane] = None
+        if self.batch is not None:
+            return self.start_batches(now_s)
         tasks = []
         for lane in self.ready:
             lane.task = LaneTask(lane, list(lane.records))
@@ -1212,6 +1330,29 @@ class Ledger:
         self.in_flight.update(tasks)
         self.ready.clear()
         return tasks
+
+    def start_batches(self, now_s: float) -> list[LaneTask]:
+        tasks = []
+        for lane in list(self.ready):
+            if lane.retry is not None:  # the same batch again
+                size = lane.retry.batch or 1
+            elif len(lane.records) >= self.batch.max_messages or now_s >= lane.waiting_since_s + self.batch.max_wait_s:
+                size = min(len(lane.records), self.batch.max_messages)
+            else:
+                continue  # not full, and may wait for more
+            del self.ready[lane]
+            lane.task = LaneTask(lane, [lane.records.popleft() for _ in range(size)])
+            if not lane.records:
+                lane.waiting_since_s = None
+            tasks.append(lane.task)
+        self.in_flight.update(tasks)
+        return tasks
+
+    def next_batch_due_s(self) -> float | None:
+        """When the oldest batch that is not full has waited long enough to be handed out."""
+        if self.batch is None:
+            return None
+        return min((lane.waiting_since_s + self.batch.max_wait_s for lane in self.ready), default=None)
 
     def take_back(self, task: LaneTask) -> Lane | None:
         """A task came back: its finished records are done, the others go back to the head of the
@@ -1222,14 +1363,16 @@ class Ledger:
         state = self.partitions.get(lane.partition)
         if state is None or state.lanes.get(lane.key) is not lane:
             return None
-        lane.records.extendleft(reversed(task.records[task.finished:]))
+        if task.finished < len(task.records):
+            lane.records.extendleft(reversed(task.records[task.finished:]))
+            lane.waiting_since_s = 0.0  # they have waited already: the next batch need not wait for more
         state.let_go(task.records[:task.finished])
         if task.finished and lane.retry is not None:  # the retried message succeeded
             lane.retry = None
         return lane
 
-    def retry_later(self, lane: Lane, attempts: int, due_s: float) -> None:
-        lane.retry = PendingRetry(lane.records[0].offset, attempts, due_s)
+    def retry_later(self, lane: Lane, attempts: int, due_s: float, batch: int | None = None) -> None:
+        lane.retry = PendingRetry(lane.records[0].offset, attempts, due_s, batch)
         self.retrying.add(lane)
 
     def pass_first(self, lane: Lane) -> None:
@@ -1296,24 +1439,36 @@ class FailurePolicy:
         self.metrics = metrics
 
     def apply(self, lane: Lane, failure: TaskFailure) -> None:
-        """The lane's first record failed: dead-letter it, or schedule its next attempt."""
-        record, attempts, reason = lane.records[0], lane.attempts_made(), failure.reason
+        """The lane's first record (with process_batch, its first failure.batch records) failed:
+        dead-letter it (each of them), or schedule the next attempt."""
+        batch, attempts, reason = failure.batch, lane.attempts_made(), failure.reason
+        records = list(itertools.islice(lane.records, batch or 1))
         dead = failure.consequence is Consequence.DEAD_LETTER
         if not dead and self.retry.exhausted(attempts):
             reason, dead = f"{reason} on all {attempts} attempts (KERNEL_MAX_ATTEMPTS)", True
         if dead:
             if self.dead_letters is None:
-                raise NoDeadLetterTopic(record, reason)
+                raise NoDeadLetterTopic(records[0], reason if len(records) == 1 else f"{reason} (and the other "
+                                        f"{len(records) - 1} messages of its batch)")
             exception = "DeadLetter" if failure.consequence is Consequence.DEAD_LETTER else "RetriesExhausted"
-            if self.dead_letters.publish(record, attempts, reason, exception):
-                self.ledger.pass_first(lane)
+            records = records[self.dead_letter_first(lane, len(records), attempts, reason, exception):]
+            if not records:
                 return
-            reason = "the dead-letter topic could not be reached"
-        self.metrics.retried.labels(record.topic).inc()
+            reason, batch = "the dead-letter topic could not be reached", batch and len(records)
+        self.metrics.retried.labels(records[0].topic).inc(len(records))
         delay_s = self.retry.delay_s(attempts)
-        self.ledger.retry_later(lane, attempts, time.monotonic() + delay_s)
-        kernel_log.warning("%s for %s (attempt %d); retrying in %.1f s", reason, coordinates(record), attempts,
-                           delay_s, extra=log_fields(record))
+        self.ledger.retry_later(lane, attempts, time.monotonic() + delay_s, batch)
+        kernel_log.warning("%s for %s (attempt %d); retrying in %.1f s", reason, batch_coordinates(records), attempts,
+                           delay_s, extra=log_fields(records[0]))
+
+    def dead_letter_first(self, lane: Lane, count: int, attempts: int, reason: str, exception: str) -> int:
+        """Publish the lane's first `count` records to the dead-letter topic, passing each once it is
+        confirmed; how many were, stopping at the first that was not."""
+        for published in range(count):
+            if not self.dead_letters.publish(lane.records[0], attempts, reason, exception):
+                return published
+            self.ledger.pass_first(lane)
+        return count
 
 
 class Watchdog:
@@ -1321,7 +1476,9 @@ class Watchdog:
     longest-running message started (for /healthz) and a warning for one that runs long; every few
     seconds, each partition's lag."""
 
-    def __init__(self, settings: KernelSettings, ledger: Ledger, health: HealthState, metrics: KernelMetrics):
+    def __init__(self, settings: KernelSettings, ledger: Ledger, health: HealthState, metrics: KernelMetrics,
+                 handler_name: str = "process_message"):
+        self.handler_name = handler_name
         self.max_poll_interval_ms = settings.max_poll_interval_ms
         self.ledger = ledger
         self.health = health
@@ -1338,11 +1495,13 @@ class Watchdog:
         for task in running:
             if task.warned_slow != task.finished and now - task.started_s > self.max_poll_interval_ms / 2000:
                 task.warned_slow = task.finished
-                record = task.records[task.finished]
+                in_hand = task.records[task.finished:] if self.handler_name == "process_batch" else [
+                    task.records[task.finished]]
                 kernel_log.warning(
-                    "process_message has been running for %.0f s on %s: a rebalance waits for it at most "
-                    "KAFKA_MAX_POLL_INTERVAL_MS (%d ms) before the group moves its partitions on",
-                    now - task.started_s, coordinates(record), self.max_poll_interval_ms, extra=log_fields(record),
+                    "%s has been running for %.0f s on %s: a rebalance waits for it at most "
+                    "KAFKA_MAX_POLL_INTERVAL_MS (%d ms) before the group moves its partitions on", self.handler_name,
+                    now - task.started_s, batch_coordinates(in_hand), self.max_poll_interval_ms,
+                    extra=log_fields(in_hand[0]),
                 )
 
     def refresh_lag(self, consumer: KafkaConsumer) -> None:
@@ -1404,14 +1563,16 @@ class ConsumerLoop:
     many unfinished records is paused, which bounds memory.
     """
 
-    def __init__(self, consumer: KafkaConsumer, settings: KernelSettings, handler: Callable, stop: StopSignal,
+    def __init__(self, consumer: KafkaConsumer, settings: KernelSettings, handler: KernelHandler, stop: StopSignal,
                  tls: TlsFiles | None = None, health: HealthState | None = None, metrics: KernelMetrics | None = None):
         self.consumer = consumer
         self.settings = settings
         self.stop = stop
         self.health = health or HealthState(settings)
         self.metrics = metrics or KernelMetrics()
-        self.ledger = Ledger(keyed=settings.ordering == "key" and settings.concurrency > 1)
+        keyed = settings.ordering == "key" and settings.concurrency > 1 and not handler.batch
+        batch = BatchPolicy(settings.batch_max_messages, settings.batch_max_wait_ms / 1000)
+        self.ledger = Ledger(keyed, batch if handler.batch else None)
         self.paused: set[TopicPartition] = set()  # by back-pressure
         self.over_budget = False  # the unfinished messages hold KERNEL_BUFFER_MAX_BYTES, not yet half of it again
         self.failed_while_stopping = False  # process_message raised on a message in hand at shutdown
@@ -1423,8 +1584,10 @@ class ConsumerLoop:
         self.producer = KernelProducer(settings, tls, consumer.config["api_version"], per_message)
         dead_letters = DeadLetterTopic(settings, self.producer, self.metrics) if settings.dead_letter_topic else None
         self.failures = FailurePolicy(settings, self.ledger, dead_letters, self.metrics)
-        self.watchdog = Watchdog(settings, self.ledger, self.health, self.metrics)
-        self.workers = WorkerPool(settings.concurrency, handler, stop, self.producer, per_message)
+        self.watchdog = Watchdog(settings, self.ledger, self.health, self.metrics, handler.name)
+        process = process_batch_task if handler.batch else process_task
+        self.workers = WorkerPool(settings.concurrency, handler.name,
+                                  lambda task: process(task, handler.function, stop, self.producer, per_message))
 
     def run(self) -> int:
         """Consume until stopped, or until a failure stops the kernel; the exit code."""
@@ -1443,8 +1606,7 @@ class ConsumerLoop:
             kernel_log.info("Stop requested: finishing")
             return EXIT_OK
         except MessageFailed as failure:
-            kernel_log.error("process_message failed on %s; it stays uncommitted. Stopping", failure,
-                             exc_info=failure.__cause__)
+            kernel_log.error("%s; it stays uncommitted. Stopping", failure, exc_info=failure.__cause__)
             return EXIT_FATAL
         except NoDeadLetterTopic as undeliverable:
             kernel_log.error("%s; no KERNEL_DEAD_LETTER_TOPIC is set, so it stays uncommitted. Stopping", undeliverable)
@@ -1481,16 +1643,17 @@ class ConsumerLoop:
         self.watchdog.refresh_lag(self.consumer)
 
     def poll(self, timeout_ms: int) -> None:
+        now_s = time.monotonic()
         for partition, records in self.consumer.poll(timeout_ms=timeout_ms).items():
-            self.ledger.add(partition, records)
+            self.ledger.add(partition, records, now_s)
         self.health.last_poll_s = time.monotonic()
 
     def poll_timeout_ms(self) -> int:
-        """Poll no longer than until the next retry is due."""
-        next_due_s = self.ledger.next_retry_due_s()
-        if next_due_s is None:
+        """Poll no longer than until the next retry, or the next batch, is due."""
+        due_s = [due for due in (self.ledger.next_retry_due_s(), self.ledger.next_batch_due_s()) if due is not None]
+        if not due_s:
             return POLL_TIMEOUT_MS
-        return max(0, min(POLL_TIMEOUT_MS, int((next_due_s - time.monotonic()) * 1000)))
+        return max(0, min(POLL_TIMEOUT_MS, int((min(due_s) - time.monotonic()) * 1000)))
 
     def hand_out(self) -> None:
         for task in self.ledger.start_tasks(time.monotonic()):
@@ -1614,8 +1777,7 @@ class ConsumerLoop:
         for task in self.recall(set(self.ledger.in_flight), self.settings.shutdown_timeout_ms / 1000):
             self.metrics.failed.labels(task.lane.partition.topic).inc()
             error = task.failure.error
-            kernel_log.error("process_message failed on %s while stopping; it stays uncommitted", error,
-                             exc_info=error.__cause__ or error)
+            kernel_log.error("%s while stopping; it stays uncommitted", error, exc_info=error.__cause__ or error)
             self.failed_while_stopping = True
         if self.ledger.in_flight:
             kernel_log.warning("%d message(s) still in process_message after KERNEL_SHUTDOWN_TIMEOUT_MS: left "
@@ -1772,7 +1934,8 @@ def check_deployment(env: Mapping[str, str], kernel_name: str, default_topic: st
 # Entry point
 
 
-def consume_until_stopped(handler: Callable, settings: KernelSettings, tls: TlsFiles | None, stop: StopSignal) -> int:
+def consume_until_stopped(handler: KernelHandler, settings: KernelSettings, tls: TlsFiles | None,
+                          stop: StopSignal) -> int:
     health, metrics = HealthState(settings), KernelMetrics()
     if settings.http_port:
         serve_http(settings.http_port, health, metrics)
@@ -1786,10 +1949,15 @@ def consume_until_stopped(handler: Callable, settings: KernelSettings, tls: TlsF
     return ConsumerLoop(consumer, settings, handler, stop, tls, health, metrics).run()
 
 
-def run_kernel(process_message: Callable, *, name: str, default_topic: str, argv: list[str] | None = None) -> int:
+def run_kernel(process_message: Callable | None = None, *, process_batch: Callable | None = None, name: str,
+               default_topic: str, argv: list[str] | None = None) -> int:
     """Run a kernel until it is stopped; its exit code. `python main.py` runs this file's own kernel
-    (the last lines below); an example or a test passes its own process_message and names. With the
-    argument "check" (`python main.py check`), it checks the deployment instead of consuming."""
+    (the last lines below); an example or a test passes its own handler and names: process_message,
+    or process_batch, not both. With the argument "check" (`python main.py check`), it checks the
+    deployment instead of consuming."""
+    if (process_message is None) == (process_batch is None):
+        raise TypeError("run_kernel() takes process_message or process_batch, one of them")
+    handler = KernelHandler(process_batch, batch=True) if process_batch else KernelHandler(process_message)
     argv = sys.argv if argv is None else argv
     # Only the .env beside main.py, never one found further up; the real environment wins over it.
     dotenv.load_dotenv(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".env"), override=False)
@@ -1807,7 +1975,7 @@ def run_kernel(process_message: Callable, *, name: str, default_topic: str, argv
         with tls_files(settings) as tls:
             if tls is not None:
                 stop.cleanups.append(tls.remove)  # a second signal exits at once, but not leaving keys behind
-            return consume_until_stopped(process_message, settings, tls, stop)
+            return consume_until_stopped(handler, settings, tls, stop)
     except ConfigError as error:
         kernel_log.error("Configuration error: %s", error)
         return EXIT_CONFIG
@@ -1817,14 +1985,20 @@ def run_kernel(process_message: Callable, *, name: str, default_topic: str, argv
 
 
 def check_your_part(names: dict | None) -> None:
-    """Refuse at import what would break a kernel later and less clearly: one of the three names the
-    machinery needs missing from your part, or a name your part defines (or imports) that the
+    """Refuse at import what would break a kernel later and less clearly: a name the machinery needs
+    missing from your part (or both handlers there), or a name your part defines (or imports) that the
     machinery, or Python itself, also defines. The machinery's own would silently replace yours, in
     your code too; a builtin of yours (say `type = "order"`) would replace Python's in the machinery."""
     if names is None:  # importlib.reload: the machinery's names of the first import are still there
         return
-    if missing := [name for name in ("KERNEL_NAME", "DEFAULT_TOPIC", "process_message") if name not in names]:
+    handlers = [name for name in ("process_message", "process_batch") if name in names]
+    missing = [name for name in ("KERNEL_NAME", "DEFAULT_TOPIC") if name not in names]
+    if not handlers:
+        missing.append("process_message (or process_batch)")
+    if missing:
         raise ImportError(f"main.py: your part must define {', '.join(missing)}")
+    if len(handlers) == 2:
+        raise ImportError("main.py: your part defines both process_message and process_batch: keep the one to call")
     clashes = sorted(name for name, value in names.items() if not name.startswith("__")
                      and (globals()[name] is not value or name in vars(builtins)))
     if clashes:
@@ -1839,4 +2013,5 @@ if __name__ == "__main__":
     # as __main__ it would be a second copy, with a DeadLetter and a send() of its own.
     import main
 
-    sys.exit(main.run_kernel(main.process_message, name=main.KERNEL_NAME, default_topic=main.DEFAULT_TOPIC))
+    sys.exit(main.run_kernel(getattr(main, "process_message", None), process_batch=getattr(main, "process_batch", None),
+                             name=main.KERNEL_NAME, default_topic=main.DEFAULT_TOPIC))

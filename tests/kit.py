@@ -9,8 +9,10 @@
 make_message builds the kafka-python ConsumerRecord the kernel passes (topic, partition, offset,
 key, value, headers, timestamp). call() runs a handler (main.process_message unless given) with
 send() captured instead of produced, and reports what the kernel would do: commit (result True),
-retry (False) or dead-letter (DeadLetter raised, with its reason). Any other exception propagates,
-as it would stop the kernel. tests/test_process_message.py shows both, and a run end to end.
+retry (False) or dead-letter (DeadLetter raised, with its reason). call_batch() does the same for a
+process_batch and a list of messages, and says how many of them would be committed. Any other
+exception propagates, as it would stop the kernel. tests/test_process_message.py shows call() and a
+run end to end; tests/test_examples.py uses call_batch() on the analytics example.
 """
 
 from __future__ import annotations
@@ -86,6 +88,14 @@ class CapturedProducer:
         return Future().success(None)
 
 
+@dataclass
+class BatchOutcome:
+    result: bool | None  # what process_batch returned; None when it raised DeadLetter
+    done: int  # how many of the messages, from the first, the kernel would commit
+    sent: list[Sent] = field(default_factory=list)
+    dead_letter: tuple[ConsumerRecord, str] | None = None  # the message DeadLetter named, and the reason
+
+
 def call(message: ConsumerRecord, handler: Callable[[Any], bool] | None = None) -> Outcome:
     """Run `handler` (default: main.process_message) on `message` as a kernel worker would, with the
     kernel's own rules for what its result means (main.process_record)."""
@@ -98,3 +108,21 @@ def call(message: ConsumerRecord, handler: Callable[[Any], bool] | None = None) 
         dead_letter = outcome.reason if outcome.consequence is main.Consequence.DEAD_LETTER else None
         return Outcome(None if dead_letter else False, producer.sent, dead_letter)
     return Outcome(True, producer.sent)
+
+
+def call_batch(messages: list[ConsumerRecord], handler: Callable[[list], bool] | None = None) -> BatchOutcome:
+    """Run `handler` (default: main.process_batch) on `messages` as a kernel worker would, with the
+    kernel's own rules for what its result means (main.process_as_batch)."""
+    handler = handler or getattr(main, "process_batch", None)
+    if handler is None:
+        raise TypeError("call_batch() needs a handler: main.py defines no process_batch")
+    producer = CapturedProducer()
+    try:
+        outcome = main.process_as_batch(handler, list(messages), producer)
+    except main.MessageFailed as failure:  # the kernel would stop
+        raise failure.__cause__ from None
+    if outcome.failure is None:
+        return BatchOutcome(True, outcome.done, producer.sent)
+    if outcome.failure.consequence is main.Consequence.DEAD_LETTER:
+        return BatchOutcome(None, outcome.done, producer.sent, (messages[outcome.done], outcome.failure.reason))
+    return BatchOutcome(False, 0, producer.sent)

@@ -9,6 +9,10 @@ message value (the part before a "|", if any; what follows is a label for the te
   "raise"    raise RuntimeError while $TEST_RAISE is not "0"
   "sleep:S"  sleep S seconds, then True
   anything   True, after sleeping $TEST_SLEEP_S seconds (default 0)
+With $TEST_BATCH=1 it is a process_batch instead, recording each message of a call with the call's
+start time (so a test tells the batches apart): "false:N" in a batch makes the whole batch return
+False for its first N attempts; "dead" raises DeadLetter naming that message (after the ones before
+it are done); "raise" and "sleep:S" as above, for the whole batch.
 """
 
 import os
@@ -48,5 +52,29 @@ def process_message(message) -> bool:
     return True
 
 
+def process_batch(messages) -> bool:
+    started_ns = time.time_ns()
+    batch = (messages[0].topic, messages[0].partition, messages[0].offset, len(messages))
+    attempts[batch] += 1
+    values = [message.value.decode().split("|")[0] for message in messages]
+    if any(v.startswith("false:") and attempts[batch] <= int(v.split(":")[1]) for v in values):
+        for message in messages:
+            record(message, "false", started_ns)
+        return False
+    if "raise" in values and os.environ.get("TEST_RAISE") != "0":
+        for message in messages:
+            record(message, "raise", started_ns)
+        raise RuntimeError("poison batch")
+    time.sleep(sum(float(v.split(":")[1]) for v in values if v.startswith("sleep:")) or SLEEP_S)
+    for message, value in zip(messages, values, strict=True):
+        if value == "dead":
+            record(message, "dead", started_ns)
+            raise main.DeadLetter("dead on purpose", message=message)
+        record(message, "true", started_ns)
+    return True
+
+
 if __name__ == "__main__":
-    sys.exit(main.run_kernel(process_message, name="recording-kernel", default_topic="unused"))
+    handler = {"process_batch": process_batch} if os.environ.get("TEST_BATCH") == "1" else {
+        "process_message": process_message}
+    sys.exit(main.run_kernel(**handler, name="recording-kernel", default_topic="unused"))

@@ -119,3 +119,46 @@ def test_the_memory_unfinished_records_hold_is_counted_with_them():
     assert book.unfinished_bytes == main.memory_cost(large)
     book.forget({P0})
     assert book.unfinished_bytes == 0
+
+
+def batches(max_messages=3, max_wait_s=1.0) -> main.Ledger:
+    book = main.Ledger(keyed=False, batch=main.BatchPolicy(max_messages, max_wait_s))
+    book.assign({P0, P1})
+    return book
+
+
+def test_a_batch_waits_for_more_until_it_is_full_or_has_waited_long_enough():
+    book = batches()
+    book.add(P0, [record(P0, 0), record(P0, 1)], now_s=10)
+    assert book.start_tasks(now_s=10.5) == [] and book.next_batch_due_s() == 11
+    book.add(P0, [record(P0, 2), record(P0, 3)], now_s=10.6)  # full now: a batch of three goes at once
+    [task] = book.start_tasks(now_s=10.6)
+    assert [r.offset for r in task.records] == [0, 1, 2]
+    back(book, task, finished=3)
+    book.requeue(task.lane)
+    assert book.start_tasks(now_s=10.7) == [], "offset 3 waits for more, up to a second after the lane's oldest"
+    [task] = book.start_tasks(now_s=11)
+    assert [r.offset for r in task.records] == [3]
+    back(book, task, finished=1)
+    book.requeue(task.lane)
+    book.add(P1, [record(P1, 0)], now_s=20)
+    assert book.start_tasks(now_s=20.9) == []
+    assert [r.offset for r in book.start_tasks(now_s=21)[0].records] == [0]
+
+
+def test_a_retried_batch_is_the_same_batch_and_what_follows_a_dead_letter_goes_in_the_next():
+    book = batches(max_messages=2)
+    book.add(P0, [record(P0, offset) for offset in range(5)], now_s=0)
+    [task] = book.start_tasks(0)
+    lane = back(book, task, finished=0, failure=TaskFailure(Consequence.RETRY, "False", batch=2))
+    book.retry_later(lane, attempts=1, due_s=5, batch=2)
+    book.requeue(lane)
+    book.add(P0, [record(P0, 5)], now_s=1)
+    [task] = book.start_tasks(now_s=5)
+    assert [r.offset for r in task.records] == [0, 1], "the same two, however many are waiting"
+    lane = back(book, task, finished=1, failure=TaskFailure(Consequence.DEAD_LETTER, "bad", batch=1))
+    book.pass_first(lane)  # offset 1, dead-lettered
+    book.requeue(lane)
+    assert book.commits_due() == {P0: 2}
+    [task] = book.start_tasks(now_s=5)
+    assert [r.offset for r in task.records] == [2, 3]

@@ -62,7 +62,7 @@ def answers(mapping):
 def make_loop(handler=None, **env):
     settings = main.load_settings({"KAFKA_BOOTSTRAP_SERVERS": "a:1", "KERNEL_RETRY_INITIAL_MS": "1000",
                                    "KAFKA_MAX_POLL_RECORDS": "4", **env}, "test-kernel", "t")
-    loop = main.ConsumerLoop(RecordingConsumer(), settings, handler or answers({}), main.StopSignal())
+    loop = main.ConsumerLoop(RecordingConsumer(), settings, main.KernelHandler(handler or answers({})), main.StopSignal())
     loop.assigned({P0, P1})
     return loop
 
@@ -443,7 +443,7 @@ def test_an_error_in_the_dead_letter_path_keeps_the_message_and_names_it(caplog)
 
 
 def test_a_task_handed_back_while_the_loop_waits_for_another_is_held_then_found():
-    workers = main.WorkerPool(2, lambda message: True, main.StopSignal(), None, None)
+    workers = main.WorkerPool(2, "test", lambda task: main.process_task(task, lambda message: True, main.StopSignal()))
     first, second = task_of([record(P0, 0)]), task_of([record(P0, 1)])
     workers.give(second)
     wait_for(lambda: workers.handed_back.qsize() == 1)  # back before anyone waits for it

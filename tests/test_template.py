@@ -103,7 +103,9 @@ def test_your_part_can_be_renamed_reordered_and_extended(cluster, kernels, tmp_p
      "of the template's machinery, or of Python, which would replace yours: rename yours"),
     ('type = "order"\n', "type defined in your part of main.py is also a name of the template's machinery, or of "
      "Python, which would replace yours: rename yours"),
-    ("del process_message\n", "your part must define process_message"),
+    ("del process_message\n", "your part must define process_message (or process_batch)"),
+    ("def process_batch(messages):\n    return True\n", "your part defines both process_message and process_batch: "
+     "keep the one to call"),
 ])
 def test_what_would_break_the_kernel_later_is_refused_at_import(tmp_path, addition, error):
     """A helper named like a piece of the machinery would be replaced by it, silently; a builtin of
