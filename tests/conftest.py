@@ -22,6 +22,7 @@ from collections import Counter
 from pathlib import Path
 from typing import NamedTuple
 
+import psycopg
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
@@ -85,6 +86,19 @@ def wait_committed(cluster, kernel, group: str, topic: str, produced: Counter, p
     expected = {p: produced[p] or None for p in range(partitions)}
     wait_until(lambda: cluster.committed(group, topic, partitions) == expected, timeout_s,
                f"offsets {expected} committed\n{kernel.log()[-3000:]}")
+
+
+@pytest.fixture
+def postgres():
+    """A connection to the PostgreSQL of DATABASE_URL (default: the local one) and its URL, for the
+    database examples; their tests skip, saying why, when none answers."""
+    url = os.environ.get("DATABASE_URL") or "postgresql://127.0.0.1:5432/test"
+    try:
+        connection = psycopg.connect(url, autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError as error:
+        pytest.skip(f"no PostgreSQL at DATABASE_URL={url} for the database examples ({str(error).strip()})")
+    yield connection, url
+    connection.close()
 
 
 @pytest.fixture(scope="session")

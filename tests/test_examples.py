@@ -23,7 +23,7 @@ import pytest
 from psycopg import sql
 
 from devtools.broker import free_port
-from examples import memory, notification, transform
+from examples import analytics, memory, notification, transform
 from tests.conftest import MAIN, REPO, copy_repository, http_get, wait_committed, wait_until
 from tests.kit import call, make_message
 
@@ -149,13 +149,9 @@ def test_transform_never_loses_an_output_when_killed(cluster, kernels):
 
 
 @pytest.fixture
-def database(monkeypatch):
+def database(monkeypatch, postgres):
     """A fresh table in the PostgreSQL of DATABASE_URL (default: the local one); skipped without one."""
-    url = os.environ.get("DATABASE_URL") or "postgresql://127.0.0.1:5432/test"
-    try:
-        connection = psycopg.connect(url, autocommit=True, connect_timeout=3)
-    except psycopg.OperationalError as error:
-        pytest.skip(f"no PostgreSQL at DATABASE_URL={url} for the memory example ({str(error).strip()})")
+    connection, url = postgres
     table = f"memories_{uuid.uuid4().hex[:8]}"
     monkeypatch.setenv("DATABASE_URL", url)
     monkeypatch.setenv("MEMORY_TABLE", table)
@@ -164,7 +160,6 @@ def database(monkeypatch):
     if memory.shared is not None:
         memory.shared.pool.close()
     connection.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(table)))
-    connection.close()
 
 
 class Table(NamedTuple):
@@ -366,7 +361,7 @@ def adopt(example: str, main_path) -> None:
                    check=True, capture_output=True)
 
 
-@pytest.mark.parametrize("example", ["transform", "memory", "notification"])
+@pytest.mark.parametrize("example", ["transform", "memory", "notification", "analytics"])
 def test_adopting_an_example_gives_a_main_py_that_passes_the_linter(tmp_path, example):
     adopted = tmp_path / "main.py"
     adopted.write_text(MAIN.read_text())
@@ -398,6 +393,7 @@ def test_an_adopted_transform_kernel_runs_as_main_py(cluster, kernels, tmp_path)
 
 @pytest.mark.parametrize("extra, example, packages", [
     ("database", memory, {"psycopg", "psycopg-binary", "psycopg-pool"}),
+    ("database", analytics, {"psycopg", "psycopg-binary", "psycopg-pool"}),
     ("http", notification, {"httpx"}),
     ("ai", None, {"anthropic"}),
 ])

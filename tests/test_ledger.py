@@ -112,11 +112,11 @@ def test_the_memory_unfinished_records_hold_is_counted_with_them():
     small, large = record(P0, 0), ConsumerRecord("t", 0, None, 1, 0, 0, b"k", b"x" * 10_000, [("h", b"v")], None,
                                                  1, 10_000, 2)
     book.add(P0, [small, large])
-    assert book.unfinished_bytes == main.memory_cost(small) + main.memory_cost(large)
-    assert main.memory_cost(large) == main.RECORD_OVERHEAD_BYTES + 1 + 10_000 + 2 + main.HEADER_OVERHEAD_BYTES
+    assert book.unfinished_bytes == main.memory_cost([small, large])
+    assert main.memory_cost([large]) == main.RECORD_OVERHEAD_BYTES + 1 + 10_000 + 2 + main.HEADER_OVERHEAD_BYTES
     [task] = book.start_tasks(0)
     back(book, task, finished=1)
-    assert book.unfinished_bytes == main.memory_cost(large)
+    assert book.unfinished_bytes == main.memory_cost([large])
     book.forget({P0})
     assert book.unfinished_bytes == 0
 

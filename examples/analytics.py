@@ -1,0 +1,208 @@
+"""Analytics kernel: store each event once in PostgreSQL, and count events per type and minute, exactly once.
+
+Input: a JSON object with "type" and "user" (non-empty strings) and "ts", when it happened (an
+ISO-8601 time, UTC unless it says otherwise, or milliseconds since the epoch). It is a process_batch
+kernel, and each batch (one partition's events, in offset order) is written in one transaction: the
+partition's row in ANALYTICS_PROGRESS_TABLE (default "analytics_progress"), the offset up to which its
+events are stored, is locked and read; the batch's events from that offset on are copied (COPY) into
+ANALYTICS_EVENTS_TABLE (default "analytics_events"); the counts per type and minute in
+ANALYTICS_ROLLUPS_TABLE (default "analytics_rollups") grow by those events; and the progress row moves
+past the batch. So a batch delivered again after a crash or a rebalance, whole or in part, changes none
+of the tables: exactly-once effects, on at-least-once delivery. (Offsets identify the events: should the
+topic be deleted and created again, delete its rows from the three tables too.) The tables are created
+if missing, in DATABASE_URL (default postgresql://127.0.0.1:5432/test).
+
+A malformed event is dead-lettered with the reason (the events before it in its batch are stored
+first; those after it come in the next batch). While PostgreSQL is unreachable the batch is retried
+(False). An event PostgreSQL refuses is found by storing the batch's events one at a time, and
+dead-lettered. Needs `uv sync --extra database`.
+
+    uv run --extra database python -m examples.analytics
+"""
+
+import datetime
+import logging
+import os
+import threading
+
+import psycopg
+from psycopg import sql
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from main import DeadLetter, batch_coordinates, json_object  # adopting: drop this line
+
+KERNEL_NAME = "analytics-kernel"
+DEFAULT_TOPIC = "events"
+MAX_VALUE_BYTES = 64 * 1024  # an event larger than this is not one of ours: dead-lettered
+REQUIRED_FIELDS = ("type", "user")
+CONNECT_TIMEOUT_S = 5  # how long one attempt waits for a connection before the batch is retried
+
+log = logging.getLogger(KERNEL_NAME)
+
+
+def process_batch(messages) -> bool:
+    rows, malformed = event_rows(messages)
+    try:
+        stored = warehouse().store(rows)
+    except psycopg.DataError:  # PostgreSQL refuses one of them: store them one by one to find it
+        stored = store_until_refused(messages, rows)
+    except (psycopg.OperationalError, PoolTimeout) as error:  # the database is down or overloaded
+        log.warning("PostgreSQL unavailable (%s); %s will be retried", first_line(error), batch_coordinates(messages))
+        return False
+    log.debug("Stored %d new event(s) of %s%s", stored, batch_coordinates(messages[:len(rows)] or messages),
+              "" if stored == len(rows) else f"; {len(rows) - stored} were there already: a redelivery")
+    if malformed is not None:
+        raise malformed  # the events before it are stored; it is dead-lettered, those after it come again
+    return True
+
+
+def event_rows(messages) -> tuple[list[tuple], DeadLetter | None]:
+    """The rows of the events up to the first malformed one, and a DeadLetter naming that one."""
+    rows = []
+    for message in messages:
+        try:
+            rows.append(event_row(message))
+        except DeadLetter as rejection:
+            return rows, DeadLetter(str(rejection), message=message)
+    return rows, None
+
+
+def event_row(message) -> tuple:
+    event = json_object(message, MAX_VALUE_BYTES, REQUIRED_FIELDS)  # or DeadLetter saying why
+    if b"\\u0000" in message.value:
+        raise DeadLetter("the value holds a NUL character, which PostgreSQL cannot store")
+    return (message.topic, message.partition, message.offset, event["type"], event["user"], event_time(event),
+            message.value.decode())
+
+
+def event_time(event: dict) -> datetime.datetime:
+    """The event's "ts": an ISO-8601 time (UTC if it names no zone) or milliseconds since the epoch."""
+    ts = event.get("ts")
+    try:
+        if isinstance(ts, int | float) and not isinstance(ts, bool):
+            return datetime.datetime.fromtimestamp(ts / 1000, datetime.UTC)
+        if isinstance(ts, str):
+            moment = datetime.datetime.fromisoformat(ts)
+            return moment if moment.tzinfo else moment.replace(tzinfo=datetime.UTC)
+    except (ValueError, OverflowError, OSError):
+        pass
+    raise DeadLetter(f'field "ts" must be an ISO-8601 time or milliseconds since the epoch, got {ts!r:.80}')
+
+
+def store_until_refused(messages, rows: list[tuple]) -> int:
+    """Store the rows one at a time (each is idempotent); DeadLetter for the first PostgreSQL refuses."""
+    stored = 0
+    for message, row in zip(messages, rows, strict=False):
+        try:
+            stored += warehouse().store([row])
+        except psycopg.DataError as refused:
+            raise DeadLetter(f"PostgreSQL refused it: {first_line(refused)}", message=message) from None
+    return stored
+
+
+def first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+class Warehouse:
+    """The three tables, and one connection pool that all worker threads borrow connections from."""
+
+    def __init__(self):
+        tables = {name: sql.Identifier(os.environ.get(variable) or default) for name, variable, default in (
+            ("events", "ANALYTICS_EVENTS_TABLE", "analytics_events"),
+            ("rollups", "ANALYTICS_ROLLUPS_TABLE", "analytics_rollups"),
+            ("progress", "ANALYTICS_PROGRESS_TABLE", "analytics_progress"))}
+        self.lock_progress, self.copy_events, self.count_and_move_on = (
+            statement.format(**tables) for statement in (LOCK_PROGRESS, COPY_EVENTS, COUNT_AND_MOVE_ON))
+        self.pool = ConnectionPool(
+            os.environ.get("DATABASE_URL") or "postgresql://127.0.0.1:5432/test",
+            min_size=1, max_size=int(os.environ.get("KERNEL_CONCURRENCY") or 1), timeout=CONNECT_TIMEOUT_S,
+            kwargs={"connect_timeout": CONNECT_TIMEOUT_S}, name=KERNEL_NAME, open=True,
+        )
+        try:
+            with self.pool.connection() as connection:
+                connection.execute(CREATE_TABLES.format(**tables))
+        except BaseException:
+            self.pool.close()
+            raise
+
+    def store(self, rows: list[tuple]) -> int:
+        """Store one partition's rows (in offset order) that are not stored yet, and count them into
+        the rollups, in one transaction; how many were new."""
+        if not rows:
+            return 0
+        topic, partition = rows[0][0], rows[0][1]
+        with self.pool.connection() as connection:  # a transaction, committed when the block ends
+            # Locks the partition's row: a second owner of the partition (a rebalance) waits for this one.
+            stored_up_to = connection.execute(self.lock_progress, (topic, partition)).fetchone()[0]
+            new = [row for row in rows if row[2] >= stored_up_to]
+            if new:
+                with connection.cursor().copy(self.copy_events) as copy:
+                    for row in new:
+                        copy.write_row(row)
+            connection.execute(self.count_and_move_on, {"topic": topic, "partition": partition,
+                                                        "new_from": stored_up_to, "stored_up_to": rows[-1][2] + 1})
+        return len(new)
+
+
+CREATE_TABLES = sql.SQL("""
+    CREATE TABLE IF NOT EXISTS {events} (
+        topic text NOT NULL,
+        partition integer NOT NULL,
+        "offset" bigint NOT NULL,
+        type text NOT NULL,
+        "user" text NOT NULL,
+        ts timestamptz NOT NULL,
+        event jsonb NOT NULL,
+        stored_at timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (topic, partition, "offset")
+    );
+    CREATE TABLE IF NOT EXISTS {rollups} (
+        type text NOT NULL,
+        minute timestamptz NOT NULL,
+        events bigint NOT NULL,
+        PRIMARY KEY (type, minute)
+    );
+    CREATE TABLE IF NOT EXISTS {progress} (
+        topic text NOT NULL,
+        partition integer NOT NULL,
+        stored_up_to bigint NOT NULL,
+        PRIMARY KEY (topic, partition)
+    )""")
+# Returns the partition's stored_up_to (0 for a partition never seen) with its row locked until commit.
+LOCK_PROGRESS = sql.SQL("""
+    INSERT INTO {progress} (topic, partition, stored_up_to) VALUES (%s, %s, 0)
+    ON CONFLICT (topic, partition) DO UPDATE SET stored_up_to = {progress}.stored_up_to
+    RETURNING stored_up_to""")
+COPY_EVENTS = sql.SQL('COPY {events} (topic, partition, "offset", type, "user", ts, event) FROM STDIN')
+# The partition's events from new_from on are exactly those just copied: they, and only they, are
+# counted into the rollups (in key order, so that batches of two partitions adding to the same minutes
+# cannot deadlock), and the progress moves past the batch, never backwards (a batch delivered again
+# after a later one was stored leaves it as it is).
+COUNT_AND_MOVE_ON = sql.SQL("""
+    WITH counted AS (
+        INSERT INTO {rollups} (type, minute, events)
+        SELECT type, date_trunc('minute', ts), count(*) FROM {events}
+        WHERE topic = %(topic)s AND partition = %(partition)s AND "offset" >= %(new_from)s
+        GROUP BY 1, 2 ORDER BY 1, 2
+        ON CONFLICT (type, minute) DO UPDATE SET events = {rollups}.events + excluded.events
+    )
+    UPDATE {progress} SET stored_up_to = greatest(stored_up_to, %(stored_up_to)s)
+    WHERE topic = %(topic)s AND partition = %(partition)s""")
+shared_lock = threading.Lock()
+shared: Warehouse | None = None
+
+
+def warehouse() -> Warehouse:
+    """Created on first use (after main.py has read .env), once however many threads ask."""
+    global shared
+    with shared_lock:
+        if shared is None:
+            shared = Warehouse()
+        return shared
+
+
+if __name__ == "__main__":
+    import main
+
+    raise SystemExit(main.run_kernel(process_batch=process_batch, name=KERNEL_NAME, default_topic=DEFAULT_TOPIC))
