@@ -11,6 +11,7 @@ What process_message(message) decides:
   return False            retriable; tried again after a backoff, never skipped.
   raise DeadLetter(why)   it can never succeed: it goes to KERNEL_DEAD_LETTER_TOPIC.
   raise anything else     fatal: the kernel commits what finished before it and exits with code 1.
+For bulk work (database writes), define process_batch(messages) instead (docs/reference.md, "Batches").
 
 The machinery, in reading order:
   What process_message can use   DeadLetter, send(), json_object(), coordinates(), describe_bytes()
