@@ -14,7 +14,7 @@ What process_message(message) decides:
 For bulk work (database writes), define process_batch(messages) instead (docs/reference.md, "Batches").
 
 The machinery, in reading order:
-  What process_message can use   DeadLetter, send(), json_object(), coordinates(), describe_bytes()
+  What process_message can use   DeadLetter, send(), json_object(), coordinates(), describe_bytes()...
   How the kernel stops           exit codes and the errors behind them
   Settings                       the environment, read and checked once
   Logging                        plain or JSON lines; repeating warnings throttled
@@ -144,8 +144,8 @@ def send(topic: str, value: bytes | None, key: bytes | None = None,
     for name, data in (("value", value), ("key", key)):
         if data is not None and not isinstance(data, bytes | bytearray):
             raise TypeError(f"send() {name} must be bytes or None, got {type(data).__name__}: encode it first")
-    if key is None and value is None:
-        raise TypeError("send() needs a key or a value: kafka-python cannot send a record with neither")
+    if key is None and value is None:  # legal in Kafka, refused by kafka-python's producer: sent empty
+        value = b""
     sends.append(current_call.producer.send(topic, key, value, producible_headers(headers or [])))
 
 
@@ -343,6 +343,13 @@ class KernelSettings:
     @property
     def uses_tls(self) -> bool:
         return self.ca_cert is not None
+
+    def check_batch_limit(self) -> None:
+        """With process_batch: a batch larger than a partition ever buffers would never be full."""
+        if self.batch.max_messages > 2 * self.max_poll_records:
+            raise ConfigError(f"KERNEL_BATCH_MAX_MESSAGES ({self.batch.max_messages}) must not exceed twice "
+                              f"KAFKA_MAX_POLL_RECORDS ({self.max_poll_records}): a partition stops fetching there, "
+                              "so a batch would never be full")
 
 
 def certificate_values(env: Mapping[str, str]) -> dict[str, str | None]:
@@ -654,10 +661,11 @@ def tls_files(settings: KernelSettings) -> Iterator[TlsFiles | None]:
 class HealthState:
     """What /healthz and /readyz answer, written by the loop and read by the HTTP thread."""
 
-    def __init__(self, settings: KernelSettings):
+    def __init__(self, settings: KernelSettings, handler_name: str = "process_message"):
         self.max_poll_interval_s = settings.max_poll_interval_ms / 1000
+        self.handler_name = handler_name  # process_message, or process_batch
         self.last_poll_s = time.monotonic()  # starting counts as progress
-        self.busy_since_s: float | None = None  # start of the longest-running process_message call
+        self.busy_since_s: float | None = None  # start of the longest-running call of the handler
         self.joined = False  # holds an assignment (possibly empty) from the group
         self.missing_topics: list[str] = []  # topics of KAFKA_TOPIC the broker does not know
 
@@ -666,7 +674,7 @@ class HealthState:
         if now - self.last_poll_s > self.max_poll_interval_s:
             return False, f"no poll for {now - self.last_poll_s:.0f} s"
         if self.busy_since_s is not None and now - self.busy_since_s > self.max_poll_interval_s:
-            return False, f"process_message running for {now - self.busy_since_s:.0f} s"
+            return False, f"{self.handler_name} running for {now - self.busy_since_s:.0f} s"
         return True, "ok"
 
     def ready(self) -> tuple[bool, str]:
@@ -680,29 +688,28 @@ class KernelMetrics:
 
     def __init__(self):
         self.registry = prometheus_client.CollectorRegistry()
-        counter, gauge = self.metric(prometheus_client.Counter), self.metric(prometheus_client.Gauge)
+        counter, gauge, histogram = (self.metric(kind) for kind in (
+            prometheus_client.Counter, prometheus_client.Gauge, prometheus_client.Histogram))
         topic = ("topic",)
-        self.processed = counter("kernel_messages_processed", "Messages process_message finished", topic)
-        self.failed = counter("kernel_messages_failed", "Messages on which process_message raised", topic)
+        self.processed = counter("kernel_messages_processed", "Messages the handler finished", topic)
+        self.failed = counter("kernel_messages_failed", "Messages on which the handler raised", topic)
         self.retried = counter("kernel_messages_retried", "Messages to be tried again", topic)
         self.dead_lettered = counter("kernel_messages_dead_lettered", "Messages sent to the dead-letter topic", topic)
         self.sent = counter("kernel_messages_sent", "Messages the broker confirmed, sent with send() or dead-lettered, "
                             "by the topic they went to", topic)
         self.send_failures = counter("kernel_send_failures", "Messages the broker did not confirm, by the topic they "
                                      "were for", topic)
-        self.processing = self.metric(prometheus_client.Histogram)("kernel_processing_seconds",
-                                                                   "Time spent in process_message or process_batch",
-                                                                   topic)
+        self.processing = histogram("kernel_processing_seconds", "Time spent in each call of process_message or "
+                                    "process_batch", topic)
+        self.batch_sizes = histogram("kernel_batch_size", "Messages per process_batch call", topic,
+                                     buckets=(1, 10, 100, 500, 1000, 5000))
         self.commits = counter("kernel_commits", "Offset commits that succeeded")
         self.commit_failures = counter("kernel_commit_failures", "Offset commits that failed")
         self.rebalances = counter("kernel_rebalances", "Partition assignments received")
         self.assigned = gauge("kernel_assigned_partitions", "Partitions assigned to this kernel")
         self.lag = gauge("kernel_consumer_lag", "End offset minus committed offset", ("topic", "partition"))
         self.buffered_bytes = gauge("kernel_buffered_bytes", "Memory held by fetched messages not finished yet "
-                                    "(estimated; fetching pauses at KERNEL_BUFFER_MAX_BYTES)")
-        histogram = self.metric(prometheus_client.Histogram)
-        self.batch_sizes = histogram("kernel_batch_size", "Messages per process_batch call", topic,
-                                     buckets=(1, 10, 100, 500, 1000, 5000))
+                                    "(estimated; a partition pauses at its share of KERNEL_BUFFER_MAX_BYTES)")
 
     def metric(self, kind: type) -> Callable:
         """A maker of metrics of `kind` in this registry: name, help text, label names, options."""
@@ -775,7 +782,8 @@ def consumer_config(settings: KernelSettings, tls: TlsFiles | None) -> dict:
         max_partition_fetch_bytes=settings.max_partition_fetch_bytes,
         # kafka-python 2.3.3 refuses network frames over receive_message_max_bytes (1 MB by default),
         # so a larger fetch response failed, dropped the connection and was fetched again (dpkp/kafka-python#3074).
-        receive_message_max_bytes=settings.fetch_max_bytes + 1_048_576,
+        # A record batch larger than a whole fetch still comes whole (KIP-74): allow at least 50 MB.
+        receive_message_max_bytes=max(settings.fetch_max_bytes, 52_428_800) + 1_048_576,
         check_crcs=settings.check_crcs,
         session_timeout_ms=settings.session_timeout_ms,
         heartbeat_interval_ms=settings.heartbeat_interval_ms,
@@ -910,26 +918,35 @@ class DeadLetterTopic:
         self.producer = producer
         self.metrics = metrics
 
-    def publish(self, record, attempts: int, reason: str, exception: str) -> bool:
-        """Publish the record, confirmed by the broker (acks=all); False if it was not. What the
-        producer cannot send is adapted: a null header value is sent empty, and a record with
-        neither key nor value gets an empty value."""
+    def publish(self, records: list, attempts: int, reason: str, exception: str) -> int:
+        """Publish `records` (all sent before any confirmation is awaited, so a batch's take one round
+        trip) and wait for the broker to confirm them (acks=all); how many, from the first, it did."""
+        futures = [self.send(record, attempts, reason, exception) for record in records]
+        deadline_s = time.monotonic() + self.producer.timeout_s
+        for published, (record, future) in enumerate(zip(records, futures, strict=True)):
+            error = delivery_error(future, max(0.0, deadline_s - time.monotonic()))
+            if error is not None:
+                kernel_log.warning("Could not publish %s to the dead-letter topic %s (%r); it stays uncommitted and "
+                                   "is retried", coordinates(record), self.topic, error,
+                                   extra=log_fields(record) | REPEATING)
+                return published
+            self.metrics.dead_lettered.labels(record.topic).inc()
+            kernel_log.error("Dead-lettered %s to %s: %s", coordinates(record), self.topic, reason,
+                             extra=log_fields(record))
+        return len(records)
+
+    def send(self, record, attempts: int, reason: str, exception: str) -> Future:
+        """Send the record with its origin and the reason. What the producer cannot send as it is is
+        adapted: a null header value is sent empty, a record with neither key nor value gets an empty
+        value. Whatever else goes wrong shows in the future: the message stays put, named, rather than
+        crash-loop the kernel."""
         headers = producible_headers(record.headers) + dead_letter_headers(record, attempts, self.group_id,
                                                                            exception, reason, self.kernel_name)
         value = b"" if record.key is None and record.value is None else record.value
         try:
-            error = delivery_error(self.producer.send(self.topic, record.key, value, headers),
-                                          self.producer.timeout_s)
-        except Exception as unexpected:  # the message stays put, named, rather than crash-loop the kernel
-            error = unexpected
-        if error is not None:
-            kernel_log.warning("Could not publish %s to the dead-letter topic %s (%r); it stays uncommitted and is "
-                               "retried", coordinates(record), self.topic, error, extra=log_fields(record) | REPEATING)
-            return False
-        self.metrics.dead_lettered.labels(record.topic).inc()
-        kernel_log.error("Dead-lettered %s to %s: %s", coordinates(record), self.topic, reason,
-                         extra=log_fields(record))
-        return True
+            return self.producer.send(self.topic, record.key, value, headers)
+        except Exception as unexpected:
+            return kafka.future.Future().failure(unexpected)
 
 
 # Processing
@@ -985,9 +1002,9 @@ class LaneTask:
         return bool(self.started_s) and self.finished < len(self.records)
 
 
-def call_process_message(handler: Callable, argument, producer: KernelProducer | None) -> tuple[object, list[Future]]:
-    """handler(argument), with send() going to `producer`; its result and the sends it made (also
-    kept on a DeadLetter it raises, as .sends)."""
+def call_handler(handler: Callable, argument, producer: KernelProducer | None) -> tuple[object, list[Future]]:
+    """handler(argument): process_message(record) or process_batch(records), with send() going to
+    `producer`; its result and the sends it made (also kept on a DeadLetter it raises, as .sends)."""
     current_call.producer, current_call.sends = producer, []
     try:
         return handler(argument), current_call.sends
@@ -1001,7 +1018,7 @@ def call_process_message(handler: Callable, argument, producer: KernelProducer |
 def process_record(handler: Callable, record, producer: KernelProducer | None) -> list[Future] | TaskFailure:
     """Call the handler on one record: the sends it made if it returned True, else why not."""
     try:
-        result, sends = call_process_message(handler, record, producer)
+        result, sends = call_handler(handler, record, producer)
     except DeadLetter as rejection:
         return TaskFailure(Consequence.DEAD_LETTER, str(rejection) or "process_message raised DeadLetter")
     except BaseException as error:  # SystemExit and KeyboardInterrupt too: exit code 1 like any other
@@ -1024,8 +1041,8 @@ class BatchOutcome:
 def process_as_batch(handler: Callable, records: list, producer: KernelProducer | None) -> BatchOutcome:
     """Call process_batch on `records`: True, all done; False, the batch is tried again as it is;
     DeadLetter naming one of them, those before it are done and it is dead-lettered."""
-    try:
-        result, sends = call_process_message(handler, records, producer)
+    try:  # a list of its own: a handler that filters or sorts it in place changes nothing of the kernel's
+        result, sends = call_handler(handler, list(records), producer)
     except DeadLetter as rejection:
         index = next((i for i, record in enumerate(records) if record is rejection.message), None)
         if index is None:
@@ -1063,16 +1080,16 @@ def confirm_sends(task: LaneTask, unconfirmed: deque, timeout_s: float) -> None:
             return
         error = first_delivery_error(sends, max(0.0, deadline_s - time.monotonic()))
         if error is not None:
-            undelivered(task, task.records[task.finished:task.finished + 1], error, "process_message")
+            undelivered(task, task.records[task.finished:task.finished + 1], error, "process_message", None)
             unconfirmed.clear()
             return
         unconfirmed.popleft()
         task.finished += 1
 
 
-def undelivered(task: LaneTask, records: list, error: KafkaError, handler_name: str) -> None:
-    """What `records` sent was not confirmed: they are processed again, after a backoff."""
-    batch = len(records) if handler_name == "process_batch" else None
+def undelivered(task: LaneTask, records: list, error: KafkaError, handler_name: str, batch: int | None) -> None:
+    """What `records` sent was not confirmed: they are processed again (together, as a batch of
+    `batch`, with process_batch), after a backoff."""
     task.failure = TaskFailure(Consequence.RETRY, f"a message it sent was not delivered ({error!r})", batch=batch)
     kernel_log.warning("A message %s sent for %s was not delivered (%r); it is processed again", handler_name,
                        batch_coordinates(records), error, extra=log_fields(records[0]) | REPEATING)
@@ -1128,7 +1145,7 @@ def process_batch_task(task: LaneTask, handler: Callable, stop: StopSignal, prod
             metrics.processing.labels(task.lane.partition.topic).observe(time.monotonic() - task.started_s)
     error = first_delivery_error(outcome.sends, producer.timeout_s if producer else 0)
     if error is not None:
-        undelivered(task, task.records, error, "process_batch")
+        undelivered(task, task.records, error, "process_batch", len(task.records))
         return
     task.finished, task.failure = outcome.done, outcome.failure
     if metrics is not None:
@@ -1215,7 +1232,9 @@ class Lane:
     records: deque = dataclasses.field(default_factory=deque)  # fetched, waiting for their turn
     task: LaneTask | None = None  # handed to a worker
     retry: PendingRetry | None = None  # records[0] failed and waits for its next attempt
-    waiting_since_s: float | None = None  # when its oldest waiting record arrived (batches wait for more)
+    # When its oldest waiting record arrived: a batch that is not full waits for more until then plus
+    # KERNEL_BATCH_MAX_WAIT_MS. 0.0 for records put back after a task: they have waited already.
+    waiting_since_s: float | None = None
 
     def first_unfinished_offset(self) -> int | None:
         task = self.task
@@ -1340,10 +1359,12 @@ class Ledger:
         return tasks
 
     def start_batches(self, now_s: float) -> list[LaneTask]:
+        """With process_batch: a task of up to batch.max_messages records for each ready lane whose
+        batch is full or has waited batch.max_wait_s, and of a retried batch's records again."""
         tasks = []
         for lane in list(self.ready):
             if lane.retry is not None:  # the same batch again
-                size = lane.retry.batch or 1
+                size = lane.retry.batch
             elif len(lane.records) >= self.batch.max_messages or now_s >= lane.waiting_since_s + self.batch.max_wait_s:
                 size = min(len(lane.records), self.batch.max_messages)
             else:
@@ -1449,34 +1470,28 @@ class FailurePolicy:
     def apply(self, lane: Lane, failure: TaskFailure) -> None:
         """The lane's first record (with process_batch, its first failure.batch records) failed:
         dead-letter it (each of them), or schedule the next attempt."""
-        batch, attempts, reason = failure.batch, lane.attempts_made(), failure.reason
-        records = list(itertools.islice(lane.records, batch or 1))
+        failed = list(itertools.islice(lane.records, failure.batch or 1))
+        attempts, reason = lane.attempts_made(), failure.reason
         dead = failure.consequence is Consequence.DEAD_LETTER
         if not dead and self.retry.exhausted(attempts):
             reason, dead = f"{reason} on all {attempts} attempts (KERNEL_MAX_ATTEMPTS)", True
         if dead:
             if self.dead_letters is None:
-                raise NoDeadLetterTopic(records[0], reason if len(records) == 1 else f"{reason} (and the other "
-                                        f"{len(records) - 1} messages of its batch)")
+                others = f" (and the other {len(failed) - 1} messages of its batch)" if len(failed) > 1 else ""
+                raise NoDeadLetterTopic(failed[0], reason + others)
             exception = "DeadLetter" if failure.consequence is Consequence.DEAD_LETTER else "RetriesExhausted"
-            records = records[self.dead_letter_first(lane, len(records), attempts, reason, exception):]
-            if not records:
+            published = self.dead_letters.publish(failed, attempts, reason, exception)
+            for _ in range(published):
+                self.ledger.pass_first(lane)
+            if published == len(failed):
                 return
-            reason, batch = "the dead-letter topic could not be reached", batch and len(records)
-        self.metrics.retried.labels(records[0].topic).inc(len(records))
+            failed, reason = failed[published:], "the dead-letter topic could not be reached"
+        self.metrics.retried.labels(failed[0].topic).inc(len(failed))
         delay_s = self.retry.delay_s(attempts)
+        batch = None if failure.batch is None else len(failed)  # with process_batch: what is tried again together
         self.ledger.retry_later(lane, attempts, time.monotonic() + delay_s, batch)
-        kernel_log.warning("%s for %s (attempt %d); retrying in %.1f s", reason, batch_coordinates(records), attempts,
-                           delay_s, extra=log_fields(records[0]))
-
-    def dead_letter_first(self, lane: Lane, count: int, attempts: int, reason: str, exception: str) -> int:
-        """Publish the lane's first `count` records to the dead-letter topic, passing each once it is
-        confirmed; how many were, stopping at the first that was not."""
-        for published in range(count):
-            if not self.dead_letters.publish(lane.records[0], attempts, reason, exception):
-                return published
-            self.ledger.pass_first(lane)
-        return count
+        kernel_log.warning("%s for %s (attempt %d); retrying in %.1f s", reason, batch_coordinates(failed), attempts,
+                           delay_s, extra=log_fields(failed[0]))
 
 
 class Watchdog:
@@ -1485,8 +1500,8 @@ class Watchdog:
     seconds, each partition's lag."""
 
     def __init__(self, settings: KernelSettings, ledger: Ledger, health: HealthState, metrics: KernelMetrics,
-                 handler_name: str = "process_message"):
-        self.handler_name = handler_name
+                 handler: KernelHandler):
+        self.handler = handler
         self.max_poll_interval_ms = settings.max_poll_interval_ms
         self.ledger = ledger
         self.health = health
@@ -1503,11 +1518,10 @@ class Watchdog:
         for task in running:
             if task.warned_slow != task.finished and now - task.started_s > self.max_poll_interval_ms / 2000:
                 task.warned_slow = task.finished
-                in_hand = task.records[task.finished:] if self.handler_name == "process_batch" else [
-                    task.records[task.finished]]
+                in_hand = task.records[task.finished:] if self.handler.batch else [task.records[task.finished]]
                 kernel_log.warning(
                     "%s has been running for %.0f s on %s: a rebalance waits for it at most "
-                    "KAFKA_MAX_POLL_INTERVAL_MS (%d ms) before the group moves its partitions on", self.handler_name,
+                    "KAFKA_MAX_POLL_INTERVAL_MS (%d ms) before the group moves its partitions on", self.handler.name,
                     now - task.started_s, batch_coordinates(in_hand), self.max_poll_interval_ms,
                     extra=log_fields(in_hand[0]),
                 )
@@ -1576,12 +1590,12 @@ class ConsumerLoop:
         self.consumer = consumer
         self.settings = settings
         self.stop = stop
-        self.health = health or HealthState(settings)
+        self.handler = handler
+        self.health = health or HealthState(settings, handler.name)
         self.metrics = metrics or KernelMetrics()
         keyed = settings.ordering == "key" and settings.concurrency > 1 and not handler.batch
         self.ledger = Ledger(keyed, settings.batch if handler.batch else None)
         self.paused: set[TopicPartition] = set()  # by back-pressure
-        self.over_budget = False  # the unfinished messages hold KERNEL_BUFFER_MAX_BYTES, not yet half of it again
         self.failed_while_stopping = False  # process_message raised on a message in hand at shutdown
         # One poll's worth, and enough to keep every worker busy, is buffered before polling pauses.
         self.buffer_limit = max(settings.max_poll_records, 4 * settings.concurrency)
@@ -1591,7 +1605,7 @@ class ConsumerLoop:
         self.producer = KernelProducer(settings, tls, consumer.config["api_version"], per_message)
         dead_letters = DeadLetterTopic(settings, self.producer, self.metrics) if settings.dead_letter_topic else None
         self.failures = FailurePolicy(settings, self.ledger, dead_letters, self.metrics)
-        self.watchdog = Watchdog(settings, self.ledger, self.health, self.metrics, handler.name)
+        self.watchdog = Watchdog(settings, self.ledger, self.health, self.metrics, handler)
         process = process_batch_task if handler.batch else process_task
         self.workers = WorkerPool(settings.concurrency, handler.name,
                                   lambda task: process(task, handler.function, stop, self.producer, per_message))
@@ -1640,7 +1654,7 @@ class ConsumerLoop:
         self.settle_handed_back(timeout_s=0)
         self.hand_out()
         if self.ledger.in_flight and self.ledger.unfinished >= self.buffer_limit:
-            if not self.settle_handed_back(timeout_s=KEEPALIVE_INTERVAL_S):
+            if not self.settle_handed_back(timeout_s=min(KEEPALIVE_INTERVAL_S, self.poll_timeout_ms() / 1000)):
                 self.keep_membership()
         else:
             self.apply_back_pressure()
@@ -1650,10 +1664,11 @@ class ConsumerLoop:
         self.watchdog.refresh_lag(self.consumer)
 
     def poll(self, timeout_ms: int) -> None:
-        now_s = time.monotonic()
-        for partition, records in self.consumer.poll(timeout_ms=timeout_ms).items():
+        polled = self.consumer.poll(timeout_ms=timeout_ms)
+        now_s = time.monotonic()  # when the records arrived: a batch waits for more from here
+        for partition, records in polled.items():
             self.ledger.add(partition, records, now_s)
-        self.health.last_poll_s = time.monotonic()
+        self.health.last_poll_s = now_s
 
     def poll_timeout_ms(self) -> int:
         """Poll no longer than until the next retry, or the next batch, is due."""
@@ -1691,24 +1706,26 @@ class ConsumerLoop:
         self.ledger.requeue(lane)
 
     def apply_back_pressure(self) -> None:
-        """Stop fetching for a partition with two polls' worth of records unfinished (go on below
-        one), and for every partition while the unfinished messages hold KERNEL_BUFFER_MAX_BYTES (go
-        on below half of it): memory stays bounded in records and in bytes. A message larger than
-        the whole budget is still processed, alone."""
-        buffered = self.ledger.unfinished_bytes
-        self.metrics.buffered_bytes.set(buffered)
-        if buffered >= self.settings.buffer_max_bytes:
-            self.over_budget = True
-        elif buffered < self.settings.buffer_max_bytes / 2:
-            self.over_budget = False
-        limit = self.settings.max_poll_records
-        full = {tp for tp, state in self.ledger.partitions.items()
-                if self.over_budget or state.unfinished >= (limit if tp in self.paused else 2 * limit)}
-        if full - self.paused:
-            self.consumer.pause(*(full - self.paused))
-        if self.paused - full:
-            self.consumer.resume(*(self.paused - full))
-        self.paused = full
+        """Stop fetching for a partition with two polls' worth of records unfinished, or holding its
+        share of KERNEL_BUFFER_MAX_BYTES (the budget divided among the assigned partitions); go on
+        below half of that. So all of them together stay within the budget, and a partition whose
+        messages wait for a retry never holds up the others. A message larger than a share is still
+        fetched, and processed: its partition waits meanwhile."""
+        partitions = self.ledger.partitions
+        share = self.settings.buffer_max_bytes / max(1, len(partitions))
+        records = 2 * self.settings.max_poll_records
+
+        def full(tp: TopicPartition, state: PartitionState) -> bool:
+            fraction = 0.5 if tp in self.paused else 1.0
+            return state.unfinished >= fraction * records or state.unfinished_bytes >= fraction * share
+
+        now_full = {tp for tp, state in partitions.items() if full(tp, state)}
+        if now_full - self.paused:
+            self.consumer.pause(*(now_full - self.paused))
+        if self.paused - now_full:
+            self.consumer.resume(*(self.paused - now_full))
+        self.paused = now_full
+        self.metrics.buffered_bytes.set(self.ledger.unfinished_bytes)
 
     def keep_membership(self) -> None:
         """Poll with every partition paused while the workers are busy: the group sees us alive, and
@@ -1787,8 +1804,9 @@ class ConsumerLoop:
             kernel_log.error("%s while stopping; it stays uncommitted", error, exc_info=error.__cause__ or error)
             self.failed_while_stopping = True
         if self.ledger.in_flight:
-            kernel_log.warning("%d message(s) still in process_message after KERNEL_SHUTDOWN_TIMEOUT_MS: left "
-                               "uncommitted, to be processed again", len(self.ledger.in_flight))
+            kernel_log.warning("%d %s still in %s after KERNEL_SHUTDOWN_TIMEOUT_MS: left uncommitted, to be "
+                               "processed again", len(self.ledger.in_flight),
+                               "batch(es)" if self.handler.batch else "message(s)", self.handler.name)
 
     def close(self) -> None:
         """Finish: drain, commit what finished, stop the workers and the producer, leave the group."""
@@ -1943,7 +1961,7 @@ def check_deployment(env: Mapping[str, str], kernel_name: str, default_topic: st
 
 def consume_until_stopped(handler: KernelHandler, settings: KernelSettings, tls: TlsFiles | None,
                           stop: StopSignal) -> int:
-    health, metrics = HealthState(settings), KernelMetrics()
+    health, metrics = HealthState(settings, handler.name), KernelMetrics()
     if settings.http_port:
         serve_http(settings.http_port, health, metrics)
         kernel_log.info("Serving /healthz, /readyz and /metrics on port %d", settings.http_port)
@@ -1978,6 +1996,8 @@ def run_kernel(process_message: Callable | None = None, *, process_batch: Callab
     configure_logging(name)
     try:
         settings = load_settings(os.environ, name, default_topic)
+        if handler.batch:
+            settings.check_batch_limit()
         apply_log_settings(settings)
         with tls_files(settings) as tls:
             if tls is not None:

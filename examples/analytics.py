@@ -36,6 +36,7 @@ DEFAULT_TOPIC = "events"
 MAX_VALUE_BYTES = 64 * 1024  # an event larger than this is not one of ours: dead-lettered
 REQUIRED_FIELDS = ("type", "user")
 CONNECT_TIMEOUT_S = 5  # how long one attempt waits for a connection before the batch is retried
+LOCK_TIMEOUT_MS = 30_000  # how long a batch waits for its partition's progress row before it is retried
 
 log = logging.getLogger(KERNEL_NAME)
 
@@ -43,10 +44,11 @@ log = logging.getLogger(KERNEL_NAME)
 def process_batch(messages) -> bool:
     rows, malformed = event_rows(messages)
     try:
-        stored = warehouse().store(rows)
-    except psycopg.DataError:  # PostgreSQL refuses one of them: store them one by one to find it
-        stored = store_until_refused(messages, rows)
-    except (psycopg.OperationalError, PoolTimeout) as error:  # the database is down or overloaded
+        try:
+            stored = warehouse().store(rows)
+        except psycopg.DataError:  # PostgreSQL refuses one of them: store them one by one to find it
+            stored = store_until_refused(messages, rows)
+    except (psycopg.OperationalError, PoolTimeout) as error:  # the database is down, overloaded or locked
         log.warning("PostgreSQL unavailable (%s); %s will be retried", first_line(error), batch_coordinates(messages))
         return False
     log.debug("Stored %d new event(s) of %s%s", stored, batch_coordinates(messages[:len(rows)] or messages),
@@ -71,6 +73,10 @@ def event_row(message) -> tuple:
     event = json_object(message, MAX_VALUE_BYTES, REQUIRED_FIELDS)  # or DeadLetter saying why
     if b"\\u0000" in message.value:
         raise DeadLetter("the value holds a NUL character, which PostgreSQL cannot store")
+    try:  # JSON can spell a lone surrogate (\ud800), which no text column can hold
+        (event["type"] + event["user"]).encode()
+    except UnicodeEncodeError:
+        raise DeadLetter('field "type" or "user" is not valid Unicode text (a lone surrogate)') from None
     return (message.topic, message.partition, message.offset, event["type"], event["user"], event_time(event),
             message.value.decode())
 
@@ -117,11 +123,15 @@ class Warehouse:
         self.pool = ConnectionPool(
             os.environ.get("DATABASE_URL") or "postgresql://127.0.0.1:5432/test",
             min_size=1, max_size=int(os.environ.get("KERNEL_CONCURRENCY") or 1), timeout=CONNECT_TIMEOUT_S,
-            kwargs={"connect_timeout": CONNECT_TIMEOUT_S}, name=KERNEL_NAME, open=True,
+            # A partition's progress row locked longer than this (a stuck former owner) makes the batch retry.
+            kwargs={"connect_timeout": CONNECT_TIMEOUT_S, "options": f"-c lock_timeout={LOCK_TIMEOUT_MS}"},
+            name=KERNEL_NAME, open=True,
         )
         try:
             with self.pool.connection() as connection:
                 connection.execute(CREATE_TABLES.format(**tables))
+        except psycopg.errors.UniqueViolation:  # another replica created them at the same moment
+            pass
         except BaseException:
             self.pool.close()
             raise
@@ -154,7 +164,7 @@ CREATE_TABLES = sql.SQL("""
         "user" text NOT NULL,
         ts timestamptz NOT NULL,
         event jsonb NOT NULL,
-        stored_at timestamptz NOT NULL DEFAULT now(),
+        stored_at timestamptz NOT NULL DEFAULT clock_timestamp(),
         PRIMARY KEY (topic, partition, "offset")
     );
     CREATE TABLE IF NOT EXISTS {rollups} (

@@ -12,7 +12,7 @@ send() captured instead of produced, and reports what the kernel would do: commi
 retry (False) or dead-letter (DeadLetter raised, with its reason). call_batch() does the same for a
 process_batch and a list of messages, and says how many of them would be committed. Any other
 exception propagates, as it would stop the kernel. tests/test_process_message.py shows call() and a
-run end to end; tests/test_examples.py uses call_batch() on the analytics example.
+run end to end; tests/test_analytics.py uses call_batch() on the analytics example.
 """
 
 from __future__ import annotations

@@ -26,6 +26,9 @@ MALFORMED = [  # (label, value, what the dead-letter reason says)
     ("no type", b'{"user": "u-1", "ts": 1}', 'field "type" must be a non-empty string'),
     ("bad time", b'{"type": "click", "user": "u-1", "ts": "yesterday"}', 'field "ts" must be an ISO-8601 time'),
     ("NUL", b'{"type": "click\\u0000", "user": "u-1", "ts": 1}', "holds a NUL character"),
+    ("lone surrogate", b'{"type": "click", "user": "\\ud800", "ts": 1}', "not valid Unicode text (a lone surrogate)"),
+    # Valid JSON that only PostgreSQL refuses (a lone surrogate in jsonb): found by storing one at a time.
+    ("refused by PostgreSQL", b'{"type": "click", "user": "u-1", "ts": 1, "note": "\\ud800"}', "PostgreSQL refused it"),
 ]
 
 

@@ -351,32 +351,36 @@ def big_record(partition, offset, size):
                           -1, size, -1)
 
 
-def test_fetching_pauses_while_unfinished_messages_hold_the_byte_budget_and_resumes_below_half():
-    loop = make_loop(KERNEL_BUFFER_MAX_BYTES=str(1_000_000), KAFKA_MAX_POLL_RECORDS="100")
-    loop.ledger.add(P0, [big_record(P0, 0, 300_000), big_record(P0, 1, 300_000)])
+def test_a_partition_pauses_at_its_share_of_the_byte_budget_and_resumes_below_half_of_it():
+    loop = make_loop(KERNEL_BUFFER_MAX_BYTES=str(1_000_000), KAFKA_MAX_POLL_RECORDS="100")  # 500 KB a partition
+    loop.ledger.add(P0, [big_record(P0, 0, 200_000), big_record(P0, 1, 200_000)])
     loop.apply_back_pressure()
-    assert loop.consumer.paused() == set(), "600 KB of a 1 MB budget"
-    loop.ledger.add(P0, [big_record(P0, 2, 400_000)])  # a poll can go past the budget; the next one waits
+    assert loop.consumer.paused() == set(), "400 KB of a 500 KB share"
+    loop.ledger.add(P0, [big_record(P0, 2, 150_000)])  # a poll can go past the share; the next one waits
     loop.apply_back_pressure()
-    assert loop.consumer.paused() == {P0, P1}, "every partition waits, not only the one that holds the bytes"
-    [task] = loop.ledger.start_tasks(0)
-    task.finished = 1  # 300 KB finished: 700 KB held, above half the budget
-    loop.ledger.requeue(loop.ledger.take_back(task))
-    loop.apply_back_pressure()
-    assert loop.consumer.paused() == {P0, P1}
-    [task] = loop.ledger.start_tasks(0)
-    task.finished = 1  # 400 KB held: below half of it
-    loop.ledger.take_back(task)
-    loop.apply_back_pressure()
-    assert loop.consumer.paused() == set()
+    assert loop.consumer.paused() == {P0}, "the other partition goes on: its share is free"
+    for still_paused in (True, False):  # 350 KB held, then 150 KB: below half the share
+        [task] = loop.ledger.start_tasks(0)
+        task.finished = 1
+        loop.ledger.requeue(loop.ledger.take_back(task))
+        loop.apply_back_pressure()
+        assert loop.consumer.paused() == ({P0} if still_paused else set())
     assert loop.metrics.buffered_bytes._value.get() == loop.ledger.unfinished_bytes
+
+
+def test_a_partition_waiting_for_a_retry_never_holds_up_the_others():
+    loop = make_loop(answers({(0, 0): False}), KERNEL_BUFFER_MAX_BYTES=str(1_000_000))
+    loop.ledger.add(P0, [big_record(P0, offset, 400_000) for offset in range(3)])  # 1.2 MB behind a retry
+    settle_all(loop)
+    loop.apply_back_pressure()
+    assert loop.ledger.unfinished_bytes > 1_000_000 and loop.consumer.paused() == {P0}
 
 
 def test_a_message_larger_than_the_whole_budget_is_processed_alone():
     loop = make_loop(KERNEL_BUFFER_MAX_BYTES=str(100_000))
     loop.ledger.add(P1, [big_record(P1, 0, 1_000_000)])
     loop.apply_back_pressure()
-    assert loop.consumer.paused() == {P0, P1}
+    assert loop.consumer.paused() == {P1}
     settle_all(loop)
     loop.apply_back_pressure()
     loop.commit()
@@ -513,3 +517,85 @@ def test_a_fatal_failure_while_stopping_is_logged_and_makes_the_exit_code_1(capl
     assert "process_message failed on t[0]@3 while stopping; it stays uncommitted" in caplog.text
     assert "ValueError: boom while stopping" in caplog.text
     assert loop.consumer.commits() == []
+
+
+def make_batch_loop(handler, **env):
+    settings = main.load_settings({"KAFKA_BOOTSTRAP_SERVERS": "a:1", "KERNEL_BATCH_MAX_WAIT_MS": "0", **env},
+                                  "test-kernel", "t")
+    loop = main.ConsumerLoop(RecordingConsumer(), settings, main.KernelHandler(handler, batch=True), main.StopSignal())
+    loop.assigned({P0, P1})
+    return loop
+
+
+def test_a_batch_handler_that_changes_its_list_changes_nothing_of_the_kernels():
+    calls = []
+
+    def filtering(messages):
+        calls.append([m.offset for m in messages])
+        messages[:] = [m for m in messages if m.offset != 4]  # in place
+        messages.reverse()
+        return len(calls) > 1
+
+    loop = make_batch_loop(filtering, KERNEL_RETRY_INITIAL_MS="1000")
+    loop.ledger.add(P0, [record(P0, offset) for offset in range(3, 7)])
+    settle_all(loop)
+    loop.ledger.partitions[P0].lanes[None].retry.due_s = 0
+    settle_all(loop)
+    loop.commit()
+    assert calls == [[3, 4, 5, 6], [3, 4, 5, 6]], "the same batch again, whole"
+    assert loop.consumer.commits() == [{P0: 7}]
+    assert (loop.ledger.unfinished, loop.ledger.unfinished_bytes) == (0, 0)
+
+
+def test_a_batch_whose_dead_letters_are_only_partly_published_keeps_the_rest():
+    """KERNEL_MAX_ATTEMPTS used up: each message of the batch is dead-lettered; the dead-letter topic
+    confirms the first only, so the other two stay, as a batch of two, for the next attempt."""
+    loop = make_batch_loop(lambda messages: False, KERNEL_MAX_ATTEMPTS="1", KERNEL_DEAD_LETTER_TOPIC="dlt")
+    loop.failures.dead_letters.producer = producer = PendingProducer()
+    producer.timeout_s = 5
+
+    def answer():
+        producer.futures[0][2].success((0, -1, None))
+        producer.futures[1][2].failure(KafkaTimeoutError("no broker"))
+
+    threading.Timer(0.3, answer).start()
+    loop.ledger.add(P0, [record(P0, offset) for offset in range(3)])
+    loop.hand_out()
+    assert loop.settle_handed_back(timeout_s=5)
+    loop.commit()
+    lane = loop.ledger.partitions[P0].lanes[None]
+    assert [r.offset for r in lane.records] == [1, 2] and lane.retry.batch == 2
+    assert loop.consumer.commits() == [{P0: 1}] and loop.metrics.dead_lettered.labels("t")._value.get() == 1
+
+
+def test_a_dead_letter_named_in_a_batch_without_a_dead_letter_topic_stops_the_kernel_after_those_before():
+    def rejecting(messages):
+        raise main.DeadLetter("the third", message=messages[2])
+
+    loop = make_batch_loop(rejecting)
+    loop.ledger.add(P0, [record(P0, offset) for offset in range(5)])
+    with pytest.raises(main.NoDeadLetterTopic, match=r"t\[0\]@2: the third$"):
+        settle_all(loop)
+    loop.commit(force=True)
+    assert loop.consumer.commits() == [{P0: 2}]
+
+
+def test_a_revocation_waits_for_the_batch_in_hand_and_commits_it():
+    started, release = threading.Event(), threading.Event()
+
+    def slow(messages):
+        started.set()
+        return release.wait(5)
+
+    loop = make_batch_loop(slow)
+    loop.ledger.add(P0, [record(P0, offset) for offset in range(4)])
+    loop.hand_out()
+    assert started.wait(5)
+    threading.Timer(0.3, release.set).start()
+    main.RebalanceListener(loop).on_partitions_revoked([P0])
+    assert loop.consumer.commits() == [{P0: 4}] and set(loop.ledger.partitions) == {P1}
+
+
+def test_the_consumer_never_creates_a_topic():
+    settings = main.load_settings({"KAFKA_BOOTSTRAP_SERVERS": "a:1"}, "test-kernel", "t")
+    assert main.consumer_config(settings, None)["allow_auto_create_topics"] is False
