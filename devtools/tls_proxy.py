@@ -76,9 +76,12 @@ class Pki:
 
 
 class TlsProxy:
-    def __init__(self, listen_port: int, target_port: int, context: ssl.SSLContext):
+    """Listens on `listen_port` of 127.0.0.1 and 127.0.0.2 (TLS with `context`, plain TCP with None) and
+    forwards to `target`: a port on 127.0.0.1, or the path of a Unix socket (the tests' PostgreSQL)."""
+
+    def __init__(self, listen_port: int, target: int | Path, context: ssl.SSLContext | None):
         self.listen_port = listen_port
-        self.target_port = target_port
+        self.target = target
         self.context = context
         self.refuse_until = 0.0  # time.monotonic(); connections before then are closed at once
         self.refused_clients: set[str] = set()  # client id suffixes
@@ -102,7 +105,10 @@ class TlsProxy:
             client_writer.close()
             return
         try:
-            broker_reader, broker_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+            if isinstance(self.target, int):
+                broker_reader, broker_writer = await asyncio.open_connection("127.0.0.1", self.target)
+            else:
+                broker_reader, broker_writer = await asyncio.open_unix_connection(self.target)
         except OSError:
             client_writer.close()
             return
