@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -134,6 +135,11 @@ def git(*arguments: str, cwd) -> str:
     return result.stdout
 
 
+def locked_versions(lock: Path) -> set[tuple[str, str]]:
+    """(name, version) of every package in a uv.lock."""
+    return set(re.findall(r'^name = "([^"]+)"\nversion = "([^"]+)"$', lock.read_text(), re.M))
+
+
 def change_the_machinery(main_text: str) -> str:
     """A later template: a new import, a renamed constant used in several places, a new section in
     the docstring's map, a new function at the end of the machinery."""
@@ -149,7 +155,8 @@ def change_the_machinery(main_text: str) -> str:
 def test_template_updates_merge_into_a_kernel(tmp_path, history):
     """The template at one commit; a kernel made from it (a clone, or a copy with a history of its
     own, as GitHub's "Use this template" makes) and changed by its author; the template's next
-    commit changes the machinery; the kernel merges it: no conflict, its part intact, its tests pass."""
+    commit changes the machinery; the kernel merges it: no conflict, its part intact, its tests pass, its
+    uv.lock in agreement with its pyproject.toml."""
     template = copy_repository(tmp_path / "template")
     git("init", "-q", "-b", "main", cwd=template)
     git("add", "-A", cwd=template)
@@ -174,8 +181,15 @@ def test_template_updates_merge_into_a_kernel(tmp_path, history):
     pyproject = kernel / "pyproject.toml"
     pyproject.write_text(pyproject.read_text().replace('    "python-dotenv>=1.0",\n',
                                                        '    "python-dotenv>=1.0",\n    "httpx>=0.27",\n', 1))
-    locked = run([os.environ.get("UV") or shutil.which("uv"), "lock", "--offline"], kernel)
+    # The author locks the new dependency, as `uv add` does: a resolution, which reads the package index
+    # (PyPI) unless uv's cache already holds what it needs. So not --offline: with a fresh cache that
+    # cannot resolve (the python>=3.12 and emscripten split needs kafka-python metadata no earlier run
+    # fetched), and a test must not depend on what an earlier run left in the cache.
+    uv = os.environ.get("UV") or shutil.which("uv")
+    versions_before = locked_versions(kernel / "uv.lock")
+    locked = run([uv, "lock"], kernel)
     assert locked.returncode == 0, locked.stderr
+    assert locked_versions(kernel / "uv.lock") == versions_before, "locking one dependency changed other versions"
     (kernel / "tests" / "test_orders.py").write_text(KERNEL_TEST)
     git("add", "-A", cwd=kernel)
     git("commit", "-q", "-m", "The orders kernel", cwd=kernel)
@@ -195,6 +209,9 @@ def test_template_updates_merge_into_a_kernel(tmp_path, history):
     assert merged.split(f"\n{END}", 1)[1] == template_main.read_text().split(f"\n{END}", 1)[1], (
         "the machinery is not the template's new one")
     assert '"httpx>=0.27"' in pyproject.read_text()
+    # The merged pyproject.toml and uv.lock agree (a comparison of the two: no index, no cache needed).
+    check = run([uv, "lock", "--check", "--offline"], kernel)
+    assert check.returncode == 0, check.stderr
     tests = run([sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", "tests/test_orders.py",
                  "tests/test_ledger.py", "tests/test_settings.py", "tests/test_lint.py"], kernel)
     assert tests.returncode == 0, tests.stdout[-3000:]
