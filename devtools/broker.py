@@ -28,7 +28,8 @@ PR_SET_PDEATHSIG = 1
 
 
 def die_with_parent() -> None:
-    """Linux only, as a preexec_fn: the child gets SIGTERM if the process that started it dies (no orphans)."""
+    """Linux only, as a preexec_fn: the child gets SIGTERM when the thread that started it ends (no
+    orphans). Start long-lived children from the main thread, which ends with the process."""
     if PRCTL is not None:
         PRCTL(PR_SET_PDEATHSIG, signal.SIGTERM)
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import trustme
+from cryptography.hazmat.primitives import serialization
 
 
 def base64_lines(data: bytes) -> str:
@@ -65,6 +66,18 @@ class Pki:
             "KAFKA_CLIENT_CERT": base64_lines(self.client.cert_chain_pems[0].bytes()),
             "KAFKA_CLIENT_KEY": base64_lines(self.client.private_key_pem.bytes()),
         }
+
+    def broker_files(self) -> tuple[Path, Path]:
+        """The broker's key and certificate chain in one PEM file (the key as PKCS#8, which Apache Kafka's
+        PEM key store requires), and the CA it trusts for client certificates: for Apache Kafka's own TLS.
+        Its certificate names 127.0.0.1 only, so that "localhost" is a name it does not carry."""
+        leaf = self.ca.issue_cert("127.0.0.1")
+        key = serialization.load_pem_private_key(leaf.private_key_pem.bytes(), password=None)
+        pkcs8 = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption())
+        keystore = self.directory / "broker.pem"
+        keystore.write_bytes(pkcs8 + b"".join(pem.bytes() for pem in leaf.cert_chain_pems))
+        return keystore, self.ca_file
 
     def server_context(self) -> ssl.SSLContext:
         """The proxy's side: the broker's certificate, and a client certificate signed by the CA required."""
