@@ -1,9 +1,13 @@
-"""Shared fixtures: a real broker behind a TLS proxy that requires a client certificate, the kernel as
-a subprocess configured only through environment variables, and an independent client
-(confluent-kafka, librdkafka) to produce and to read committed offsets."""
+"""Shared fixtures: a real broker that requires a client certificate, the kernel as a subprocess
+configured only through environment variables, and an independent client (confluent-kafka,
+librdkafka) to produce and to read committed offsets.
+
+Two brokers: Tansu (behind a TLS proxy: its own TLS listener does not work) for every test, and Apache
+Kafka (checking client certificates itself) for the tests marked `both_brokers`, which run on each."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -27,12 +31,22 @@ from typing import NamedTuple
 import psycopg
 import psycopg.sql
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka.admin import (
+    AclBinding,
+    AclBindingFilter,
+    AclOperation,
+    AclPermissionType,
+    AdminClient,
+    ResourcePatternType,
+    ResourceType,
+)
 
 import main
+from devtools.apache_kafka import KafkaCluster, KafkaUnavailable, TlsMaterial, Users
 from devtools.broker import Broker, free_port
 from devtools.tls_proxy import Pki, TlsProxy
+from tests.oidc import IdentityProvider
 
 REPO = Path(__file__).resolve().parent.parent
 MAIN = REPO / "main.py"
@@ -62,15 +76,16 @@ def settings_from(env: dict[str, str]) -> main.KernelSettings:
     return main.load_settings(env, main.KERNEL_NAME, main.DEFAULT_TOPIC)
 
 
-def wait_until(condition, timeout_s: float, what: str, interval_s: float = 0.1):
-    """Poll `condition` until it returns something truthy; fail the test after `timeout_s`."""
+def wait_until(condition, timeout_s: float, what, interval_s: float = 0.1):
+    """Poll `condition` until it returns something truthy; fail the test after `timeout_s`, saying
+    `what` was awaited (a callable is asked then, so that it can show a log as it is at the end)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         result = condition()
         if result:
             return result
         time.sleep(interval_s)
-    pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
+    pytest.fail(f"timed out after {timeout_s} s waiting for {what() if callable(what) else what}")
 
 
 def http_get(port: int, path: str) -> tuple[int, str]:
@@ -88,7 +103,7 @@ def wait_committed(cluster, kernel, group: str, topic: str, produced: Counter, p
     """Wait until `group` has committed every message `produced` (counts per partition) of `topic`."""
     expected = {p: produced[p] or None for p in range(partitions)}
     wait_until(lambda: cluster.committed(group, topic, partitions) == expected, timeout_s,
-               f"offsets {expected} committed\n{kernel.log()[-3000:]}")
+               lambda: f"offsets {expected} committed\n{kernel.log()[-3000:]}")
 
 
 def unavailable(reason: str) -> None:
@@ -187,17 +202,66 @@ def check_client_certificate_required(bootstrap: str, ca_file: str, cert_file: s
     assert answer == b"", "a client without a certificate got an answer"
 
 
-class Cluster:
-    """The broker as clients see it: TLS with a client certificate, through the proxy."""
+COORDINATOR_MOVING = (KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+                      KafkaError.COORDINATOR_NOT_AVAILABLE, KafkaError._TIMED_OUT)
 
-    def __init__(self, broker: Broker, proxy: TlsProxy, pki: Pki):
+
+class Cluster:
+    """The broker as clients see it: TLS with a client certificate (through the proxy, for Tansu)."""
+
+    def __init__(self, broker: Broker | KafkaCluster, proxy: TlsProxy | None, pki: Pki):
         self.broker = broker
-        self.proxy = proxy
+        self.proxy = proxy  # Tansu's; Apache Kafka terminates TLS itself
         self.pki = pki
+        self.kind = "tansu" if isinstance(broker, Broker) else "kafka"
 
     @property
     def bootstrap(self) -> str:
         return self.broker.bootstrap
+
+    @property
+    def bootstrap_by_another_name(self) -> str:
+        """The same listener under a name its certificate does not carry (for hostname checks)."""
+        return self.bootstrap.replace("127.0.0.1", "127.0.0.2" if self.kind == "tansu" else "localhost")
+
+    @property
+    def shortest_session_timeout_ms(self) -> int:
+        """Apache Kafka refuses a session timeout under group.min.session.timeout.ms (6 s by default)."""
+        return 3000 if self.kind == "tansu" else 6000
+
+    def outage(self, seconds: float) -> None:
+        """The broker is gone for `seconds`, then back: Tansu's proxy cuts every connection and refuses
+        new ones; Apache Kafka is killed and started again, its data kept on disk."""
+        if self.proxy is not None:
+            self.proxy.drop_connections(seconds)
+            time.sleep(seconds)
+            return
+        node = self.broker.nodes[0]
+        self.broker.stop_node(node, signal.SIGKILL)
+        time.sleep(seconds)
+        self.broker.start_node(node)  # from this thread: the node is told to stop when the thread that started it ends
+
+    @contextlib.contextmanager
+    def outputs_refused(self, topic: str):
+        """While in the block, the kernel's sends to `topic` fail; its consumer goes on. Tansu's proxy
+        turns the producer away; Apache Kafka denies writing to the topic (an ACL)."""
+        if self.proxy is not None:
+            self.proxy.refuse_clients("-producer")
+            try:
+                yield
+            finally:
+                self.proxy.admit_clients("-producer")
+            return
+        acl = AclBinding(ResourceType.TOPIC, topic, ResourcePatternType.LITERAL, "User:*", "*", AclOperation.WRITE,
+                         AclPermissionType.DENY)
+        admin = AdminClient({"bootstrap.servers": self.broker.plaintext_bootstrap})  # a super user
+        admin.create_acls([acl])[acl].result(timeout=20)
+        try:
+            yield
+        finally:
+            filter_ = AclBindingFilter(ResourceType.TOPIC, topic, ResourcePatternType.LITERAL, "User:*", "*",
+                                       AclOperation.WRITE, AclPermissionType.DENY)
+            admin.delete_acls([filter_])[filter_].result(timeout=20)
 
     def client_config(self, **extra) -> dict:
         return {
@@ -263,10 +327,19 @@ class Cluster:
             consumer.close()
 
     def committed(self, group: str, topic: str, partitions: int) -> dict[int, int | None]:
-        """Committed offsets per partition, read by an independent client (None: no commit)."""
+        """Committed offsets per partition, read by an independent client (None: no commit). Asked
+        again while the group's coordinator moves or loads (Apache Kafka, after a restart)."""
         consumer = Consumer(self.client_config(**{"group.id": group}))
+        deadline = time.monotonic() + 30
         try:
-            found = consumer.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=20)
+            while True:
+                try:
+                    found = consumer.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=20)
+                    break
+                except KafkaException as error:
+                    if error.args[0].code() not in COORDINATOR_MOVING or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.2)
         finally:
             consumer.close()
         return {tp.partition: (tp.offset if tp.offset >= 0 else None) for tp in found}
@@ -292,8 +365,17 @@ class BackgroundProducer(threading.Thread):
         return self.counts
 
 
+BROKERS = ("tansu", "kafka")
+
+
+def pytest_generate_tests(metafunc):
+    """A test marked both_brokers runs once on each broker; any other test on Tansu."""
+    if "cluster" in metafunc.fixturenames and metafunc.definition.get_closest_marker("both_brokers"):
+        metafunc.parametrize("cluster", BROKERS, indirect=True, scope="session")
+
+
 @pytest.fixture(scope="session")
-def cluster(pki, tmp_path_factory):
+def tansu(pki, tmp_path_factory):
     proxy_port = free_port()
     broker = Broker(advertised_port=proxy_port, log_path=str(tmp_path_factory.mktemp("broker") / "tansu.log"))
     broker.start()
@@ -301,6 +383,64 @@ def cluster(pki, tmp_path_factory):
     yield Cluster(broker, proxy, pki)
     proxy.stop()
     broker.stop()
+
+
+SASL_USERS = Users(plain={"kernel-plain": f"plain-{uuid.uuid4().hex}"},
+                   scram={"kernel-scram": f"scram-{uuid.uuid4().hex}"})
+OAUTH_CLIENTS = {"kernel-oauth": f"oauth-{uuid.uuid4().hex}"}
+
+
+BROKER_SETTINGS = {
+    # An authorizer, so that a test can deny something; without an ACL everyone may do everything, and
+    # the PLAINTEXT listener (ANONYMOUS: administration, between the brokers) may always.
+    "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+    "allow.everyone.if.no.acl.found": "true",
+    "super.users": "User:ANONYMOUS",
+    # A SASL session ends when its OAuth token expires (KIP-368), as on Confluent Cloud.
+    "connections.max.reauth.ms": "3600000",
+}
+
+
+@pytest.fixture(scope="session")
+def identity_provider():
+    """The OAuth token endpoint and JWKS of the OAUTHBEARER tests."""
+    provider = IdentityProvider(OAUTH_CLIENTS).start()
+    yield provider
+    provider.stop()
+
+
+@pytest.fixture(scope="session")
+def apache_kafka(pki, identity_provider, tmp_path_factory):
+    """One Apache Kafka node: PLAINTEXT, SSL requiring a client certificate, SASL_SSL and SASL_MTLS."""
+    directory = tmp_path_factory.mktemp("kafka")
+    try:
+        broker = KafkaCluster(directory, 1, TlsMaterial(*pki.broker_files()), SASL_USERS,
+                              jwks_url=f"{identity_provider.url}/jwks", issuer=identity_provider.url, extra=BROKER_SETTINGS).start()
+    except KafkaUnavailable as error:
+        unavailable(f"Apache Kafka cannot run here: {error}")
+    yield Cluster(broker, None, pki)
+    broker.stop()
+
+
+@pytest.fixture(scope="session")
+def apache_kafka_three_nodes(pki, tmp_path_factory):
+    """Three Apache Kafka nodes, each a broker and a controller: replication factor 3, min.insync.replicas=2."""
+    directory = tmp_path_factory.mktemp("kafka-3")
+    started = time.monotonic()
+    try:
+        broker = KafkaCluster(directory, 3, TlsMaterial(*pki.broker_files()), extra=BROKER_SETTINGS).start()
+    except KafkaUnavailable as error:
+        unavailable(f"Apache Kafka cannot run here: {error}")
+    print(f"\nthree Apache Kafka nodes ready in {time.monotonic() - started:.1f} s")
+    yield Cluster(broker, None, pki)
+    broker.stop()
+
+
+@pytest.fixture(scope="session")
+def cluster(request):
+    """The broker of the test: Tansu, or with both_brokers each in turn (or "kafka-3", three nodes)."""
+    fixture = {"tansu": "tansu", "kafka": "apache_kafka", "kafka-3": "apache_kafka_three_nodes"}
+    return request.getfixturevalue(fixture[getattr(request, "param", "tansu")])
 
 
 class KernelProcess:
@@ -325,7 +465,8 @@ class KernelProcess:
         return self.log_path.read_text(errors="replace")
 
     def wait_for_log(self, pattern: str, timeout_s: float = 30) -> None:
-        wait_until(lambda: re.search(pattern, self.log()), timeout_s, f"log line {pattern!r}\n{self.log()[-3000:]}")
+        wait_until(lambda: re.search(pattern, self.log()), timeout_s,
+                   lambda: f"log line {pattern!r}\n{self.log()[-3000:]}")
 
     def hello_processed(self) -> list[tuple[int, int]]:
         """(partition, offset) of every message the unmodified hello-world handler logged."""

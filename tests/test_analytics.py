@@ -23,6 +23,8 @@ from examples import analytics
 from tests.conftest import wait_committed, wait_until
 from tests.kit import call_batch, make_message
 
+pytestmark = pytest.mark.both_brokers
+
 MALFORMED = [  # (label, value, what the dead-letter reason says)
     ("not JSON", b'{"type": "click", ', "not JSON (Expecting"),
     ("no type", b'{"user": "u-1", "ts": 1}', 'field "type" must be a non-empty string'),
@@ -125,7 +127,7 @@ def test_sigkills_while_events_arrive_leave_each_event_stored_once_and_the_rollu
     topic, group, total = cluster.create_topic(partitions=3), "analytics-crash", 6000
     producer = cluster.produce_in_background(topic, [(n % 3, None, event(n)) for n in range(total)], 20)
     env = kernels.env(topic, group, KERNEL_CONCURRENCY=3, KERNEL_BATCH_MAX_MESSAGES=200, LOG_LEVEL="DEBUG",
-                      KAFKA_SESSION_TIMEOUT_MS=3000, **warehouse.env())
+                      KAFKA_SESSION_TIMEOUT_MS=cluster.shortest_session_timeout_ms, **warehouse.env())
     rng, runs = random.Random(6000), []
     for _ in range(3):
         runs.append(kernels.start(env, module="examples.analytics"))

@@ -16,6 +16,8 @@ from main import DeadLetter
 from tests.conftest import http_get, processed, wait_committed, wait_until
 from tests.kit import call_batch, make_message
 
+pytestmark = pytest.mark.both_brokers
+
 
 def calls(attempts) -> list[list]:
     """The attempts grouped by process_batch call, in the order the calls started."""

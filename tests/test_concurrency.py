@@ -6,7 +6,11 @@ import signal
 import time
 from collections import defaultdict
 
+import pytest
+
 from tests.conftest import processed, wait_until
+
+pytestmark = pytest.mark.both_brokers
 
 
 def most_at_once(attempts) -> int:

@@ -118,6 +118,7 @@ def test_transform_forwards_valid_events_and_dead_letters_the_rest(cluster, kern
     assert "INFO [transform-kernel] Partitions assigned" in kernel.log(), "the name the example hands run_kernel()"
 
 
+@pytest.mark.both_brokers
 def test_transform_never_loses_an_output_when_killed(cluster, kernels):
     """SIGKILL mid-stream, twice: every input committed has its output in the topic (some twice)."""
     source, output = cluster.create_topic(partitions=3), cluster.create_topic(partitions=3)
@@ -195,6 +196,7 @@ def test_memory_retries_while_postgresql_is_unreachable(monkeypatch, caplog):
     assert outcome.result is False and "PostgreSQL unavailable" in caplog.text
 
 
+@pytest.mark.both_brokers
 def test_memory_stores_every_message_exactly_once_across_crashes(cluster, kernels, database):
     """SIGKILL twice mid-stream at concurrency 4: some messages are delivered again, none stored twice."""
     topic, dlt = cluster.create_topic(partitions=3), cluster.create_topic(partitions=1)

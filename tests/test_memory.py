@@ -6,7 +6,11 @@ import threading
 import uuid
 from collections import Counter
 
+import pytest
+
 from tests.conftest import processed, wait_committed
+
+pytestmark = pytest.mark.both_brokers
 
 BUDGET = 16 * 1024 * 1024
 MESSAGE = 300_000

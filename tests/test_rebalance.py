@@ -3,7 +3,11 @@
 import signal
 from collections import Counter
 
+import pytest
+
 from tests.conftest import wait_committed, wait_until
+
+pytestmark = pytest.mark.both_brokers
 
 MAX_POLL_RECORDS = 50
 

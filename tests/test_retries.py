@@ -8,6 +8,8 @@ import pytest
 
 from tests.conftest import wait_until
 
+pytestmark = pytest.mark.both_brokers
+
 
 def test_false_is_retried_in_order_while_other_partitions_go_on(cluster, kernels):
     topic = cluster.create_topic(partitions=3)

@@ -3,6 +3,10 @@
 import signal
 import time
 
+import pytest
+
+pytestmark = pytest.mark.both_brokers
+
 
 def test_sigterm_finishes_the_message_in_hand_and_commits_it(cluster, kernels):
     topic = cluster.create_topic(partitions=1)
