@@ -79,6 +79,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import enum
+import functools
 import http.server
 import itertools
 import json
@@ -89,16 +90,23 @@ import random
 import re
 import shutil
 import signal
+import socket
 import ssl
 import sys
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections import deque
 from typing import TYPE_CHECKING
 
 import dotenv
+import kafka.conn
+import kafka.errors
 import kafka.future
+import kafka.sasl.oauth
 import prometheus_client
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
 from kafka.errors import CommitFailedError, KafkaError, NoBrokersAvailable
@@ -226,6 +234,7 @@ EXIT_FATAL = 1  # process_message raised, or returned something other than True 
 EXIT_CONFIG = 2  # a setting is missing or invalid
 EXIT_BROKER = 3  # the broker was unreachable at start-up, or gave an unrecoverable error
 EXIT_NO_DEAD_LETTER_TOPIC = 4  # a message was to be dead-lettered but KERNEL_DEAD_LETTER_TOPIC is not set
+EXIT_REFUSED = 5  # the broker (or the OAuth token endpoint) refused the credentials, or denied access
 EXIT_FORCED = 128  # + signal number: a second SIGTERM/SIGINT during shutdown
 EXIT_CHECK_FAILED = 1  # `python main.py check` found something wrong
 
@@ -250,12 +259,28 @@ class NoDeadLetterTopic(Exception):
 
 
 class BrokerUnavailable(Exception):
-    """The bootstrap servers could not be reached within KAFKA_BOOTSTRAP_TIMEOUT_MS, or failed TLS."""
+    """The bootstrap servers could not be reached within KAFKA_BOOTSTRAP_TIMEOUT_MS (kind "network"),
+    or TLS with them failed (kind "TLS")."""
+
+    def __init__(self, message: str, kind: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+class AccessRefused(BrokerUnavailable):
+    """The broker refused the kernel's credentials (kind "authentication") or denied it access to its
+    topics or group ("authorization"), or the OAuth token endpoint refused the client: a person must
+    fix the settings or the ACLs."""
 
 
 # Settings
 
 CERT_VARIABLES = ("KAFKA_CA_CERT", "KAFKA_CLIENT_CERT", "KAFKA_CLIENT_KEY")
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER")
+OAUTH_VARIABLES = ("KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL", "KAFKA_SASL_OAUTHBEARER_CLIENT_ID",
+                   "KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET")  # required with OAUTHBEARER; then two optional ones
+OAUTH_OPTIONAL_VARIABLES = ("KAFKA_SASL_OAUTHBEARER_SCOPE", "KAFKA_SASL_OAUTHBEARER_EXTENSIONS")
 
 
 def retry_delay_ms(attempts: int, initial_ms: int, maximum_ms: int) -> int:
@@ -294,6 +319,27 @@ class BatchPolicy:
 
 
 @dataclasses.dataclass(frozen=True)
+class OAuthClient:
+    """OAUTHBEARER's client credentials (OAuth 2, RFC 6749 section 4.4): KAFKA_SASL_OAUTHBEARER_*."""
+
+    token_endpoint_url: str
+    client_id: str
+    client_secret: str = dataclasses.field(repr=False)
+    scope: str | None = None
+    extensions: tuple[tuple[str, str], ...] = ()  # SASL extensions (Confluent Cloud: logicalCluster, identityPoolId)
+
+
+@dataclasses.dataclass(frozen=True)
+class SaslSettings:
+    """KAFKA_SASL_MECHANISM and its credentials: a user and password, or an OAuth client."""
+
+    mechanism: str
+    username: str | None = None
+    password: str | None = dataclasses.field(default=None, repr=False)
+    oauth: OAuthClient | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class KernelSettings:
     """Everything the kernel reads from the environment; load_settings holds the defaults."""
 
@@ -302,9 +348,11 @@ class KernelSettings:
     topics: list[str]
     group_id: str
     client_id: str
+    security_protocol: str  # one of SECURITY_PROTOCOLS
+    sasl: SaslSettings | None  # with SASL_PLAINTEXT and SASL_SSL
     ca_cert: str | None  # base64 (or PEM) text as given; decoded by write_tls_material
-    client_cert: str | None
-    client_key: str | None
+    client_cert: str | None = dataclasses.field(repr=False)
+    client_key: str | None = dataclasses.field(repr=False)
     ssl_check_hostname: bool
     group_instance_id: str | None
     auto_offset_reset: str
@@ -342,7 +390,12 @@ class KernelSettings:
 
     @property
     def uses_tls(self) -> bool:
-        return self.ca_cert is not None
+        return self.security_protocol in ("SSL", "SASL_SSL")
+
+    @property
+    def security(self) -> str:
+        """The protocol as log lines and `check` name it: SSL, or SASL_SSL/SCRAM-SHA-512, say."""
+        return self.security_protocol + (f"/{self.sasl.mechanism}" if self.sasl else "")
 
     def check_batch_limit(self) -> None:
         """With process_batch: a batch larger than a partition ever buffers would never be full."""
@@ -353,13 +406,88 @@ class KernelSettings:
 
 
 def certificate_values(env: Mapping[str, str]) -> dict[str, str | None]:
-    """The three certificate variables: all set (mutual TLS) or none (PLAINTEXT)."""
+    """The three certificate variables. The CA alone is TLS that checks the broker; a client
+    certificate needs its key and the key its certificate (mutual TLS)."""
     certs = {name: env.get(name, "").strip() or None for name in CERT_VARIABLES}
-    missing = [name for name, value in certs.items() if value is None]
-    if 0 < len(missing) < len(CERT_VARIABLES):
-        raise ConfigError(f"{', '.join(missing)} not set: mutual TLS needs all of {', '.join(CERT_VARIABLES)} "
-                          "(or none of them for PLAINTEXT)")
+    cert, key = certs["KAFKA_CLIENT_CERT"], certs["KAFKA_CLIENT_KEY"]
+    if (cert is None) != (key is None):
+        present, missing = ("KAFKA_CLIENT_CERT", "KAFKA_CLIENT_KEY") if key is None else ("KAFKA_CLIENT_KEY",
+                                                                                           "KAFKA_CLIENT_CERT")
+        raise ConfigError(f"{missing} not set: a client certificate for mutual TLS needs both KAFKA_CLIENT_CERT and "
+                          f"KAFKA_CLIENT_KEY ({present} is set)")
     return certs
+
+
+def oauth_client(env: Mapping[str, str]) -> OAuthClient:
+    """KAFKA_SASL_OAUTHBEARER_*: the token endpoint and the client's id and secret are required."""
+    values = {name: env.get(name, "").strip() for name in OAUTH_VARIABLES}
+    missing = [name for name, value in values.items() if not value]
+    if missing:
+        raise ConfigError(f"{', '.join(missing)} not set: KAFKA_SASL_MECHANISM=OAUTHBEARER gets its tokens from "
+                          "an OAuth token endpoint with a client id and secret")
+    url = values["KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL"]
+    if not re.fullmatch(r"https?://[^/\s]+(/\S*)?", url):
+        raise ConfigError(f"KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL must be an https:// (or http://) URL, "
+                          f"got {url!r:.80}")
+    extensions = []
+    for item in env.get("KAFKA_SASL_OAUTHBEARER_EXTENSIONS", "").split(","):
+        if item.strip():
+            name, equals, value = item.strip().partition("=")
+            if not equals or not re.fullmatch(r"[A-Za-z]+", name.strip()) or name.strip() == "auth":
+                raise ConfigError(f"KAFKA_SASL_OAUTHBEARER_EXTENSIONS must be name=value pairs separated by commas "
+                                  f"(names of letters only, not auth), got {item.strip()!r:.80}")
+            extensions.append((name.strip(), value.strip()))
+    return OAuthClient(url, values["KAFKA_SASL_OAUTHBEARER_CLIENT_ID"], values["KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET"],
+                       env.get("KAFKA_SASL_OAUTHBEARER_SCOPE", "").strip() or None, tuple(extensions))
+
+
+def sasl_settings(env: Mapping[str, str]) -> SaslSettings | None:
+    """KAFKA_SASL_MECHANISM with its credentials; None without it. A credential of another mechanism,
+    or one without the mechanism, is an error: it would be silently ignored."""
+    mechanism = env.get("KAFKA_SASL_MECHANISM", "").strip().upper()
+    user_variables = [name for name in ("KAFKA_SASL_USERNAME", "KAFKA_SASL_PASSWORD") if env.get(name, "").strip()]
+    oauth_variables = [name for name in OAUTH_VARIABLES + OAUTH_OPTIONAL_VARIABLES if env.get(name, "").strip()]
+    if not mechanism:
+        if user_variables or oauth_variables:
+            raise ConfigError(f"{(user_variables + oauth_variables)[0]} is set but KAFKA_SASL_MECHANISM is not: "
+                              f"set it to one of {', '.join(SASL_MECHANISMS)}")
+        return None
+    if mechanism not in SASL_MECHANISMS:
+        raise ConfigError(f"KAFKA_SASL_MECHANISM must be one of {', '.join(SASL_MECHANISMS)}, got "
+                          f"{env['KAFKA_SASL_MECHANISM'].strip()!r}")
+    if mechanism == "OAUTHBEARER":
+        if user_variables:
+            raise ConfigError(f"{user_variables[0]} is not used with KAFKA_SASL_MECHANISM=OAUTHBEARER: its credentials "
+                              "are KAFKA_SASL_OAUTHBEARER_CLIENT_ID and KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET")
+        return SaslSettings(mechanism, oauth=oauth_client(env))
+    if oauth_variables:
+        raise ConfigError(f"{oauth_variables[0]} is only used with KAFKA_SASL_MECHANISM=OAUTHBEARER, not {mechanism}")
+    username, password = env.get("KAFKA_SASL_USERNAME", "").strip(), env.get("KAFKA_SASL_PASSWORD", "")
+    missing = [name for name, value in (("KAFKA_SASL_USERNAME", username), ("KAFKA_SASL_PASSWORD", password.strip()))
+               if not value]
+    if missing:
+        raise ConfigError(f"{' and '.join(missing)} not set: KAFKA_SASL_MECHANISM={mechanism} needs a user name and "
+                          "a password (an API key and secret on Confluent Cloud)")
+    return SaslSettings(mechanism, username, password)
+
+
+def security_protocol(env: Mapping[str, str], certs: dict[str, str | None], sasl: SaslSettings | None) -> str:
+    """KAFKA_SECURITY_PROTOCOL, or when unset: SASL_SSL with a SASL mechanism, SSL with certificates,
+    else PLAINTEXT. One that leaves a setting unused is an error."""
+    given = env.get("KAFKA_SECURITY_PROTOCOL", "").strip()
+    protocol = parse_choice(env, "KAFKA_SECURITY_PROTOCOL", "SASL_SSL" if sasl else "SSL" if any(certs.values())
+                            else "PLAINTEXT", SECURITY_PROTOCOLS)
+    certificates = [name for name, value in certs.items() if value]
+    if protocol.startswith("SASL_") and sasl is None:
+        raise ConfigError(f"KAFKA_SECURITY_PROTOCOL={protocol} needs KAFKA_SASL_MECHANISM "
+                          f"({', '.join(SASL_MECHANISMS)}) and its credentials")
+    if sasl is not None and not protocol.startswith("SASL_"):
+        raise ConfigError(f"KAFKA_SASL_MECHANISM is set but KAFKA_SECURITY_PROTOCOL={given} does not use SASL: "
+                          "set it to SASL_SSL (or SASL_PLAINTEXT)")
+    if certificates and protocol not in ("SSL", "SASL_SSL"):
+        raise ConfigError(f"{', '.join(certificates)} set but KAFKA_SECURITY_PROTOCOL={given} does not use TLS: "
+                          "set it to SSL or SASL_SSL, or unset the certificates")
+    return protocol
 
 
 def parse_list(env: Mapping[str, str], name: str, default: str | None) -> list[str]:
@@ -367,6 +495,29 @@ def parse_list(env: Mapping[str, str], name: str, default: str | None) -> list[s
     if not items:
         raise ConfigError(f"{name} is required: a comma-separated list")
     return items
+
+
+def topic_name(name: str, topic: str) -> str:
+    """A topic name as Kafka allows it: up to 249 of a-z, A-Z, 0-9, '.', '_' and '-' (not '.' or '..')."""
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,249}", topic) or topic in (".", ".."):
+        raise ConfigError(f"{name} holds {topic!r:.80}, which is not a Kafka topic name (letters, digits, '.', "
+                          "'_' and '-', up to 249; no patterns)")
+    return topic
+
+
+def parse_topics(env: Mapping[str, str], name: str, default: str) -> list[str]:
+    return [topic_name(name, topic) for topic in parse_list(env, name, default)]
+
+
+def parse_bootstrap_servers(env: Mapping[str, str]) -> list[str]:
+    """KAFKA_BOOTSTRAP_SERVERS: host:port entries ([IPv6]:port too), each port a number up to 65535."""
+    servers = parse_list(env, "KAFKA_BOOTSTRAP_SERVERS", default=None)
+    for server in servers:
+        found = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):(\d{1,5})", server)
+        if not found or not 0 < int(found.group(2)) <= 65535:
+            raise ConfigError(f"KAFKA_BOOTSTRAP_SERVERS must be host:port entries separated by commas, "
+                              f"got {server!r:.80}")
+    return servers
 
 
 def parse_int(env: Mapping[str, str], name: str, default: int, minimum: int) -> int:
@@ -409,14 +560,16 @@ def http_port(env: Mapping[str, str]) -> int | None:
 
 def load_settings(env: Mapping[str, str], kernel_name: str, default_topic: str) -> KernelSettings:
     """Build the settings from environment variables; raise ConfigError naming the bad one."""
-    certs = certificate_values(env)
+    certs, sasl = certificate_values(env), sasl_settings(env)
     session_timeout_ms = parse_int(env, "KAFKA_SESSION_TIMEOUT_MS", 45_000, minimum=1_000)
     return KernelSettings(
         kernel_name=kernel_name,
-        bootstrap_servers=parse_list(env, "KAFKA_BOOTSTRAP_SERVERS", default=None),
-        topics=parse_list(env, "KAFKA_TOPIC", default=default_topic),
+        bootstrap_servers=parse_bootstrap_servers(env),
+        topics=parse_topics(env, "KAFKA_TOPIC", default_topic),
         group_id=env.get("KAFKA_CONSUMER_GROUP") or f"{kernel_name}-group",
         client_id=env.get("KAFKA_CLIENT_ID") or f"{kernel_name}-consumer-{os.getpid()}",
+        security_protocol=security_protocol(env, certs, sasl),
+        sasl=sasl,
         ca_cert=certs["KAFKA_CA_CERT"],
         client_cert=certs["KAFKA_CLIENT_CERT"],
         client_key=certs["KAFKA_CLIENT_KEY"],
@@ -441,7 +594,8 @@ def load_settings(env: Mapping[str, str], kernel_name: str, default_topic: str) 
                           parse_int(env, "KERNEL_MAX_ATTEMPTS", 0, minimum=0)),
         batch=BatchPolicy(parse_int(env, "KERNEL_BATCH_MAX_MESSAGES", 1_000, minimum=1),
                           parse_int(env, "KERNEL_BATCH_MAX_WAIT_MS", 100, minimum=0) / 1000),
-        dead_letter_topic=env.get("KERNEL_DEAD_LETTER_TOPIC", "").strip() or None,
+        dead_letter_topic=topic_name("KERNEL_DEAD_LETTER_TOPIC", dead_letters) if (
+            dead_letters := env.get("KERNEL_DEAD_LETTER_TOPIC", "").strip()) else None,
         concurrency=parse_int(env, "KERNEL_CONCURRENCY", 1, minimum=1),
         ordering=parse_choice(env, "KERNEL_ORDERING", "key", ("key", "partition")),
         shutdown_timeout_ms=parse_int(env, "KERNEL_SHUTDOWN_TIMEOUT_MS", 30_000, minimum=0),
@@ -568,10 +722,13 @@ class StopSignal:
 
 @dataclasses.dataclass(frozen=True)
 class TlsFiles:
+    """The decoded certificates: the CA (None: the system's trust store) and the client certificate
+    and key (None: no client certificate)."""
+
     directory: str
-    ca_file: str
-    cert_file: str
-    key_file: str
+    ca_file: str | None
+    cert_file: str | None
+    key_file: str | None
 
     def remove(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
@@ -604,9 +761,12 @@ def check_tls_material(files: TlsFiles) -> None:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     for name, path in (("KAFKA_CA_CERT", files.ca_file), ("KAFKA_CLIENT_CERT", files.cert_file)):
         try:
-            context.load_verify_locations(cafile=path)
+            if path is not None:
+                context.load_verify_locations(cafile=path)
         except ssl.SSLError:
             raise ConfigError(f"{name} is not a valid PEM certificate") from None
+    if files.cert_file is None:
+        return
 
     def refuse_encrypted_key():
         raise ConfigError("KAFKA_CLIENT_KEY is encrypted: provide the key without a passphrase")
@@ -620,20 +780,20 @@ def check_tls_material(files: TlsFiles) -> None:
 
 
 def write_tls_material(settings: KernelSettings) -> TlsFiles:
-    """Write the decoded certificates into a private directory (0700, files 0600) and check that
-    they fit together; the caller removes the directory (tls_files does)."""
-    material = {
-        "ca.pem": decode_pem("KAFKA_CA_CERT", settings.ca_cert, "CERTIFICATE"),
-        "client.pem": decode_pem("KAFKA_CLIENT_CERT", settings.client_cert, "CERTIFICATE"),
-        "client.key": decode_pem("KAFKA_CLIENT_KEY", settings.client_key, "PRIVATE KEY"),
-    }
-    directory = tempfile.mkdtemp(prefix=f"{settings.kernel_name}-tls-")  # created 0700
-    files = TlsFiles(directory, *(os.path.join(directory, name) for name in material))
+    """Write the decoded certificates that are set into a private directory (0700, files 0600) and
+    check that they fit together; the caller removes the directory (tls_files does)."""
+    given = (("KAFKA_CA_CERT", settings.ca_cert, "ca.pem", "CERTIFICATE"),
+             ("KAFKA_CLIENT_CERT", settings.client_cert, "client.pem", "CERTIFICATE"),
+             ("KAFKA_CLIENT_KEY", settings.client_key, "client.key", "PRIVATE KEY"))
+    material = {file: decode_pem(name, value, block) for name, value, file, block in given if value is not None}
+    directory = tempfile.mkdtemp(prefix="kernel-tls-")  # created 0700; a kernel's name may hold a "/"
+    files = TlsFiles(directory, *(os.path.join(directory, file) if file in material else None
+                                  for _, _, file, _ in given))
     try:
-        for path, pem in zip((files.ca_file, files.cert_file, files.key_file), material.values(), strict=True):
-            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(descriptor, "wb") as file:
-                file.write(pem)
+        for file, pem in material.items():
+            descriptor = os.open(os.path.join(directory, file), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(descriptor, "wb") as output:
+                output.write(pem)
         check_tls_material(files)
     except BaseException:
         files.remove()
@@ -644,8 +804,8 @@ def write_tls_material(settings: KernelSettings) -> TlsFiles:
 @contextlib.contextmanager
 def tls_files(settings: KernelSettings) -> Iterator[TlsFiles | None]:
     """The certificates, decoded into private files for the life of the block and removed however
-    it ends; None for PLAINTEXT."""
-    if not settings.uses_tls:
+    it ends; None without any (PLAINTEXT, or TLS with the system's trust store and no client certificate)."""
+    if not any((settings.ca_cert, settings.client_cert)):
         yield None
         return
     tls = write_tls_material(settings)
@@ -751,18 +911,88 @@ def serve_http(port: int, health: HealthState, metrics: KernelMetrics) -> http.s
 # Connecting
 
 
+TOKEN_REQUEST_TIMEOUT_S = 10.0  # how long a request to the OAuth token endpoint may take
+PROBE_TIMEOUT_S = 5.0  # how long connect_consumer's test connection to one bootstrap server may take
+
+
+class OAuthBearerTokens(kafka.sasl.oauth.AbstractTokenProvider):
+    """OAUTHBEARER tokens from the OAuth client credentials grant, fetched when a connection first
+    needs one and again once 80% of a token's lifetime has passed (Kafka's own default refresh
+    window), so that no connection presents an expired token. kafka-python 2.3 cannot re-authenticate
+    an open connection (KIP-368): a broker that enforces token expiry (connections.max.reauth.ms)
+    closes it, and the client connects again with a fresh token."""
+
+    def __init__(self, client: OAuthClient):
+        super().__init__()
+        self.client = client
+        self.lock = threading.Lock()  # the consumer's and the producer's connections share one token
+        self.current: str | None = None
+        self.refresh_at_s = self.expires_at_s = 0.0  # time.monotonic()
+
+    def token(self) -> str:
+        """A valid token; called by the client at each connection's authentication."""
+        with self.lock:
+            now = time.monotonic()
+            if self.current is None or now >= self.refresh_at_s:
+                try:
+                    self.fetch(now)
+                except (OSError, ValueError) as error:  # unreachable, or an answer that is not a token
+                    if self.current is None or now >= self.expires_at_s:
+                        raise BrokerUnavailable(f"the OAuth token endpoint (KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL) "
+                                                f"gave no token: {error}", "network") from None
+                    kernel_log.warning("Could not refresh the OAuth token (%s); the current one is valid for %.0f s "
+                                       "more", error, self.expires_at_s - now, extra=REPEATING)
+            return self.current
+
+    def extensions(self) -> dict[str, str]:
+        return dict(self.client.extensions)
+
+    def fetch(self, now: float) -> None:
+        client = self.client
+        form = {"grant_type": "client_credentials"} | ({"scope": client.scope} if client.scope else {})
+        basic = f"{urllib.parse.quote(client.client_id, safe='')}:{urllib.parse.quote(client.client_secret, safe='')}"
+        headers = {"Authorization": "Basic " + base64.b64encode(basic.encode()).decode(),
+                   "Content-Type": "application/x-www-form-urlencoded", "Accept": "application/json"}
+        request = urllib.request.Request(client.token_endpoint_url, urllib.parse.urlencode(form).encode(), headers)
+        try:
+            with urllib.request.urlopen(request, timeout=TOKEN_REQUEST_TIMEOUT_S) as response:
+                answer = json.load(response)
+        except urllib.error.HTTPError as error:
+            if error.code not in (400, 401, 403):
+                raise OSError(f"HTTP {error.code} {error.reason}") from None
+            with contextlib.suppress(Exception):  # the OAuth error code, as RFC 6749 section 5.2 names it
+                error.reason = f"{error.reason}, {json.load(error)['error']}"
+            raise AccessRefused(f"the OAuth token endpoint refused the client (HTTP {error.code} {error.reason}): "
+                                "check KAFKA_SASL_OAUTHBEARER_CLIENT_ID, KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET and "
+                                "KAFKA_SASL_OAUTHBEARER_SCOPE", "authentication") from None
+        except urllib.error.URLError as error:
+            raise OSError(str(error.reason)) from None
+        if not isinstance(answer, dict) or not isinstance(answer.get("access_token"), str):
+            raise ValueError("its answer holds no access_token")
+        lifetime_s = answer.get("expires_in")
+        lifetime_s = float(lifetime_s) if isinstance(lifetime_s, int | float) and lifetime_s > 0 else 300.0
+        self.current, self.refresh_at_s, self.expires_at_s = (answer["access_token"], now + 0.8 * lifetime_s,
+                                                              now + lifetime_s)
+
+
+@functools.cache
+def oauth_tokens(client: OAuthClient) -> OAuthBearerTokens:
+    """One token cache per OAuth client, shared by the consumer's and the producer's connections."""
+    return OAuthBearerTokens(client)
+
+
 def security_config(settings: KernelSettings, tls: TlsFiles | None) -> dict:
     """Connection settings shared by the consumer and the producer."""
-    if tls is None:
-        return dict(bootstrap_servers=settings.bootstrap_servers, security_protocol="PLAINTEXT")
-    return dict(
-        bootstrap_servers=settings.bootstrap_servers,
-        security_protocol="SSL",
-        ssl_cafile=tls.ca_file,
-        ssl_certfile=tls.cert_file,
-        ssl_keyfile=tls.key_file,
-        ssl_check_hostname=settings.ssl_check_hostname,
-    )
+    config = dict(bootstrap_servers=settings.bootstrap_servers, security_protocol=settings.security_protocol)
+    if settings.uses_tls:  # without KAFKA_CA_CERT the client trusts the system's CAs, as hosted Kafka needs
+        config.update(ssl_cafile=tls and tls.ca_file, ssl_certfile=tls and tls.cert_file,
+                      ssl_keyfile=tls and tls.key_file, ssl_check_hostname=settings.ssl_check_hostname)
+    sasl = settings.sasl
+    if sasl is not None:
+        config.update(sasl_mechanism=sasl.mechanism, sasl_plain_username=sasl.username,
+                      sasl_plain_password=sasl.password,
+                      sasl_oauth_token_provider=oauth_tokens(sasl.oauth) if sasl.oauth else None)
+    return config
 
 
 def consumer_config(settings: KernelSettings, tls: TlsFiles | None) -> dict:
@@ -817,30 +1047,97 @@ def producer_config(settings: KernelSettings, tls: TlsFiles | None, api_version:
     )
 
 
+@contextlib.contextmanager
+def client_logs_muted() -> Iterator[None]:
+    """Mutes kafka-python's own log lines during a request whose outcome the kernel reports itself:
+    they would say it again, some with a traceback."""
+    loggers = [logging.getLogger(f"kafka.{name}") for name in ("client", "cluster", "conn", "future")]
+    for logger in loggers:
+        logger.disabled = True
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.disabled = False
+
+
+class ProbeConnection(kafka.conn.BrokerConnection):
+    """One connection made as the client makes them, keeping why it was closed: kafka-python only
+    logs that, and tries again for ever, so a refused password would look like a slow broker."""
+
+    closed_by: BaseException | None = None  # the error of the first close of the last attempt
+
+    def close(self, error=None):
+        if error is not None and self.state is not kafka.conn.ConnectionStates.DISCONNECTED:
+            self.closed_by = error
+        super().close(error)
+
+
+def probe_connection(config: dict, server: str, timeout_s: float) -> str | None:
+    """Connect to one bootstrap server as the client will (TCP, TLS, API versions, SASL) and hang
+    up; None if it worked, else why not. Refused credentials raise AccessRefused, TLS failures
+    ssl.SSLError: neither mends by trying again."""
+    host, port = server.rsplit(":", 1)
+    host = host.strip("[]")
+    try:
+        socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError):
+        return f"{host} does not resolve (DNS)"
+    config = dict(config, request_timeout_ms=int(timeout_s * 1000), api_version_auto_timeout_ms=int(timeout_s * 1000))
+    connection = ProbeConnection(host, int(port), socket.AF_UNSPEC, **config)
+    try:
+        with client_logs_muted():
+            if connection.connect_blocking(timeout_s):
+                return None
+    finally:
+        connection.close()
+    error = connection.closed_by
+    if isinstance(error, AccessRefused | BrokerUnavailable):  # from the OAuth token endpoint
+        raise error
+    mechanism = config.get("sasl_mechanism")
+    if isinstance(error, kafka.errors.SaslAuthenticationFailedError):
+        credentials = ("KAFKA_SASL_OAUTHBEARER_CLIENT_ID and the token's audience and issuer"
+                       if mechanism == "OAUTHBEARER" else "KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD")
+        raise AccessRefused(f"{server} refused the SASL {mechanism} credentials: check {credentials} (and "
+                            "KAFKA_SASL_MECHANISM: the broker may know the user under another one)", "authentication")
+    if isinstance(error, kafka.errors.UnsupportedSaslMechanismError):
+        raise AccessRefused(f"{server} does not offer the SASL mechanism {mechanism}: {error}; check "
+                            "KAFKA_SASL_MECHANISM", "authentication")
+    return f"{server}: {error or 'no answer'}"
+
+
 def connect_consumer(settings: KernelSettings, tls: TlsFiles | None, stop: StopSignal) -> KafkaConsumer | None:
-    """Create the consumer, retrying until the bootstrap timeout; None if a stop was requested."""
-    servers = ",".join(settings.bootstrap_servers)
+    """Create the consumer once a bootstrap server accepts a connection made as the consumer's are,
+    retrying until KAFKA_BOOTSTRAP_TIMEOUT_MS; None if a stop was requested. Refused credentials and
+    failed TLS end it at once: they do not mend by waiting."""
+    config, servers = consumer_config(settings, tls), ",".join(settings.bootstrap_servers)
     deadline = time.monotonic() + settings.bootstrap_timeout_ms / 1000
+    failures: list[str] = []
     while not stop.requested:
         try:
-            return KafkaConsumer(**consumer_config(settings, tls))
+            for server in settings.bootstrap_servers:
+                failure = probe_connection(config, server, timeout_s=PROBE_TIMEOUT_S)
+                if failure is None:
+                    return KafkaConsumer(**config)
+                failures.append(failure)
         except NoBrokersAvailable:
-            if time.monotonic() >= deadline:
-                raise BrokerUnavailable(
-                    f"no broker of KAFKA_BOOTSTRAP_SERVERS={servers} answered within {settings.bootstrap_timeout_ms} "
-                    f"ms (KAFKA_BOOTSTRAP_TIMEOUT_MS) over {'SSL' if tls else 'PLAINTEXT'}: check the address and "
-                    "port, the network, and that the certificates match the cluster"
-                ) from None
-            time.sleep(0.5)
+            failures.append("the consumer found no broker")
         except ssl.SSLCertVerificationError as error:
             raise BrokerUnavailable(
                 f"TLS with {servers} failed verification of the broker's certificate ({error.verify_message}): "
-                "check KAFKA_CA_CERT (the CA that signed the brokers' certificates) and the host names in "
-                "KAFKA_BOOTSTRAP_SERVERS (or set KAFKA_SSL_CHECK_HOSTNAME=false)"
+                "check KAFKA_CA_CERT (the CA that signed the brokers' certificates; unset, the system's CAs are "
+                "trusted) and the host names in KAFKA_BOOTSTRAP_SERVERS (or set KAFKA_SSL_CHECK_HOSTNAME=false)", "TLS"
             ) from None
         except ssl.SSLError as error:
-            raise BrokerUnavailable(f"TLS with {servers} failed ({error.reason}): check KAFKA_CA_CERT and "
-                                    "the client certificate") from None
+            raise BrokerUnavailable(f"TLS with {servers} failed ({error.reason}): check KAFKA_CA_CERT, the client "
+                                    "certificate (KAFKA_CLIENT_CERT, KAFKA_CLIENT_KEY), and that the port is a TLS "
+                                    "listener", "TLS") from None
+        if time.monotonic() >= deadline:
+            raise BrokerUnavailable(
+                f"no broker of KAFKA_BOOTSTRAP_SERVERS={servers} answered within {settings.bootstrap_timeout_ms} ms "
+                f"(KAFKA_BOOTSTRAP_TIMEOUT_MS) over {settings.security} (last: {failures[-1]}): check the address and "
+                "port, the network, and KAFKA_SECURITY_PROTOCOL", "network")
+        time.sleep(0.5)
     return None
 
 
@@ -1632,6 +1929,18 @@ class ConsumerLoop:
         except NoDeadLetterTopic as undeliverable:
             kernel_log.error("%s; no KERNEL_DEAD_LETTER_TOPIC is set, so it stays uncommitted. Stopping", undeliverable)
             return EXIT_NO_DEAD_LETTER_TOPIC
+        except kafka.errors.InvalidSessionTimeoutError:
+            kernel_log.error("Configuration error: the broker refused KAFKA_SESSION_TIMEOUT_MS (%d): it must lie "
+                             "within the broker's group.min.session.timeout.ms and group.max.session.timeout.ms (6000 "
+                             "and 1800000 by default)", self.settings.session_timeout_ms)
+            return EXIT_CONFIG
+        except (kafka.errors.GroupAuthorizationFailedError, kafka.errors.TopicAuthorizationFailedError) as denied:
+            kernel_log.error("Access refused (authorization): the broker denied %s (%s): grant this kernel's principal "
+                             "READ on them (and DESCRIBE on the group)",
+                             f"the group {self.settings.group_id}" if isinstance(
+                                 denied, kafka.errors.GroupAuthorizationFailedError) else
+                             f"the topics {', '.join(self.settings.topics)}", type(denied).__name__)
+            return EXIT_REFUSED
         except KafkaError:
             kernel_log.exception("Unrecoverable Kafka error; stopping")
             return EXIT_BROKER
@@ -1645,10 +1954,22 @@ class ConsumerLoop:
             self.health.last_poll_s = time.monotonic()  # waiting is not being stuck
             if not missing:
                 return True
+            if denied := self.denied_topics(missing):
+                raise kafka.errors.TopicAuthorizationFailedError(denied)
             kernel_log.warning("Topic %s does not exist (or this client may not see it): waiting for it to be created "
                                "(KAFKA_TOPIC)", ", ".join(missing), extra=REPEATING)
             time.sleep(TOPIC_CHECK_INTERVAL_S)
         return False
+
+    def denied_topics(self, topics: list[str]) -> set[str]:
+        """Which of `topics` the broker refuses to show this client. Asked by name: a listing of all
+        topics leaves them out silently. (kafka-python 2.3 has no public call for it.)"""
+        client = self.consumer._client
+        with client_logs_muted():
+            for topic in topics:
+                client.add_topic(topic)
+            client.poll(future=client.cluster.request_update(), timeout_ms=self.settings.commit_timeout_ms)
+        return set(topics) & client.cluster.unauthorized_topics
 
     def run_once(self) -> None:
         self.settle_handed_back(timeout_s=0)
@@ -1822,6 +2143,9 @@ class ConsumerLoop:
 # Checking a deployment
 
 
+CHECK_FETCH_TIMEOUT_S = 10.0  # how long `check` waits for the fetches that tell each partition's end
+
+
 class CheckReport:
     """`python main.py check` prints one line per check: ok, warning or error, and what to fix."""
 
@@ -1900,6 +2224,17 @@ def check_chain(tls: TlsFiles) -> tuple[str, str]:
     return "error", "KAFKA_CLIENT_CERT could not be verified against KAFKA_CA_CERT"
 
 
+def high_watermarks(consumer: KafkaConsumer, partitions: list[TopicPartition]) -> dict[TopicPartition, int | None]:
+    """Each partition's end as fetch responses report it (the high watermark), not as a ListOffsets
+    request does: some brokers answer that one wrongly (Tansu, after a batched produce)."""
+    consumer.assign(partitions)
+    consumer.seek_to_beginning(*partitions)
+    deadline = time.monotonic() + CHECK_FETCH_TIMEOUT_S
+    while time.monotonic() < deadline and any(consumer.highwater(tp) is None for tp in partitions):
+        consumer.poll(timeout_ms=100, max_records=1)
+    return {tp: consumer.highwater(tp) for tp in partitions}
+
+
 def describe_topic(consumer: KafkaConsumer, topic: str, report: CheckReport) -> None:
     partitions = consumer.partitions_for_topic(topic)
     if not partitions:
@@ -1907,16 +2242,19 @@ def describe_topic(consumer: KafkaConsumer, topic: str, report: CheckReport) -> 
         return
     report.say("ok", f"topic {topic}: {len(partitions)} partitions")
     tps = [TopicPartition(topic, p) for p in sorted(partitions)]
-    ends = consumer.end_offsets(tps)
+    ends = high_watermarks(consumer, tps)
     for tp in tps:
-        committed = consumer.committed(tp)
-        lag = ends[tp] - committed if committed is not None else None
+        committed, end = consumer.committed(tp), ends[tp]
+        lag = end - committed if committed is not None and end is not None else None
         if lag is not None and lag < 0:
-            report.say("error", f"  {topic}[{tp.partition}]: committed {committed} is past the end {ends[tp]}: "
+            report.say("error", f"  {topic}[{tp.partition}]: committed {committed} is past the end {end}: "
                                 "the topic was recreated or truncated; the group will restart where "
                                 "KAFKA_AUTO_OFFSET_RESET says")
+        elif end is None:
+            report.say("warning", f"  {topic}[{tp.partition}]: committed {committed}, end unknown (no fetch "
+                                  f"answered within {CHECK_FETCH_TIMEOUT_S:.0f} s)")
         else:
-            report.say("ok", f"  {topic}[{tp.partition}]: committed {committed}, end {ends[tp]}, lag {lag}")
+            report.say("ok", f"  {topic}[{tp.partition}]: committed {committed}, end {end}, lag {lag}")
 
 
 def check_broker(settings: KernelSettings, tls: TlsFiles | None, report: CheckReport) -> None:
@@ -1924,11 +2262,11 @@ def check_broker(settings: KernelSettings, tls: TlsFiles | None, report: CheckRe
     offset, the end offset and the lag."""
     try:
         consumer = connect_consumer(settings, tls, StopSignal())
-    except BrokerUnavailable as error:
-        report.say("error", str(error))
+    except BrokerUnavailable as error:  # AccessRefused too: "authentication: ...", "TLS: ...", "network: ..."
+        report.say("error", f"{error.kind}: {error}")
         return
     try:
-        report.say("ok", f"connected to {','.join(settings.bootstrap_servers)} over {'SSL' if tls else 'PLAINTEXT'}")
+        report.say("ok", f"connected to {','.join(settings.bootstrap_servers)} over {settings.security}")
         for topic in settings.topics:
             describe_topic(consumer, topic, report)
     finally:
@@ -1943,12 +2281,16 @@ def check_deployment(env: Mapping[str, str], kernel_name: str, default_topic: st
         settings = load_settings(env, kernel_name, default_topic)
         with tls_files(settings) as tls:
             report.say("ok", f"settings: topics={','.join(settings.topics)} group={settings.group_id} "
-                             f"security={'SSL' if tls else 'PLAINTEXT'}")
-            if tls is not None:
-                for name, path in (("KAFKA_CA_CERT", tls.ca_file), ("KAFKA_CLIENT_CERT", tls.cert_file)):
+                             f"security={settings.security}")
+            if settings.uses_tls and (tls is None or tls.ca_file is None):
+                report.say("ok", "KAFKA_CA_CERT not set: the broker's certificate is checked against the system's CAs")
+            for name, path in (("KAFKA_CA_CERT", tls and tls.ca_file), ("KAFKA_CLIENT_CERT", tls and tls.cert_file)):
+                if path is not None:
                     report.say(*describe_certificate(name, path))
+            if tls is not None and tls.cert_file is not None:
                 report.say("ok", "KAFKA_CLIENT_KEY matches KAFKA_CLIENT_CERT")
-                report.say(*check_chain(tls))
+                if tls.ca_file is not None:
+                    report.say(*check_chain(tls))
             check_broker(settings, tls, report)
     except ConfigError as error:
         report.say("error", str(error))
@@ -1966,8 +2308,7 @@ def consume_until_stopped(handler: KernelHandler, settings: KernelSettings, tls:
         serve_http(settings.http_port, health, metrics)
         kernel_log.info("Serving /healthz, /readyz and /metrics on port %d", settings.http_port)
     kernel_log.info("Starting: topics=%s group=%s client=%s bootstrap=%s security=%s", ",".join(settings.topics),
-                    settings.group_id, settings.client_id, ",".join(settings.bootstrap_servers),
-                    "SSL" if tls else "PLAINTEXT")
+                    settings.group_id, settings.client_id, ",".join(settings.bootstrap_servers), settings.security)
     consumer = connect_consumer(settings, tls, stop)
     if consumer is None:
         return EXIT_OK
@@ -2006,8 +2347,11 @@ def run_kernel(process_message: Callable | None = None, *, process_batch: Callab
     except ConfigError as error:
         kernel_log.error("Configuration error: %s", error)
         return EXIT_CONFIG
+    except AccessRefused as error:
+        kernel_log.error("Access refused (%s): %s", error.kind, error)
+        return EXIT_REFUSED
     except BrokerUnavailable as error:
-        kernel_log.error("Cannot reach the broker: %s", error)
+        kernel_log.error("Cannot reach the broker (%s): %s", error.kind, error)
         return EXIT_BROKER
 
 

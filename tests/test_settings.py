@@ -39,7 +39,17 @@ def test_values_are_read_and_normalised():
     ({}, "KAFKA_BOOTSTRAP_SERVERS is required"),
     ({"KAFKA_BOOTSTRAP_SERVERS": " , "}, "KAFKA_BOOTSTRAP_SERVERS is required"),
     ({"KAFKA_BOOTSTRAP_SERVERS": "a:1", "KAFKA_TOPIC": ","}, "KAFKA_TOPIC is required"),
-    ({"KAFKA_BOOTSTRAP_SERVERS": "a:1", "KAFKA_CA_CERT": "x"}, "KAFKA_CLIENT_CERT, KAFKA_CLIENT_KEY not set"),
+    ({"KAFKA_BOOTSTRAP_SERVERS": "a:1", "KAFKA_CLIENT_CERT": "x"}, "KAFKA_CLIENT_KEY not set"),
+    ({"KAFKA_BOOTSTRAP_SERVERS": "a:1, b"}, "KAFKA_BOOTSTRAP_SERVERS must be host:port entries separated by commas, got 'b'"),
+    ({"KAFKA_BOOTSTRAP_SERVERS": "a:70000"}, "KAFKA_BOOTSTRAP_SERVERS must be host:port"),
+    ({"KAFKA_BOOTSTRAP_SERVERS": "a:1", "KERNEL_DEAD_LETTER_TOPIC": "dead letters"}, "KERNEL_DEAD_LETTER_TOPIC holds"),
+    ({"KAFKA_BOOTSTRAP_SERVERS": "a:1", "KAFKA_SASL_MECHANISM": "OAUTHBEARER",
+      "KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL": "idp/token", "KAFKA_SASL_OAUTHBEARER_CLIENT_ID": "c",
+      "KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET": "s"}, "KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL must be an https://"),
+    ({"KAFKA_BOOTSTRAP_SERVERS": "a:1", "KAFKA_SASL_MECHANISM": "OAUTHBEARER",
+      "KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL": "https://idp/token", "KAFKA_SASL_OAUTHBEARER_CLIENT_ID": "c",
+      "KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET": "s", "KAFKA_SASL_OAUTHBEARER_EXTENSIONS": "logicalCluster"},
+     "KAFKA_SASL_OAUTHBEARER_EXTENSIONS must be name=value pairs"),
     ({"KAFKA_BOOTSTRAP_SERVERS": "a:1", "KAFKA_COMMIT_TIMEOUT_MS": "1.5"}, "KAFKA_COMMIT_TIMEOUT_MS must be a whole number"),
     ({"KAFKA_BOOTSTRAP_SERVERS": "a:1", "KERNEL_RETRY_INITIAL_MS": "5000", "KERNEL_RETRY_MAX_MS": "100"},
      "KERNEL_RETRY_INITIAL_MS (5000) must not exceed KERNEL_RETRY_MAX_MS (100)"),
@@ -47,6 +57,31 @@ def test_values_are_read_and_normalised():
 def test_invalid_settings_name_the_variable(env, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         settings_from(env)
+
+
+def test_the_security_protocol_follows_what_is_set_unless_given():
+    assert settings_from({"KAFKA_BOOTSTRAP_SERVERS": "a:1"}).security == "PLAINTEXT"
+    assert settings_from({"KAFKA_BOOTSTRAP_SERVERS": "a:1", "KAFKA_CA_CERT": "x"}).security == "SSL"
+    sasl = {"KAFKA_BOOTSTRAP_SERVERS": "a:1", "KAFKA_SASL_MECHANISM": "scram-sha-512", "KAFKA_SASL_USERNAME": "u",
+            "KAFKA_SASL_PASSWORD": "hunter2"}
+    settings = settings_from(sasl)
+    assert settings.security == "SASL_SSL/SCRAM-SHA-512" and settings.uses_tls
+    assert (settings.sasl.username, settings.sasl.password) == ("u", "hunter2")
+    assert "hunter2" not in repr(settings), "a password in the settings' repr would reach a log line or a traceback"
+    assert settings_from(sasl | {"KAFKA_SECURITY_PROTOCOL": "sasl_plaintext"}).security == "SASL_PLAINTEXT/SCRAM-SHA-512"
+
+
+def test_an_oauth_client_is_read_with_its_scope_and_extensions():
+    settings = settings_from({
+        "KAFKA_BOOTSTRAP_SERVERS": "a:1", "KAFKA_SASL_MECHANISM": "OAUTHBEARER",
+        "KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL": "https://idp.example.com/oauth2/token",
+        "KAFKA_SASL_OAUTHBEARER_CLIENT_ID": "kernel", "KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET": "s3cret",
+        "KAFKA_SASL_OAUTHBEARER_SCOPE": "kafka", "KAFKA_SASL_OAUTHBEARER_EXTENSIONS": "logicalCluster=lkc-1, identityPoolId=pool-2",
+    })
+    oauth = settings.sasl.oauth
+    assert (oauth.client_id, oauth.client_secret, oauth.scope) == ("kernel", "s3cret", "kafka")
+    assert oauth.extensions == (("logicalCluster", "lkc-1"), ("identityPoolId", "pool-2"))
+    assert "s3cret" not in repr(settings)
 
 
 def test_certificate_values_are_kept_for_decoding_later():

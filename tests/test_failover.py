@@ -1,0 +1,120 @@
+"""Broker failover on a three-node Apache Kafka cluster (KRaft, replication factor 3,
+min.insync.replicas=2): while the kernel consumes and forwards with send(), the leader of its
+partitions is killed, then its group's coordinator, then every node is restarted in turn. The kernel
+never restarts and loses nothing; each pause (kill -> the next output the brokers append) is printed."""
+
+import json
+import signal
+import threading
+import time
+import uuid
+
+import pytest
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
+
+from tests.conftest import wait_committed, wait_until
+
+pytestmark = pytest.mark.parametrize("cluster", ["kafka-3"], indirect=True)
+
+RATE = 200  # input messages a second, while the brokers fail
+
+
+class SteadyProducer(threading.Thread):
+    """Produces JSON events numbered from 0 at RATE a second until stopped, acks=all, through every
+    failover (librdkafka retries until its message timeout); counts what was delivered per partition."""
+
+    def __init__(self, cluster, topic: str, partitions: int):
+        super().__init__(daemon=True)
+        self.producer = Producer(cluster.client_config(**{"acks": "all", "linger.ms": 5}))
+        self.topic, self.partitions = topic, partitions
+        self.sent = 0
+        self.delivered: dict[int, int] = {p: 0 for p in range(partitions)}
+        self.failed: list[str] = []
+        self.stopping = threading.Event()
+        self.start()
+
+    def on_delivery(self, error, message) -> None:
+        if error is None:
+            self.delivered[message.partition()] += 1
+        else:
+            self.failed.append(str(error))
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            value = json.dumps({"id": f"e-{self.sent}", "type": "t", "n": self.sent}).encode()
+            self.producer.produce(self.topic, value, key=f"k{self.sent % 50}".encode(), on_delivery=self.on_delivery)
+            self.sent += 1
+            self.producer.poll(0)
+            time.sleep(1 / RATE)
+
+    def finish(self) -> dict[int, int]:
+        self.stopping.set()
+        self.join(timeout=10)
+        assert self.producer.flush(120) == 0 and not self.failed, f"inputs not delivered: {self.failed[:3]}"
+        return self.delivered
+
+
+def appended_after(cluster, topic: str, partitions: int, since_ms: int) -> int | None:
+    """The broker time (LogAppendTime) of the first record of `topic` appended after `since_ms`; None
+    while there is none, or while the brokers cannot tell."""
+    consumer = Consumer(cluster.client_config(**{"group.id": f"pause-{uuid.uuid4().hex[:6]}"}))
+    try:
+        found = consumer.offsets_for_times([TopicPartition(topic, p, since_ms + 1) for p in range(partitions)],
+                                           timeout=5)
+        consumer.assign([tp for tp in found if tp.offset >= 0])
+        times, deadline = [], time.monotonic() + 5
+        while len(times) < len(consumer.assignment()) and time.monotonic() < deadline:
+            record = consumer.poll(0.2)
+            if record is not None and record.error() is None:
+                times.append(record.timestamp()[1])
+                consumer.pause([TopicPartition(topic, record.partition())])
+        return min(times, default=None)
+    except KafkaException:
+        return None
+    finally:
+        consumer.close()
+
+
+def coordinator(cluster, group: str) -> int:
+    admin = AdminClient({"bootstrap.servers": cluster.broker.plaintext_bootstrap})
+    return admin.describe_consumer_groups([group])[group].result(timeout=20).coordinator.id
+
+
+def test_leader_and_coordinator_killed_and_every_broker_restarted_loses_nothing(cluster, kernels):
+    brokers = cluster.broker
+    source, output = f"failover-in-{uuid.uuid4().hex[:6]}", f"failover-out-{uuid.uuid4().hex[:6]}"
+    brokers.create_topic(source, 3, leader=1)
+    brokers.create_topic(output, 3, leader=1, config={"message.timestamp.type": "LogAppendTime"})
+    group = "failover"
+    producer = SteadyProducer(cluster, source, 3)
+    kernel = kernels.start(kernels.env(source, group, TRANSFORM_OUTPUT_TOPIC=output, KERNEL_CONCURRENCY=4),
+                           module="examples.transform")
+    kernel.wait_for_log("Partitions assigned", 60)
+    wait_until(lambda: cluster.read_topic(output, 3, settle_s=0.5), 30, "the first outputs")
+    pauses: list[tuple[str, float]] = []
+
+    def fail(what: str, node_id: int, graceful: bool = False) -> None:
+        """Stop a node (SIGKILL, or SIGTERM for a rolling restart), time the pause, start it again."""
+        node = brokers.node(node_id)
+        killed_ms = int(time.time() * 1000)
+        brokers.stop_node(node, signal.SIGTERM if graceful else signal.SIGKILL)
+        resumed_ms = wait_until(lambda: appended_after(cluster, output, 3, killed_ms), 90,
+                                lambda: f"outputs after {what}\n{kernel.log()[-3000:]}", interval_s=0.2)
+        pauses.append((f"{what} (node {node_id})", (resumed_ms - killed_ms) / 1000))
+        brokers.start_node(node)
+        brokers.wait_in_sync([source, output, "__consumer_offsets"], timeout_s=90)
+        assert kernel.process.poll() is None, f"the kernel exited after {what}\n{kernel.log()[-3000:]}"
+
+    fail("leader of every partition killed", brokers.leaders(source)[0])
+    fail("group coordinator killed", coordinator(cluster, group))
+    for node in brokers.nodes:
+        fail("rolling restart", node.node_id, graceful=True)
+
+    produced = producer.finish()
+    wait_committed(cluster, kernel, group, source, produced, 3, timeout_s=120)
+    assert kernel.process.poll() is None, "the kernel restarted"
+    assert kernel.stop() == 0
+    outputs = {json.loads(record.value())["n"] for record in cluster.read_topic(output, 3)}
+    assert outputs == set(range(producer.sent)), f"{producer.sent - len(outputs)} inputs without their output"
+    print("\nfailover pauses (kill -> next output appended): " + "; ".join(f"{what}: {s:.1f} s" for what, s in pauses))

@@ -1,0 +1,199 @@
+"""SASL against Apache Kafka (Tansu cannot authenticate a SASL user): each mechanism end to end over
+SASL_SSL, with the cluster's CA, with the system's trust store, and with a client certificate too;
+OAUTHBEARER tokens that expire while the kernel runs; refused credentials and denied access as one
+line and their own exit code; and no secret in anything the kernel prints."""
+
+import base64
+import json
+import re
+import subprocess
+import sys
+import uuid
+
+import pytest
+import trustme
+from confluent_kafka.admin import (
+    AclBinding,
+    AclOperation,
+    AclPermissionType,
+    AdminClient,
+    ResourcePatternType,
+    ResourceType,
+)
+
+import main
+from devtools.broker import free_port
+from tests.conftest import MAIN, OAUTH_CLIENTS, SASL_USERS, http_get, wait_committed
+
+pytestmark = pytest.mark.parametrize("cluster", ["kafka"], indirect=True)
+
+MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER")
+
+
+def sasl_env(cluster, identity_provider, mechanism: str, listener: str = "SASL_SSL", ca: bool = True) -> dict:
+    """What a user sets for `mechanism` over SASL_SSL (the protocol left to its default)."""
+    env = {"KAFKA_BOOTSTRAP_SERVERS": cluster.broker.bootstrap_of(listener), "KAFKA_SASL_MECHANISM": mechanism,
+           "KAFKA_CA_CERT": cluster.pki.env["KAFKA_CA_CERT"] if ca else ""}
+    if mechanism == "OAUTHBEARER":
+        [(client_id, secret)] = OAUTH_CLIENTS.items()
+        env.update(KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL=f"{identity_provider.url}/token",
+                   KAFKA_SASL_OAUTHBEARER_CLIENT_ID=client_id, KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET=secret,
+                   KAFKA_SASL_OAUTHBEARER_SCOPE="kafka")
+    else:
+        [(user, password)] = (SASL_USERS.plain if mechanism == "PLAIN" else SASL_USERS.scram).items()
+        env.update(KAFKA_SASL_USERNAME=user, KAFKA_SASL_PASSWORD=password)
+    return env
+
+
+def secrets() -> list[str]:
+    return [*SASL_USERS.plain.values(), *SASL_USERS.scram.values(), *OAUTH_CLIENTS.values()]
+
+
+def forward(cluster, kernels, env: dict, count: int = 20):
+    """Run the transform example with `env` on a new topic until `count` events are forwarded and one
+    malformed is dead-lettered; the kernel, still running."""
+    source, output, dlt = (cluster.create_topic(partitions=2) for _ in range(3))
+    group = f"sasl-{uuid.uuid4().hex[:6]}"
+    events = [(i % 2, f"k{i}".encode(), json.dumps({"id": f"e-{i}", "type": "t", "n": i}).encode()) for i in range(count)]
+    produced = cluster.produce(source, [*events, (0, b"bad", b"not json")])
+    kernel = kernels.start(kernels.env(source, group, tls=False, TRANSFORM_OUTPUT_TOPIC=output,
+                                       KERNEL_DEAD_LETTER_TOPIC=dlt, **env), module="examples.transform")
+    wait_committed(cluster, kernel, group, source, produced, 2)
+    assert sorted(json.loads(r.value())["n"] for r in cluster.read_topic(output, 2)) == list(range(count))
+    assert [r.key() for r in cluster.read_topic(dlt, 2)] == [b"bad"]
+    return kernel
+
+
+@pytest.mark.parametrize("mechanism", MECHANISMS)
+def test_each_mechanism_consumes_sends_and_dead_letters_over_sasl_ssl(cluster, kernels, identity_provider, mechanism):
+    kernel = forward(cluster, kernels, sasl_env(cluster, identity_provider, mechanism))
+    assert kernel.stop() == 0
+    assert f"security=SASL_SSL/{mechanism}" in kernel.log()
+
+
+def test_sasl_with_a_client_certificate_where_the_cluster_asks_for_both(cluster, kernels, identity_provider, pki):
+    env = sasl_env(cluster, identity_provider, "SCRAM-SHA-512", listener="SASL_MTLS")
+    without = kernels.start(kernels.env("unused", "both", tls=False, KAFKA_BOOTSTRAP_TIMEOUT_MS=3000, **env), script=MAIN)
+    assert without.wait() == 3 and "TLS" in without.log()
+    kernel = forward(cluster, kernels, env | {"KAFKA_CLIENT_CERT": pki.env["KAFKA_CLIENT_CERT"],
+                                              "KAFKA_CLIENT_KEY": pki.env["KAFKA_CLIENT_KEY"]})
+    assert kernel.stop() == 0
+
+
+def test_without_a_ca_the_systems_trust_store_is_used(cluster, kernels, identity_provider, pki):
+    """Hosted Kafka has certificates from public CAs: no KAFKA_CA_CERT, the system's CAs (here the test
+    CA, put where OpenSSL's SSL_CERT_FILE points, as a system store would hold a public one)."""
+    env = sasl_env(cluster, identity_provider, "SCRAM-SHA-256", ca=False)
+    untrusted = kernels.start(kernels.env("unused", "system-ca", tls=False, **env), script=MAIN)
+    assert untrusted.wait() == 3 and "failed verification of the broker's certificate" in untrusted.log()
+    kernel = forward(cluster, kernels, env | {"SSL_CERT_FILE": str(pki.ca_file)})
+    assert kernel.stop() == 0
+
+
+def test_the_kernel_keeps_consuming_across_oauth_token_lifetimes(cluster, kernels, identity_provider):
+    """Tokens live 8 s: the broker ends each session when its token expires (connections.max.reauth.ms),
+    the kernel connects again with a fresh one, and consuming and sending go on across three lifetimes."""
+    source, output = cluster.create_topic(partitions=2), cluster.create_topic(partitions=2)
+    identity_provider.lifetime_s = 8
+    try:
+        issued_before = len(identity_provider.issued)
+        messages = [(i % 2, None, json.dumps({"id": f"e-{i}", "type": "t", "n": i}).encode()) for i in range(240)]
+        background = cluster.produce_in_background(source, messages, seconds=24)
+        env = sasl_env(cluster, identity_provider, "OAUTHBEARER")
+        kernel = kernels.start(kernels.env(source, "oauth-expiry", tls=False, TRANSFORM_OUTPUT_TOPIC=output, **env),
+                               module="examples.transform")
+        produced = background.result()
+        wait_committed(cluster, kernel, "oauth-expiry", source, produced, 2)
+        tokens = len(identity_provider.issued) - issued_before
+        assert kernel.stop() == 0
+    finally:
+        identity_provider.lifetime_s = 3600
+    assert sorted(json.loads(r.value())["n"] for r in cluster.read_topic(output, 2)) == list(range(240))
+    assert tokens >= 3, f"{tokens} tokens fetched in 24 s of 8 s tokens"
+    assert "Traceback" not in kernel.log()
+
+
+REFUSALS = [  # (case, what differs from good settings, what the one line says)
+    ("wrong password", {"KAFKA_SASL_PASSWORD": "not-the-password"}, "refused the SASL SCRAM-SHA-512 credentials"),
+    ("unknown user", {"KAFKA_SASL_USERNAME": "nobody"}, "refused the SASL SCRAM-SHA-512 credentials"),
+    ("another mechanism's user", {"KAFKA_SASL_MECHANISM": "PLAIN"}, "refused the SASL PLAIN credentials"),
+    ("wrong client secret", {"KAFKA_SASL_MECHANISM": "OAUTHBEARER"}, "token endpoint refused the client (HTTP 401"),
+    ("token for another audience", {"KAFKA_SASL_MECHANISM": "OAUTHBEARER"}, "refused the SASL OAUTHBEARER credentials"),
+]
+
+
+@pytest.mark.parametrize("case, change, says", REFUSALS, ids=[case for case, _, _ in REFUSALS])
+def test_refused_credentials_are_one_line_exit_5_and_check_says_authentication(
+        cluster, kernels, identity_provider, case, change, says):
+    mechanism = change.get("KAFKA_SASL_MECHANISM", "SCRAM-SHA-512")
+    env = sasl_env(cluster, identity_provider, mechanism) | change
+    if mechanism == "PLAIN":
+        env |= {"KAFKA_SASL_USERNAME": next(iter(SASL_USERS.scram)), "KAFKA_SASL_PASSWORD": next(iter(SASL_USERS.scram.values()))}
+    if case == "wrong client secret":
+        env["KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET"] = "not-the-secret"
+    if case == "token for another audience":
+        identity_provider.audience = "another-cluster"
+    try:
+        kernel = kernels.start(kernels.env("unused", "refused", tls=False, **env), script=MAIN)
+        assert kernel.wait() == main.EXIT_REFUSED
+        checked = subprocess.run([sys.executable, str(MAIN), "check"], env=kernels.env("unused", "refused", tls=False, **env),
+                                 capture_output=True, text=True, timeout=60)
+    finally:
+        identity_provider.audience = "kafka"
+    errors = [line for line in kernel.log().splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "Access refused (authentication)" in errors[0] and says in errors[0], kernel.log()
+    assert "Traceback" not in kernel.log()
+    assert checked.returncode == 1 and re.search(rf"^error +authentication: .*{re.escape(says)}", checked.stdout, re.M)
+    for secret in (env.get("KAFKA_SASL_PASSWORD"), env.get("KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET")):
+        assert not secret or secret not in kernel.log() + checked.stdout + checked.stderr
+
+
+def test_check_tells_authentication_network_and_tls_failures_apart(cluster, kernels, identity_provider):
+    good = kernels.env("unused", "check-kinds", tls=False, KAFKA_BOOTSTRAP_TIMEOUT_MS=3000,
+                       **sasl_env(cluster, identity_provider, "SCRAM-SHA-256"))
+    cases = {
+        "authentication": good | {"KAFKA_SASL_PASSWORD": "wrong"},
+        "network": good | {"KAFKA_BOOTSTRAP_SERVERS": "no-such-host.invalid:9092"},
+        "TLS": good | {"KAFKA_CA_CERT": base64.b64encode(trustme.CA().cert_pem.bytes()).decode()},
+    }
+    for kind, env in cases.items():
+        checked = subprocess.run([sys.executable, str(MAIN), "check"], env=env, capture_output=True, text=True,
+                                 timeout=60)
+        assert checked.returncode == 1 and re.search(rf"^error +{kind}: ", checked.stdout, re.M), (kind, checked.stdout)
+    assert "no-such-host.invalid does not resolve" in subprocess.run(
+        [sys.executable, str(MAIN), "check"], env=cases["network"], capture_output=True, text=True, timeout=60).stdout
+    ok = subprocess.run([sys.executable, str(MAIN), "check"], env=good, capture_output=True, text=True, timeout=60)
+    assert "connected to" in ok.stdout and "over SASL_SSL/SCRAM-SHA-256" in ok.stdout
+
+
+def test_denied_topic_is_one_line_and_exit_5(cluster, kernels, identity_provider):
+    topic = cluster.create_topic(partitions=1)
+    cluster.produce(topic, [(0, None, b"x")])
+    [(user, _)] = SASL_USERS.scram.items()
+    acl = AclBinding(ResourceType.TOPIC, topic, ResourcePatternType.LITERAL, f"User:{user}", "*", AclOperation.READ,
+                     AclPermissionType.DENY)
+    admin = AdminClient({"bootstrap.servers": cluster.broker.plaintext_bootstrap})
+    admin.create_acls([acl])[acl].result(timeout=20)
+    kernel = kernels.start(kernels.env(topic, "denied", tls=False, **sasl_env(cluster, identity_provider, "SCRAM-SHA-512")),
+                           script=MAIN)
+    assert kernel.wait(timeout_s=60) == main.EXIT_REFUSED
+    errors = [line for line in kernel.log().splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "Access refused (authorization)" in errors[0] and topic in errors[0], kernel.log()
+    assert "Traceback" not in kernel.log()
+
+
+def test_no_secret_in_anything_the_kernel_prints_at_debug(cluster, kernels, identity_provider):
+    """Passwords, client secrets and tokens: not in any log line at DEBUG, /metrics, or check's output."""
+    for mechanism in ("SCRAM-SHA-512", "OAUTHBEARER", "PLAIN"):
+        port = free_port()
+        env = sasl_env(cluster, identity_provider, mechanism) | {"LOG_LEVEL": "DEBUG", "KERNEL_HTTP_PORT": str(port)}
+        kernel = forward(cluster, kernels, env, count=5)
+        metrics = http_get(port, "/metrics")[1]
+        assert kernel.stop() == 0
+        checked = subprocess.run([sys.executable, str(MAIN), "check"], env=kernel.env, capture_output=True, text=True,
+                                 timeout=60)
+        printed = kernel.log() + metrics + checked.stdout + checked.stderr
+        tokens = re.findall(r"eyJ[\w-]+\.[\w-]+\.[\w-]+", printed)  # a JWT's header starts {"
+        leaked = [secret for secret in secrets() if secret in printed]
+        assert not leaked and not tokens, f"{mechanism}: {leaked or tokens} printed"
+        assert "DEBUG" in kernel.log() and checked.returncode == 0, checked.stdout
