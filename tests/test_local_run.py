@@ -35,9 +35,11 @@ from tests.conftest import (
     wait_until,
 )
 
-# Added at the end of the author's part of the copy's main.py, after whatever process_message it has:
-# this one, defined last, is the one `python main.py` runs. One JSON line per call in $TEST_RECORD_PATH.
+# Added at the end of the author's part of the copy's main.py, after whatever handler it has: this
+# process_message, defined last, is the one `python main.py` runs (a process_batch of the author's is
+# dropped: a part defines one handler). One JSON line per call in $TEST_RECORD_PATH.
 RECORDING_HANDLER = '''
+globals().pop("process_batch", None)
 HANDLER_VERSION = "v1"
 _said_false = set()
 
