@@ -27,10 +27,26 @@ The machinery, in reading order:
   Bookkeeping                    lanes, retries and the offset to commit, per partition
   The consumer loop              failures, the watchdog, and the loop: poll, hand out, settle, commit
   Checking a deployment          python main.py check
-  Entry point                    run_kernel(): what python main.py and the examples call
+  Entry point                    run_kernel(): what python main.py (the lines just below) and the examples call
 """
 
 from __future__ import annotations
+
+if __name__ == "__main__":
+    # `python main.py`: read the .env beside this file before your part reads the environment (the
+    # real environment wins over it), then run this file as the module `main`, the one the examples,
+    # the tests and your own modules import; as __main__ it would be a second copy, with a DeadLetter
+    # and a send() of its own.
+    import os
+    import sys
+
+    import dotenv
+
+    dotenv.load_dotenv(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".env"), override=False)
+    import main
+
+    sys.exit(main.run_kernel(getattr(main, "process_message", None), process_batch=getattr(main, "process_batch", None),
+                             name=main.KERNEL_NAME, default_topic=main.DEFAULT_TOPIC))
 
 # isort: split
 # Your kernel: edit from here to "End of your kernel". Your imports go just below.
@@ -2378,11 +2394,3 @@ def check_your_part(names: dict | None) -> None:
 
 
 check_your_part(names_of_your_part)
-
-if __name__ == "__main__":
-    # Run this file as the module `main`, the one the examples, the tests and your own modules import:
-    # as __main__ it would be a second copy, with a DeadLetter and a send() of its own.
-    import main
-
-    sys.exit(main.run_kernel(getattr(main, "process_message", None), process_batch=getattr(main, "process_batch", None),
-                             name=main.KERNEL_NAME, default_topic=main.DEFAULT_TOPIC))

@@ -113,6 +113,18 @@ def test_dotenv_fills_in_but_the_real_environment_wins(kernels, tmp_path):
     assert code == 3 and "within 1000 ms" in output, output
 
 
+def test_dotenv_is_read_before_your_part_runs(kernels, tmp_path):
+    """Module-level code of the author's part (say DATABASE_URL = os.environ.get(...)) sees .env."""
+    text = MAIN.read_text().replace('KERNEL_NAME = "hello-world"',
+                                    'import os\n\nKERNEL_NAME = os.environ.get("TEST_KERNEL_NAME", "hello-world")', 1)
+    (tmp_path / "main.py").write_text(text)
+    (tmp_path / ".env").write_text("TEST_KERNEL_NAME=named-in-dotenv\nKAFKA_BOOTSTRAP_TIMEOUT_MS=1000\n")
+    env = kernels.env("topic", "group", tls=False, KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:1")
+    del env["KAFKA_BOOTSTRAP_TIMEOUT_MS"], env["KAFKA_CONSUMER_GROUP"]
+    code, output, _ = run_kernel(env, tmp_path, tmp_path / "main.py")
+    assert code == 3 and "group=named-in-dotenv-group" in output, output
+
+
 def test_a_dotenv_in_a_folder_above_is_not_read(kernels, tmp_path):
     """Only the .env beside main.py: one in a parent folder (or $HOME) must not set the cluster,
     the group or the certificates of a kernel below it."""
