@@ -37,11 +37,13 @@ if __name__ == "__main__":
     # real environment wins over it), then run this file as the module `main`, the one the examples,
     # the tests and your own modules import; as __main__ it would be a second copy, with a DeadLetter
     # and a send() of its own.
+    import logging
     import os
     import sys
 
     import dotenv
 
+    logging.getLogger("dotenv.main").disabled = True  # run_kernel() names a line it cannot read, in one line
     dotenv.load_dotenv(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".env"), override=False)
     import main
 
@@ -119,6 +121,7 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 import dotenv
+import dotenv.parser
 import kafka.conn
 import kafka.errors
 import kafka.future
@@ -574,9 +577,30 @@ def http_port(env: Mapping[str, str]) -> int | None:
     return parse_int(env, "KERNEL_HTTP_PORT", 0, minimum=0) or parse_int(env, "PORT", 0, minimum=0) or None
 
 
+DOTENV_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".env")  # never one found further up
+
+
+def read_dotenv(path: str) -> None:
+    """Put the settings of the .env file at `path`, if there is one, under those of the real environment.
+    A line python-dotenv cannot read (an unclosed quote) is an error naming it, not a warning and a
+    setting silently left at its default. (`python main.py` has read the file already, for your part.)"""
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as file:
+        for binding in dotenv.parser.parse_stream(file):
+            if binding.error:
+                name = re.match(r"\s*(?:export\s+)?([A-Za-z_][\w.]*)\s*=", binding.original.string)
+                raise ConfigError(f".env line {binding.original.line}{f' ({name.group(1)})' if name else ''} cannot "
+                                  "be read: check its quotes (a value with spaces or # needs them at both ends)")
+    dotenv.load_dotenv(path, override=False)
+
+
 def load_settings(env: Mapping[str, str], kernel_name: str, default_topic: str) -> KernelSettings:
     """Build the settings from environment variables; raise ConfigError naming the bad one."""
     certs, sasl = certificate_values(env), sasl_settings(env)
+    if (metrics_folder := env.get("PROMETHEUS_MULTIPROC_DIR")) and not os.path.isdir(metrics_folder):
+        raise ConfigError(f"PROMETHEUS_MULTIPROC_DIR names {metrics_folder!r:.80}, which is not a folder: the metrics "
+                          "library would fail writing there; unset it (a kernel is one process) or create it")
     session_timeout_ms = parse_int(env, "KAFKA_SESSION_TIMEOUT_MS", 45_000, minimum=1_000)
     return KernelSettings(
         kernel_name=kernel_name,
@@ -2289,11 +2313,15 @@ def check_broker(settings: KernelSettings, tls: TlsFiles | None, report: CheckRe
         consumer.close(autocommit=False)
 
 
-def check_deployment(env: Mapping[str, str], kernel_name: str, default_topic: str) -> int:
-    """Validate settings, certificates and the connection, consuming nothing. Exit code 0 when
-    nothing is wrong, 1 when something is, 2 for a configuration error."""
+def check_deployment(env: Mapping[str, str], kernel_name: str, default_topic: str,
+                     dotenv_path: str | None = None) -> int:
+    """Validate settings (after reading the .env at `dotenv_path` into the environment), certificates and
+    the connection, consuming nothing. Exit code 0 when nothing is wrong, 1 when something is, 2 for a
+    configuration error."""
     report = CheckReport()
     try:
+        if dotenv_path is not None:
+            read_dotenv(dotenv_path)
         settings = load_settings(env, kernel_name, default_topic)
         with tls_files(settings) as tls:
             report.say("ok", f"settings: topics={','.join(settings.topics)} group={settings.group_id} "
@@ -2334,17 +2362,15 @@ def consume_until_stopped(handler: KernelHandler, settings: KernelSettings, tls:
 def run_kernel(process_message: Callable | None = None, *, process_batch: Callable | None = None, name: str,
                default_topic: str, argv: list[str] | None = None) -> int:
     """Run a kernel until it is stopped; its exit code. `python main.py` runs this file's own kernel
-    (the last lines below); an example or a test passes its own handler and names: process_message,
+    (the first lines of the file); an example or a test passes its own handler and names: process_message,
     or process_batch, not both. With the argument "check" (`python main.py check`), it checks the
     deployment instead of consuming."""
     if (process_message is None) == (process_batch is None):
         raise TypeError("run_kernel() takes process_message or process_batch, one of them")
     handler = KernelHandler(process_batch, batch=True) if process_batch else KernelHandler(process_message)
     argv = sys.argv if argv is None else argv
-    # Only the .env beside main.py, never one found further up; the real environment wins over it.
-    dotenv.load_dotenv(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".env"), override=False)
     if argv[1:] == ["check"]:
-        return check_deployment(os.environ, name, default_topic)
+        return check_deployment(os.environ, name, default_topic, DOTENV_PATH)
     if argv[1:]:
         print(f"usage: {argv[0]} [check]", file=sys.stderr)
         return EXIT_CONFIG
@@ -2352,6 +2378,7 @@ def run_kernel(process_message: Callable | None = None, *, process_batch: Callab
     stop.install()
     configure_logging(name)
     try:
+        read_dotenv(DOTENV_PATH)
         settings = load_settings(os.environ, name, default_topic)
         if handler.batch:
             settings.check_batch_limit()

@@ -125,6 +125,36 @@ def test_dotenv_is_read_before_your_part_runs(kernels, tmp_path):
     assert code == 3 and "group=named-in-dotenv-group" in output, output
 
 
+@pytest.mark.parametrize("command", [[], ["check"]])
+def test_a_dotenv_line_that_cannot_be_read_is_named_not_skipped(kernels, tmp_path, command):
+    shutil.copy(MAIN, tmp_path / "main.py")
+    (tmp_path / ".env").write_text('KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:1\nKAFKA_TOPIC="small\nKAFKA_SASL_PASSWORD="s3cret\n')
+    env = kernels.env("topic", "group", tls=False)
+    del env["KAFKA_TOPIC"], env["KAFKA_BOOTSTRAP_SERVERS"]
+    result = subprocess.run([sys.executable, str(tmp_path / "main.py"), *command], env=env, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=30)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2 and ".env line 2 (KAFKA_TOPIC) cannot be read: check its quotes" in output, output
+    assert "Traceback" not in output and "could not parse" not in output and "s3cret" not in output
+    assert len([line for line in output.splitlines() if line.strip()]) == 1, output
+
+
+def test_a_kernel_name_with_a_slash_runs_over_tls(kernels, cluster, tmp_path):
+    """The certificate folder's name does not come from KERNEL_NAME, so "orders/v2" works with TLS too."""
+    text = MAIN.read_text().replace('KERNEL_NAME = "hello-world"', 'KERNEL_NAME = "orders/v2"', 1)
+    (tmp_path / "main.py").write_text(text)
+    env = kernels.env("unused", "group", KAFKA_BOOTSTRAP_TIMEOUT_MS=1000, KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:1")
+    code, output, _ = run_kernel(env, tmp_path, tmp_path / "main.py")
+    assert code == 3 and "Cannot reach the broker (network)" in output and "Traceback" not in output, output
+
+
+def test_a_metrics_folder_that_does_not_exist_is_a_configuration_error(kernels, tmp_path):
+    env = kernels.env("topic", "group", tls=False, KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:1", KERNEL_HTTP_PORT="0",
+                      PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "missing"))
+    code, output, _ = run_kernel(env, tmp_path)
+    assert code == 2 and "PROMETHEUS_MULTIPROC_DIR names" in output and "Traceback" not in output, output
+
+
 def test_a_dotenv_in_a_folder_above_is_not_read(kernels, tmp_path):
     """Only the .env beside main.py: one in a parent folder (or $HOME) must not set the cluster,
     the group or the certificates of a kernel below it."""
