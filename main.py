@@ -790,8 +790,13 @@ def decode_pem(name: str, value: str, block: str) -> bytes:
             pem = base64.b64decode(compact + "=" * (-len(compact) % 4), validate=True)
         except (binascii.Error, ValueError):
             raise ConfigError(f"{name} is not valid base64 (nor PEM text)") from None
-    blocks = [found.group(0) for found in PEM_BLOCK.finditer(pem) if found.group(1).endswith(block.encode())]
+    found = list(PEM_BLOCK.finditer(pem))
+    blocks = [match.group(0) for match in found if match.group(1).endswith(block.encode())]
     if not blocks:
+        other = "CERTIFICATE" if block == "PRIVATE KEY" else "PRIVATE KEY"
+        if any(match.group(1).endswith(other.encode()) for match in found):
+            swapped = " (KAFKA_CLIENT_CERT and KAFKA_CLIENT_KEY swapped?)" if name != "KAFKA_CA_CERT" else ""
+            raise ConfigError(f"{name} holds a {other.lower()}, not a {block.lower()}{swapped}")
         raise ConfigError(f"{name} does not decode to a PEM {block.lower()} ('-----BEGIN {block}...')")
     return b"\n".join(blocks) + b"\n"
 
@@ -1106,23 +1111,31 @@ class ProbeConnection(kafka.conn.BrokerConnection):
     logs that, and tries again for ever, so a refused password would look like a slow broker."""
 
     closed_by: BaseException | None = None  # the error of the first close of the last attempt
+    closed_after_handshake = False  # ... when TLS was done and the broker's first answer was awaited
 
     def close(self, error=None):
         if error is not None and self.state is not kafka.conn.ConnectionStates.DISCONNECTED:
             self.closed_by = error
+            self.closed_after_handshake = self._ssl_context is not None and self.state in (
+                kafka.conn.ConnectionStates.API_VERSIONS_SEND, kafka.conn.ConnectionStates.API_VERSIONS_RECV)
         super().close(error)
 
 
-def probe_connection(config: dict, server: str, timeout_s: float) -> str | None:
+def resolves(host: str) -> bool:
+    try:
+        return bool(socket.getaddrinfo(host, None, type=socket.SOCK_STREAM))
+    except (socket.gaierror, UnicodeError):
+        return False
+
+
+def probe_connection(config: dict, server: str, timeout_s: float) -> tuple[str, str] | None:
     """Connect to one bootstrap server as the client will (TCP, TLS, API versions, SASL) and hang
-    up; None if it worked, else why not. Refused credentials raise AccessRefused, TLS failures
-    ssl.SSLError: neither mends by trying again."""
+    up; None if it worked, else the kind of failure ("network" or "TLS") and what it was. Refused
+    credentials raise AccessRefused, a failed TLS handshake ssl.SSLError: neither mends by waiting."""
     host, port = server.rsplit(":", 1)
     host = host.strip("[]")
-    try:
-        socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError):
-        return f"{host} does not resolve (DNS)"
+    if not resolves(host):
+        return "network", f"{host} does not resolve (DNS)"
     config = dict(config, request_timeout_ms=int(timeout_s * 1000), api_version_auto_timeout_ms=int(timeout_s * 1000))
     connection = ProbeConnection(host, int(port), socket.AF_UNSPEC, **config)
     try:
@@ -1143,7 +1156,10 @@ def probe_connection(config: dict, server: str, timeout_s: float) -> str | None:
     if isinstance(error, kafka.errors.UnsupportedSaslMechanismError):
         raise AccessRefused(f"{server} does not offer the SASL mechanism {mechanism}: {error}; check "
                             "KAFKA_SASL_MECHANISM", "authentication")
-    return f"{server}: {error or 'no answer'}"
+    if connection.closed_after_handshake:  # how a broker on TLS 1.3 turns away a client certificate
+        return "TLS", (f"{server} closed the connection right after the TLS handshake, unanswered: it may not accept "
+                       "the client certificate (KAFKA_CLIENT_CERT, signed by a CA it trusts)")
+    return "network", f"{server}: {error or 'no answer'}"
 
 
 def connect_consumer(settings: KernelSettings, tls: TlsFiles | None, stop: StopSignal) -> KafkaConsumer | None:
@@ -1152,7 +1168,7 @@ def connect_consumer(settings: KernelSettings, tls: TlsFiles | None, stop: StopS
     failed TLS end it at once: they do not mend by waiting."""
     config, servers = consumer_config(settings, tls), ",".join(settings.bootstrap_servers)
     deadline = time.monotonic() + settings.bootstrap_timeout_ms / 1000
-    failures: list[str] = []
+    failures: list[tuple[str, str]] = []  # (kind, what)
     while not stop.requested:
         try:
             for server in settings.bootstrap_servers:
@@ -1161,7 +1177,7 @@ def connect_consumer(settings: KernelSettings, tls: TlsFiles | None, stop: StopS
                     return KafkaConsumer(**config)
                 failures.append(failure)
         except NoBrokersAvailable:
-            failures.append("the consumer found no broker")
+            failures.append(("network", "the consumer found no broker"))
         except ssl.SSLCertVerificationError as error:
             raise BrokerUnavailable(
                 f"TLS with {servers} failed verification of the broker's certificate ({error.verify_message}): "
@@ -1173,10 +1189,11 @@ def connect_consumer(settings: KernelSettings, tls: TlsFiles | None, stop: StopS
                                     "certificate (KAFKA_CLIENT_CERT, KAFKA_CLIENT_KEY), and that the port is a TLS "
                                     "listener", "TLS") from None
         if time.monotonic() >= deadline:
+            kind, last = failures[-1]
             raise BrokerUnavailable(
                 f"no broker of KAFKA_BOOTSTRAP_SERVERS={servers} answered within {settings.bootstrap_timeout_ms} ms "
-                f"(KAFKA_BOOTSTRAP_TIMEOUT_MS) over {settings.security} (last: {failures[-1]}): check the address and "
-                "port, the network, and KAFKA_SECURITY_PROTOCOL", "network")
+                f"(KAFKA_BOOTSTRAP_TIMEOUT_MS) over {settings.security} (last: {last}): check the address and "
+                "port, the network, and KAFKA_SECURITY_PROTOCOL", kind)
         time.sleep(0.5)
     return None
 
@@ -2237,7 +2254,8 @@ def describe_certificate(name: str, path: str) -> tuple[str, str]:
 
 def check_chain(tls: TlsFiles) -> tuple[str, str]:
     """Verify the client certificate against the CA the way a broker does: a TLS handshake in
-    memory in which the 'broker' side requires a client certificate signed by KAFKA_CA_CERT."""
+    memory in which the 'broker' side requires a client certificate signed by KAFKA_CA_CERT. Only a
+    warning if not: some clusters sign their clients with another CA than their brokers."""
     broker = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     broker.load_cert_chain(tls.cert_file, tls.key_file)
     broker.load_verify_locations(tls.ca_file)
@@ -2260,8 +2278,9 @@ def check_chain(tls: TlsFiles) -> tuple[str, str]:
                 return "ok", "KAFKA_CLIENT_CERT is signed by KAFKA_CA_CERT"
     except ssl.SSLError as error:
         reason = getattr(error, "verify_message", None) or error.reason
-        return "error", f"KAFKA_CLIENT_CERT does not chain to KAFKA_CA_CERT ({reason}); use the CA that issued it"
-    return "error", "KAFKA_CLIENT_CERT could not be verified against KAFKA_CA_CERT"
+        return "warning", (f"KAFKA_CLIENT_CERT is not signed by KAFKA_CA_CERT ({reason}): right if the cluster "
+                           "signs its clients with a CA of its own; otherwise use the CA that issued it")
+    return "warning", "KAFKA_CLIENT_CERT could not be verified against KAFKA_CA_CERT"
 
 
 def high_watermarks(consumer: KafkaConsumer, partitions: list[TopicPartition]) -> dict[TopicPartition, int | None]:
@@ -2299,7 +2318,12 @@ def describe_topic(consumer: KafkaConsumer, topic: str, report: CheckReport) -> 
 
 def check_broker(settings: KernelSettings, tls: TlsFiles | None, report: CheckReport) -> None:
     """Connect as the kernel does, then list each topic's partitions with the group's committed
-    offset, the end offset and the lag."""
+    offset, the end offset and the lag. When no host name resolves, say so at once: the kernel would
+    try for KAFKA_BOOTSTRAP_TIMEOUT_MS, in case its DNS is late."""
+    hosts = {server.rsplit(":", 1)[0].strip("[]") for server in settings.bootstrap_servers}
+    if not any(resolves(host) for host in hosts):
+        report.say("error", f"network: {', '.join(sorted(hosts))} of KAFKA_BOOTSTRAP_SERVERS does not resolve (DNS)")
+        return
     try:
         consumer = connect_consumer(settings, tls, StopSignal())
     except BrokerUnavailable as error:  # AccessRefused too: "authentication: ...", "TLS: ...", "network: ..."

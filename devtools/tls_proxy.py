@@ -30,17 +30,20 @@ def base64_lines(data: bytes) -> str:
 @dataclass
 class Pki:
     """A CA, the broker's certificate (127.0.0.1, localhost) and a client certificate; the CA and the
-    client's certificate and key are also written as PEM files into `directory`, for other clients."""
+    client's certificate and key are also written as PEM files into `directory`, for other clients.
+    The broker also trusts client certificates of a second CA, `client_ca`, as clusters do that sign
+    their clients with a CA of their own."""
 
     ca: trustme.CA
     server: trustme.LeafCert
     client: trustme.LeafCert
     directory: Path
+    client_ca: trustme.CA
 
     @classmethod
     def create(cls, directory: Path) -> Pki:
         ca = trustme.CA()
-        pki = cls(ca, ca.issue_cert("127.0.0.1", "localhost"), ca.issue_cert("kernel-client"), directory)
+        pki = cls(ca, ca.issue_cert("127.0.0.1", "localhost"), ca.issue_cert("kernel-client"), directory, trustme.CA())
         ca.cert_pem.write_to_path(str(pki.ca_file))
         pki.client.cert_chain_pems[0].write_to_path(str(pki.client_cert_file))
         pki.client.private_key_pem.write_to_path(str(pki.client_key_file))
@@ -69,21 +72,23 @@ class Pki:
 
     def broker_files(self) -> tuple[Path, Path]:
         """The broker's key and certificate chain in one PEM file (the key as PKCS#8, which Apache Kafka's
-        PEM key store requires), and the CA it trusts for client certificates: for Apache Kafka's own TLS.
+        PEM key store requires), and the CAs it trusts for client certificates: for Apache Kafka's own TLS.
         Its certificate names 127.0.0.1 only, so that "localhost" is a name it does not carry."""
         leaf = self.ca.issue_cert("127.0.0.1")
         key = serialization.load_pem_private_key(leaf.private_key_pem.bytes(), password=None)
         pkcs8 = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                   serialization.NoEncryption())
-        keystore = self.directory / "broker.pem"
+        keystore, truststore = self.directory / "broker.pem", self.directory / "broker-trusts.pem"
         keystore.write_bytes(pkcs8 + b"".join(pem.bytes() for pem in leaf.cert_chain_pems))
-        return keystore, self.ca_file
+        truststore.write_bytes(self.ca.cert_pem.bytes() + self.client_ca.cert_pem.bytes())
+        return keystore, truststore
 
     def server_context(self) -> ssl.SSLContext:
-        """The proxy's side: the broker's certificate, and a client certificate signed by the CA required."""
+        """The proxy's side: the broker's certificate, and a client certificate signed by one of the CAs required."""
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.verify_mode = ssl.CERT_REQUIRED
         self.ca.configure_trust(context)
+        self.client_ca.configure_trust(context)
         self.server.configure_cert(context)
         return context
 

@@ -42,7 +42,11 @@ CASES = {
         "KAFKA_CLIENT_CERT is not a valid PEM certificate",
     ),
     "key given as certificate": ({"KAFKA_CLIENT_KEY": "@client-cert"},
-                                 "KAFKA_CLIENT_KEY does not decode to a PEM private key"),
+                                 "KAFKA_CLIENT_KEY holds a certificate, not a private key (KAFKA_CLIENT_CERT and "
+                                 "KAFKA_CLIENT_KEY swapped?)"),
+    "certificate given as key": ({"KAFKA_CLIENT_CERT": "@client-key"},
+                                 "KAFKA_CLIENT_CERT holds a private key, not a certificate (KAFKA_CLIENT_CERT and "
+                                 "KAFKA_CLIENT_KEY swapped?)"),
     "key of another certificate": ({"KAFKA_CLIENT_KEY": "@other-key"},
                                    "KAFKA_CLIENT_KEY does not match KAFKA_CLIENT_CERT"),
     "unreadable number": ({"KAFKA_MAX_POLL_RECORDS": "lots"}, "KAFKA_MAX_POLL_RECORDS must be a whole number, got 'lots'"),
@@ -80,7 +84,7 @@ CASES = {
 def test_configuration_error(case, kernels, pki, other_client, tmp_path):
     overrides, expected = CASES[case]
     env = kernels.env("topic", "group")
-    aliases = {"@client-cert": env["KAFKA_CLIENT_CERT"],
+    aliases = {"@client-cert": env["KAFKA_CLIENT_CERT"], "@client-key": env["KAFKA_CLIENT_KEY"],
                "@other-key": base64_lines(other_client.private_key_pem.bytes())}
     env.update({name: aliases.get(value, value) for name, value in overrides.items()})
     code, output, _ = run_kernel(env, tmp_path)

@@ -143,7 +143,16 @@ def test_check_warns_about_a_certificate_expiring_soon(cluster, kernels, pki):
 def test_check_reports_a_client_certificate_from_another_ca(cluster, kernels, pki):
     other = trustme.CA().issue_cert("stranger")
     code, output = run_check(client_env(kernels, pki.ca, other, cluster.create_topic(1)))
-    assert code == 1 and "error   KAFKA_CLIENT_CERT does not chain to KAFKA_CA_CERT" in output, output
+    assert code == 1 and "warning KAFKA_CLIENT_CERT is not signed by KAFKA_CA_CERT" in output, output
+    assert re.search(r"^error +TLS: ", output, re.M), "the broker refuses a certificate of a CA it does not trust"
+
+
+def test_check_passes_a_client_certificate_of_the_clusters_own_client_ca(cluster, kernels, pki):
+    """A cluster that signs its clients with a CA other than its brokers': a warning, and exit 0."""
+    client = pki.client_ca.issue_cert("kernel-of-another-ca")
+    code, output = run_check(client_env(kernels, pki.ca, client, cluster.create_topic(1)))
+    assert code == 0 and "warning KAFKA_CLIENT_CERT is not signed by KAFKA_CA_CERT" in output, output
+    assert "ok      connected to" in output
 
 
 def test_check_reports_a_wrong_ca_for_the_broker(cluster, kernels):
@@ -165,6 +174,14 @@ def test_check_reports_an_unreachable_broker(kernels):
     env["KAFKA_BOOTSTRAP_SERVERS"] = f"127.0.0.1:{free_port()}"
     code, output = run_check(env)
     assert code == 1 and "error   network: no broker of KAFKA_BOOTSTRAP_SERVERS=" in output, output
+
+
+def test_check_says_at_once_that_a_host_does_not_resolve(kernels):
+    env = kernels.env("anything", "check-dns", KAFKA_BOOTSTRAP_SERVERS="kafka.invalid:9093")  # 30 s bootstrap timeout
+    started = time.monotonic()
+    code, output = run_check(env)
+    assert code == 1 and "error   network: kafka.invalid of KAFKA_BOOTSTRAP_SERVERS does not resolve (DNS)" in output
+    assert time.monotonic() - started < 25, "it waited for the bootstrap timeout"
 
 
 @pytest.mark.parametrize("argument", ["chek", "check extra"])

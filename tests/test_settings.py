@@ -156,7 +156,7 @@ def test_a_chain_keeps_every_certificate_and_drops_what_is_between_them():
 def test_a_key_among_other_blocks_is_found_and_a_certificate_is_not_a_key():
     key = b"-----BEGIN EC PRIVATE KEY-----\nMHcC\n-----END EC PRIVATE KEY-----\n"
     assert decode_pem("KAFKA_CLIENT_KEY", (BAG_ATTRIBUTES + key).decode(), "PRIVATE KEY") == key
-    with pytest.raises(ConfigError, match="KAFKA_CLIENT_KEY does not decode to a PEM private key"):
+    with pytest.raises(ConfigError, match="KAFKA_CLIENT_KEY holds a certificate, not a private key"):
         decode_pem("KAFKA_CLIENT_KEY", PEM.decode().replace("\n", "\\n"), "PRIVATE KEY")
 
 
