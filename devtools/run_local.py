@@ -187,8 +187,8 @@ class Interrupts:
     def __init__(self):
         self.count = 0
         self.kernel: KernelProcess | None = None
-        signal.signal(signal.SIGINT, self.handle)
-        signal.signal(signal.SIGTERM, self.handle)
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGHUP: its terminal was closed
+            signal.signal(signum, self.handle)
 
     def handle(self, signum, frame) -> None:
         self.count += 1
@@ -197,6 +197,21 @@ class Interrupts:
                 self.kernel.signal(signal.SIGINT)
         elif self.count > 1:
             raise KeyboardInterrupt  # a second Ctrl-C while the summary is read: stop the broker now
+
+
+WORKDIR_PREFIX = "run-local-"
+
+
+def remove_abandoned_workdirs() -> None:
+    """The folders of local runs that were killed (SIGKILL leaves no time to clean up): the certificates
+    and keys of a --tls run must not stay behind. A folder whose owner still runs is left alone."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{WORKDIR_PREFIX}*"):
+        try:
+            os.kill(int((folder / "owner.pid").read_text()), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except (OSError, ValueError):
+            pass  # not ours to judge: no owner recorded, or one we may not signal
 
 
 def local_environment(run: LocalRun, tls_env: dict[str, str], http_port: int, metrics_dir: Path) -> dict[str, str]:
@@ -265,7 +280,9 @@ class Runner:
         with ExitStack() as stack:
             if watcher is not None:
                 stack.callback(watcher.stop)
-            workdir = Path(tempfile.mkdtemp(prefix="run-local-"))  # private (0700): the run's certificates
+            remove_abandoned_workdirs()
+            workdir = Path(tempfile.mkdtemp(prefix=WORKDIR_PREFIX))  # private (0700): the run's certificates
+            (workdir / "owner.pid").write_text(str(os.getpid()))
             stack.callback(shutil.rmtree, workdir, ignore_errors=True)
             self.metrics_dir = workdir / "metrics"
             self.metrics_dir.mkdir()

@@ -47,6 +47,7 @@ class Pki:
         ca.cert_pem.write_to_path(str(pki.ca_file))
         pki.client.cert_chain_pems[0].write_to_path(str(pki.client_cert_file))
         pki.client.private_key_pem.write_to_path(str(pki.client_key_file))
+        pki.client_key_file.chmod(0o600)
         return pki
 
     @property
@@ -80,6 +81,7 @@ class Pki:
                                   serialization.NoEncryption())
         keystore, truststore = self.directory / "broker.pem", self.directory / "broker-trusts.pem"
         keystore.write_bytes(pkcs8 + b"".join(pem.bytes() for pem in leaf.cert_chain_pems))
+        keystore.chmod(0o600)
         truststore.write_bytes(self.ca.cert_pem.bytes() + self.client_ca.cert_pem.bytes())
         return keystore, truststore
 

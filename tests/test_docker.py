@@ -2,7 +2,10 @@
 
 import json
 import os
+import re
+import shutil
 import subprocess
+from pathlib import Path
 
 from devtools.broker import free_port
 from tests.conftest import REPO
@@ -41,3 +44,43 @@ def test_railway_deploys_the_image_with_readiness_and_restarts():
 def test_dockerignore_keeps_secrets_and_dev_tooling_out():
     ignored = set((REPO / ".dockerignore").read_text().split())
     assert {".env", ".env.*", "tests", "devtools", "bench", ".git", ".venv", "*.pem", "*.key"} <= ignored
+
+
+def image_environment(tmp_path) -> tuple[Path, Path]:
+    """What the image holds, built here: the locked dependencies without the dev group, with the
+    Dockerfile's default EXTRAS, and the files it copies; (its python, the folder of those files)."""
+    dockerfile = (REPO / "Dockerfile").read_text()
+    extras = re.search(r'^ARG EXTRAS="([^"]*)"', dockerfile, re.M).group(1).split()
+    uv = os.environ.get("UV") or shutil.which("uv")
+    venv, app = tmp_path / "venv", tmp_path / "app"
+    synced = subprocess.run([uv, "sync", "--locked", "--no-dev", "--no-install-project", *extras], cwd=REPO,
+                            env={**os.environ, "UV_PROJECT_ENVIRONMENT": str(venv)}, capture_output=True, text=True,
+                            timeout=300)
+    assert synced.returncode == 0, synced.stderr
+    app.mkdir()
+    for copied in re.findall(r"^COPY (?!--)(.+) \./$", dockerfile, re.M):
+        for name in copied.split():
+            shutil.copy(REPO / name, app / name)
+    return venv / "bin" / "python", app
+
+
+def imports(python: Path, app: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    return subprocess.run([str(python), "-c", "import main"], cwd=app, env=env, capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_the_image_installs_what_main_py_imports(tmp_path):
+    """The dev group (the tests' and the examples' packages) is not in the image: a package main.py
+    imports that only the dev group provides passes every local run and fails in production. Add it
+    with `uv add PACKAGE` (README.md, "Packages")."""
+    python, app = image_environment(tmp_path)
+    result = imports(python, app)
+    missing = re.findall(r"No module named '([\w.]+)'", result.stderr)
+    assert result.returncode == 0, (f"main.py imports {missing or result.stderr[-500:]}, which the image would not "
+                                    "install: `uv add` it (or add it to an extra and to the Dockerfile's EXTRAS)")
+
+    # And the check catches it: a kernel that imports a package of the dev group only.
+    text = (app / "main.py").read_text()
+    (app / "main.py").write_text(text.replace("\nKERNEL_NAME =", "\nimport psycopg\n\nKERNEL_NAME =", 1))
+    assert "No module named 'psycopg'" in imports(python, app).stderr

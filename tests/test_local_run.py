@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -302,6 +303,28 @@ def test_tls_run_dead_letters_retries_and_the_summary(local_run, tmp_path):
     assert sum(end for _, end in run.summary_partitions().values()) == 6
     assert all(committed == end for committed, end in run.summary_partitions().values())
     assert not (project / STATE_FILE_NAME).exists() and not Path(state.tls_files["key"]).exists(), "left behind"
+
+
+def test_a_killed_runs_keys_are_removed_by_the_next_run_and_sighup_cleans_up(local_run, tmp_path):
+    """SIGKILL leaves a --tls run's folder (its private keys, 0600) behind: the next run removes it. A
+    closed terminal (SIGHUP) stops a run as Ctrl-C does, leaving neither folder nor state file."""
+    project = local_run.copy_project()
+    killed = local_run.start("--tls")
+    state = wait_until(lambda: (project / STATE_FILE_NAME).exists() and find_local_run(project), 30, "the state file")
+    key = Path(state.tls_files["key"])
+    assert key.stat().st_mode & 0o777 == 0o600 and key.parent.stat().st_mode & 0o777 == 0o700
+    os.killpg(killed.process.pid, signal.SIGKILL)
+    killed.process.wait(timeout=10)
+    assert key.exists()
+
+    run = local_run.start()
+    run.wait_for(r"Partitions assigned")
+    assert not key.parent.exists(), "the killed run's keys were left behind"
+    os.killpg(run.process.pid, signal.SIGHUP)
+    assert run.process.wait(timeout=30) == 0
+    assert not (project / STATE_FILE_NAME).exists()
+    owners = [int(path.read_text()) for path in Path(tempfile.gettempdir()).glob("run-local-*/owner.pid")]
+    assert run.process.pid not in owners, "the run's folder was left behind"
 
 
 def test_bad_input_gets_a_one_line_error(local_run, tmp_path):
