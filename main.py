@@ -14,7 +14,7 @@ What process_message(message) decides:
 For bulk work (database writes), define process_batch(messages) instead (docs/reference.md, "Batches").
 
 The machinery, in reading order:
-  What process_message can use   DeadLetter, send(), json_object(), coordinates(), describe_bytes()...
+  What process_message can use   DeadLetter, send(), json_object(), message_id(), coordinates()...
   How the kernel stops           exit codes and the errors behind them
   Settings                       the environment, read and checked once
   Logging                        plain or JSON lines; repeating warnings throttled
@@ -59,8 +59,8 @@ DEFAULT_TOPIC = "clustera-hello-world"
 
 log = logging.getLogger(KERNEL_NAME)
 
-# process_message can use DeadLetter, send(), json_object(), coordinates() and describe_bytes(): the
-# machinery defines them below ("What process_message can use").
+# process_message can use DeadLetter, send(), json_object(), message_id(), coordinates() and
+# describe_bytes(): the machinery defines them below ("What process_message can use").
 
 
 def process_message(message) -> bool:
@@ -69,7 +69,7 @@ def process_message(message) -> bool:
     `message` is a kafka-python ConsumerRecord: .topic, .partition, .offset, .key and .value
     (bytes or None), .headers (list of (str, bytes)), .timestamp (ms since the epoch).
     Delivery is at-least-once: after a crash a message can arrive again, so make the work
-    idempotent (an upsert keyed by topic/partition/offset, or by an id inside the message).
+    idempotent (an upsert keyed by message_id(message), or by an id inside the message).
     It runs on worker threads (KERNEL_CONCURRENCY of them): share a connection pool, not a
     connection, and guard shared state with a lock. To forward results, call send(); to give up on
     a message that can never succeed, raise DeadLetter("why"). tests/test_process_message.py shows
@@ -98,6 +98,7 @@ import dataclasses
 import datetime as dt
 import enum
 import functools
+import hashlib
 import http.server
 import itertools
 import json
@@ -220,6 +221,22 @@ def json_object(message, max_bytes: int = 1_048_576, required: tuple[str, ...] =
 def coordinates(record) -> str:
     """Where a message sits, as every log line writes it: topic[partition]@offset."""
     return f"{record.topic}[{record.partition}]@{record.offset}"
+
+
+def message_id(record) -> str:
+    """An id of the record for deduplication, 32 hex digits: the same at every delivery of it, and
+    different for any other record, even one at the same topic, partition and offset once the topic
+    was created again (or a local broker started over, its offsets at 0 again), unless that one has
+    the same timestamp, key, value and headers too, and so is the same message. Key stored work by it
+    (a primary key, an Idempotency-Key header), not by topic/partition/offset alone."""
+    topic, key, value = record.topic.encode(), record.key, record.value
+    parts = [b"%d/%d/%d/%d/%d/%d/" % (record.partition, record.offset, record.timestamp, len(topic),
+                                       -1 if key is None else len(key), -1 if value is None else len(value)),
+             topic, key or b"", value or b""]
+    for name, data in record.headers or ():  # each with its lengths too, so that no two records read alike
+        name = name.encode()
+        parts += (b"/%d/%d/" % (len(name), -1 if data is None else len(data)), name, data or b"")
+    return hashlib.blake2b(b"".join(parts), digest_size=16).hexdigest()
 
 
 def batch_coordinates(records: list) -> str:

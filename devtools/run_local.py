@@ -351,6 +351,8 @@ class Runner:
         say(f"{produced} {source} in '{info.topics[0]}' ({PARTITIONS} partitions); dead letters go to "
             f"'{info.dead_letter_topic}'")
         say("send more from another terminal: uv run devtools/send.py '{\"event\": \"hello\"}'")
+        say("this broker starts empty, its offsets at 0 again: deduplicate stored work by message_id(message), "
+            "not by topic/partition/offset, or new messages look like old ones")
         say(f"metrics on http://127.0.0.1:{self.http_port}/metrics"
             + ("; saving main.py restarts the kernel" if self.arguments.reload else "")
             + "; Ctrl-C stops and prints a summary")

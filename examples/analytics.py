@@ -3,14 +3,13 @@
 Input: a JSON object with "type" and "user" (non-empty strings) and "ts", when it happened (an
 ISO-8601 time, UTC unless it says otherwise, or milliseconds since the epoch). It is a process_batch
 kernel, and each batch (one partition's events, in offset order) is written in one transaction: the
-partition's row in ANALYTICS_PROGRESS_TABLE (default "analytics_progress"), the offset up to which its
-events are stored, is locked and read; the batch's events from that offset on are copied (COPY) into
-ANALYTICS_EVENTS_TABLE (default "analytics_events"); the counts per type and minute in
-ANALYTICS_ROLLUPS_TABLE (default "analytics_rollups") grow by those events; and the progress row moves
-past the batch. So a batch delivered again after a crash or a rebalance, whole or in part, changes none
-of the tables: exactly-once effects, on at-least-once delivery. (Offsets identify the events: should the
-topic be deleted and created again, delete its rows from the three tables too.) The tables are created
-if missing, in DATABASE_URL (default postgresql://127.0.0.1:5432/test).
+events are copied (COPY) into a temporary table, then inserted from it into ANALYTICS_EVENTS_TABLE
+(default "analytics_events") under their message_id(), skipping those stored already; and the counts
+per type and minute in ANALYTICS_ROLLUPS_TABLE (default "analytics_rollups") grow by the events just
+inserted, and only by them. So a batch delivered again after a crash or a rebalance, whole or in part, changes neither
+table: exactly-once effects, on at-least-once delivery; and new events at offsets used before (the
+topic created again, a local broker started over) are stored and counted like any others. The tables
+are created if missing, in DATABASE_URL (default postgresql://127.0.0.1:5432/test).
 
 A malformed event is dead-lettered with the reason (the events before it in its batch are stored
 first; those after it come in the next batch). While PostgreSQL is unreachable the batch is retried
@@ -29,14 +28,14 @@ import psycopg
 from psycopg import sql
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from main import DeadLetter, batch_coordinates, json_object  # adopting: drop this line
+from main import DeadLetter, batch_coordinates, json_object, message_id  # adopting: drop this line
 
 KERNEL_NAME = "analytics-kernel"
 DEFAULT_TOPIC = "events"
 MAX_VALUE_BYTES = 64 * 1024  # an event larger than this is not one of ours: dead-lettered
 REQUIRED_FIELDS = ("type", "user")
 CONNECT_TIMEOUT_S = 5  # how long one attempt waits for a connection before the batch is retried
-LOCK_TIMEOUT_MS = 30_000  # how long a batch waits for its partition's progress row before it is retried
+LOCK_TIMEOUT_MS = 30_000  # how long a batch waits for events another transaction is inserting before it is retried
 
 log = logging.getLogger(KERNEL_NAME)
 
@@ -77,8 +76,8 @@ def event_row(message) -> tuple:
         (event["type"] + event["user"]).encode()
     except UnicodeEncodeError:
         raise DeadLetter('field "type" or "user" is not valid Unicode text (a lone surrogate)') from None
-    return (message.topic, message.partition, message.offset, event["type"], event["user"], event_time(event),
-            message.value.decode())
+    return (message_id(message), message.topic, message.partition, message.offset, event["type"], event["user"],
+            event_time(event), message.value.decode())
 
 
 def event_time(event: dict) -> datetime.datetime:
@@ -111,21 +110,19 @@ def first_line(error: Exception) -> str:
 
 
 class Warehouse:
-    """The three tables, and one connection pool that all worker threads borrow connections from."""
+    """The two tables, and one connection pool that all worker threads borrow connections from."""
 
     def __init__(self):
         tables = {name: sql.Identifier(os.environ.get(variable) or default) for name, variable, default in (
             ("events", "ANALYTICS_EVENTS_TABLE", "analytics_events"),
-            ("rollups", "ANALYTICS_ROLLUPS_TABLE", "analytics_rollups"),
-            ("progress", "ANALYTICS_PROGRESS_TABLE", "analytics_progress"))}
-        self.lock_progress, self.copy_events, self.count_and_move_on = (
-            statement.format(**tables) for statement in (LOCK_PROGRESS, COPY_EVENTS, COUNT_AND_MOVE_ON))
+            ("rollups", "ANALYTICS_ROLLUPS_TABLE", "analytics_rollups"))}
+        self.store_and_count = STORE_AND_COUNT.format(**tables)
         self.pool = ConnectionPool(
             os.environ.get("DATABASE_URL") or "postgresql://127.0.0.1:5432/test",
             min_size=1, max_size=int(os.environ.get("KERNEL_CONCURRENCY") or 1), timeout=CONNECT_TIMEOUT_S,
-            # A partition's progress row locked longer than this (a stuck former owner) makes the batch retry.
+            # Events locked longer than this by another transaction (a stuck former owner) make the batch retry.
             kwargs={"connect_timeout": CONNECT_TIMEOUT_S, "options": f"-c lock_timeout={LOCK_TIMEOUT_MS}"},
-            name=KERNEL_NAME, open=True,
+            configure=create_batch_table, name=KERNEL_NAME, open=True,
         )
         try:
             with self.pool.connection() as connection:
@@ -137,26 +134,26 @@ class Warehouse:
             raise
 
     def store(self, rows: list[tuple]) -> int:
-        """Store one partition's rows (in offset order) that are not stored yet, and count them into
-        the rollups, in one transaction; how many were new."""
+        """Store the rows that are not stored yet and count them into the rollups, in one transaction;
+        how many were new."""
         if not rows:
             return 0
-        topic, partition = rows[0][0], rows[0][1]
         with self.pool.connection() as connection:  # a transaction, committed when the block ends
-            # Locks the partition's row: a second owner of the partition (a rebalance) waits for this one.
-            stored_up_to = connection.execute(self.lock_progress, (topic, partition)).fetchone()[0]
-            new = [row for row in rows if row[2] >= stored_up_to]
-            if new:
-                with connection.cursor().copy(self.copy_events) as copy:
-                    for row in new:
-                        copy.write_row(row)
-            connection.execute(self.count_and_move_on, {"topic": topic, "partition": partition,
-                                                        "new_from": stored_up_to, "stored_up_to": rows[-1][2] + 1})
-        return len(new)
+            with connection.cursor().copy(COPY_BATCH) as copy:  # COPY is what makes batches fast
+                for row in rows:
+                    copy.write_row(row)
+            return connection.execute(self.store_and_count).fetchone()[0]
+
+
+def create_batch_table(connection: psycopg.Connection) -> None:
+    """Each connection's own table for the batch in hand, emptied when its transaction commits."""
+    connection.execute(CREATE_BATCH_TABLE)
+    connection.commit()
 
 
 CREATE_TABLES = sql.SQL("""
     CREATE TABLE IF NOT EXISTS {events} (
+        message_id uuid PRIMARY KEY,
         topic text NOT NULL,
         partition integer NOT NULL,
         "offset" bigint NOT NULL,
@@ -164,41 +161,34 @@ CREATE_TABLES = sql.SQL("""
         "user" text NOT NULL,
         ts timestamptz NOT NULL,
         event jsonb NOT NULL,
-        stored_at timestamptz NOT NULL DEFAULT clock_timestamp(),
-        PRIMARY KEY (topic, partition, "offset")
+        stored_at timestamptz NOT NULL DEFAULT clock_timestamp()
     );
     CREATE TABLE IF NOT EXISTS {rollups} (
         type text NOT NULL,
         minute timestamptz NOT NULL,
         events bigint NOT NULL,
         PRIMARY KEY (type, minute)
-    );
-    CREATE TABLE IF NOT EXISTS {progress} (
-        topic text NOT NULL,
-        partition integer NOT NULL,
-        stored_up_to bigint NOT NULL,
-        PRIMARY KEY (topic, partition)
     )""")
-# Returns the partition's stored_up_to (0 for a partition never seen) with its row locked until commit.
-LOCK_PROGRESS = sql.SQL("""
-    INSERT INTO {progress} (topic, partition, stored_up_to) VALUES (%s, %s, 0)
-    ON CONFLICT (topic, partition) DO UPDATE SET stored_up_to = {progress}.stored_up_to
-    RETURNING stored_up_to""")
-COPY_EVENTS = sql.SQL('COPY {events} (topic, partition, "offset", type, "user", ts, event) FROM STDIN')
-# The partition's events from new_from on are exactly those just copied: they, and only they, are
-# counted into the rollups (in key order, so that batches of two partitions adding to the same minutes
-# cannot deadlock), and the progress moves past the batch, never backwards (a batch delivered again
-# after a later one was stored leaves it as it is).
-COUNT_AND_MOVE_ON = sql.SQL("""
-    WITH counted AS (
+CREATE_BATCH_TABLE = """
+    CREATE TEMPORARY TABLE IF NOT EXISTS batch (message_id uuid, topic text, partition integer, "offset" bigint,
+        type text, "user" text, ts timestamptz, event jsonb) ON COMMIT DELETE ROWS"""
+COPY_BATCH = 'COPY batch (message_id, topic, partition, "offset", type, "user", ts, event) FROM STDIN'
+# The batch's events not stored yet are inserted (in id order, so that two owners of a partition
+# during a rebalance lock them in the same order: the second waits for the first, then skips them),
+# and exactly those are counted into the rollups (in key order, so that batches of two partitions
+# adding to the same minutes cannot deadlock); the number inserted is returned.
+STORE_AND_COUNT = sql.SQL("""
+    WITH new AS (
+        INSERT INTO {events} (message_id, topic, partition, "offset", type, "user", ts, event)
+        SELECT * FROM batch ORDER BY message_id
+        ON CONFLICT (message_id) DO NOTHING
+        RETURNING type, ts
+    ), counted AS (
         INSERT INTO {rollups} (type, minute, events)
-        SELECT type, date_trunc('minute', ts), count(*) FROM {events}
-        WHERE topic = %(topic)s AND partition = %(partition)s AND "offset" >= %(new_from)s
-        GROUP BY 1, 2 ORDER BY 1, 2
+        SELECT type, date_trunc('minute', ts), count(*) FROM new GROUP BY 1, 2 ORDER BY 1, 2
         ON CONFLICT (type, minute) DO UPDATE SET events = {rollups}.events + excluded.events
     )
-    UPDATE {progress} SET stored_up_to = greatest(stored_up_to, %(stored_up_to)s)
-    WHERE topic = %(topic)s AND partition = %(partition)s""")
+    SELECT count(*) FROM new""")
 shared_lock = threading.Lock()
 shared: Warehouse | None = None
 

@@ -1,11 +1,12 @@
 """Memory kernel: store each JSON message in PostgreSQL, once, however often it is delivered.
 
 Input: a JSON object with "user_id" and "text" (non-empty strings); the whole object is stored as
-jsonb in MEMORY_TABLE (default "memories"), created if missing, keyed by the message's topic,
-partition and offset. A redelivered message (after a crash or a rebalance) hits that key and is
-not stored again. The database is DATABASE_URL (default postgresql://127.0.0.1:5432/test). While
-it is unreachable, messages are retried (False); one it refuses (say, text with a NUL character)
-goes to the dead-letter topic. Needs `uv sync --extra database`.
+jsonb in MEMORY_TABLE (default "memories"), created if missing, keyed by message_id(message). A
+redelivered message (after a crash or a rebalance) hits that key and is not stored again; a new
+message at an offset used before (the topic created again, a local broker started over) does not.
+The database is DATABASE_URL (default postgresql://127.0.0.1:5432/test). While it is unreachable,
+messages are retried (False); one it refuses (say, text with a NUL character) goes to the dead-letter
+topic. Needs `uv sync --extra database`.
 
     uv run --extra database python -m examples.memory
 """
@@ -20,7 +21,7 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from main import DeadLetter, coordinates, json_object  # adopting: drop this line
+from main import DeadLetter, coordinates, json_object, message_id  # adopting: drop this line
 
 KERNEL_NAME = "memory-kernel"
 DEFAULT_TOPIC = "memories"
@@ -69,26 +70,27 @@ class Memories:
         atexit.register(self.pool.close)
 
     def store(self, message, memory: dict) -> bool:
-        """Insert the memory under the message's coordinates; False if it was there already."""
+        """Insert the memory under the message's id; False if it was there already."""
         with self.pool.connection() as connection:
-            row = (message.topic, message.partition, message.offset, memory["user_id"], Jsonb(memory))
+            row = (message_id(message), message.topic, message.partition, message.offset, memory["user_id"],
+                   Jsonb(memory))
             return connection.execute(self.insert, row).rowcount == 1
 
 
 CREATE_TABLE = sql.SQL("""
     CREATE TABLE IF NOT EXISTS {} (
+        message_id text PRIMARY KEY,
         topic text NOT NULL,
         partition integer NOT NULL,
         "offset" bigint NOT NULL,
         user_id text NOT NULL,
         memory jsonb NOT NULL,
-        stored_at timestamptz NOT NULL DEFAULT now(),
-        PRIMARY KEY (topic, partition, "offset")
+        stored_at timestamptz NOT NULL DEFAULT now()
     )""")
 # The primary key turns a redelivery into a no-op: exactly one row per message.
 INSERT = sql.SQL("""
-    INSERT INTO {} (topic, partition, "offset", user_id, memory) VALUES (%s, %s, %s, %s, %s)
-    ON CONFLICT (topic, partition, "offset") DO NOTHING""")
+    INSERT INTO {} (message_id, topic, partition, "offset", user_id, memory) VALUES (%s, %s, %s, %s, %s, %s)
+    ON CONFLICT (message_id) DO NOTHING""")
 shared_lock = threading.Lock()
 shared: Memories | None = None
 

@@ -1,7 +1,7 @@
 """Notification kernel: POST each JSON message to a webhook.
 
 Input: a JSON object with "recipient" and "text" (non-empty strings), posted as is to WEBHOOK_URL
-(required) with an Idempotency-Key header (topic/partition/offset) so the receiver can drop the
+(required) with an Idempotency-Key header (message_id(message)) so the receiver can drop the
 repeats that at-least-once delivery and retries bring. A 2xx answer is done. No answer (connection
 refused or dropped, WEBHOOK_TIMEOUT_S passed), a 5xx, 408 or 429 is retried with backoff; any other
 4xx will never succeed and goes to the dead-letter topic with the answer. Needs `uv sync --extra http`.
@@ -16,7 +16,7 @@ import threading
 
 import httpx
 
-from main import DeadLetter, json_object  # adopting: drop this line
+from main import DeadLetter, coordinates, json_object, message_id  # adopting: drop this line
 
 KERNEL_NAME = "notification-kernel"
 DEFAULT_TOPIC = "notifications"
@@ -30,16 +30,15 @@ log = logging.getLogger(KERNEL_NAME)
 def process_message(message) -> bool:
     notification = json_object(message, MAX_VALUE_BYTES, REQUIRED_FIELDS)  # or DeadLetter saying why
     url, client = webhook()
-    idempotency_key = f"{message.topic}/{message.partition}/{message.offset}"
     try:
-        response = client.post(url, json=notification, headers={"Idempotency-Key": idempotency_key})
+        response = client.post(url, json=notification, headers={"Idempotency-Key": message_id(message)})
     except httpx.TransportError as error:  # refused, dropped, timed out: the webhook may work later
-        log.warning("Webhook unreachable for %s (%r); will retry", idempotency_key, error)
+        log.warning("Webhook unreachable for %s (%r); will retry", coordinates(message), error)
         return False
     if response.is_success:
         return True
     if response.status_code >= 500 or response.status_code in RETRIABLE_STATUS:
-        log.warning("Webhook answered %d for %s; will retry", response.status_code, idempotency_key)
+        log.warning("Webhook answered %d for %s; will retry", response.status_code, coordinates(message))
         return False
     raise DeadLetter(f"webhook answered {response.status_code}: {response.text[:200]!r}")
 

@@ -64,7 +64,9 @@ def as_bytes(data: bytes | str | dict | list | None) -> bytes | None:
 def make_message(value: bytes | str | dict | list | None = b"", key: bytes | str | None = None, *,
                  topic: str = main.DEFAULT_TOPIC, partition: int = 0, offset: int = 0,
                  headers: list[tuple[str, bytes]] | None = None, timestamp_ms: int | None = None) -> ConsumerRecord:
-    """A record as the kernel hands it to process_message (timestamp: now, CreateTime)."""
+    """A record as the kernel hands it to process_message (timestamp: now, CreateTime). Each call makes
+    a new message, with a message_id() of its own, as a producer would; to deliver the same record
+    twice, pass the same one again (or the same timestamp_ms)."""
     key_bytes, value_bytes = as_bytes(key), as_bytes(value)
     headers = list(headers or [])
     return ConsumerRecord(
@@ -73,7 +75,7 @@ def make_message(value: bytes | str | dict | list | None = b"", key: bytes | str
         key=key_bytes, value=value_bytes, headers=headers, checksum=None,
         serialized_key_size=-1 if key_bytes is None else len(key_bytes),
         serialized_value_size=-1 if value_bytes is None else len(value_bytes),
-        serialized_header_size=sum(len(name) + len(data) for name, data in headers) or -1,
+        serialized_header_size=sum(len(name) + len(data or b"") for name, data in headers) or -1,
     )
 
 

@@ -184,3 +184,21 @@ def test_check_names_certificate_attributes_as_openssl_does(tmp_path):
     dn = ("countryName=NL, organizationName=Acme, streetAddress=Main St 1, serialNumber=42, "
           "emailAddress=ops@example.com, commonName=kernel")
     assert (level, text) == ("ok", f"KAFKA_CLIENT_CERT: subject {dn}; issuer {dn}; valid until Jan  1 00:00:00 3000 GMT")
+
+
+def test_message_id_is_the_same_for_a_redelivery_and_differs_for_any_other_record():
+    from tests.kit import make_message
+
+    def record(**changes):
+        fields = {"value": b'{"n": 1}', "key": "k", "topic": "t", "partition": 1, "offset": 7, "timestamp_ms": 1_000,
+                  "headers": [("h", b"1")]} | changes
+        return make_message(**fields)
+
+    first = main.message_id(record())
+    assert first == main.message_id(record()) and len(first) == 32 and int(first, 16) >= 0
+    others = [record(value=b'{"n": 2}'), record(value=None), record(value=b""), record(key=None), record(key=""),
+              record(topic="u"), record(partition=2), record(offset=8), record(timestamp_ms=1_001),
+              record(headers=[]), record(headers=[("h", None)]), record(headers=[("h", b"")]),
+              record(headers=[("h", b"1"), ("h", b"1")]), record(topic="tk", key="")]
+    ids = [main.message_id(other) for other in others]
+    assert first not in ids and len(set(ids)) == len(ids), "two different records with the same id"
