@@ -1825,6 +1825,7 @@ BUSY_POLL_TIMEOUT_MS = 10  # poll() timeout while workers are busy: how soon the
 COMMIT_INTERVAL_S = 0.1  # while workers are busy, finished prefixes are committed this often
 LAG_REFRESH_S = 5.0  # how often kernel_consumer_lag is brought up to date
 TOPIC_CHECK_INTERVAL_S = 1.0  # how often the loop looks again for a topic of KAFKA_TOPIC that does not exist
+MIN_PARTITION_FETCH_BYTES = 16_384  # the least a fetch may bring of one partition, however many there are
 
 
 class FailurePolicy:
@@ -1967,6 +1968,7 @@ class ConsumerLoop:
         keyed = settings.ordering == "key" and settings.concurrency > 1 and not handler.batch
         self.ledger = Ledger(keyed, settings.batch if handler.batch else None)
         self.paused: set[TopicPartition] = set()  # by back-pressure
+        self.size_fetches()  # .share and .fetch_limit, again at each assignment
         self.failed_while_stopping = False  # process_message raised on a message in hand at shutdown
         # One poll's worth, and enough to keep every worker busy, is buffered before polling pauses.
         self.buffer_limit = max(settings.max_poll_records, 4 * settings.concurrency)
@@ -2101,18 +2103,19 @@ class ConsumerLoop:
         self.ledger.requeue(lane)
 
     def apply_back_pressure(self) -> None:
-        """Stop fetching for a partition with two polls' worth of records unfinished, or holding its
-        share of KERNEL_BUFFER_MAX_BYTES (the budget divided among the assigned partitions); go on
-        below half of that. So all of them together stay within the budget, and a partition whose
-        messages wait for a retry never holds up the others. A message larger than a share is still
-        fetched, and processed: its partition waits meanwhile."""
-        partitions = self.ledger.partitions
-        share = self.settings.buffer_max_bytes / max(1, len(partitions))
-        records = 2 * self.settings.max_poll_records
+        """Stop fetching for a partition with two polls' worth of records unfinished, or whose next
+        fetch could take it past its share of KERNEL_BUFFER_MAX_BYTES (the budget divided among the
+        assigned partitions); go on once it holds half of that. So all of them together stay within the
+        budget, and a partition whose messages wait for a retry never holds up the others. A partition
+        holding nothing always fetches: a message (a record batch) larger than its share is still
+        fetched, and processed, while its partition waits."""
+        partitions, records = self.ledger.partitions, 2 * self.settings.max_poll_records
 
         def full(tp: TopicPartition, state: PartitionState) -> bool:
-            fraction = 0.5 if tp in self.paused else 1.0
-            return state.unfinished >= fraction * records or state.unfinished_bytes >= fraction * share
+            if tp in self.paused:
+                return state.unfinished >= records / 2 or state.unfinished_bytes > self.share / 2
+            return state.unfinished >= records or (
+                state.unfinished_bytes > 0 and state.unfinished_bytes + self.fetch_limit > self.share)
 
         now_full = {tp for tp, state in partitions.items() if full(tp, state)}
         if now_full - self.paused:
@@ -2121,6 +2124,17 @@ class ConsumerLoop:
             self.consumer.resume(*(self.paused - now_full))
         self.paused = now_full
         self.metrics.buffered_bytes.set(self.ledger.unfinished_bytes)
+
+    def size_fetches(self) -> None:
+        """Each partition's share of KERNEL_BUFFER_MAX_BYTES, and what one fetch may bring of it: a
+        quarter of the share, at most KAFKA_MAX_PARTITION_FETCH_BYTES, at least MIN_PARTITION_FETCH_BYTES.
+        With many partitions, full-size fetches of every one of them would overrun the budget before
+        back-pressure could pause any. (kafka-python 2.3 reads the size from its fetcher's configuration
+        at every fetch, and has no public way to change it.)"""
+        self.share = self.settings.buffer_max_bytes / max(1, len(self.ledger.partitions))
+        self.fetch_limit = max(MIN_PARTITION_FETCH_BYTES,
+                               min(self.settings.max_partition_fetch_bytes, int(self.share // 4)))
+        self.consumer._fetcher.config["max_partition_fetch_bytes"] = self.fetch_limit
 
     def keep_membership(self) -> None:
         """Poll with every partition paused while the workers are busy: the group sees us alive, and
@@ -2162,6 +2176,7 @@ class ConsumerLoop:
 
     def assigned(self, partitions: set[TopicPartition]) -> None:
         self.ledger.assign(partitions)
+        self.size_fetches()
         self.metrics.rebalances.inc()
         self.metrics.assigned.set(len(self.ledger.partitions))
         self.health.joined = True
@@ -2177,6 +2192,7 @@ class ConsumerLoop:
         self.health.joined = False
         self.watchdog.forget(partitions)
         self.ledger.forget(partitions)
+        self.size_fetches()
         self.paused -= partitions
         self.metrics.assigned.set(len(self.ledger.partitions))
 

@@ -278,10 +278,12 @@ class Cluster:
         self.broker.create_topic(name, partitions)
         return name
 
-    def produce(self, topic: str, messages) -> Counter:
+    def produce(self, topic: str, messages, one_per_batch: bool = False) -> Counter:
         """Produce (partition, key, value) triples, or (partition, key, value, headers) quadruples,
-        acks=all; returns the count per partition."""
-        producer = Producer(self.client_config(**{"acks": "all", "linger.ms": 5, "message.max.bytes": 10_000_000}))
+        acks=all (each message a record batch of its own with one_per_batch); returns the count per
+        partition."""
+        batching = {"linger.ms": 0, "batch.num.messages": 1} if one_per_batch else {"linger.ms": 5}
+        producer = Producer(self.client_config(**{"acks": "all", "message.max.bytes": 10_000_000, **batching}))
         counts: Counter = Counter()
         for partition, key, value, *headers in messages:
             while True:

@@ -20,6 +20,7 @@ class RecordingConsumer:
     config = {"api_version": (2, 8)}
 
     def __init__(self):
+        self._fetcher = FetcherConfig()
         self.calls = []
         self.paused_partitions = set()
         self.commit_error = None
@@ -42,6 +43,13 @@ class RecordingConsumer:
 
     def commits(self):
         return [call[1] for call in self.calls if call[0] == "commit"]
+
+
+class FetcherConfig:
+    """What the loop changes of kafka-python's fetcher: the size of each partition's fetch."""
+
+    def __init__(self):
+        self.config = {}
 
 
 def record(partition: TopicPartition, offset: int, key: bytes | None = b"k"):
@@ -351,21 +359,37 @@ def big_record(partition, offset, size):
                           -1, size, -1)
 
 
-def test_a_partition_pauses_at_its_share_of_the_byte_budget_and_resumes_below_half_of_it():
+def test_a_partition_pauses_before_a_fetch_could_pass_its_share_and_resumes_below_half_of_it():
     loop = make_loop(KERNEL_BUFFER_MAX_BYTES=str(1_000_000), KAFKA_MAX_POLL_RECORDS="100")  # 500 KB a partition
-    loop.ledger.add(P0, [big_record(P0, 0, 200_000), big_record(P0, 1, 200_000)])
+    assert loop.fetch_limit == 125_000 and loop.consumer._fetcher.config["max_partition_fetch_bytes"] == 125_000
+    loop.ledger.add(P0, [big_record(P0, 0, 100_000), big_record(P0, 1, 250_000)])
     loop.apply_back_pressure()
-    assert loop.consumer.paused() == set(), "400 KB of a 500 KB share"
-    loop.ledger.add(P0, [big_record(P0, 2, 150_000)])  # a poll can go past the share; the next one waits
+    assert loop.consumer.paused() == set(), "350 KB of a 500 KB share: a fetch of 125 KB fits"
+    loop.ledger.add(P0, [big_record(P0, 2, 100_000)])
     loop.apply_back_pressure()
-    assert loop.consumer.paused() == {P0}, "the other partition goes on: its share is free"
-    for still_paused in (True, False):  # 350 KB held, then 150 KB: below half the share
+    assert loop.consumer.paused() == {P0}, "450 KB: the next fetch could pass the share; the other partition goes on"
+    for still_paused in (True, False):  # 350 KB held, then 100 KB: at most half the share
         [task] = loop.ledger.start_tasks(0)
         task.finished = 1
         loop.ledger.requeue(loop.ledger.take_back(task))
         loop.apply_back_pressure()
         assert loop.consumer.paused() == ({P0} if still_paused else set())
     assert loop.metrics.buffered_bytes._value.get() == loop.ledger.unfinished_bytes
+
+
+def test_fetches_shrink_with_the_share_as_partitions_come_and_go_but_never_stop():
+    loop = make_loop(KERNEL_BUFFER_MAX_BYTES=str(64 * 2**20))
+    assert loop.fetch_limit == 2**20, "two partitions of a 64 MiB budget: KAFKA_MAX_PARTITION_FETCH_BYTES"
+    many = {TopicPartition("t", p) for p in range(2, 2000)}
+    loop.assigned(many)
+    assert loop.fetch_limit == main.MIN_PARTITION_FETCH_BYTES, "2,000 partitions: 34 KB each, fetched 16 KiB at a time"
+    assert loop.consumer._fetcher.config["max_partition_fetch_bytes"] == main.MIN_PARTITION_FETCH_BYTES
+    tp = TopicPartition("t", 7)
+    loop.ledger.add(tp, [big_record(tp, 0, 100_000)])  # one batch larger than the share: it still came
+    loop.apply_back_pressure()
+    assert tp in loop.consumer.paused() and P0 not in loop.consumer.paused(), "an empty partition always fetches"
+    loop.revoked(many)
+    assert loop.fetch_limit == 2**20
 
 
 def test_a_partition_waiting_for_a_retry_never_holds_up_the_others():

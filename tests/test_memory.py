@@ -1,14 +1,17 @@
 """Memory is bounded in bytes: a backlog of large messages, six times KERNEL_BUFFER_MAX_BYTES, goes
 through a kernel with a slow handler while its resident memory stays under the budget plus a fixed
-overhead, and every message is processed once and committed."""
+overhead, and every message is processed once and committed; and a hundred partitions together stay
+within the budget too."""
 
+import re
 import threading
 import uuid
 from collections import Counter
 
 import pytest
 
-from tests.conftest import processed, wait_committed
+from devtools.broker import free_port
+from tests.conftest import http_get, processed, wait_committed
 
 pytestmark = pytest.mark.both_brokers
 
@@ -59,3 +62,31 @@ def test_a_backlog_of_large_messages_stays_within_the_byte_budget(cluster, kerne
           f"peak RSS {peak_kb / 1024:.0f} MiB (VmHWM; sampled VmRSS max {max(sampler.samples_kb) / 1024:.0f} MiB), "
           f"bound {(BUDGET + OVERHEAD) / 2**20:.0f} MiB")
     assert peak_kb * 1024 < BUDGET + OVERHEAD
+
+
+def test_a_hundred_partitions_together_stay_within_the_byte_budget(cluster, kernels):
+    """With a hundred partitions a 4 MiB budget is 42 KB each: a full-size fetch of every partition
+    (1 MiB each) would bring all of the backlog at once. kernel_buffered_bytes, sampled every 20 ms,
+    must stay under the budget."""
+    budget, size, partitions = 4 * 2**20, 15_000, 100
+    topic, group, port = cluster.create_topic(partitions=partitions), f"memory-many-{uuid.uuid4().hex[:6]}", free_port()
+    messages = [(i % partitions, None, f"m{i}|".encode().ljust(size, b"x")) for i in range(5 * partitions)]
+    produced = cluster.produce(topic, messages, one_per_batch=True)  # a record batch as large as a message
+    kernel = kernels.start(kernels.env(topic, group, TEST_SLEEP_S=0.005, KERNEL_BUFFER_MAX_BYTES=budget,
+                                       KERNEL_HTTP_PORT=port))
+    samples: list[float] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.02):
+            found = re.search(r"^kernel_buffered_bytes (\S+)$", http_get(port, "/metrics")[1], re.M)
+            if found:
+                samples.append(float(found.group(1)))
+
+    threading.Thread(target=sample, daemon=True).start()
+    wait_committed(cluster, kernel, group, topic, produced, partitions, timeout_s=120)
+    done.set()
+    assert kernel.stop() == 0
+    print(f"\n{len(messages)} messages of {size:,} bytes over {partitions} partitions, budget {budget / 2**20:.0f} MiB: "
+          f"kernel_buffered_bytes peaked at {max(samples) / 2**20:.2f} MiB over {len(samples)} samples")
+    assert len(samples) > 10 and max(samples) <= budget
