@@ -890,6 +890,7 @@ class HealthState:
         self.busy_since_s: float | None = None  # start of the longest-running call of the handler
         self.joined = False  # holds an assignment (possibly empty) from the group
         self.missing_topics: list[str] = []  # topics of KAFKA_TOPIC the broker does not know
+        self.dead_letter_trouble: str | None = None  # why the last dead letter could not be published
 
     def alive(self) -> tuple[bool, str]:
         now = time.monotonic()
@@ -902,6 +903,8 @@ class HealthState:
     def ready(self) -> tuple[bool, str]:
         if self.missing_topics:
             return False, f"topic {', '.join(self.missing_topics)} does not exist"
+        if self.dead_letter_trouble:
+            return False, self.dead_letter_trouble
         return (True, "ok") if self.joined else (False, "not in the group yet")
 
 
@@ -1104,7 +1107,8 @@ def producer_config(settings: KernelSettings, tls: TlsFiles | None, api_version:
         max_block_ms=settings.produce_timeout_ms,
         request_timeout_ms=settings.produce_timeout_ms,
         delivery_timeout_ms=settings.produce_timeout_ms,
-        # Whatever the kernel could consume it can dead-letter: the broker's own limit decides.
+        # The largest message sent: what the kernel fetches at most. A dead letter larger than this (or
+        # than the dead-letter topic takes) goes without its value; an output, is a dead letter itself.
         max_request_size=settings.fetch_max_bytes,
     )
 
@@ -1218,6 +1222,15 @@ def connect_consumer(settings: KernelSettings, tls: TlsFiles | None, stop: StopS
 # Producing
 
 
+# What no retry can deliver: a message larger than the producer's limit (KAFKA_FETCH_MAX_BYTES) or the
+# topic's (its max.message.bytes, about 1 MB by default on Apache Kafka).
+SIZE_ERRORS = (kafka.errors.MessageSizeTooLargeError, kafka.errors.RecordListTooLargeError)
+
+
+def describe_size(data: bytes | None) -> str:
+    return f"{len(data or b''):,} bytes"
+
+
 def delivery_error(future: Future, timeout_s: float) -> KafkaError | None:
     """Wait up to `timeout_s` for the broker to confirm a send; the error if it did not."""
     if not future.is_done:
@@ -1282,38 +1295,52 @@ class DeadLetterTopic:
     """KERNEL_DEAD_LETTER_TOPIC: where a message that will never succeed goes, with its origin and
     the reason in its headers, published through the kernel's producer."""
 
-    def __init__(self, settings: KernelSettings, producer: KernelProducer, metrics: KernelMetrics):
+    def __init__(self, settings: KernelSettings, producer: KernelProducer, metrics: KernelMetrics,
+                 health: HealthState | None = None):
         self.topic = settings.dead_letter_topic
         self.group_id = settings.group_id
         self.kernel_name = settings.kernel_name
         self.producer = producer
         self.metrics = metrics
+        self.health = health or HealthState(settings)  # /readyz says so while dead letters cannot be published
 
     def publish(self, records: list, attempts: int, reason: str, exception: str) -> int:
         """Publish `records` (all sent before any confirmation is awaited, so a batch's take one round
-        trip) and wait for the broker to confirm them (acks=all); how many, from the first, it did."""
+        trip) and wait for the broker to confirm them (acks=all); how many, from the first, it did. One
+        too large for the producer or the topic goes without its value, which stays in its own topic."""
         futures = [self.send(record, attempts, reason, exception) for record in records]
         deadline_s = time.monotonic() + self.producer.timeout_s
         for published, (record, future) in enumerate(zip(records, futures, strict=True)):
             error = delivery_error(future, max(0.0, deadline_s - time.monotonic()))
+            dropped = ""
+            if isinstance(error, SIZE_ERRORS):
+                future = self.send(record, attempts, reason, exception, without_value=True)
+                error = delivery_error(future, self.producer.timeout_s)
+                dropped = (f" (without its value of {describe_size(record.value)}, too large for the dead-letter "
+                           f"topic: {coordinates(record)} still holds it)")
             if error is not None:
                 kernel_log.warning("Could not publish %s to the dead-letter topic %s (%r); it stays uncommitted and "
                                    "is retried", coordinates(record), self.topic, error,
                                    extra=log_fields(record) | REPEATING)
+                self.health.dead_letter_trouble = f"dead letters cannot be published to {self.topic}: {error!r}"
                 return published
+            self.health.dead_letter_trouble = None
             self.metrics.dead_lettered.labels(record.topic).inc()
-            kernel_log.error("Dead-lettered %s to %s: %s", coordinates(record), self.topic, reason,
+            kernel_log.error("Dead-lettered %s to %s%s: %s", coordinates(record), self.topic, dropped, reason,
                              extra=log_fields(record))
         return len(records)
 
-    def send(self, record, attempts: int, reason: str, exception: str) -> Future:
-        """Send the record with its origin and the reason. What the producer cannot send as it is is
-        adapted: a null header value is sent empty, a record with neither key nor value gets an empty
-        value. Whatever else goes wrong shows in the future: the message stays put, named, rather than
-        crash-loop the kernel."""
+    def send(self, record, attempts: int, reason: str, exception: str, without_value: bool = False) -> Future:
+        """Send the record with its origin and the reason (without its value, marked so in a header,
+        when that is too large). What the producer cannot send as it is is adapted: a null header value
+        is sent empty, a record with neither key nor value gets an empty value. Whatever else goes wrong
+        shows in the future: the message stays put, named, rather than crash-loop the kernel."""
         headers = producible_headers(record.headers) + dead_letter_headers(record, attempts, self.group_id,
                                                                            exception, reason, self.kernel_name)
         value = b"" if record.key is None and record.value is None else record.value
+        if without_value:
+            headers.append(("kernel-value-dropped", str(len(record.value or b"")).encode()))
+            value = b""
         try:
             return self.producer.send(self.topic, record.key, value, headers)
         except Exception as unexpected:
@@ -1460,7 +1487,13 @@ def confirm_sends(task: LaneTask, unconfirmed: deque, timeout_s: float) -> None:
 
 def undelivered(task: LaneTask, records: list, error: KafkaError, handler_name: str, batch: int | None) -> None:
     """What `records` sent was not confirmed: they are processed again (together, as a batch of
-    `batch`, with process_batch), after a backoff."""
+    `batch`, with process_batch), after a backoff; or, when what they sent is too large ever to be
+    delivered, dead-lettered saying so."""
+    if isinstance(error, SIZE_ERRORS):
+        task.failure = TaskFailure(Consequence.DEAD_LETTER, f"a message it sent is too large to be delivered "
+                                   f"({error!r}): raise the topic's max.message.bytes or KAFKA_FETCH_MAX_BYTES (the "
+                                   "producer's limit), or send less", batch=batch)
+        return
     task.failure = TaskFailure(Consequence.RETRY, f"a message it sent was not delivered ({error!r})", batch=batch)
     kernel_log.warning("A message %s sent for %s was not delivered (%r); it is processed again", handler_name,
                        batch_coordinates(records), error, extra=log_fields(records[0]) | REPEATING)
@@ -1976,7 +2009,8 @@ class ConsumerLoop:
         # Counting and timing every message costs a little: only when /metrics is served.
         per_message = self.metrics if settings.http_port else None
         self.producer = KernelProducer(settings, tls, consumer.config["api_version"], per_message)
-        dead_letters = DeadLetterTopic(settings, self.producer, self.metrics) if settings.dead_letter_topic else None
+        dead_letters = (DeadLetterTopic(settings, self.producer, self.metrics, self.health)
+                        if settings.dead_letter_topic else None)
         self.failures = FailurePolicy(settings, self.ledger, dead_letters, self.metrics)
         self.watchdog = Watchdog(settings, self.ledger, self.health, self.metrics, handler)
         process = process_batch_task if handler.batch else process_task

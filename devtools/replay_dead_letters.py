@@ -7,7 +7,9 @@ certificates). Reads DEAD_LETTER_TOPIC from its start as the consumer group
 "{KAFKA_CONSUMER_GROUP}-replay", publishes each record (same key, value and headers, without the
 dead-letter ones) to its kafka_dlt-original-topic header or --to, confirmed with acks=all, and
 commits after each confirmed record, so a second run replays only what came since. Stops when
-nothing new arrives for five seconds.
+nothing new arrives for five seconds. A dead letter that went without its value (too large for the
+dead-letter topic: header kernel-value-dropped) is replayed with the value read again from where it
+came from (kafka_dlt-original-topic, -partition, -offset); if that is gone, it stops there.
 """
 
 from __future__ import annotations
@@ -38,10 +40,18 @@ def replay(dead_letter_topic: str, to: str | None, dry_run: bool) -> int:
                                  enable_auto_commit=False, auto_offset_reset="earliest",
                                  session_timeout_ms=settings.session_timeout_ms,
                                  heartbeat_interval_ms=settings.heartbeat_interval_ms)
-        producer = KafkaProducer(**connection, acks="all")
+        # As large as anything a broker takes (a record batch up to 50 MB comes whole): the broker decides.
+        producer = KafkaProducer(**connection, acks="all", max_request_size=52_428_800, buffer_memory=104_857_600)
         replayed = 0
         for record in records_until_idle(consumer):
             headers = dict(record.headers or [])
+            value = record.value
+            if "kernel-value-dropped" in headers:
+                value = original_value(connection, headers)
+                if value is None:
+                    print(f"{main.coordinates(record)}: its value was dropped and its original is gone: stopping",
+                          file=sys.stderr)
+                    return 1
             target = to or headers.get("kafka_dlt-original-topic", b"").decode()
             if not target:
                 print(f"{main.coordinates(record)}: no kafka_dlt-original-topic "
@@ -50,7 +60,7 @@ def replay(dead_letter_topic: str, to: str | None, dry_run: bool) -> int:
             kept = [(k, v) for k, v in record.headers or [] if not k.startswith(DEAD_LETTER_HEADER_PREFIXES)]
             print(f"{main.coordinates(record)} -> {target}")
             if not dry_run:
-                producer.send(target, key=record.key, value=record.value, headers=kept).get(timeout=30)
+                producer.send(target, key=record.key, value=value, headers=kept).get(timeout=30)
                 consumer.commit({TopicPartition(record.topic, record.partition):
                                  OffsetAndMetadata(record.offset + 1, "", -1)})
             replayed += 1
@@ -58,6 +68,24 @@ def replay(dead_letter_topic: str, to: str | None, dry_run: bool) -> int:
         producer.close()
         consumer.close(autocommit=False)
         return 0
+
+
+def original_value(connection: dict, headers: dict) -> bytes | None:
+    """The value of the record a dead letter came from, read again at its original coordinates."""
+    partition = TopicPartition(headers["kafka_dlt-original-topic"].decode(),
+                               int.from_bytes(headers["kafka_dlt-original-partition"], "big", signed=True))
+    offset = int.from_bytes(headers["kafka_dlt-original-offset"], "big", signed=True)
+    reader = KafkaConsumer(**connection, group_id=None, enable_auto_commit=False)
+    try:
+        reader.assign([partition])
+        reader.seek(partition, offset)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            for record in reader.poll(timeout_ms=500).get(partition, []):
+                return record.value if record.offset == offset else None
+        return None
+    finally:
+        reader.close()
 
 
 def records_until_idle(consumer: KafkaConsumer):

@@ -273,9 +273,14 @@ class Cluster:
             **extra,
         }
 
-    def create_topic(self, partitions: int) -> str:
+    def create_topic(self, partitions: int, config: dict[str, str] | None = None) -> str:
+        """A topic with a new name; `config` (topic settings) on Apache Kafka only."""
         name = f"t-{uuid.uuid4().hex[:10]}"
-        self.broker.create_topic(name, partitions)
+        if config:
+            assert self.kind == "kafka", "Tansu's topic create takes no settings"
+            self.broker.create_topic(name, partitions, config=config)
+        else:
+            self.broker.create_topic(name, partitions)
         return name
 
     def produce(self, topic: str, messages, one_per_batch: bool = False) -> Counter:
@@ -371,8 +376,14 @@ BROKERS = ("tansu", "kafka")
 
 
 def pytest_generate_tests(metafunc):
-    """A test marked both_brokers runs once on each broker; any other test on Tansu."""
-    if "cluster" in metafunc.fixturenames and metafunc.definition.get_closest_marker("both_brokers"):
+    """A test marked both_brokers runs once on each broker, one marked brokers("kafka") on those named;
+    any other test on Tansu."""
+    if "cluster" not in metafunc.fixturenames:
+        return
+    named = metafunc.definition.get_closest_marker("brokers")
+    if named is not None:
+        metafunc.parametrize("cluster", named.args, indirect=True, scope="session")
+    elif metafunc.definition.get_closest_marker("both_brokers"):
         metafunc.parametrize("cluster", BROKERS, indirect=True, scope="session")
 
 

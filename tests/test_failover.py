@@ -15,7 +15,7 @@ from confluent_kafka.admin import AdminClient
 
 from tests.conftest import wait_committed, wait_until
 
-pytestmark = pytest.mark.parametrize("cluster", ["kafka-3"], indirect=True)
+pytestmark = pytest.mark.brokers("kafka-3")
 
 RATE = 200  # input messages a second, while the brokers fail
 

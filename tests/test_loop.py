@@ -468,6 +468,8 @@ def test_an_error_in_the_dead_letter_path_keeps_the_message_and_names_it(caplog)
     assert [r.offset for r in loop.ledger.partitions[P0].lanes[None].records] == [0, 1], "kept, to be retried"
     loop.commit()
     assert loop.consumer.commits() == []
+    assert loop.health.ready() == (False, "dead letters cannot be published to dlt: AssertionError('the producer "
+                                          "refused it')"), "/readyz says so"
 
 
 def test_a_task_handed_back_while_the_loop_waits_for_another_is_held_then_found():

@@ -25,7 +25,7 @@ import main
 from devtools.broker import free_port
 from tests.conftest import MAIN, OAUTH_CLIENTS, SASL_USERS, http_get, wait_committed
 
-pytestmark = pytest.mark.parametrize("cluster", ["kafka"], indirect=True)
+pytestmark = pytest.mark.brokers("kafka")
 
 MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER")
 

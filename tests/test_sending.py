@@ -3,13 +3,15 @@ output the broker never got keeps its input uncommitted (and retried) instead of
 
 import json
 import re
+import subprocess
+import sys
 import time
 import uuid
 
 import pytest
 
 from devtools.broker import free_port
-from tests.conftest import http_get, wait_committed
+from tests.conftest import REPO, http_get, wait_committed
 
 pytestmark = pytest.mark.both_brokers
 
@@ -83,3 +85,68 @@ def test_odd_but_legal_records_are_dead_lettered_and_forwarded(cluster, kernels,
     assert letters[None].value() == b"", "neither key nor value: dead-lettered with an empty value"
     [forwarded] = cluster.read_topic(output, 1)
     assert (forwarded.key(), forwarded.value(), forwarded.headers()) == (b"forward", b"payload", [("a", b""), ("b", b"2")])
+
+
+SIZE_HANDLER = """import os, sys
+sys.path.insert(0, {repo!r})
+import main
+
+def process_message(message):
+    if message.value.startswith(b"dead"):
+        raise main.DeadLetter("too big to handle")
+    main.send(os.environ["TEST_OUTPUT_TOPIC"], message.value, key=message.key)
+    return True
+
+sys.exit(main.run_kernel(process_message, name="sizes", default_topic="unused"))
+"""
+
+
+def test_what_is_too_large_for_the_producer_is_dead_lettered_without_looping(cluster, kernels, tmp_path):
+    """A dead letter larger than the producer's limit (KAFKA_FETCH_MAX_BYTES) goes without its value; an
+    output too large makes its input a dead letter naming the cause. Neither loops; what follows goes on."""
+    too_large_to_publish(cluster, kernels, tmp_path, "producer")
+
+
+@pytest.mark.brokers("kafka")  # Tansu takes no topic settings
+def test_what_is_too_large_for_the_topic_is_dead_lettered_without_looping(cluster, kernels, tmp_path):
+    """The same when the broker refuses it: topics whose max.message.bytes is 20,000."""
+    too_large_to_publish(cluster, kernels, tmp_path, "topic")
+
+
+def too_large_to_publish(cluster, kernels, tmp_path, limit: str) -> None:
+    small = {"max.message.bytes": "20000"} if limit == "topic" else None
+    source, output, dlt = cluster.create_topic(1), cluster.create_topic(1, small), cluster.create_topic(1, small)
+    big = 50_000
+    produced = cluster.produce(source, [(0, b"dead-big", b"dead" + b"x" * big), (0, b"out-big", b"out" + b"y" * big),
+                                        (0, b"after", b"small")])
+    handler = tmp_path / "size_handler.py"
+    handler.write_text(SIZE_HANDLER.format(repo=kernels.repo))
+    env = kernels.env(source, f"sizes-{limit}", KERNEL_DEAD_LETTER_TOPIC=dlt, TEST_OUTPUT_TOPIC=output,
+                      KERNEL_RETRY_INITIAL_MS=100, KERNEL_RETRY_MAX_MS=200,
+                      **({"KAFKA_FETCH_MAX_BYTES": 32_768} if limit == "producer" else {}))
+    kernel = kernels.start(env, script=handler)
+    wait_committed(cluster, kernel, f"sizes-{limit}", source, produced, 1, timeout_s=60)
+    assert kernel.stop() == 0, kernel.log()[-3000:]
+
+    letters = {record.key(): record for record in cluster.read_topic(dlt, 1)}
+    assert set(letters) == {b"dead-big", b"out-big"}
+    dropped = letters[b"dead-big"]
+    headers = dict(dropped.headers())
+    assert dropped.value() == b"" and headers["kernel-value-dropped"] == str(big + 4).encode()
+    assert headers["kafka_dlt-exception-message"] == b"too big to handle"
+    assert int.from_bytes(headers["kafka_dlt-original-offset"], "big") == 0, "where the value still is"
+    reason = dict(letters[b"out-big"].headers())["kafka_dlt-exception-message"].decode()
+    assert "a message it sent is too large to be delivered" in reason and "max.message.bytes" in reason
+    assert letters[b"out-big"].value() == b"out" + b"y" * big or dict(letters[b"out-big"].headers()).get(
+        "kernel-value-dropped"), "the input itself dead-lettered, whole if it fits"
+    # What follows goes on (its output may come twice: sent before the failure was known, then again).
+    assert {record.key() for record in cluster.read_topic(output, 1)} == {b"after"}
+    assert "retrying in" not in kernel.log(), "nothing looped"
+    # The replay reads the dropped value again from where it came from.
+    replay_to = cluster.create_topic(1)
+    replayed = subprocess.run([sys.executable, str(REPO / "devtools" / "replay_dead_letters.py"), dlt, "--to", replay_to],
+                              env=env, capture_output=True, text=True, timeout=120)
+    assert replayed.returncode == 0, replayed.stderr
+    values = {record.key(): record.value() for record in cluster.read_topic(replay_to, 1)}
+    assert values[b"dead-big"] == b"dead" + b"x" * big
+    assert re.search(r"Dead-lettered \S+\[0\]@0 to \S+ \(without its value of 50,004 bytes", kernel.log())
