@@ -90,6 +90,7 @@ def process_message(message) -> bool:
 # What the part above defines, for the check at the end of the file (none when the module is reloaded).
 names_of_your_part = None if "names_of_your_part" in globals() else dict(globals())
 
+import asyncio
 import base64
 import binascii
 import builtins
@@ -99,7 +100,7 @@ import datetime as dt
 import enum
 import functools
 import hashlib
-import http.server
+import http
 import itertools
 import json
 import logging
@@ -410,6 +411,7 @@ class KernelSettings:
     ordering: str  # "key" or "partition"
     shutdown_timeout_ms: int
     http_port: int | None
+    http_host: str | None  # None: every address, IPv4 and IPv6
     log_level: str
     log_format: str  # "plain" or "json"
 
@@ -657,6 +659,7 @@ def load_settings(env: Mapping[str, str], kernel_name: str, default_topic: str) 
         ordering=parse_choice(env, "KERNEL_ORDERING", "key", ("key", "partition")),
         shutdown_timeout_ms=parse_int(env, "KERNEL_SHUTDOWN_TIMEOUT_MS", 30_000, minimum=0),
         http_port=http_port(env),
+        http_host=env.get("KERNEL_HTTP_HOST", "").strip() or None,
         log_level=parse_choice(env, "LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
         log_format=parse_choice(env, "LOG_FORMAT", "plain", ("plain", "json")),
     )
@@ -942,35 +945,60 @@ class KernelMetrics:
                                                              **options)
 
 
-def serve_http(port: int, health: HealthState, metrics: KernelMetrics) -> http.server.ThreadingHTTPServer:
-    """Serve /healthz (liveness), /readyz (readiness) and /metrics from a daemon thread."""
+HTTP_TIMEOUT_S = 5.0  # a client has this long to send its request, and to take the answer
+HTTP_MAX_WAITING = 256  # connections waiting for their request at once; a new one closes the oldest
+HTTP_MAX_REQUEST_BYTES = 8192  # request line and headers; a probe or a scrape needs a few hundred
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            if self.path == "/metrics":
-                status, kind = 200, prometheus_client.CONTENT_TYPE_LATEST
-                body = prometheus_client.generate_latest(metrics.registry)
-            elif self.path in ("/healthz", "/readyz"):
-                ok, text = health.alive() if self.path == "/healthz" else health.ready()
-                status, body, kind = (200 if ok else 503), f"{text}\n".encode(), "text/plain"
-            else:
-                status, body, kind = 404, b"not found: try /healthz, /readyz or /metrics\n", "text/plain"
-            self.send_response(status)
-            self.send_header("Content-Type", kind)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
 
-        def log_message(self, *args):  # probes every few seconds would flood the log
-            pass
+def http_answer(path: str, health: HealthState, metrics: KernelMetrics) -> tuple[int, str, bytes]:
+    """Status, content type and body for GET `path`."""
+    if path == "/metrics":
+        return 200, prometheus_client.CONTENT_TYPE_LATEST, prometheus_client.generate_latest(metrics.registry)
+    if path in ("/healthz", "/readyz"):
+        ok, text = health.alive() if path == "/healthz" else health.ready()
+        return (200 if ok else 503), "text/plain", f"{text}\n".encode()
+    return 404, "text/plain", b"not found: try /healthz, /readyz or /metrics\n"
+
+
+def serve_http(host: str | None, port: int, health: HealthState, metrics: KernelMetrics) -> None:
+    """Serve /healthz (liveness), /readyz (readiness) and /metrics from a daemon thread: one event
+    loop, so that idle or slow clients hold no thread each, with a timeout on every connection and a
+    cap on how many may wait for their request (past it, the oldest is closed, so that a probe always
+    gets in). Whoever reaches the port cannot starve the kernel, its probes or a SIGTERM, and nothing is
+    written to stderr past the kernel's log format."""
+    loop = asyncio.new_event_loop()
+    waiting: dict[asyncio.StreamWriter, None] = {}  # connections whose request has not come yet, oldest first
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        waiting[writer] = None
+        if len(waiting) > HTTP_MAX_WAITING:
+            oldest = next(iter(waiting))
+            del waiting[oldest]
+            oldest.transport.abort()
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HTTP_TIMEOUT_S)
+            waiting.pop(writer, None)
+            method, path, _ = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ", 2)
+            status, kind, body = (http_answer(path.split("?", 1)[0], health, metrics) if method == "GET"
+                                  else (405, "text/plain", b"only GET\n"))
+            reason = http.HTTPStatus(status).phrase
+            writer.write(f"HTTP/1.1 {status} {reason}\r\nContent-Type: {kind}\r\nContent-Length: {len(body)}\r\n"
+                         f"Connection: close\r\n\r\n".encode() + body)
+            writer.close()  # once all of it is sent
+            await asyncio.wait_for(writer.wait_closed(), HTTP_TIMEOUT_S)
+        except (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass  # a client that went away, took too long or sent no HTTP: nothing to answer
+        finally:
+            waiting.pop(writer, None)
+            writer.transport.abort()  # whatever is left of a connection that did not end well
 
     try:
-        server = http.server.ThreadingHTTPServer(("0.0.0.0", port), Handler)
+        loop.run_until_complete(asyncio.start_server(serve, host, port, limit=HTTP_MAX_REQUEST_BYTES))
     except OSError as error:
-        raise ConfigError(f"KERNEL_HTTP_PORT (or PORT) {port} cannot be served: {error.strerror}") from None
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
-    return server
+        loop.close()
+        raise ConfigError(f"KERNEL_HTTP_PORT (or PORT) {port} cannot be served on KERNEL_HTTP_HOST "
+                          f"{host or '(all addresses)'}: {error.strerror}") from None
+    threading.Thread(target=loop.run_forever, name="http", daemon=True).start()
 
 
 # Connecting
@@ -2440,7 +2468,7 @@ def consume_until_stopped(handler: KernelHandler, settings: KernelSettings, tls:
                           stop: StopSignal) -> int:
     health, metrics = HealthState(settings, handler.name), KernelMetrics()
     if settings.http_port:
-        serve_http(settings.http_port, health, metrics)
+        serve_http(settings.http_host, settings.http_port, health, metrics)
         kernel_log.info("Serving /healthz, /readyz and /metrics on port %d", settings.http_port)
     kernel_log.info("Starting: topics=%s group=%s client=%s bootstrap=%s security=%s", ",".join(settings.topics),
                     settings.group_id, settings.client_id, ",".join(settings.bootstrap_servers), settings.security)

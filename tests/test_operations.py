@@ -5,9 +5,11 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 
 import pytest
@@ -83,6 +85,52 @@ def test_metrics_move_with_the_stream_and_lag_matches_an_independent_client(clus
     print("\n".join(line for line in text.splitlines() if line.startswith("kernel_") and "_bucket" not in line
                     and "_created" not in line))
     kernel.process.send_signal(signal.SIGKILL)
+
+
+def test_the_http_port_withstands_idle_clients_and_sigterm_still_works(cluster, kernels):
+    """300 clients that connect and say nothing: probes still answer, the kernel holds no thread per
+    client, SIGTERM stops it at once, and every line it wrote is JSON (no raw tracebacks)."""
+    topic, port = cluster.create_topic(partitions=1), free_port()
+    kernel = kernels.start(kernels.env(topic, "http-idle", KERNEL_HTTP_PORT=port, LOG_FORMAT="json"))
+    kernel.wait_for_log("Partitions assigned", 30)
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(300)]
+    try:
+        started = time.monotonic()
+        assert http_get(port, "/healthz")[0] == 200 and http_get(port, "/readyz")[0] == 200
+        assert time.monotonic() - started < 2, "a probe waited behind idle clients"
+        threads = len(os.listdir(f"/proc/{kernel.process.pid}/task"))
+        assert threads < 30, f"{threads} threads"
+    finally:
+        for connection in idle:
+            connection.close()
+    time.sleep(0.5)
+    started = time.monotonic()
+    assert kernel.stop(signal.SIGTERM) == 0 and time.monotonic() - started < 10
+    lines = [line for line in kernel.log().splitlines() if line.strip()]
+    assert all(json.loads(line) for line in lines), "a line that is not JSON"
+    assert "Traceback" not in kernel.log()
+
+
+@pytest.mark.skipif(not socket.has_ipv6, reason="this Python has no IPv6")
+def test_the_http_port_binds_where_told_ipv6_included(cluster, kernels):
+    with socket.socket(socket.AF_INET6) as probe:
+        try:
+            probe.bind(("::1", 0))
+        except OSError:
+            pytest.skip("this machine has no IPv6 loopback")
+    topic, port = cluster.create_topic(partitions=1), free_port()
+    kernel = kernels.start(kernels.env(topic, "http-v6", KERNEL_HTTP_PORT=port, KERNEL_HTTP_HOST="::1"))
+    wait_until(lambda: ipv6_get(port, "/healthz") == 200, 30, "/healthz on [::1]")
+    assert http_get(port, "/healthz")[0] == 0, "127.0.0.1 is not served when told ::1"
+    assert kernel.stop() == 0
+
+
+def ipv6_get(port: int, path: str) -> int:
+    try:
+        with urllib.request.urlopen(f"http://[::1]:{port}{path}", timeout=5) as response:
+            return response.status
+    except OSError:
+        return 0
 
 
 def test_json_logs_parse_and_carry_the_message_coordinates(cluster, kernels):
