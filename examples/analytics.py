@@ -26,6 +26,7 @@ import threading
 
 import psycopg
 from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from main import DeadLetter, batch_coordinates, json_object, message_id  # adopting: drop this line
@@ -105,6 +106,18 @@ def store_until_refused(messages, rows: list[tuple]) -> int:
     return stored
 
 
+def database_url() -> str:
+    """DATABASE_URL, checked first: a malformed one (a password with a raw %, say) never connects, so it
+    is a fault to fix, not an outage to wait out; and psycopg's own message about it quotes the password."""
+    url = os.environ.get("DATABASE_URL") or "postgresql://127.0.0.1:5432/test"
+    try:
+        conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        raise ValueError("DATABASE_URL is not a valid PostgreSQL URL: percent-encode what its user name and "
+                         "password hold (% as %25, @ as %40, / as %2F, : as %3A)") from None
+    return url
+
+
 def first_line(error: Exception) -> str:
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
@@ -118,7 +131,7 @@ class Warehouse:
             ("rollups", "ANALYTICS_ROLLUPS_TABLE", "analytics_rollups"))}
         self.store_and_count = STORE_AND_COUNT.format(**tables)
         self.pool = ConnectionPool(
-            os.environ.get("DATABASE_URL") or "postgresql://127.0.0.1:5432/test",
+            database_url(),
             min_size=1, max_size=int(os.environ.get("KERNEL_CONCURRENCY") or 1), timeout=CONNECT_TIMEOUT_S,
             # Events locked longer than this by another transaction (a stuck former owner) make the batch retry.
             kwargs={"connect_timeout": CONNECT_TIMEOUT_S, "options": f"-c lock_timeout={LOCK_TIMEOUT_MS}"},

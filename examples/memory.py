@@ -18,6 +18,7 @@ import threading
 
 import psycopg
 from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
@@ -46,6 +47,18 @@ def process_message(message) -> bool:
     return True
 
 
+def database_url() -> str:
+    """DATABASE_URL, checked first: a malformed one (a password with a raw %, say) never connects, so it
+    is a fault to fix, not an outage to wait out; and psycopg's own message about it quotes the password."""
+    url = os.environ.get("DATABASE_URL") or "postgresql://127.0.0.1:5432/test"
+    try:
+        conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        raise ValueError("DATABASE_URL is not a valid PostgreSQL URL: percent-encode what its user name and "
+                         "password hold (% as %25, @ as %40, / as %2F, : as %3A)") from None
+    return url
+
+
 def first_line(error: Exception) -> str:
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
@@ -57,7 +70,7 @@ class Memories:
         table = sql.Identifier(os.environ.get("MEMORY_TABLE") or "memories")
         self.insert = INSERT.format(table)
         self.pool = ConnectionPool(
-            os.environ.get("DATABASE_URL") or "postgresql://127.0.0.1:5432/test",
+            database_url(),
             min_size=1, max_size=int(os.environ.get("KERNEL_CONCURRENCY") or 1), timeout=CONNECT_TIMEOUT_S,
             kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT_S}, name=KERNEL_NAME, open=True,
         )

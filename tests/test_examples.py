@@ -26,7 +26,7 @@ import main
 from devtools.broker import free_port
 from examples import analytics, memory, notification, transform
 from tests.conftest import MAIN, REPO, copy_repository, http_get, wait_committed, wait_until
-from tests.kit import call, make_message
+from tests.kit import call, call_batch, make_message
 
 BIG = json.dumps({"id": "big", "type": "t", "user_id": "u", "text": "x", "recipient": "r", "pad": "x" * 1_000_000})
 MALFORMED = [  # (label, value, what the dead-letter reason says)
@@ -464,3 +464,17 @@ def test_after_adopting_an_example_the_template_tests_still_pass(tmp_path, examp
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", "-rs", *tests],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=540)
     assert result.returncode == 0, result.stdout[-4000:]
+
+
+@pytest.mark.parametrize("example", [memory, analytics])
+def test_a_malformed_database_url_is_fatal_and_never_shows_the_password(monkeypatch, caplog, example):
+    """A generated password with a raw %: psycopg cannot parse the URL, and its message would quote the
+    password. The kernel stops (exit 1: a person must fix it) saying what to do, the password nowhere."""
+    monkeypatch.setenv("DATABASE_URL", "postgresql://app:S3cretPw%ZZ@127.0.0.1:5432/test")
+    monkeypatch.setattr(example, "shared", None)
+    message = make_message({"user_id": "u-1", "text": "hi", "type": "click", "user": "u-1", "ts": 1})
+    handler = example.process_message if example is memory else example.process_batch
+    with pytest.raises(ValueError, match="DATABASE_URL is not a valid PostgreSQL URL: percent-encode") as raised:
+        call(message, handler) if example is memory else call_batch([message], handler)
+    assert "S3cretPw" not in str(raised.value) and raised.value.__cause__ is None and raised.value.__suppress_context__
+    assert "S3cretPw" not in caplog.text
