@@ -13,7 +13,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from kafka import KafkaProducer
+from kafka import KafkaConsumer, KafkaProducer
 from kafka.errors import KafkaError
 
 from devtools.messages import Message
@@ -84,12 +84,25 @@ def process_exists(pid: int) -> bool:
     return True
 
 
-def produce(config: dict, topic: str, messages: list[Message], timeout_s: float = 30) -> list[str]:
-    """Send `messages` to `topic` with acks=all; "topic[partition]@offset" of each, in order."""
+def existing_topics(config: dict) -> set[str]:
+    consumer = KafkaConsumer(**config, allow_auto_create_topics=False)
     try:
-        producer = KafkaProducer(**config, acks="all", max_block_ms=int(timeout_s * 1000))
+        return consumer.topics()
+    finally:
+        consumer.close()
+
+
+def produce(config: dict, topic: str, messages: list[Message], timeout_s: float = 30, create: bool = True) -> list[str]:
+    """Send `messages` to `topic` with acks=all; "topic[partition]@offset" of each, in order. Without
+    `create`, a topic the broker does not have is an error: a mistyped name must not become a topic."""
+    try:
+        producer = KafkaProducer(**config, acks="all", max_block_ms=int(timeout_s * 1000),
+                                 allow_auto_create_topics=create)
     except KafkaError as error:
         raise LocalRunError(f"cannot reach the local broker at {config['bootstrap_servers']}: {error}") from None
+    if not create and topic not in existing_topics(config):
+        producer.close(timeout=5)
+        raise LocalRunError(f"topic {topic} does not exist on the local broker: check --topic")
     try:
         futures = [producer.send(topic, key=m.key, value=m.value, headers=m.headers) for m in messages]
         placed = [future.get(timeout=timeout_s) for future in futures]

@@ -9,7 +9,8 @@ Blank lines and lines starting with `#` are skipped.
 
 The message form is a JSON object with a "value" field and no fields besides "key", "value" and
 "headers". "value": a string is sent as its UTF-8 text, any other JSON (object, array, number) as
-JSON, null as a tombstone (no value). "key": a string, or null/absent for none. "headers": an object
+JSON, null as a tombstone (no value, and then a key is required). "key": a string, or null/absent
+for none. "headers": an object
 of name → string, or a list of [name, string] pairs (a name may repeat). To send an object that
 happens to look like the form as a value, wrap it: {"value": {"value": 1}}.
 """
@@ -73,7 +74,11 @@ def parse_line(line: str) -> Message | None:
         # A plain-text value may not start with "{": that line is meant as JSON, so say what is wrong.
         raise MessageError(f"starts with '{{' but is not JSON: {error.msg} (column {error.colno})") from None
     if isinstance(parsed, dict) and "value" in parsed and set(parsed) <= FORM_FIELDS:
-        return Message(form_value(parsed["value"]), form_key(parsed.get("key")), form_headers(parsed.get("headers")))
+        message = Message(form_value(parsed["value"]), form_key(parsed.get("key")), form_headers(parsed.get("headers")))
+        if message.key is None and message.value is None:
+            raise MessageError('a tombstone ("value": null) needs a "key": it deletes that key\'s value in a compacted '
+                               "topic, and the client sends no record with neither")
+        return message
     return Message(text.strip().encode())
 
 

@@ -44,7 +44,13 @@ def messages_to_send(arguments: argparse.Namespace) -> list:
         return read_messages(arguments.file) + parse_lines(arguments.messages, "<arguments>")
     if arguments.messages:
         return parse_lines(arguments.messages, "<arguments>")
-    return [] if sys.stdin.isatty() else parse_lines(sys.stdin, "<stdin>")
+    if sys.stdin.isatty():
+        return []
+    data = sys.stdin.buffer.read()
+    try:
+        return parse_lines(data.decode("utf-8").splitlines(), "<stdin>")
+    except UnicodeDecodeError as error:
+        raise MessageError(f"<stdin>: not UTF-8 text (byte {error.start}); send binary values from Python") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             raise MessageError("nothing to send: give messages as arguments, --file FILE, or pipe them in")
         run = find_local_run()
         topic = arguments.topic or run.topics[0]
-        for place in produce(run.kafka_config(), topic, messages):
+        for place in produce(run.kafka_config(), topic, messages, create=False):
             print(f"sent {place}")
     except (MessageError, LocalRunError) as error:
         print(f"send.py: {error}", file=sys.stderr)

@@ -23,7 +23,7 @@ import pytest
 from kafka import KafkaProducer
 
 import main
-from devtools.local_state import STATE_FILE_NAME, find_local_run
+from devtools.local_state import STATE_FILE_NAME, existing_topics, find_local_run
 from devtools.messages import Message, MessageError, parse_line, read_messages
 from devtools.run_local import KernelLoadError, ask_kernel
 from tests.conftest import (
@@ -338,11 +338,32 @@ def test_bad_input_gets_a_one_line_error(local_run, tmp_path):
         ([str(project / "devtools" / "send.py"), "hello"], r"^send\.py: no local run found .+ does not exist.+\n$"),
         ([str(project / "devtools" / "send.py"), '{"key": 1, "value": "v"}'],
          r'^send\.py: <arguments>:1: "key" must be a string or null, not 1\n$'),
+        ([str(project / "devtools" / "send.py"), '{"value": null}'],
+         r'^send\.py: <arguments>:1: a tombstone \("value": null\) needs a "key".+\n$'),
     ]
     for command, error in checks:
         result = subprocess.run([sys.executable, *command], capture_output=True, text=True, timeout=60,
                                 stdin=subprocess.DEVNULL, env=local_run.env())
         assert result.returncode != 0 and re.search(error, result.stderr), (command, result.stderr)
+    tombstone = write_messages(tmp_path / "tombstone.jsonl", ['{"value": null}'])
+    result = subprocess.run([sys.executable, str(project / "devtools" / "run_local.py"), "--messages", str(tombstone)],
+                            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL, env=local_run.env())
+    assert result.returncode == 2 and "needs a \"key\"" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_send_refuses_binary_input_and_a_topic_that_does_not_exist(local_run):
+    local_run.copy_project()
+    run = local_run.start()
+    run.wait_for(r"Partitions assigned")
+    binary = subprocess.run([sys.executable, str(local_run.project / "devtools" / "send.py")], input=b"\xff\xfe\x00",
+                            capture_output=True, timeout=60, env=local_run.env())
+    assert binary.returncode == 1 and b"send.py: <stdin>: not UTF-8 text (byte 0)" in binary.stderr, binary.stderr
+    assert b"Traceback" not in binary.stderr
+    typo = local_run.send("--topic", "typo", "x")
+    assert typo.returncode == 1 and "send.py: topic typo does not exist on the local broker" in typo.stderr, typo.stderr
+    state = find_local_run(local_run.project)
+    assert "typo" not in existing_topics(state.kafka_config()), "the mistyped topic was created"
+    assert run.ctrl_c() == 0
 
 
 @pytest.mark.parametrize("line, expected", [
@@ -367,6 +388,7 @@ def test_a_message_line(line, expected):
     ('{"key": 1, "value": "v"}', '"key" must be a string or null, not 1'),
     ('{"value": "v", "headers": {"h": 1}}', '"headers": ["h", 1] is not a name and a string value'),
     ('{"value": "v", "headers": "h"}', '"headers" must be an object'),
+    ('{"value": null}', 'a tombstone ("value": null) needs a "key"'),
 ])
 def test_a_malformed_message_line(line, error):
     with pytest.raises(MessageError, match=re.escape(error)):
