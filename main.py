@@ -1428,29 +1428,38 @@ class LaneTask:
         return bool(self.started_s) and self.finished < len(self.records)
 
 
-def call_handler(handler: Callable, argument, producer: KernelProducer | None) -> tuple[object, list[Future]]:
-    """handler(argument): process_message(record) or process_batch(records), with send() going to
-    `producer`; its result and the sends it made (also kept on a DeadLetter it raises, as .sends)."""
+@contextlib.contextmanager
+def sends_of_calls(producer: KernelProducer | None) -> Iterator[list[Future]]:
+    """While in the block, send() on this worker thread goes to `producer`, and its futures into the
+    list yielded, for the caller to take after each call. Set up once per task, not per message."""
     current_call.producer, current_call.sends = producer, []
     try:
-        return handler(argument), current_call.sends
-    except DeadLetter as rejection:
-        rejection.sends = current_call.sends
-        raise
+        yield current_call.sends
     finally:
         current_call.sends = None
 
 
-def process_record(handler: Callable, record, producer: KernelProducer | None) -> list[Future] | TaskFailure:
-    """Call the handler on one record: the sends it made if it returned True, else why not."""
+def call_handler(handler: Callable, argument, producer: KernelProducer | None) -> tuple[object, list[Future]]:
+    """handler(argument), process_batch(records) say, with send() going to `producer`; its result and
+    the sends it made (also kept on a DeadLetter it raises, as .sends)."""
+    with sends_of_calls(producer) as sends:
+        try:
+            return handler(argument), sends
+        except DeadLetter as rejection:
+            rejection.sends = sends
+            raise
+
+
+def process_record(handler: Callable, record) -> TaskFailure | None:
+    """Call process_message on one record: None if it returned True, else why not."""
     try:
-        result, sends = call_handler(handler, record, producer)
+        result = handler(record)
     except DeadLetter as rejection:
         return TaskFailure(Consequence.DEAD_LETTER, str(rejection) or "process_message raised DeadLetter")
     except BaseException as error:  # SystemExit and KeyboardInterrupt too: exit code 1 like any other
         raise MessageFailed("process_message", [record]) from error
     if result is True:
-        return sends
+        return None
     if result is False:
         return TaskFailure(Consequence.RETRY, "process_message returned False")
     raise MessageFailed("process_message", [record]) from TypeError(
@@ -1532,35 +1541,38 @@ def process_task(task: LaneTask, handler: Callable, stop: StopSignal, producer: 
     """Call the handler on each record of `task` until one is not done (on a worker thread).
 
     A record counts as finished once the broker has confirmed what its call sent; the confirmations
-    are collected without waiting as the records go by, and waited for when the task ends."""
+    are collected without waiting as the records go by, and waited for when the task ends. This is
+    the kernel's innermost loop: what it does per message, every kernel pays for."""
     if metrics is not None:
         observe = metrics.processing.labels(task.lane.partition.topic).observe
         count = metrics.processed.labels(task.lane.partition.topic).inc
     unconfirmed: deque[list[Future]] = deque()  # sends of the records after records[finished] that returned True
-    try:
-        for record in task.records:
-            if task.cancelled or stop.requested:
-                return
-            task.started_s = time.monotonic()
-            try:
-                outcome = process_record(handler, record, producer)
-            finally:
-                if metrics is not None:
-                    observe(time.monotonic() - task.started_s)
-            if isinstance(outcome, TaskFailure):
-                task.failure = outcome
-                return
-            if outcome or unconfirmed:  # it sent something, or an earlier record's sends are unconfirmed
-                unconfirmed.append(outcome)
-                confirm_sends(task, unconfirmed, timeout_s=0)
-                if task.failure:
+    with sends_of_calls(producer) as sends:
+        try:
+            for record in task.records:
+                if task.cancelled or stop.requested:
                     return
-            else:
-                task.finished += 1
-            if metrics is not None:
-                count()
-    finally:
-        confirm_sends(task, unconfirmed, timeout_s=producer.timeout_s if producer else 0)
+                task.started_s = time.monotonic()
+                try:
+                    failure = process_record(handler, record)
+                finally:
+                    if metrics is not None:
+                        observe(time.monotonic() - task.started_s)
+                if failure is not None:  # what it sent is not awaited: it is retried or dead-lettered anyway
+                    task.failure = failure
+                    return
+                if sends or unconfirmed:  # it sent something, or an earlier record's sends are unconfirmed
+                    unconfirmed.append(sends.copy())
+                    sends.clear()
+                    confirm_sends(task, unconfirmed, timeout_s=0)
+                    if task.failure:
+                        return
+                else:
+                    task.finished += 1
+                if metrics is not None:
+                    count()
+        finally:
+            confirm_sends(task, unconfirmed, timeout_s=producer.timeout_s if producer else 0)
 
 
 def process_batch_task(task: LaneTask, handler: Callable, stop: StopSignal, producer: KernelProducer | None = None,

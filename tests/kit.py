@@ -103,11 +103,12 @@ def call(message: ConsumerRecord, handler: Callable[[Any], bool] | None = None) 
     kernel's own rules for what its result means (main.process_record)."""
     producer = CapturedProducer()
     try:
-        outcome = main.process_record(handler or main.process_message, message, producer)
-    except main.MessageFailed as failure:  # the kernel would stop: the handler's exception, or a wrong result
-        raise failure.__cause__ from None
-    if isinstance(outcome, main.TaskFailure):
-        dead_letter = outcome.reason if outcome.consequence is main.Consequence.DEAD_LETTER else None
+        with main.sends_of_calls(producer):
+            failure = main.process_record(handler or main.process_message, message)
+    except main.MessageFailed as stopped:  # the kernel would stop: the handler's exception, or a wrong result
+        raise stopped.__cause__ from None
+    if failure is not None:
+        dead_letter = failure.reason if failure.consequence is main.Consequence.DEAD_LETTER else None
         return Outcome(None if dead_letter else False, producer.sent, dead_letter)
     return Outcome(True, producer.sent)
 
