@@ -1417,6 +1417,7 @@ class LaneTask:
 
     lane: Lane
     records: list
+    bytes: int = 0  # what the records hold in memory (memory_cost), known from when they were fetched
     finished: int = 0  # records[:finished] returned True and what they sent is confirmed
     failure: TaskFailure | None = None  # why records[finished] did not finish
     started_s: float = 0.0  # time.monotonic() when records[finished] started
@@ -1674,6 +1675,7 @@ class Lane:
     partition: TopicPartition
     key: bytes | None
     records: deque = dataclasses.field(default_factory=deque)  # fetched, waiting for their turn
+    bytes: int = 0  # what those records hold in memory (memory_cost)
     task: LaneTask | None = None  # handed to a worker
     retry: PendingRetry | None = None  # records[0] failed and waits for its next attempt
     # When its oldest waiting record arrived: a batch that is not full waits for more until then plus
@@ -1696,10 +1698,10 @@ RECORD_OVERHEAD_BYTES = 350  # what a fetched record holds besides its key, valu
 HEADER_OVERHEAD_BYTES = 150  # and each of its headers besides its name and value
 
 
-def memory_cost(records: list) -> int:
+def memory_cost(records) -> int:
     """About what fetched records hold in memory: the sizes of their keys, values and headers, as the
-    client counted them while decoding (-1 for none), and the objects around them. A loop rather than
-    a call per record: it runs twice for every message."""
+    client counted them while decoding (-1 for none), and the objects around them. Once per message,
+    when it is fetched; the lanes and tasks carry the figure on."""
     cost = RECORD_OVERHEAD_BYTES * len(records)
     for record in records:
         cost += record.serialized_key_size + record.serialized_value_size
@@ -1716,13 +1718,13 @@ class PartitionState:
     fetched_end: int | None = None  # offset after the last fetched record
     committed: int | None = None  # the last offset this kernel committed
 
-    def hold(self, records: list) -> None:
-        self.unfinished += len(records)
-        self.unfinished_bytes += memory_cost(records)
+    def hold(self, count: int, nbytes: int) -> None:
+        self.unfinished += count
+        self.unfinished_bytes += nbytes
 
-    def let_go(self, records: list) -> None:
-        self.unfinished -= len(records)
-        self.unfinished_bytes -= memory_cost(records)
+    def let_go(self, count: int, nbytes: int) -> None:
+        self.unfinished -= count
+        self.unfinished_bytes -= nbytes
 
     def next_commit(self) -> int | None:
         """The end of the longest finished prefix: never past an unfinished or failed message."""
@@ -1765,15 +1767,20 @@ class Ledger:
         if state.fetched_end is None:  # where the group's committed offset (or the reset) put us
             state.committed = records[0].offset
         state.fetched_end = records[-1].offset + 1
-        state.hold(records)
         if self.keyed:
+            nbytes = 0
             for record in records:
-                self.lane_for(partition, state, record.key).records.append(record)
+                lane = self.lane_for(partition, state, record.key)
+                lane.records.append(record)
+                lane.bytes += (cost := memory_cost((record,)))
+                nbytes += cost
         else:
             lane = self.lane_for(partition, state, None)
             lane.records.extend(records)
+            lane.bytes += (nbytes := memory_cost(records))  # counted once, here: the tasks carry it on
             if lane.waiting_since_s is None:
                 lane.waiting_since_s = now_s
+        state.hold(len(records), nbytes)
 
     def lane_for(self, partition: TopicPartition, state: PartitionState, key: bytes | None) -> Lane:
         """The key's lane in the partition, made if new; ready for a task unless one is in flight or
@@ -1795,8 +1802,9 @@ class Ledger:
             return self.start_batches(now_s)
         tasks = []
         for lane in self.ready:
-            lane.task = LaneTask(lane, list(lane.records))
+            lane.task = LaneTask(lane, list(lane.records), lane.bytes)
             lane.records.clear()
+            lane.bytes = 0
             tasks.append(lane.task)
         self.in_flight.update(tasks)
         self.ready.clear()
@@ -1814,7 +1822,10 @@ class Ledger:
             else:
                 continue  # not full, and may wait for more
             del self.ready[lane]
-            lane.task = LaneTask(lane, [lane.records.popleft() for _ in range(size)])
+            records = [lane.records.popleft() for _ in range(size)]
+            nbytes = memory_cost(records) if lane.records else lane.bytes
+            lane.bytes -= nbytes
+            lane.task = LaneTask(lane, records, nbytes)
             if not lane.records:
                 lane.waiting_since_s = None
             tasks.append(lane.task)
@@ -1836,10 +1847,13 @@ class Ledger:
         state = self.partitions.get(lane.partition)
         if state is None or state.lanes.get(lane.key) is not lane:
             return None
+        finished_bytes = task.bytes
         if task.finished < len(task.records):
+            finished_bytes = memory_cost(task.records[:task.finished])
             lane.records.extendleft(reversed(task.records[task.finished:]))
+            lane.bytes += task.bytes - finished_bytes
             lane.waiting_since_s = 0.0  # they have waited already: the next batch need not wait for more
-        state.let_go(task.records[:task.finished])
+        state.let_go(task.finished, finished_bytes)
         if task.finished and lane.retry is not None:  # the retried message succeeded
             lane.retry = None
         return lane
@@ -1850,7 +1864,8 @@ class Ledger:
 
     def pass_first(self, lane: Lane) -> None:
         """The lane's first record is dealt with without finishing (it was dead-lettered)."""
-        self.partitions[lane.partition].let_go([lane.records.popleft()])
+        lane.bytes -= (nbytes := memory_cost((lane.records.popleft(),)))
+        self.partitions[lane.partition].let_go(1, nbytes)
         lane.retry = None
 
     def requeue(self, lane: Lane) -> None:

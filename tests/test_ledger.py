@@ -162,3 +162,38 @@ def test_a_retried_batch_is_the_same_batch_and_what_follows_a_dead_letter_goes_i
     assert book.commits_due() == {P0: 2}
     [task] = book.start_tasks(now_s=5)
     assert [r.offset for r in task.records] == [2, 3]
+
+
+def held(book: main.Ledger, partition: TopicPartition) -> list:
+    """The records the partition holds: waiting in its lanes, and out in its tasks."""
+    lanes = book.partitions[partition].lanes.values()
+    return [r for lane in lanes for r in lane.records] + [r for lane in lanes if lane.task for r in lane.task.records]
+
+
+def test_bytes_counted_once_at_fetch_stay_equal_to_what_the_records_hold():
+    """memory_cost runs once per record, when it is fetched; the lanes and tasks carry the figure on.
+    Through keyed lanes, batches, tasks that stop part way and dead letters, the count stays exact."""
+    def sized(offset, key=None, size=100):
+        return ConsumerRecord("t", 0, None, offset, 0, 0, key, b"x" * size, [], None, -1 if key is None else len(key),
+                              size, -1)
+
+    for book in (ledger(), ledger(keyed=True), batches(max_messages=2, max_wait_s=0)):
+        book.assign({P0})
+        book.add(P0, [sized(0, b"a", 10), sized(1, b"b", 2000), sized(2, b"a", 30)])
+        book.add(P0, [sized(3, b"b", 400), sized(4, None, 5000)])
+        for round_ in range(12):
+            lanes = book.partitions[P0].lanes.values()
+            assert all(lane.bytes == main.memory_cost(lane.records) for lane in lanes)
+            assert book.partitions[P0].unfinished_bytes == book.unfinished_bytes == main.memory_cost(held(book, P0))
+            tasks = book.start_tasks(1.0)
+            if not tasks:
+                break
+            for task in tasks:
+                assert task.bytes == main.memory_cost(task.records)
+                # first half-way, a dead letter now and then, then all the way
+                lane = back(book, task, finished=len(task.records) // 2 if round_ < 4 else len(task.records))
+                if lane is not None and lane.records and round_ % 2:
+                    book.pass_first(lane)
+                if lane is not None:
+                    book.requeue(lane)
+        assert book.unfinished == 0 and book.unfinished_bytes == 0, "everything done: nothing held"
