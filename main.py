@@ -1407,7 +1407,7 @@ class TaskFailure:
     batch: int | None = None  # process_batch: how many records from the failed one go together
 
 
-@dataclasses.dataclass(eq=False)
+@dataclasses.dataclass(eq=False, slots=True)
 class LaneTask:
     """A run of one lane's records handed to a worker thread, processed in offset order.
 
@@ -1667,7 +1667,7 @@ class PendingRetry:
     batch: int | None = None  # process_batch: the records tried again together, from the first
 
 
-@dataclasses.dataclass(eq=False)
+@dataclasses.dataclass(eq=False, slots=True)
 class Lane:
     """Records processed strictly one after another: those of one key in a partition, or of the
     whole partition. At most one task of a lane is in flight, which is what keeps the order."""
@@ -1768,11 +1768,14 @@ class Ledger:
             state.committed = records[0].offset
         state.fetched_end = records[-1].offset + 1
         if self.keyed:
-            nbytes = 0
+            by_key: dict[bytes | None, list] = {}
             for record in records:
-                lane = self.lane_for(partition, state, record.key)
-                lane.records.append(record)
-                lane.bytes += (cost := memory_cost((record,)))
+                by_key.setdefault(record.key, []).append(record)
+            nbytes = 0
+            for key, keyed in by_key.items():
+                lane = self.lane_for(partition, state, key)
+                lane.records.extend(keyed)
+                lane.bytes += (cost := memory_cost(keyed))
                 nbytes += cost
         else:
             lane = self.lane_for(partition, state, None)
