@@ -1287,7 +1287,7 @@ class KernelProducer:
             if self.client is None:  # the lock is taken only until the client exists
                 with self.lock:
                     if self.client is None:
-                        self.client = KafkaProducer(**self.config)
+                        self.client = self.mended(KafkaProducer(**self.config))
             future = self.client.send(topic, key=key, value=value, headers=headers)
         except KafkaError as error:  # no broker, the buffer stayed full, or the topic is unknown
             future = kafka.future.Future().failure(error)
@@ -1299,6 +1299,30 @@ class KernelProducer:
     def close(self) -> None:
         if self.client is not None:
             self.client.close(timeout=self.timeout_s)
+
+    @staticmethod
+    def mended(client: KafkaProducer) -> KafkaProducer:
+        """Works around a kafka-python 2.3.3 bug that stops a partition's sends for good. A produce
+        request that failed on the client's side (it timed out, or its connection broke) after its
+        batch's delivery timeout (here equal to the request timeout: so after every timeout) reaches
+        Sender._fail_batch with the exception where its class is expected: "TypeError:
+        'RequestTimedOutError' object is not callable". The batch is never completed and its
+        partition never unmuted (one request in flight keeps outputs in order), so every later send
+        to it expires until the kernel restarts: a broker failover could stall a kernel for good.
+        Passing the class and its message, as a broker's errors come, lets the batch fail and the
+        partition go on. Came with PartitionResponse (dpkp/kafka-python#2661, 2.3.0); 3.0 fixed it
+        (Sender._complete_batch_with_exception)."""
+        sender = client._sender
+        fail_batch = sender._fail_batch
+
+        def fail_batch_with_class(batch, response):
+            if isinstance(response.error, Exception):
+                error = response.error
+                response = response._replace(error=type(error), error_message=error.args[0] if error.args else None)
+            fail_batch(batch, response)
+
+        sender._fail_batch = fail_batch_with_class
+        return client
 
 
 def dead_letter_headers(record, attempts: int, group_id: str, exception: str, reason: str,

@@ -1,9 +1,11 @@
 """Broker failover on a three-node Apache Kafka cluster (KRaft, replication factor 3,
 min.insync.replicas=2): while the kernel consumes and forwards with send(), the leader of its
 partitions is killed, then its group's coordinator, then every node is restarted in turn. The kernel
-never restarts and loses nothing; each pause (kill -> the next output the brokers append) is printed."""
+never restarts and loses nothing; each pause (kill -> the next output the brokers append) is printed.
+And a leader that freezes for longer than the produce timeout: the kernel's sends go on after it."""
 
 import json
+import re
 import signal
 import threading
 import time
@@ -22,11 +24,13 @@ RATE = 200  # input messages a second, while the brokers fail
 
 class SteadyProducer(threading.Thread):
     """Produces JSON events numbered from 0 at RATE a second until stopped, acks=all, through every
-    failover (librdkafka retries until its message timeout); counts what was delivered per partition."""
+    failover (librdkafka retries until its message timeout); counts what was delivered per partition.
+    Idempotent: a retry of a write that did land is not written twice, so each partition holds exactly
+    what was delivered, which is what the group must end up committing."""
 
     def __init__(self, cluster, topic: str, partitions: int):
         super().__init__(daemon=True)
-        self.producer = Producer(cluster.client_config(**{"acks": "all", "linger.ms": 5}))
+        self.producer = Producer(cluster.client_config(**{"acks": "all", "linger.ms": 5, "enable.idempotence": True}))
         self.topic, self.partitions = topic, partitions
         self.sent = 0
         self.delivered: dict[int, int] = {p: 0 for p in range(partitions)}
@@ -118,3 +122,47 @@ def test_leader_and_coordinator_killed_and_every_broker_restarted_loses_nothing(
     outputs = {json.loads(record.value())["n"] for record in cluster.read_topic(output, 3)}
     assert outputs == set(range(producer.sent)), f"{producer.sent - len(outputs)} inputs without their output"
     print("\nfailover pauses (kill -> next output appended): " + "; ".join(f"{what}: {s:.1f} s" for what, s in pauses))
+
+
+SLOW_FORWARDER = """import os, sys, time
+sys.path.insert(0, {repo!r})
+import main
+
+
+def process_message(message):
+    main.send(os.environ["TEST_OUTPUT_TOPIC"], message.value, key=message.key)
+    time.sleep(0.05)  # so that records are still in hand while the broker is frozen
+    return True
+
+
+sys.exit(main.run_kernel(process_message, name="slow-forwarder", default_topic="unused"))
+"""
+
+
+def test_sends_go_on_after_a_produce_request_timed_out_on_a_frozen_leader(cluster, kernels, tmp_path):
+    """A leader that stops answering but keeps its connections (a long GC pause, a hung disk: SIGSTOP
+    here) times the kernel's produce request out on the client's side. kafka-python 2.3.3 then kept
+    the output partition muted for good: every later send expired, and nothing was committed again
+    until a restart (KernelProducer.mended)."""
+    brokers = cluster.broker
+    source, output = f"frozen-in-{uuid.uuid4().hex[:6]}", f"frozen-out-{uuid.uuid4().hex[:6]}"
+    brokers.create_topic(source, 1, leader=2)
+    brokers.create_topic(output, 1, leader=3)
+    produced = cluster.produce(source, [(0, None, f"m{i}".encode()) for i in range(200)])
+    handler = tmp_path / "slow_forwarder.py"
+    handler.write_text(SLOW_FORWARDER.format(repo=kernels.repo))
+    kernel = kernels.start(kernels.env(source, "frozen", KAFKA_PRODUCE_TIMEOUT_MS=2000, TEST_OUTPUT_TOPIC=output),
+                           script=handler)
+    kernel.wait_for_log("Partitions assigned", 60)
+    time.sleep(1)  # sending: the 200 take 10 s
+    leader = brokers.node(3).process
+    leader.send_signal(signal.SIGSTOP)
+    try:
+        wait_until(lambda: re.search(r"Error sending produce request .*RequestTimedOutError", kernel.log()), 20,
+                   lambda: f"a produce request timed out\n{kernel.log()[-3000:]}")
+    finally:
+        leader.send_signal(signal.SIGCONT)
+    wait_committed(cluster, kernel, "frozen", source, produced, 1, timeout_s=60)
+    assert kernel.stop() == 0
+    assert {record.value() for record in cluster.read_topic(output, 1)} == {f"m{i}".encode() for i in range(200)}
+    brokers.wait_in_sync([source, output, "__consumer_offsets"], timeout_s=90)
