@@ -1211,6 +1211,23 @@ def probe_connection(config: dict, server: str, timeout_s: float) -> tuple[str, 
     return "network", f"{server}: {error or 'no answer'}"
 
 
+def with_coordinator_backoff(consumer: KafkaConsumer) -> KafkaConsumer:
+    """Works around a busy loop of kafka-python 2.3 while the group's coordinator is down: until the
+    controller fences the dead broker (about 9 s on Apache Kafka), the others still name it, and the
+    client marks it dead and asks again at once, some 500 times a second (since dpkp/kafka-python#2530;
+    Java's client waits retry.backoff.ms there). It now waits retry_backoff_ms (100 ms) too."""
+    coordinator = consumer._coordinator
+    mark_dead, backoff_s = coordinator.coordinator_dead, consumer.config["retry_backoff_ms"] / 1000
+
+    def coordinator_dead(error) -> None:
+        mark_dead(error)
+        if error == "Node Disconnected":  # the one kafka-python retries at once
+            time.sleep(backoff_s)
+
+    coordinator.coordinator_dead = coordinator_dead
+    return consumer
+
+
 def connect_consumer(settings: KernelSettings, tls: TlsFiles | None, stop: StopSignal) -> KafkaConsumer | None:
     """Create the consumer once a bootstrap server accepts a connection made as the consumer's are,
     retrying until KAFKA_BOOTSTRAP_TIMEOUT_MS; None if a stop was requested. Refused credentials and
@@ -1223,7 +1240,7 @@ def connect_consumer(settings: KernelSettings, tls: TlsFiles | None, stop: StopS
             for server in settings.bootstrap_servers:
                 failure = probe_connection(config, server, timeout_s=PROBE_TIMEOUT_S)
                 if failure is None:
-                    return KafkaConsumer(**config)
+                    return with_coordinator_backoff(KafkaConsumer(**config))
                 failures.append(failure)
         except NoBrokersAvailable:
             failures.append(("network", "the consumer found no broker"))
