@@ -2,6 +2,7 @@
 output, and no certificate file left behind."""
 
 import base64
+import re
 import shutil
 import subprocess
 import sys
@@ -119,8 +120,9 @@ def test_dotenv_fills_in_but_the_real_environment_wins(kernels, tmp_path):
 
 def test_dotenv_is_read_before_your_part_runs(kernels, tmp_path):
     """Module-level code of the author's part (say DATABASE_URL = os.environ.get(...)) sees .env."""
-    text = MAIN.read_text().replace('KERNEL_NAME = "hello-world"',
-                                    'import os\n\nKERNEL_NAME = os.environ.get("TEST_KERNEL_NAME", "hello-world")', 1)
+    # Whatever the kernel is called, its name now comes from the environment, read at module level.
+    text = re.sub(r"^KERNEL_NAME = .*$", 'import os\n\nKERNEL_NAME = os.environ.get("TEST_KERNEL_NAME", "x")',
+                  MAIN.read_text(), count=1, flags=re.M)
     (tmp_path / "main.py").write_text(text)
     (tmp_path / ".env").write_text("TEST_KERNEL_NAME=named-in-dotenv\nKAFKA_BOOTSTRAP_TIMEOUT_MS=1000\n")
     env = kernels.env("topic", "group", tls=False, KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:1")
