@@ -24,7 +24,7 @@ from psycopg import sql
 
 import main
 from devtools.broker import free_port
-from examples import analytics, memory, notification, transform
+from examples import analytics, memory, notification, transform, triage
 from tests.conftest import MAIN, REPO, copy_repository, http_get, wait_committed, wait_until
 from tests.kit import call, call_batch, make_message
 
@@ -37,7 +37,7 @@ MALFORMED = [  # (label, value, what the dead-letter reason says)
     ("tombstone", None, "no value (a tombstone)"),
     ("1 MB", BIG.encode(), f"the value is {len(BIG)} bytes, over the"),
 ]
-EXAMPLES = [transform, memory, notification]
+EXAMPLES = [transform, memory, notification, triage]
 
 
 def dead_letters(cluster, topic: str) -> dict[str, str]:
@@ -60,7 +60,8 @@ def test_malformed_input_is_dead_lettered_with_its_reason(example, label, value,
     assert outcome.result is None and reason in outcome.dead_letter
 
 
-@pytest.mark.parametrize("example, field", [(transform, "type"), (memory, "text"), (notification, "recipient")])
+@pytest.mark.parametrize("example, field", [(transform, "type"), (memory, "text"), (notification, "recipient"),
+                                            (triage, "text")])
 def test_a_missing_field_is_dead_lettered_by_name(example, field):
     event = {"id": "e-1", "type": "t", "user_id": "u", "text": "hi", "recipient": "r"}
     del event[field]
@@ -265,14 +266,7 @@ class Webhook:
                     return
                 if recipient == "slow" and seen == 0:
                     time.sleep(1.5)  # past WEBHOOK_TIMEOUT_S
-                text = b"unknown recipient" if status == 400 else b"ok"
-                try:
-                    self.send_response(status)
-                    self.send_header("Content-Length", str(len(text)))
-                    self.end_headers()
-                    self.wfile.write(text)
-                except OSError:  # "slow": the client gave up waiting
-                    pass
+                write_answer(self, status, b"unknown recipient" if status == 400 else b"ok")
 
             def log_message(self, *args):
                 pass
@@ -291,6 +285,18 @@ class Webhook:
     def delivered(self) -> set[str]:
         """Recipients with a request answered 200."""
         return {recipient for recipient, _, status in self.requests if status == 200}
+
+
+def write_answer(handler: BaseHTTPRequestHandler, status: int, body: bytes, headers: dict | None = None) -> None:
+    """Answer the request of a local test server; a client that gave up waiting ("slow") is no error."""
+    try:
+        handler.send_response(status)
+        for name, value in {**(headers or {}), "Content-Length": str(len(body))}.items():
+            handler.send_header(name, value)
+        handler.end_headers()
+        handler.wfile.write(body)
+    except OSError:
+        pass
 
 
 @pytest.fixture
@@ -375,11 +381,18 @@ def adopt(example: str, main_path) -> None:
                    check=True, capture_output=True)
 
 
-@pytest.mark.parametrize("example", ["transform", "memory", "notification", "analytics"])
-def test_adopting_an_example_gives_a_main_py_that_passes_the_linter(tmp_path, example):
-    adopted = tmp_path / "main.py"
+def adopted_main(example: str, directory: Path) -> Path:
+    """A copy of main.py in `directory` (made if missing) with `example` adopted; its path."""
+    directory.mkdir(parents=True, exist_ok=True)
+    adopted = directory / "main.py"
     adopted.write_text(MAIN.read_text())
     adopt(example, adopted)
+    return adopted
+
+
+@pytest.mark.parametrize("example", ["transform", "memory", "notification", "analytics", "triage"])
+def test_adopting_an_example_gives_a_main_py_that_passes_the_linter(tmp_path, example):
+    adopted = adopted_main(example, tmp_path)
     text = adopted.read_text()
     assert f'KERNEL_NAME = "{example}-kernel"' in text and "from main import" not in text
     assert "def describe_timestamp" in text and "class ConsumerLoop:" in text, "the kernel itself stays"
@@ -389,10 +402,7 @@ def test_adopting_an_example_gives_a_main_py_that_passes_the_linter(tmp_path, ex
 
 
 def test_an_adopted_transform_kernel_runs_as_main_py(cluster, kernels, tmp_path):
-    adopted = tmp_path / "adopted" / "main.py"
-    adopted.parent.mkdir()
-    adopted.write_text(MAIN.read_text())
-    adopt("transform", adopted)
+    adopted = adopted_main("transform", tmp_path / "adopted")
     source, output, dlt = (cluster.create_topic(partitions=1) for _ in range(3))
     group = f"adopted-{uuid.uuid4().hex[:6]}"
     produced = cluster.produce(source, [(0, b"k", b'{"id": "e-1", "type": "t"}'), (0, b"bad", b"not json")])
@@ -409,7 +419,7 @@ def test_an_adopted_transform_kernel_runs_as_main_py(cluster, kernels, tmp_path)
     ("database", memory, {"psycopg", "psycopg-binary", "psycopg-pool"}),
     ("database", analytics, {"psycopg", "psycopg-binary", "psycopg-pool"}),
     ("http", notification, {"httpx"}),
-    ("ai", None, {"anthropic"}),
+    ("ai", triage, {"anthropic"}),
 ])
 def test_each_extra_installs_what_its_example_imports(tmp_path, extra, example, packages):
     """`uv sync --extra NAME` (dry run, into an empty environment) installs the example's packages."""
@@ -420,20 +430,17 @@ def test_each_extra_installs_what_its_example_imports(tmp_path, extra, example, 
     assert result.returncode == 0, result.stderr
     installed = set(re.findall(r"^ \+ ([\w.-]+)==", result.stderr + result.stdout, re.M))
     assert packages <= installed, f"uv sync --extra {extra} would not install {packages - installed}"
-    if example is not None:
-        imported = set(re.findall(r"^(?:import|from) (\w+)", Path(example.__file__).read_text(), re.M))
-        third_party = {name.replace("_", "-") for name in imported
-                       if name not in sys.stdlib_module_names and name not in ("main", "examples")}
-        assert third_party and third_party <= installed, f"examples/{example.__name__} imports {third_party}"
+    imported = set(re.findall(r"^(?:import|from) (\w+)", Path(example.__file__).read_text(), re.M))
+    third_party = {name.replace("_", "-") for name in imported
+                   if name not in sys.stdlib_module_names and name not in ("main", "examples")}
+    assert third_party and third_party <= installed, f"examples/{example.__name__} imports {third_party}"
 
 
 def test_the_local_run_of_an_adopted_kernel_dead_letters_samples_it_cannot_use(tmp_path):
     """`uv run devtools/run_local.py` after adopting transform: its samples lack "id" and "type", so
     they go to the local dead-letter topic instead of stopping the kernel."""
     shutil.copytree(REPO / "devtools", tmp_path / "devtools", ignore=shutil.ignore_patterns("__pycache__"))
-    adopted = tmp_path / "main.py"
-    adopted.write_text(MAIN.read_text())
-    adopt("transform", adopted)
+    adopted_main("transform", tmp_path)
     log_path = tmp_path / "run_local.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "KERNEL_"))}
     with log_path.open("wb") as log:
