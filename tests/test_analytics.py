@@ -139,7 +139,13 @@ def test_sigkills_while_events_arrive_leave_each_event_stored_once_and_the_rollu
     env = kernels.env(topic, group, KERNEL_CONCURRENCY=3, KERNEL_BATCH_MAX_MESSAGES=200, LOG_LEVEL="DEBUG",
                       KAFKA_SESSION_TIMEOUT_MS=cluster.shortest_session_timeout_ms, **warehouse.env())
     rng, runs = random.Random(6000), []
-    for _ in range(3):
+
+    def redelivered():
+        return sum(int(found) for run in runs for found in re.findall(r"; (\d+) were there already", run.log()))
+
+    # A kill lands between a batch's transaction and its offset commit only by chance (the window is up to
+    # COMMIT_INTERVAL_S), so the kernel is killed at least 3 times and until a redelivery shows, at most 10.
+    while len(runs) < 3 or (not redelivered() and len(runs) < 10):
         runs.append(kernels.start(env, module="examples.analytics"))
         runs[-1].wait_for_log("Partitions assigned", 30)
         time.sleep(rng.uniform(0.5, 2))
@@ -153,10 +159,9 @@ def test_sigkills_while_events_arrive_leave_each_event_stored_once_and_the_rollu
 
     assert warehouse.stored() == Counter(range(total)), "an event missing, or stored twice"
     rollups = warehouse.check_rollups()
-    redelivered = sum(int(found) for run in runs for found in re.findall(r"; (\d+) were there already", run.log()))
-    assert redelivered > 0, "no event was delivered twice: the kills proved nothing"
-    print(f"\nanalytics, 3 x SIGKILL while producing: {total} events stored once each, {redelivered} redelivered "
-          f"and not stored again, {rollups} rollups equal to their events")
+    assert redelivered() > 0, f"no event was delivered twice in {len(runs) - 1} kills: they proved nothing"
+    print(f"\nanalytics, {len(runs) - 1} x SIGKILL while producing: {total} events stored once each, "
+          f"{redelivered()} redelivered and not stored again, {rollups} rollups equal to their events")
 
 
 def test_a_database_outage_loses_nothing_and_counts_nothing_twice(cluster, kernels, warehouse):
