@@ -35,14 +35,15 @@ HERE = Path(__file__).resolve().parent
 MESSAGES = 200_000
 PARTITIONS = 6
 KEYS = 1_000
-REPEATS = 3
+REPEATS = 5
 HANDLER_SLEEP_S = 0.020
 # Messages per concurrency level for the 20 ms handler: about six seconds of ideal work each.
 SLOW_RUNS = {1: 300, 8: 2_400, 32: 9_600, 64: 19_200}
 # The raw loop with larger polls: what tuning alone gives the client.
 RAW_TUNED = {"max_poll_records": 2000, "receive_message_max_bytes": 64 * 1024 * 1024}
-# What `pip install kafka-python` gives: no crc32c extension, so CRCs are checked in pure Python.
-PLAIN_CLIENT = ["uv", "run", "--isolated", "--no-project", "--with", "kafka-python==2.3.3", "python"]
+# What `pip install kafka-python` gives today: its newest release (3.0.12), without the crc32c extension,
+# so CRCs are checked in pure Python.
+PLAIN_CLIENT = ["uv", "run", "--isolated", "--no-project", "--with", "kafka-python==3.0.12", "python"]
 
 
 def preload(bootstrap: str, topic: str, count: int, value_bytes: int = 100, partitions: int = PARTITIONS) -> None:
@@ -104,6 +105,12 @@ def median_run(results: list[dict]) -> dict:
     return sorted(results, key=lambda result: result["rate"])[len(results) // 2]
 
 
+def spread(results: list[dict]) -> str:
+    """The lowest and the highest rate of the runs: how far one figure can be trusted."""
+    rates = sorted(result["rate"] for result in results)
+    return f"{rates[0]:,.0f}–{rates[-1]:,.0f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md")
@@ -121,7 +128,7 @@ def main() -> None:
 
         # The machine is shared and small: each consumer runs REPEATS times, interleaved, and the
         # run with the median throughput is reported.
-        runs: dict[str, list[dict]] = {name: [] for name in ("naive", "same", "tuned", "kernel", "quix",
+        runs: dict[str, list[dict]] = {name: [] for name in ("naive", "same", "tuned", "kernel", "kernel8", "quix",
                                                              "raw_forward", "kernel_forward")}
         for _ in range(REPEATS):
             runs["naive"].append(run_probe("probe_raw.py", broker, "bench", MESSAGES, {}, python=PLAIN_CLIENT))
@@ -129,20 +136,25 @@ def main() -> None:
             runs["tuned"].append(run_probe("probe_raw.py", broker, "bench", MESSAGES,
                                            {"BENCH_TUNED": json.dumps(RAW_TUNED)}))
             runs["kernel"].append(run_probe("probe_kernel.py", broker, "bench", MESSAGES, {}, measure_stop=True))
+            runs["kernel8"].append(run_probe("probe_kernel.py", broker, "bench", MESSAGES, {"KERNEL_CONCURRENCY": "8"}))
             runs["quix"].append(run_probe("probe_quix.py", broker, "bench", MESSAGES, {}))
             runs["raw_forward"].append(run_probe("probe_raw.py", broker, "bench", MESSAGES,
                                                  {"BENCH_FORWARD": "bench-out"}))
             runs["kernel_forward"].append(run_probe("probe_kernel.py", broker, "bench", MESSAGES,
                                                     {"BENCH_FORWARD": "bench-out"}))
-        naive, same, tuned, kernel, quix, raw_forward, kernel_forward = (median_run(runs[name]) for name in runs)
+        naive, same, tuned, kernel, kernel8, quix, raw_forward, kernel_forward = (
+            median_run(runs[name]) for name in runs)
         rows = [
-            ("naive raw loop: `pip install kafka-python`, client defaults (500 records a poll)", naive),
-            ("raw loop, the kernel's packages (crc32c in C), client defaults", same),
-            ("raw loop, the kernel's packages, 2,000 records a poll", tuned),
-            ("**kernel**, no-op `process_message`, default settings", kernel),
-            ("peer: Quix Streams no-op application, at-least-once (confluent-kafka)", quix),
+            ("naive raw loop: `pip install kafka-python` (3.0.12, no extras), client defaults (500 records a poll)",
+             "naive"),
+            ("raw loop, the kernel's packages (2.3.3, crc32c in C), client defaults", "same"),
+            ("raw loop, the kernel's packages, 2,000 records a poll (the kernel's setting)", "tuned"),
+            ("**kernel**, no-op `process_message`, default settings", "kernel"),
+            ("**kernel**, no-op, `KERNEL_CONCURRENCY=8` (key order)", "kernel8"),
+            ("peer: Quix Streams no-op application, at-least-once (confluent-kafka)", "quix"),
         ]
-        rows = [(name, result, result["rate"] / naive["rate"], result["rate"] / same["rate"]) for name, result in rows]
+        rows = [(name, median_run(runs[key]), spread(runs[key]), median_run(runs[key])["rate"] / tuned["rate"])
+                for name, key in rows]
 
         slow_rows = []
         for concurrency, count in SLOW_RUNS.items():
@@ -151,10 +163,11 @@ def main() -> None:
             slow_rows.append((concurrency, count, result, result["rate"] / (concurrency / HANDLER_SLEEP_S)))
 
     forward_rows = [
-        ("raw loop: send each record (acks=all), flush, then commit, after every poll", raw_forward),
-        ("**kernel**: `send()` each message from `process_message`, default settings", kernel_forward),
+        ("raw loop: send each record (acks=all), flush, then commit, after every poll", "raw_forward"),
+        ("**kernel**: `send()` each message from `process_message`, default settings", "kernel_forward"),
     ]
-    forward_rows = [(name, result, result["rate"] / raw_forward["rate"]) for name, result in forward_rows]
+    forward_rows = [(name, median_run(runs[key]), spread(runs[key]),
+                     median_run(runs[key])["rate"] / raw_forward["rate"]) for name, key in forward_rows]
     table = render(rows, slow_rows, kernel, forward_rows)
     print(table)
     if arguments.write:
@@ -166,16 +179,16 @@ def render(rows, slow_rows, kernel, forward_rows) -> str:
         f"Machine: {os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}, "
         f"{platform.system()} {platform.release()}; broker: Tansu (embedded, in memory, PLAINTEXT).",
         "",
-        f"No-op handler, {MESSAGES:,} messages of 100 bytes over {PARTITIONS} partitions "
-        f"(median of {REPEATS} interleaved runs):",
+        f"No-op handler, {MESSAGES:,} messages of 100 bytes over {PARTITIONS} partitions (median of {REPEATS} "
+        "interleaved runs, and their range):",
         "",
-        "| consumer | messages/s | ratio to the naive loop | ratio to the raw loop on the same packages "
+        "| consumer | messages/s | range | ratio to the raw loop with 2,000 records a poll "
         "| CPU s per 1,000 messages | peak RSS (MB) |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for name, result, to_naive, to_same in rows:
-        lines.append(f"| {name} | {result['rate']:,.0f} | {to_naive:.2f} | {to_same:.2f} "
-                     f"| {result['cpu_per_1000']:.3f} | {result['rss_mb']:.0f} |")
+    for name, result, low_high, ratio in rows:
+        lines.append(f"| {name} | {result['rate']:,.0f} | {low_high} | {ratio:.2f} "
+                     f"| {result['cpu_per_1000']:.4f} | {result['rss_mb']:.0f} |")
     lines += [
         "",
         f"Kernel start-up, process start to first processed message: {kernel['to_first_s']:.1f} s "
@@ -185,10 +198,10 @@ def render(rows, slow_rows, kernel, forward_rows) -> str:
         f"Forwarding: each of the {MESSAGES:,} messages sent on to another topic of {PARTITIONS} partitions, "
         "an input committed only once its output is confirmed (median of the same runs):",
         "",
-        "| consumer | messages/s | ratio to the raw loop | CPU s per 1,000 messages | peak RSS (MB) |",
-        "| --- | ---: | ---: | ---: | ---: |",
-        *(f"| {name} | {result['rate']:,.0f} | {ratio:.2f} | {result['cpu_per_1000']:.3f} | {result['rss_mb']:.0f} |"
-          for name, result, ratio in forward_rows),
+        "| consumer | messages/s | range | ratio to the raw loop | CPU s per 1,000 messages | peak RSS (MB) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        *(f"| {name} | {result['rate']:,.0f} | {low_high} | {ratio:.2f} | {result['cpu_per_1000']:.4f} "
+          f"| {result['rss_mb']:.0f} |" for name, result, low_high, ratio in forward_rows),
         "",
         f"Handler sleeping {HANDLER_SLEEP_S * 1000:.0f} ms, {KEYS:,} distinct keys, KERNEL_ORDERING=key:",
         "",
