@@ -1,9 +1,11 @@
 """The ceiling: a plain kafka-python consumer loop in a group, committing explicit offsets after
 each poll, with the client's defaults unless $BENCH_TUNED is set. With $BENCH_FORWARD it sends
 every record to that topic (acks=all) and flushes before each commit: the hand-written safe
-consume-produce loop. Writes the same JSON as probe_kernel.py once $BENCH_COUNT records were seen
+consume-produce loop. With $BENCH_GC it collects garbage as the kernel does (gc.freeze() and a
+threshold of 10,000). Writes the same JSON as probe_kernel.py once $BENCH_COUNT records were seen
 (and, forwarding, confirmed), then exits."""
 
+import gc
 import json
 import os
 from pathlib import Path
@@ -20,6 +22,9 @@ def main() -> None:
                              group_id=os.environ["KAFKA_CONSUMER_GROUP"], enable_auto_commit=False,
                              auto_offset_reset="earliest", session_timeout_ms=6000, heartbeat_interval_ms=1000,
                              **tuning)
+    if os.environ.get("BENCH_GC"):
+        gc.freeze()
+        gc.set_threshold(10_000, *gc.get_threshold()[1:])
     forward = os.environ.get("BENCH_FORWARD")
     producer = KafkaProducer(bootstrap_servers=os.environ["KAFKA_BOOTSTRAP_SERVERS"], acks="all") if forward else None
     seen, first = 0, None
