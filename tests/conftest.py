@@ -518,7 +518,8 @@ def read_attempts(path: Path) -> list[Attempt]:
     if not path.exists():
         return []
     attempts = []
-    for line in path.read_text().splitlines():
+    # The kernel may be writing a line while we read: one without its newline yet is left for next time.
+    for line in path.read_text().split("\n")[:-1]:
         _topic, partition, offset, value, result, pid, started, ended = line.split(" ")
         attempts.append(Attempt(int(partition), int(offset), value, result, int(pid), int(started), int(ended)))
     return attempts
