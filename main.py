@@ -2580,7 +2580,7 @@ def consume_until_stopped(handler: KernelHandler, settings: KernelSettings, tls:
 def collect_garbage_less_often() -> None:
     """Every poll makes thousands of records that live until they are processed. At CPython's default
     threshold (a collection per 700 new objects) they set off collections that go over every long-lived
-    object (the modules, the client) several times a poll: 7% of a no-op kernel's time. What lives at
+    object (the modules, the client) several times a poll: some 13% of a no-op kernel's time. What lives at
     this point is frozen out of collections for good, and a collection waits for 10,000 new objects.
     (Objects are still freed as soon as nothing refers to them: only cycles wait for a collection.)"""
     gc.freeze()

@@ -128,13 +128,15 @@ def main() -> None:
 
         # The machine is shared and small: each consumer runs REPEATS times, interleaved, and the
         # run with the median throughput is reported.
-        runs: dict[str, list[dict]] = {name: [] for name in ("naive", "same", "tuned", "kernel", "kernel8", "quix",
-                                                             "raw_forward", "kernel_forward")}
+        runs: dict[str, list[dict]] = {name: [] for name in (
+            "naive", "same", "tuned", "tuned_gc", "kernel", "kernel8", "quix", "raw_forward", "kernel_forward")}
         for _ in range(REPEATS):
             runs["naive"].append(run_probe("probe_raw.py", broker, "bench", MESSAGES, {}, python=PLAIN_CLIENT))
             runs["same"].append(run_probe("probe_raw.py", broker, "bench", MESSAGES, {}))
             runs["tuned"].append(run_probe("probe_raw.py", broker, "bench", MESSAGES,
                                            {"BENCH_TUNED": json.dumps(RAW_TUNED)}))
+            runs["tuned_gc"].append(run_probe("probe_raw.py", broker, "bench", MESSAGES,
+                                              {"BENCH_TUNED": json.dumps(RAW_TUNED), "BENCH_GC": "1"}))
             runs["kernel"].append(run_probe("probe_kernel.py", broker, "bench", MESSAGES, {}, measure_stop=True))
             runs["kernel8"].append(run_probe("probe_kernel.py", broker, "bench", MESSAGES, {"KERNEL_CONCURRENCY": "8"}))
             runs["quix"].append(run_probe("probe_quix.py", broker, "bench", MESSAGES, {}))
@@ -142,13 +144,13 @@ def main() -> None:
                                                  {"BENCH_FORWARD": "bench-out"}))
             runs["kernel_forward"].append(run_probe("probe_kernel.py", broker, "bench", MESSAGES,
                                                     {"BENCH_FORWARD": "bench-out"}))
-        naive, same, tuned, kernel, kernel8, quix, raw_forward, kernel_forward = (
-            median_run(runs[name]) for name in runs)
+        tuned, kernel = median_run(runs["tuned"]), median_run(runs["kernel"])
         rows = [
             ("naive raw loop: `pip install kafka-python` (3.0.12, no extras), client defaults (500 records a poll)",
              "naive"),
             ("raw loop, the kernel's packages (2.3.3, crc32c in C), client defaults", "same"),
             ("raw loop, the kernel's packages, 2,000 records a poll (the kernel's setting)", "tuned"),
+            ("the same, collecting garbage as the kernel does (`gc.freeze()`, threshold 10,000)", "tuned_gc"),
             ("**kernel**, no-op `process_message`, default settings", "kernel"),
             ("**kernel**, no-op, `KERNEL_CONCURRENCY=8` (key order)", "kernel8"),
             ("peer: Quix Streams no-op application, at-least-once (confluent-kafka)", "quix"),
@@ -167,7 +169,8 @@ def main() -> None:
         ("**kernel**: `send()` each message from `process_message`, default settings", "kernel_forward"),
     ]
     forward_rows = [(name, median_run(runs[key]), spread(runs[key]),
-                     median_run(runs[key])["rate"] / raw_forward["rate"]) for name, key in forward_rows]
+                     median_run(runs[key])["rate"] / median_run(runs["raw_forward"])["rate"])
+                    for name, key in forward_rows]
     table = render(rows, slow_rows, kernel, forward_rows)
     print(table)
     if arguments.write:

