@@ -627,7 +627,7 @@ def load_settings(env: Mapping[str, str], kernel_name: str, default_topic: str) 
         bootstrap_servers=parse_bootstrap_servers(env),
         topics=parse_topics(env, "KAFKA_TOPIC", default_topic),
         group_id=env.get("KAFKA_CONSUMER_GROUP") or f"{kernel_name}-group",
-        client_id=env.get("KAFKA_CLIENT_ID") or f"{kernel_name}-consumer-{os.getpid()}",
+        client_id=env.get("KAFKA_CLIENT_ID") or f"{kernel_name}-{socket.gethostname()}-{os.getpid()}",
         security_protocol=security_protocol(env, certs, sasl),
         sasl=sasl,
         ca_cert=certs["KAFKA_CA_CERT"],

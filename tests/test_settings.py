@@ -1,6 +1,8 @@
 """Unit tests: settings parsing, certificate decoding, retry backoff."""
 
 import base64
+import os
+import socket
 
 import pytest
 
@@ -16,7 +18,7 @@ def test_defaults():
     assert settings.bootstrap_servers == ["a:9092", "b:9092"]
     assert settings.topics == [main.DEFAULT_TOPIC]
     assert settings.group_id == f"{main.KERNEL_NAME}-group"
-    assert settings.client_id.startswith(f"{main.KERNEL_NAME}-consumer-")
+    assert settings.client_id == f"{main.KERNEL_NAME}-{socket.gethostname()}-{os.getpid()}"
     assert not settings.uses_tls
     assert (settings.auto_offset_reset, settings.max_poll_records, settings.check_crcs) == ("earliest", 2000, True)
     assert settings.concurrency == 1 and settings.ordering == "key" and settings.ssl_check_hostname
