@@ -20,7 +20,7 @@ from tests.conftest import REPO
 
 DEPLOY = REPO / "deploy" / "kubernetes"
 VARIANTS = {"autoscaled": DEPLOY, "static-membership": DEPLOY / "static-membership"}
-# The oldest Kubernetes still maintained when this was written, and the newest kubernetes-validate knows.
+# An older Kubernetes that clusters upgraded once a year may still run, and the newest kubernetes-validate knows.
 KUBERNETES_VERSIONS = ("1.32", kubernetes_validate.latest_version())
 KEDA_SCHEMA = json.loads((REPO / "tests" / "keda_schema.json").read_text())
 # The kafka scaler's parameters that may come from a TriggerAuthentication (KEDA 2.18).
