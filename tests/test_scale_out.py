@@ -64,9 +64,9 @@ def test_scaling_one_to_six_to_two_replicas_while_messages_flow_loses_nothing(cl
     env = kernels.env(topic, group, TEST_SLEEP_S=0.002, KERNEL_CONCURRENCY=8, KAFKA_MAX_POLL_RECORDS=MAX_POLL_RECORDS,
                       KAFKA_SESSION_TIMEOUT_MS=cluster.shortest_session_timeout_ms)
     messages = [(i % PARTITIONS, f"key-{i % 100}".encode(), f"m{i}".encode()) for i in range(30_000)]
-    producer = cluster.produce_in_background(topic, messages, 18)
     replicas = [kernels.start(env)]
     wait_for_group(cluster, group, 1)
+    producer = cluster.produce_in_background(topic, messages, 20)
     replicas += [kernels.start(env) for _ in range(5)]  # KEDA scales out: 1 -> 6, one partition each
     six = wait_for_group(cluster, group, 6)
     assert all(len(partitions) == 1 for _, partitions in six.values())
