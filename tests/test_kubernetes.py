@@ -27,7 +27,7 @@ KEDA_SCHEMA = json.loads((REPO / "tests" / "keda_schema.json").read_text())
 KAFKA_AUTH_PARAMETERS = {"sasl", "username", "password", "keytab", "realm", "kerberosConfig", "kerberosServiceName",
                          "kerberosDisableFAST", "saslTokenProvider", "scopes", "oauthTokenEndpointUri",
                          "oauthExtensions", "tls", "cert", "key", "keyPassword", "ca"}
-# The no-op kernel's own peak, VmHWM, rounded up: 56 MB in BENCHMARKS.md ("Memory"), 42-45 MB with a 20 ms handler.
+# The kernel's own peak, VmHWM, rounded up: 56 MB no-op in BENCHMARKS.md ("Memory"), 39-44 MB with a 20 ms handler.
 KERNEL_BASELINE_MIB = 64
 # After the final commit and the producer's flush, leaving the group is one request.
 LEAVE_GROUP_S = 5
@@ -253,6 +253,7 @@ def test_keda_measures_the_deployments_group_topic_and_brokers():
     target = scaled["spec"]["scaleTargetRef"]
     deployment = one(objects, "Deployment", target["name"])
     assert (target["apiVersion"], target["kind"]) == ("apps/v1", "Deployment")
+    assert "replicas" not in deployment["spec"], "kubectl apply would reset the count KEDA set"
     environment = container_environment(objects, deployment["spec"]["template"]["spec"]["containers"][0])
     settings, _ = kernel_settings(environment)
     [trigger] = scaled["spec"]["triggers"]
