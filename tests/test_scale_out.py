@@ -117,7 +117,8 @@ def test_a_static_member_restarted_within_the_session_timeout_moves_no_partition
     wait_committed(cluster, replicas["kernel-0"], group, topic, produced, PARTITIONS)
 
     after = wait_for_group(cluster, group, 3)
-    # The coordinator took the new process in place of the old member, in the same generation.
+    # The coordinator took the new process in place of the old member, in the same generation (in the
+    # words of Apache Kafka 4.4's group coordinator, the pinned broker's).
     coordinator = coordinator_log(cluster)
     generation = re.findall(rf"Stabilized group {group} generation (\d+)", coordinator[:logged])[-1]
     assert re.search(rf"groupInstanceId=kernel-1 and unknown member id joins group {group} in Stable state\. "
