@@ -6,8 +6,14 @@ replicas", says what was and was not run)."""
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
+import os
 import re
+import shutil
+import subprocess
+import tempfile
 from pathlib import Path
 
 import jsonschema
@@ -16,13 +22,16 @@ import pytest
 import yaml
 
 import main
-from tests.conftest import REPO
+from tests.conftest import REPO, unavailable
 
 DEPLOY = REPO / "deploy" / "kubernetes"
 VARIANTS = {"autoscaled": DEPLOY, "static-membership": DEPLOY / "static-membership"}
 # An older Kubernetes that clusters upgraded once a year may still run, and the newest kubernetes-validate knows.
 KUBERNETES_VERSIONS = ("1.32", kubernetes_validate.latest_version())
 KEDA_SCHEMA = json.loads((REPO / "tests" / "keda_schema.json").read_text())
+# KEDA's own schemas: the npm package @kubernetes-models/keda, pinned in tests/keda/package-lock.json.
+KEDA_MODELS = REPO / "tests" / "keda"
+NPM_CI_TIMEOUT_S = 300
 # The kafka scaler's parameters that may come from a TriggerAuthentication (KEDA 2.18).
 KAFKA_AUTH_PARAMETERS = {"sasl", "username", "password", "keytab", "realm", "kerberosConfig", "kerberosServiceName",
                          "kerberosDisableFAST", "saslTokenProvider", "scopes", "oauthTokenEndpointUri",
@@ -142,7 +151,104 @@ def test_kubernetes_objects_validate_against_the_kubernetes_schemas(version):
         kubernetes_validate.validate(hpa, version, strict=True)
 
 
-def test_keda_objects_validate_against_the_keda_schema():
+class KedaModelsUnavailable(Exception):
+    """Node.js or npm is missing, or `npm ci` failed: KEDA's schemas cannot be had here."""
+
+
+def keda_models_version() -> str:
+    lock = json.loads((KEDA_MODELS / "package-lock.json").read_text())
+    return lock["packages"]["node_modules/@kubernetes-models/keda"]["version"]
+
+
+def install_keda_models() -> Path:
+    """The folder of tests/keda's node_modules, installed with `npm ci` from the committed lock the
+    first time, outside the repository: ~/.cache/clustera-kernel/keda-models-VERSION-HASH, HASH that of
+    package.json and package-lock.json (a lock keeps two test workers from installing at once)."""
+    digest = hashlib.sha256(b"".join((KEDA_MODELS / name).read_bytes()
+                                     for name in ("package.json", "package-lock.json"))).hexdigest()[:16]
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "clustera-kernel"
+    home = cache / f"keda-models-{keda_models_version()}-{digest}"
+    for tool in ("node", "npm"):
+        if shutil.which(tool) is None:
+            raise KedaModelsUnavailable(f"{tool} is not installed: KEDA's schemas come from npm (tests/keda)")
+    if (home / ".complete").exists():
+        return home
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / f"{home.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (home / ".complete").exists():
+            return home
+        with tempfile.TemporaryDirectory(dir=cache) as work:
+            project = Path(work) / "project"
+            project.mkdir()
+            for name in ("package.json", "package-lock.json"):
+                shutil.copy(KEDA_MODELS / name, project)
+            try:
+                installed = subprocess.run(["npm", "ci", "--ignore-scripts", "--no-audit", "--no-fund"], cwd=project,
+                                           capture_output=True, text=True, timeout=NPM_CI_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                raise KedaModelsUnavailable(f"npm ci took more than {NPM_CI_TIMEOUT_S} s in tests/keda") from None
+            if installed.returncode != 0:
+                raise KedaModelsUnavailable(f"npm ci failed in tests/keda:\n{installed.stdout[-2000:]}{installed.stderr[-2000:]}")
+            shutil.rmtree(home, ignore_errors=True)
+            project.rename(home)
+        (home / ".complete").touch()
+    return home
+
+
+@pytest.fixture(scope="session")
+def keda_models() -> Path:
+    try:
+        return install_keda_models()
+    except KedaModelsUnavailable as error:
+        unavailable(f"KEDA's own schemas cannot be used here: {error}")
+
+
+def keda_objects() -> dict[str, dict]:
+    """Every KEDA object deploy/kubernetes creates or offers, by where it comes from."""
+    found = {f"{variant} {o['kind']} {o['metadata']['name']}": o for variant, directory in VARIANTS.items()
+             for o in rendered(directory) if o["apiVersion"].startswith("keda.sh/")}
+    [sasl] = documents(DEPLOY / "triggerauthentication-sasl.yaml")
+    return {**found, f"triggerauthentication-sasl.yaml {sasl['kind']} {sasl['metadata']['name']}": sasl}
+
+
+def test_keda_objects_validate_against_kedas_own_schemas(keda_models):
+    """KEDA's own schemas: those of the npm package @kubernetes-models/keda, the version pinned in
+    tests/keda/package-lock.json (2.0.0, MIT,
+    https://github.com/tommy351/kubernetes-models-ts/tree/master/third-party/keda), generated from KEDA's
+    Go API types (github.com/kedacore/keda/v2/apis/keda/v1alpha1), which KEDA's CRDs are generated from
+    too, and compiled to ajv validators. KEDA 2.19.0, as the package's repository records it (go.mod,
+    changelog); the tarball names no KEDA version, but has fallback.behavior, new in KEDA 2.17.
+
+    They check what KEDA's CRD checks: the types, required fields and enums (fallback.behavior, say) of
+    ScaledObject, TriggerAuthentication and ClusterTriggerAuthentication. Not unknown fields, which they
+    do not forbid (the API server prunes them, or rejects them under kubectl's strict field validation),
+    nor the trigger's metadata, a string map to the CRD: test_keda_objects_validate_against_the_stricter_schema
+    checks both. One node process validates every object, and a broken copy that must fail."""
+    objects = keda_objects()
+    assert sorted(key.split(" ", 1)[1] for key in objects) == [
+        "ScaledObject kernel", "TriggerAuthentication kernel-kafka", "TriggerAuthentication kernel-kafka"]
+    scaled = next(o for o in objects.values() if o["kind"] == "ScaledObject")
+    broken = {**scaled, "spec": {**scaled["spec"], "minReplicaCount": "one"}}
+    checked = subprocess.run(["node", str(KEDA_MODELS / "validate.mjs"), str(keda_models)], capture_output=True,
+                             text=True, timeout=60, input=json.dumps([*objects.values(), broken]))
+    assert checked.stderr == "", checked.stderr
+    errors = checked.stdout.splitlines()
+    invalid = {int(line.split(" ", 1)[0]) for line in errors}
+    sources = list(objects)
+    assert invalid <= {len(sources)}, "\n".join(
+        f"{sources[i]}:{line.split(':', 1)[1]}" for line in errors if (i := int(line.split(" ", 1)[0])) < len(sources))
+    # The validator does validate: the copy with a string for a count fails, and only on that.
+    assert checked.returncode == 1 and errors == [
+        f"{len(sources)} ScaledObject kernel: /spec/minReplicaCount must be integer {{\"type\":\"integer\"}}"], errors
+
+
+def test_keda_objects_validate_against_the_stricter_schema():
+    """tests/keda_schema.json, written for this project from KEDA's documentation (2.18): stricter than
+    KEDA's CRD where the CRD lets a mistake through silently. It rejects unknown fields in the parts of
+    the ScaledObject and TriggerAuthentication that deploy/kubernetes uses, and checks the kafka
+    trigger's metadata: its keys are the kafka scaler's (a misspelt lagTreshold fails here, and KEDA would
+    ignore it) and its values' formats. KEDA's own schemas: test_keda_objects_validate_against_kedas_own_schemas."""
     keda = [o for path in DEPLOY.rglob("*.yaml") for o in documents(path) if o.get("apiVersion", "").startswith("keda.sh/")]
     assert sorted(o["kind"] for o in keda) == ["ScaledObject", "TriggerAuthentication", "TriggerAuthentication"]
     for obj in keda:
