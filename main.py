@@ -20,7 +20,7 @@ The machinery, in reading order:
   Logging                        plain or JSON lines; repeating warnings throttled
   Signals                        SIGTERM and SIGINT: finish, commit, leave
   TLS material                   base64 certificates to private files, and back
-  Health and metrics             /healthz, /readyz, /metrics
+  Health and metrics             /healthz, /readyz, /metrics (the kernel's metrics and yours)
   Connecting                     the consumer's and the producer's configuration
   Producing                      the kernel's one producer: send() and the dead-letter topic
   Processing                     worker threads calling process_message, in order per lane
@@ -912,7 +912,9 @@ class HealthState:
 
 
 class KernelMetrics:
-    """The kernel's Prometheus metrics, served at /metrics."""
+    """The kernel's Prometheus metrics, served at /metrics. A registry of its own, so that a test may
+    run several loops in one process; yours (prometheus_client's Counter, Gauge and Histogram made in
+    your part) go to prometheus_client's default registry, served beside it."""
 
     def __init__(self):
         self.registry = prometheus_client.CollectorRegistry()
@@ -952,8 +954,9 @@ HTTP_MAX_REQUEST_BYTES = 8192  # request line and headers; a probe or a scrape n
 
 def http_answer(path: str, health: HealthState, metrics: KernelMetrics) -> tuple[int, str, bytes]:
     """Status, content type and body for GET `path`."""
-    if path == "/metrics":
-        return 200, prometheus_client.CONTENT_TYPE_LATEST, prometheus_client.generate_latest(metrics.registry)
+    if path == "/metrics":  # the kernel's, then yours and the process's (prometheus_client's default registry)
+        return 200, prometheus_client.CONTENT_TYPE_LATEST, b"".join(
+            prometheus_client.generate_latest(registry) for registry in (metrics.registry, prometheus_client.REGISTRY))
     if path in ("/healthz", "/readyz"):
         ok, text = health.alive() if path == "/healthz" else health.ready()
         return (200 if ok else 503), "text/plain", f"{text}\n".encode()
