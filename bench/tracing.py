@@ -5,7 +5,8 @@
 
 Preloads 100,000 messages of 100 bytes over 6 partitions into the embedded broker, then runs the
 kernel (bench/probe_kernel.py) over them, each run a fresh process in its own group, in turn:
-  before       main.py of the base revision (--base, default main), which has no tracing at all
+  before       main.py of the base revision, which has no tracing at all: --base, by default where this
+               branch left main (on main itself, name the commit before tracing came in)
   off          this main.py, OTEL_TRACES_EXPORTER unset (nothing of OpenTelemetry is imported)
   sampled out  OTEL_TRACES_EXPORTER=otlp with OTEL_TRACES_SAMPLER=always_off: the hooks, no span kept
   on           OTEL_TRACES_EXPORTER=otlp: a span per message, exported over OTLP/HTTP to a receiver
@@ -75,15 +76,17 @@ def base_probe(revision: str, directory: Path) -> Path:
 
 def run() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--base", default="main", help="the revision whose main.py is 'before' (default: main)")
+    parser.add_argument("--base", help="the revision whose main.py is 'before' (default: git merge-base HEAD main)")
     parser.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md")
     arguments = parser.parse_args()
+    base = arguments.base or subprocess.run(["git", "merge-base", "HEAD", "main"], cwd=HERE.parent,
+                                            capture_output=True, text=True, check=True).stdout.strip()
     sink = SpanSink()
     otlp = {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": sink.endpoint}
     variants = {"before": {}, "off": {}, "sampled out": {**otlp, "OTEL_TRACES_SAMPLER": "always_off"}, "on": otlp}
     runs: dict[str, list[dict]] = {name: [] for name in variants}
     with tempfile.TemporaryDirectory() as temporary, Broker() as broker:
-        before = base_probe(arguments.base, Path(temporary))
+        before = base_probe(base, Path(temporary))
         broker.create_topic("bench", PARTITIONS)
         print(f"Preloading {MESSAGES:,} messages of 100 bytes over {PARTITIONS} partitions...", flush=True)
         preload(broker.bootstrap, "bench", MESSAGES)
@@ -97,34 +100,35 @@ def run() -> None:
                 result["spans"] = sink.spans  # exported once the kernel stopped (it flushes at shutdown)
                 runs[name].append(result)
                 print(f"round {round_ + 1}, {name}: {result['rate']:,.0f} messages/s, "
-                      f"{result['cpu_per_1000']:.3f} CPU s per 1,000, {result['spans']:,} spans", flush=True)
-    table = render(runs)
+                      f"{result['cpu_per_1000'] * 1000:.1f} CPU µs per message, {result['spans']:,} spans", flush=True)
+    table = render(runs, base)
     print(table)
     if arguments.write:
         write_section("tracing", table)
 
 
-def render(runs: dict[str, list[dict]]) -> str:
+def render(runs: dict[str, list[dict]], base: str) -> str:
     def median(name: str, figure: str) -> float:
         return statistics.median(result[figure] for result in runs[name])
 
-    off = median("off", "rate")
+    off, off_cpu = median("off", "rate"), median("off", "cpu_per_1000") * 1000
     lines = [
         f"Machine: {os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}; broker: Tansu "
         f"(embedded, PLAINTEXT). No-op handler, {MESSAGES:,} messages of 100 bytes over {PARTITIONS} partitions; "
         f"each figure the median of {REPEATS} runs, the variants interleaved.",
         "",
-        "| kernel | messages/s | ratio to tracing off | CPU s per 1,000 messages | peak RSS (MB) | spans exported |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| kernel | messages/s | ratio to tracing off | CPU µs per message | ratio to tracing off | peak RSS (MB) "
+        "| spans exported |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    labels = {"before": "before tracing existed (main.py of the base revision)",
+    labels = {"before": f"before tracing existed (main.py of {base[:12]})",
               "off": "tracing off: `OTEL_TRACES_EXPORTER` unset",
               "sampled out": "tracing on, every trace sampled out (`OTEL_TRACES_SAMPLER=always_off`)",
               "on": "tracing on: a span per message, exported over OTLP/HTTP"}
     for name, label in labels.items():
-        lines.append(f"| {label} | {median(name, 'rate'):,.0f} | {median(name, 'rate') / off:.2f} "
-                     f"| {median(name, 'cpu_per_1000'):.3f} | {median(name, 'rss_mb'):.0f} "
-                     f"| {median(name, 'spans'):,.0f} |")
+        cpu = median(name, "cpu_per_1000") * 1000  # CPU µs per message
+        lines.append(f"| {label} | {median(name, 'rate'):,.0f} | {median(name, 'rate') / off:.2f} | {cpu:.1f} "
+                     f"| {cpu / off_cpu:.2f} | {median(name, 'rss_mb'):.0f} | {median(name, 'spans'):,.0f} |")
     return "\n".join(lines)
 
 
