@@ -20,7 +20,8 @@ The machinery, in reading order:
   Logging                        plain or JSON lines; repeating warnings throttled
   Signals                        SIGTERM and SIGINT: finish, commit, leave
   TLS material                   base64 certificates to private files, and back
-  Health and metrics             /healthz, /readyz, /metrics
+  Health and metrics             /healthz, /readyz, /metrics (the kernel's metrics and yours)
+  Tracing                        OpenTelemetry spans, when OTEL_TRACES_EXPORTER is set
   Connecting                     the consumer's and the producer's configuration
   Producing                      the kernel's one producer: send() and the dead-letter topic
   Processing                     worker threads calling process_message, in order per lane
@@ -415,6 +416,7 @@ class KernelSettings:
     http_host: str | None  # None: every address, IPv4 and IPv6
     log_level: str
     log_format: str  # "plain" or "json"
+    traces_exporters: tuple[str, ...] = ()  # OTEL_TRACES_EXPORTER, as the exporters' packages name them; (): no tracing
 
     def __post_init__(self):
         if self.heartbeat_interval_ms >= self.session_timeout_ms:
@@ -597,6 +599,18 @@ def http_port(env: Mapping[str, str]) -> int | None:
     return parse_int(env, "KERNEL_HTTP_PORT", 0, minimum=0) or parse_int(env, "PORT", 0, minimum=0) or None
 
 
+def traces_exporters(env: Mapping[str, str]) -> tuple[str, ...]:
+    """OTEL_TRACES_EXPORTER, a comma-separated list: otlp (OTLP over HTTP, or over gRPC with
+    OTEL_EXPORTER_OTLP_PROTOCOL=grpc and its package installed), console, or another exporter an installed
+    package registers. Unset, none, or OTEL_SDK_DISABLED=true: no tracing."""
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return ()
+    protocol = (env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "").strip()
+    otlp = "otlp_proto_grpc" if protocol == "grpc" else "otlp_proto_http"
+    names = (name.strip().lower() for name in env.get("OTEL_TRACES_EXPORTER", "").split(","))
+    return tuple(otlp if name == "otlp" else name for name in names if name and name != "none")
+
+
 DOTENV_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".env")  # never one found further up
 
 
@@ -663,6 +677,7 @@ def load_settings(env: Mapping[str, str], kernel_name: str, default_topic: str) 
         http_host=env.get("KERNEL_HTTP_HOST", "").strip() or None,
         log_level=parse_choice(env, "LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
         log_format=parse_choice(env, "LOG_FORMAT", "plain", ("plain", "json")),
+        traces_exporters=traces_exporters(env),
     )
 
 
@@ -680,15 +695,15 @@ def log_fields(record) -> dict:
 
 class RepeatFilter(logging.Filter):
     """Lets a repeating warning through at most once per REPEATED_WARNING_INTERVAL_S, saying how
-    many were held back: the Kafka client's own, and ours logged with extra=REPEATING. During a
-    broker outage both would otherwise repeat on every reconnect or poll."""
+    many were held back: the Kafka client's own, OpenTelemetry's, and ours logged with extra=REPEATING.
+    During a broker (or trace collector) outage they would otherwise repeat on every reconnect or poll."""
 
     def __init__(self):
         super().__init__()
         self.seen: dict[tuple[str, str], tuple[float, int]] = {}  # (logger, template): (last, held)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not (record.name == "kafka" or record.name.startswith("kafka.") or getattr(record, "repeating", False)):
+        if not (record.name.split(".", 1)[0] in ("kafka", "opentelemetry") or getattr(record, "repeating", False)):
             return True
         key, now = (record.name, str(record.msg)), time.monotonic()
         last_s, held = self.seen.get(key, (-REPEATED_WARNING_INTERVAL_S, 0))
@@ -715,7 +730,8 @@ class PlainFormatter(logging.Formatter):
 
 
 class JsonFormatter(logging.Formatter):
-    """LOG_FORMAT=json: one JSON object per line, for log pipelines that parse fields."""
+    """LOG_FORMAT=json: one JSON object per line, for log pipelines that parse fields. With tracing on, a
+    line logged during a call of the handler carries the trace_id and span_id of its span."""
 
     def __init__(self, kernel_name: str):
         super().__init__()
@@ -729,7 +745,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        entry.update({key: getattr(record, key) for key in ("topic", "partition", "offset") if hasattr(record, key)})
+        entry.update({key: getattr(record, key) for key in ("topic", "partition", "offset", "trace_id", "span_id")
+                      if hasattr(record, key)})
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)
@@ -913,7 +930,9 @@ class HealthState:
 
 
 class KernelMetrics:
-    """The kernel's Prometheus metrics, served at /metrics."""
+    """The kernel's Prometheus metrics, served at /metrics. A registry of its own, so that a test may
+    run several loops in one process; yours (prometheus_client's Counter, Gauge and Histogram made in
+    your part) go to prometheus_client's default registry, served beside it."""
 
     def __init__(self):
         self.registry = prometheus_client.CollectorRegistry()
@@ -953,8 +972,9 @@ HTTP_MAX_REQUEST_BYTES = 8192  # request line and headers; a probe or a scrape n
 
 def http_answer(path: str, health: HealthState, metrics: KernelMetrics) -> tuple[int, str, bytes]:
     """Status, content type and body for GET `path`."""
-    if path == "/metrics":
-        return 200, prometheus_client.CONTENT_TYPE_LATEST, prometheus_client.generate_latest(metrics.registry)
+    if path == "/metrics":  # the kernel's, then yours and the process's (prometheus_client's default registry)
+        return 200, prometheus_client.CONTENT_TYPE_LATEST, b"".join(
+            prometheus_client.generate_latest(registry) for registry in (metrics.registry, prometheus_client.REGISTRY))
     if path in ("/healthz", "/readyz"):
         ok, text = health.alive() if path == "/healthz" else health.ready()
         return (200 if ok else 503), "text/plain", f"{text}\n".encode()
@@ -1000,6 +1020,162 @@ def serve_http(host: str | None, port: int, health: HealthState, metrics: Kernel
         raise ConfigError(f"KERNEL_HTTP_PORT (or PORT) {port} cannot be served on KERNEL_HTTP_HOST "
                           f"{host or '(all addresses)'}: {error.strerror}") from None
     threading.Thread(target=loop.run_forever, name="http", daemon=True).start()
+
+
+# Tracing
+
+TRACES_FLUSH_TIMEOUT_S = 5.0  # at shutdown, how long the spans not exported yet may take (a collector may be down)
+
+
+class Tracing:
+    """OpenTelemetry traces of what the kernel does with each message, when OTEL_TRACES_EXPORTER names
+    an exporter (the otel extra installs the SDK and OTLP over HTTP); without it nothing of OpenTelemetry
+    is imported, and nothing of this runs. Each call of process_message is a span, a child of the trace
+    context (W3C traceparent) in the message's headers; each call of process_batch one linked to its
+    messages'. Named and described as OpenTelemetry's messaging conventions say, plus kernel.attempt
+    and kernel.outcome (done, retried, dead_lettered, fatal). What send() publishes and the dead
+    letters carry the trace on. The SDK reads the other OTEL_* variables (endpoint, sampler) itself."""
+
+    def __init__(self, settings: KernelSettings):
+        try:
+            from importlib.metadata import entry_points
+
+            from opentelemetry import propagate, trace
+            from opentelemetry.sdk.resources import OTELResourceDetector, Resource
+            from opentelemetry.sdk.trace import TracerProvider
+            from opentelemetry.sdk.trace.export import BatchSpanProcessor
+        except ImportError:
+            raise ConfigError("OTEL_TRACES_EXPORTER is set but OpenTelemetry is not installed: uv sync --extra otel "
+                              '(and build the image with EXTRAS="--extra otel")') from None
+        exporters = {entry.name: entry for entry in entry_points(group="opentelemetry_traces_exporter")}
+        if unknown := [name for name in settings.traces_exporters if name not in exporters]:
+            raise ConfigError(f"OTEL_TRACES_EXPORTER names {', '.join(unknown)}, which no installed package provides "
+                              f"(installed: otlp, {', '.join(sorted(exporters))})")
+        # Named after the kernel, unless OTEL_SERVICE_NAME (or OTEL_RESOURCE_ATTRIBUTES) says otherwise.
+        resource = Resource.create({"service.name": settings.kernel_name}).merge(OTELResourceDetector().detect())
+        self.provider = TracerProvider(resource=resource, shutdown_on_exit=False)  # flush() ends it, in time
+        for name in settings.traces_exporters:
+            self.provider.add_span_processor(BatchSpanProcessor(exporters[name].load()()))
+        trace.set_tracer_provider(self.provider)  # spans the handler makes itself, or its libraries, join in
+        self.trace, self.tracer = trace, self.provider.get_tracer("clustera-kernel")
+        self.propagator = propagate.get_global_textmap()  # OTEL_PROPAGATORS: W3C traceparent and baggage
+        self.header_names = self.propagator.fields  # what it reads and writes: traceparent, tracestate, baggage
+        self.process_attributes = {"messaging.system": "kafka", "messaging.operation.type": "process",
+                         "messaging.operation.name": "process", "messaging.consumer.group.name": settings.group_id,
+                         "messaging.client.id": settings.client_id}
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(self.add_trace_ids)
+
+    def context_of(self, record):
+        """The trace context the record's headers carry (none: its span starts a trace)."""
+        return self.propagator.extract({name: value.decode("latin-1") for name, value in record.headers or ()
+                                        if name in self.header_names and value})
+
+    def with_context(self, headers: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+        """`headers` with the trace context of the span in progress, in place of one they carry (a
+        message's headers forwarded as they are carry its producer's)."""
+        context: dict[str, str] = {}
+        self.propagator.inject(context)
+        return [header for header in headers if header[0] not in self.header_names] + [
+            (name, value.encode()) for name, value in context.items()]
+
+    def traced(self, process: Callable, batch: bool) -> Callable:
+        """process_task (process_batch_task with `batch`) calling the handler in a span per call."""
+        call = self.call_batch if batch else self.call_message
+        return lambda task, handler, *rest: process(task, functools.partial(call, handler, task), *rest)
+
+    @staticmethod
+    def attempt(task: LaneTask, record) -> int:
+        """Which attempt at `record` this is: its lane keeps the count of a retried one while the task runs."""
+        retry = task.lane.retry
+        return retry.attempts + 1 if retry is not None and retry.offset == record.offset else 1
+
+    def call_message(self, handler: Callable, task: LaneTask, record):
+        attributes = self.process_attributes | {
+            "messaging.destination.name": record.topic, "messaging.destination.partition.id": str(record.partition),
+            "messaging.kafka.offset": record.offset, "messaging.message.body.size": len(record.value or b""),
+            "kernel.attempt": self.attempt(task, record)}
+        if record.value is None:
+            attributes["messaging.kafka.message.tombstone"] = True
+        if record.key is not None:
+            with contextlib.suppress(UnicodeDecodeError):  # a key without a text form goes without
+                attributes["messaging.kafka.message.key"] = record.key.decode()
+        with self.tracer.start_as_current_span(f"process {record.topic}", self.context_of(record),
+                                               self.trace.SpanKind.CONSUMER, attributes, record_exception=False,
+                                               set_status_on_exception=False) as span:
+            return self.call(span, handler, record)
+
+    def call_batch(self, handler: Callable, task: LaneTask, records: list):
+        first = records[0]
+        links = [self.trace.Link(context, {"messaging.kafka.offset": record.offset}) for record in records
+                 if (context := self.trace.get_current_span(self.context_of(record)).get_span_context()).is_valid]
+        attributes = self.process_attributes | {
+            "messaging.destination.name": first.topic, "messaging.destination.partition.id": str(first.partition),
+            "messaging.batch.message_count": len(records), "kernel.attempt": self.attempt(task, first)}
+        with self.tracer.start_as_current_span(f"process {first.topic}", None, self.trace.SpanKind.CONSUMER,
+                                               attributes, links, record_exception=False,
+                                               set_status_on_exception=False) as span:
+            return self.call(span, handler, records)
+
+    def call(self, span, handler: Callable, argument):
+        """handler(argument), its outcome recorded on `span`."""
+        try:
+            result = handler(argument)
+        except DeadLetter as rejection:
+            self.failed(span, "dead_lettered", str(rejection), "DeadLetter")
+            if rejection.message is not None:  # from process_batch: which message
+                span.add_event("dead letter", {"messaging.kafka.offset": rejection.message.offset})
+            raise
+        except BaseException as error:
+            span.record_exception(error)
+            self.failed(span, "fatal", repr(error), type(error).__qualname__)
+            raise
+        if result is True:
+            span.set_attribute("kernel.outcome", "done")
+        elif result is False:
+            self.failed(span, "retried", "returned False", None)
+        else:
+            self.failed(span, "fatal", f"returned {result!r}, not True or False", "TypeError")
+        return result
+
+    def failed(self, span, outcome: str, description: str, error_type: str | None) -> None:
+        span.set_attributes({"kernel.outcome": outcome} | ({"error.type": error_type} if error_type else {}))
+        span.set_status(self.trace.Status(self.trace.StatusCode.ERROR, description))
+
+    def dead_letter_span(self, record, topic: str, attempts: int, reason: str):
+        """A span for publishing `record` to the dead-letter topic, in its trace: the dead letter carries it."""
+        attributes = {"messaging.system": "kafka", "messaging.operation.type": "send",
+                      "messaging.operation.name": "send", "messaging.destination.name": topic,
+                      "kernel.attempt": attempts, "kernel.reason": reason}
+        return self.tracer.start_as_current_span(f"send {topic}", self.context_of(record),
+                                                 self.trace.SpanKind.PRODUCER, attributes)
+
+    def add_trace_ids(self, record: logging.LogRecord) -> bool:
+        """A log filter: a line logged within a span carries its trace_id and span_id (JSON logs show them)."""
+        context = self.trace.get_current_span().get_span_context()
+        if context.is_valid:
+            record.trace_id, record.span_id = f"{context.trace_id:032x}", f"{context.span_id:016x}"
+        return True
+
+    def flush(self) -> None:
+        """Export the spans not exported yet, waiting at most TRACES_FLUSH_TIMEOUT_S, and stop."""
+        flushing = threading.Thread(target=self.provider.shutdown, name="traces", daemon=True)
+        flushing.start()
+        flushing.join(TRACES_FLUSH_TIMEOUT_S)
+
+
+@contextlib.contextmanager
+def tracing_for(settings: KernelSettings) -> Iterator[Tracing | None]:
+    """Tracing for the life of the block, its last spans flushed however it ends; None without
+    OTEL_TRACES_EXPORTER."""
+    if not settings.traces_exporters:
+        yield None
+        return
+    tracing = Tracing(settings)
+    try:
+        yield tracing
+    finally:
+        tracing.flush()
 
 
 # Connecting
@@ -1292,15 +1468,18 @@ class KernelProducer:
     use (most kernels never produce) from whichever thread needs it first; closed at shutdown."""
 
     def __init__(self, settings: KernelSettings, tls: TlsFiles | None, api_version: tuple | None = None,
-                 metrics: KernelMetrics | None = None):
+                 metrics: KernelMetrics | None = None, tracing: Tracing | None = None):
         self.config = producer_config(settings, tls, api_version)
         self.metrics = metrics  # counts confirmed and failed sends when set
+        self.tracing = tracing  # puts the trace context into what it sends, when set
         self.client: KafkaProducer | None = None
         self.lock = threading.Lock()
         self.timeout_s = settings.produce_timeout_ms / 1000
 
     def send(self, topic: str, key: bytes | None, value: bytes | None, headers: list) -> Future:
         """Queue a message; broker trouble shows in the returned future, never as an exception here."""
+        if self.tracing is not None:
+            headers = self.tracing.with_context(headers)
         try:
             if self.client is None:  # the lock is taken only until the client exists
                 with self.lock:
@@ -1366,13 +1545,14 @@ class DeadLetterTopic:
     the reason in its headers, published through the kernel's producer."""
 
     def __init__(self, settings: KernelSettings, producer: KernelProducer, metrics: KernelMetrics,
-                 health: HealthState | None = None):
+                 health: HealthState | None = None, tracing: Tracing | None = None):
         self.topic = settings.dead_letter_topic
         self.group_id = settings.group_id
         self.kernel_name = settings.kernel_name
         self.producer = producer
         self.metrics = metrics
         self.health = health or HealthState(settings)  # /readyz says so while dead letters cannot be published
+        self.tracing = tracing  # publishes each dead letter in a span of its message's trace, when set
 
     def publish(self, records: list, attempts: int, reason: str, exception: str) -> int:
         """Publish `records` (all sent before any confirmation is awaited, so a batch's take one round
@@ -1412,7 +1592,9 @@ class DeadLetterTopic:
             headers.append(("kernel-value-dropped", str(len(record.value or b"")).encode()))
             value = b""
         try:
-            return self.producer.send(self.topic, record.key, value, headers)
+            with (self.tracing.dead_letter_span(record, self.topic, attempts, reason) if self.tracing
+                  else contextlib.nullcontext()):
+                return self.producer.send(self.topic, record.key, value, headers)
         except Exception as unexpected:
             return kafka.future.Future().failure(unexpected)
 
@@ -2121,7 +2303,8 @@ class ConsumerLoop:
     """
 
     def __init__(self, consumer: KafkaConsumer, settings: KernelSettings, handler: KernelHandler, stop: StopSignal,
-                 tls: TlsFiles | None = None, health: HealthState | None = None, metrics: KernelMetrics | None = None):
+                 tls: TlsFiles | None = None, health: HealthState | None = None, metrics: KernelMetrics | None = None,
+                 tracing: Tracing | None = None):
         self.consumer = consumer
         self.settings = settings
         self.stop = stop
@@ -2138,12 +2321,14 @@ class ConsumerLoop:
         self.last_commit_s = 0.0
         # Counting and timing every message costs a little: only when /metrics is served.
         per_message = self.metrics if settings.http_port else None
-        self.producer = KernelProducer(settings, tls, consumer.config["api_version"], per_message)
-        dead_letters = (DeadLetterTopic(settings, self.producer, self.metrics, self.health)
+        self.producer = KernelProducer(settings, tls, consumer.config["api_version"], per_message, tracing)
+        dead_letters = (DeadLetterTopic(settings, self.producer, self.metrics, self.health, tracing)
                         if settings.dead_letter_topic else None)
         self.failures = FailurePolicy(settings, self.ledger, dead_letters, self.metrics)
         self.watchdog = Watchdog(settings, self.ledger, self.health, self.metrics, handler)
         process = process_batch_task if handler.batch else process_task
+        if tracing is not None:  # chosen once: without tracing, the workers call the handler as it is
+            process = tracing.traced(process, handler.batch)
         self.workers = WorkerPool(settings.concurrency, handler.name,
                                   lambda task: process(task, handler.function, stop, self.producer, per_message))
 
@@ -2567,7 +2752,7 @@ def check_deployment(env: Mapping[str, str], kernel_name: str, default_topic: st
 
 
 def consume_until_stopped(handler: KernelHandler, settings: KernelSettings, tls: TlsFiles | None,
-                          stop: StopSignal) -> int:
+                          stop: StopSignal, tracing: Tracing | None = None) -> int:
     health, metrics = HealthState(settings, handler.name), KernelMetrics()
     if settings.http_port:
         serve_http(settings.http_host, settings.http_port, health, metrics)
@@ -2577,7 +2762,7 @@ def consume_until_stopped(handler: KernelHandler, settings: KernelSettings, tls:
     consumer = connect_consumer(settings, tls, stop)
     if consumer is None:
         return EXIT_OK
-    loop = ConsumerLoop(consumer, settings, handler, stop, tls, health, metrics)
+    loop = ConsumerLoop(consumer, settings, handler, stop, tls, health, metrics, tracing)
     collect_garbage_less_often()
     return loop.run()
 
@@ -2617,10 +2802,10 @@ def run_kernel(process_message: Callable | None = None, *, process_batch: Callab
         if handler.batch:
             settings.check_batch_limit()
         apply_log_settings(settings)
-        with tls_files(settings) as tls:
+        with tls_files(settings) as tls, tracing_for(settings) as tracing:
             if tls is not None:
                 stop.cleanups.append(tls.remove)  # a second signal exits at once, but not leaving keys behind
-            return consume_until_stopped(handler, settings, tls, stop)
+            return consume_until_stopped(handler, settings, tls, stop, tracing)
     except ConfigError as error:
         kernel_log.error("Configuration error: %s", error)
         return EXIT_CONFIG

@@ -14,7 +14,8 @@ are created if missing, in DATABASE_URL (default postgresql://127.0.0.1:5432/tes
 A malformed event is dead-lettered with the reason (the events before it in its batch are stored
 first; those after it come in the next batch). While PostgreSQL is unreachable the batch is retried
 (False). An event PostgreSQL refuses is found by storing the batch's events one at a time, and
-dead-lettered. Needs `uv sync --extra database`.
+dead-lettered. /metrics (with KERNEL_HTTP_PORT) counts the events stored, and the redelivered ones
+skipped, per topic. Needs `uv sync --extra database`.
 
     uv run --extra database python -m examples.analytics
 """
@@ -25,6 +26,7 @@ import os
 import threading
 
 import psycopg
+from prometheus_client import Counter
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool, PoolTimeout
@@ -39,6 +41,10 @@ CONNECT_TIMEOUT_S = 5  # how long one attempt waits for a connection before the 
 LOCK_TIMEOUT_MS = 30_000  # how long a batch waits for events another transaction is inserting before it is retried
 
 log = logging.getLogger(KERNEL_NAME)
+# Served on /metrics beside the kernel's own, labelled by the consumed topic as the kernel's are.
+EVENTS_STORED = Counter("analytics_events_stored", "Events stored and counted, the first time they came", ["topic"])
+REDELIVERIES_SKIPPED = Counter("analytics_redeliveries_skipped", "Events that came again, stored already: skipped",
+                               ["topic"])
 
 
 def process_batch(messages) -> bool:
@@ -155,7 +161,11 @@ class Warehouse:
             with connection.cursor().copy(COPY_BATCH) as copy:  # COPY is what makes batches fast
                 for row in rows:
                     copy.write_row(row)
-            return connection.execute(self.store_and_count).fetchone()[0]
+            stored = connection.execute(self.store_and_count).fetchone()[0]
+        topic = rows[0][1]  # a batch is one partition's
+        EVENTS_STORED.labels(topic).inc(stored)
+        REDELIVERIES_SKIPPED.labels(topic).inc(len(rows) - stored)
+        return stored
 
 
 def create_batch_table(connection: psycopg.Connection) -> None:

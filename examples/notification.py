@@ -4,7 +4,8 @@ Input: a JSON object with "recipient" and "text" (non-empty strings), posted as 
 (required) with an Idempotency-Key header (message_id(message)) so the receiver can drop the
 repeats that at-least-once delivery and retries bring. A 2xx answer is done. No answer (connection
 refused or dropped, WEBHOOK_TIMEOUT_S passed), a 5xx, 408 or 429 is retried with backoff; any other
-4xx will never succeed and goes to the dead-letter topic with the answer. Needs `uv sync --extra http`.
+4xx will never succeed and goes to the dead-letter topic with the answer. /metrics (with KERNEL_HTTP_PORT)
+counts the notifications sent, per topic. Needs `uv sync --extra http`.
 
     WEBHOOK_URL=https://example.com/hook uv run --extra http python -m examples.notification
 """
@@ -15,6 +16,7 @@ import os
 import threading
 
 import httpx
+from prometheus_client import Counter
 
 from main import DeadLetter, coordinates, json_object, message_id  # adopting: drop this line
 
@@ -25,6 +27,8 @@ REQUIRED_FIELDS = ("recipient", "text")
 RETRIABLE_STATUS = {408, 429}  # client errors that mean "later", besides every 5xx
 
 log = logging.getLogger(KERNEL_NAME)
+# Served on /metrics beside the kernel's own, labelled by the consumed topic as the kernel's are.
+NOTIFICATIONS_SENT = Counter("notifications_sent", "Notifications the webhook accepted (a 2xx answer)", ["topic"])
 
 
 def process_message(message) -> bool:
@@ -36,6 +40,7 @@ def process_message(message) -> bool:
         log.warning("Webhook unreachable for %s (%r); will retry", coordinates(message), error)
         return False
     if response.is_success:
+        NOTIFICATIONS_SENT.labels(message.topic).inc()
         return True
     if response.status_code >= 500 or response.status_code in RETRIABLE_STATUS:
         log.warning("Webhook answered %d for %s; will retry", response.status_code, coordinates(message))

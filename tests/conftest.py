@@ -562,7 +562,8 @@ def kernels(cluster, pki, tmp_path):
         repo = str(REPO)
 
         def env(self, topic: str, group: str, tls: bool = True, **overrides) -> dict[str, str]:
-            env = {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "KERNEL_", "TEST_"))}
+            # Not the developer's own settings (an OTEL_TRACES_EXPORTER would have every kernel trace).
+            env = {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "KERNEL_", "TEST_", "OTEL_"))}
             env.update(
                 KAFKA_BOOTSTRAP_SERVERS=cluster.bootstrap,
                 KAFKA_TOPIC=topic,

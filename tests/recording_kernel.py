@@ -7,6 +7,8 @@ survives SIGKILL). What the handler does depends on the
 message value (the part before a "|", if any; what follows is a label for the test):
   "false:N"  return False for the first N attempts in this process, then True
   "raise"    raise RuntimeError while $TEST_RAISE is not "0"
+  "dead"     raise DeadLetter
+  "send:T"   send() the message (its key, value and headers) on to topic T, log "Sent ... to T", then True
   "sleep:S"  sleep S seconds, then True
   anything   True, after sleeping $TEST_SLEEP_S seconds (default 0)
 With $TEST_BATCH=1 it is a process_batch instead, recording each message of a call with the call's
@@ -15,6 +17,7 @@ False for its first N attempts; "dead" raises DeadLetter naming that message (af
 it are done); "raise" and "sleep:S" as above, for the whole batch.
 """
 
+import logging
 import os
 import sys
 import time
@@ -28,6 +31,7 @@ import main  # noqa: E402
 RECORD = os.open(os.environ["TEST_RECORD_PATH"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
 SLEEP_S = float(os.environ.get("TEST_SLEEP_S", "0"))
 attempts: Counter = Counter()
+log = logging.getLogger("recording-kernel")
 
 
 def record(message, result: str, started_ns: int) -> None:
@@ -47,6 +51,12 @@ def process_message(message) -> bool:
     if value == "raise" and os.environ.get("TEST_RAISE") != "0":
         record(message, "raise", started_ns)
         raise RuntimeError("poison message")
+    if value == "dead":
+        record(message, "dead", started_ns)
+        raise main.DeadLetter("dead on purpose")
+    if value.startswith("send:"):
+        main.send(value.split(":")[1], message.value, key=message.key, headers=message.headers)
+        log.info("Sent %s to %s", main.coordinates(message), value.split(":")[1])
     time.sleep(float(value.split(":")[1]) if value.startswith("sleep:") else SLEEP_S)
     record(message, "true", started_ns)
     return True

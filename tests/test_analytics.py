@@ -12,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 from typing import NamedTuple
 
+import prometheus_client
 import psycopg
 import pytest
 from psycopg import sql
@@ -20,7 +21,7 @@ from psycopg.conninfo import conninfo_to_dict
 from devtools.broker import free_port
 from devtools.tls_proxy import TlsProxy
 from examples import analytics
-from tests.conftest import wait_committed, wait_until
+from tests.conftest import http_get, wait_committed, wait_until
 from tests.kit import call_batch, make_message
 
 pytestmark = pytest.mark.both_brokers
@@ -96,12 +97,20 @@ def test_a_malformed_event_is_dead_lettered_after_those_before_it_are_stored(war
     assert warehouse.stored() == Counter({0: 1, 1: 1}), "stored before the dead letter, not after"
 
 
+def counted(name: str, topic: str) -> float:
+    """The example's own metric, as /metrics serves it (prometheus_client's default registry)."""
+    return prometheus_client.REGISTRY.get_sample_value(f"{name}_total", {"topic": topic}) or 0.0
+
+
 def test_a_batch_delivered_again_changes_neither_the_events_nor_the_rollups(warehouse):
     messages = [make_message(event(n), partition=1, offset=n) for n in range(30)]
+    before = [counted(name, messages[0].topic) for name in ("analytics_events_stored", "analytics_redeliveries_skipped")]
     assert call_batch(messages[:20], analytics.process_batch).result is True
     assert call_batch(messages, analytics.process_batch).result is True  # 0-19 again, after a crash say
     assert warehouse.stored() == Counter(range(30))
     assert warehouse.check_rollups() > 1
+    assert [counted(name, messages[0].topic) - count for name, count in zip(
+        ("analytics_events_stored", "analytics_redeliveries_skipped"), before, strict=True)] == [30, 20]
 
 
 def test_events_at_offsets_used_before_are_stored_and_counted_when_the_topic_starts_over(warehouse):
@@ -120,9 +129,14 @@ def test_a_dead_letter_in_the_middle_of_a_batch_end_to_end(cluster, kernels, war
     topic, dlt, group = cluster.create_topic(partitions=1), cluster.create_topic(partitions=1), "analytics-dlt"
     produced = cluster.produce(topic, [(0, b"bad" if n == 5 else None, b"{oops" if n == 5 else event(n))
                                        for n in range(11)])
-    env = kernels.env(topic, group, KERNEL_DEAD_LETTER_TOPIC=dlt, LOG_LEVEL="DEBUG", **warehouse.env())
+    port = free_port()
+    env = kernels.env(topic, group, KERNEL_DEAD_LETTER_TOPIC=dlt, LOG_LEVEL="DEBUG", KERNEL_HTTP_PORT=port,
+                      **warehouse.env())
     kernel = kernels.start(env, module="examples.analytics")
     wait_committed(cluster, kernel, group, topic, produced, 1)
+    metrics = http_get(port, "/metrics")[1]
+    assert f'analytics_events_stored_total{{topic="{topic}"}} 10.0' in metrics, "the example's metric, beside the kernel's"
+    assert f'kernel_messages_dead_lettered_total{{topic="{topic}"}} 1.0' in metrics
     assert kernel.stop() == 0
 
     assert warehouse.stored() == Counter(n for n in range(11) if n != 5)

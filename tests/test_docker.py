@@ -80,6 +80,12 @@ def test_the_image_installs_what_main_py_imports(tmp_path):
     assert result.returncode == 0, (f"main.py imports {missing or result.stderr[-500:]}, which the image would not "
                                     "install: `uv add` it (or add it to an extra and to the Dockerfile's EXTRAS)")
 
+    # Tracing asked for in an image built without the otel extra: exit code 2, saying how to add it.
+    env = {"PATH": os.environ["PATH"], "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1", "OTEL_TRACES_EXPORTER": "otlp"}
+    traced = subprocess.run([str(python), "main.py"], cwd=app, env=env, capture_output=True, text=True, timeout=60)
+    assert (traced.returncode, "OpenTelemetry is not installed: uv sync --extra otel" in traced.stderr) == (2, True), (
+        traced.stderr[-500:])
+
     # And the check catches it: a kernel that imports a package of the dev group only.
     text = (app / "main.py").read_text()
     (app / "main.py").write_text(text.replace("\nKERNEL_NAME =", "\nimport psycopg\n\nKERNEL_NAME =", 1))

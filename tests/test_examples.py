@@ -352,10 +352,13 @@ def test_notification_end_to_end_against_a_failing_webhook(cluster, kernels, web
     produced = cluster.produce(topic, [(i % 2, r.encode(), json.dumps({"recipient": r, "text": "hi"}).encode())
                                        for i, r in enumerate(recipients)])
     produced += produce_malformed(cluster, topic)
+    port = free_port()
     env = kernels.env(topic, group, WEBHOOK_URL=webhook.url, WEBHOOK_TIMEOUT_S=1, KERNEL_DEAD_LETTER_TOPIC=dlt,
-                      KERNEL_CONCURRENCY=4, KERNEL_RETRY_INITIAL_MS=100)
+                      KERNEL_CONCURRENCY=4, KERNEL_RETRY_INITIAL_MS=100, KERNEL_HTTP_PORT=port)
     kernel = kernels.start(env, module="examples.notification")
     wait_committed(cluster, kernel, group, topic, produced, 2)
+    metrics = http_get(port, "/metrics")[1]
+    assert f'notifications_sent_total{{topic="{topic}"}} {len(recipients) - 1}.0' in metrics, "all but the rejected"
     assert kernel.stop() == 0
 
     assert webhook.delivered() == set(recipients) - {"reject"}
