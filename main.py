@@ -2024,7 +2024,10 @@ class Ledger:
         if self.keyed:
             by_key: dict[bytes | None, list] = {}
             for record in records:
-                by_key.setdefault(record.key, []).append(record)
+                if (keyed := by_key.get(record.key)) is None:  # not setdefault: no new list per record
+                    by_key[record.key] = [record]
+                else:
+                    keyed.append(record)
             nbytes = 0
             for key, keyed in by_key.items():
                 lane = self.lane_for(partition, state, key)

@@ -23,6 +23,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 import main
 from devtools.broker import free_port
 from tests.conftest import REPO, settings_from, wait_committed
+from tests.test_examples import write_answer
 
 CONSUMER, PRODUCER, ERROR = Span.SPAN_KIND_CONSUMER, Span.SPAN_KIND_PRODUCER, Status.STATUS_CODE_ERROR
 
@@ -59,12 +60,8 @@ class Collector:
             def do_POST(self):
                 collector.paths.add(self.path)
                 collector.receive(ExportTraceServiceRequest.FromString(self.rfile.read(int(self.headers["Content-Length"]))))
-                body = ExportTraceServiceResponse().SerializeToString()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/x-protobuf")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                write_answer(self, 200, ExportTraceServiceResponse().SerializeToString(),
+                             {"Content-Type": "application/x-protobuf"})
 
             def log_message(self, *args):
                 pass
