@@ -94,6 +94,7 @@ names_of_your_part = None if "names_of_your_part" in globals() else dict(globals
 import asyncio
 import base64
 import binascii
+import bisect
 import builtins
 import contextlib
 import dataclasses
@@ -131,6 +132,8 @@ import kafka.errors
 import kafka.future
 import kafka.sasl.oauth
 import prometheus_client
+import prometheus_client.metrics_core
+import prometheus_client.utils
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
 from kafka.errors import CommitFailedError, KafkaError, NoBrokersAvailable
 
@@ -929,6 +932,49 @@ class HealthState:
         return (True, "ok") if self.joined else (False, "not in the group yet")
 
 
+class CallTimes(prometheus_client.registry.Collector):
+    """kernel_processing_seconds, the histogram of the handler's call times, by topic. Each worker
+    thread counts into tallies of its own, without a lock, and /metrics adds them up: a Histogram's
+    observe() takes a lock, and costs more than the rest of the kernel's work on a no-op message."""
+
+    BOUNDS = prometheus_client.Histogram.DEFAULT_BUCKETS  # the buckets' upper bounds, the last +Inf
+
+    def __init__(self):
+        self.tallies: list[dict[str, list]] = []  # a thread's: topic → calls per bucket, then their seconds
+        self.local = threading.local()
+
+    def tally(self, topic: str) -> list:
+        """This thread's tally for `topic`, for count()."""
+        if (mine := getattr(self.local, "tallies", None)) is None:
+            mine = self.local.tallies = {}
+            self.tallies.append(mine)
+        if (tally := mine.get(topic)) is None:
+            tally = mine[topic] = [0] * len(self.BOUNDS) + [0.0]
+        return tally
+
+    @classmethod
+    def count(cls, tally: list, seconds: float) -> None:
+        tally[bisect.bisect_left(cls.BOUNDS, seconds)] += 1  # its bucket: the first bound >= seconds
+        tally[-1] += seconds
+
+    def observe(self, topic: str, seconds: float) -> None:
+        self.count(self.tally(topic), seconds)
+
+    def collect(self) -> Iterator[prometheus_client.metrics_core.Metric]:
+        totals: dict[str, list] = {}  # list(): a copy, while the workers count on
+        for mine in list(self.tallies):
+            for topic, tally in list(mine.items()):
+                total = totals.get(topic)
+                totals[topic] = list(tally) if total is None else [a + b for a, b in zip(total, tally, strict=True)]
+        family = prometheus_client.metrics_core.HistogramMetricFamily(
+            "kernel_processing_seconds", "Time spent in each call of process_message or process_batch",
+            labels=["topic"])
+        for topic, total in sorted(totals.items()):
+            bounds = map(prometheus_client.utils.floatToGoString, self.BOUNDS)
+            family.add_metric([topic], list(zip(bounds, itertools.accumulate(total[:-1]), strict=True)), total[-1])
+        yield family
+
+
 class KernelMetrics:
     """The kernel's Prometheus metrics, served at /metrics. A registry of its own, so that a test may
     run several loops in one process; yours (prometheus_client's Counter, Gauge and Histogram made in
@@ -936,6 +982,7 @@ class KernelMetrics:
 
     def __init__(self):
         self.registry = prometheus_client.CollectorRegistry()
+        self.children: dict[tuple, prometheus_client.Counter] = {}  # of_topic()'s
         counter, gauge, histogram = (self.metric(kind) for kind in (
             prometheus_client.Counter, prometheus_client.Gauge, prometheus_client.Histogram))
         topic = ("topic",)
@@ -947,8 +994,8 @@ class KernelMetrics:
                             "by the topic they went to", topic)
         self.send_failures = counter("kernel_send_failures", "Messages the broker did not confirm, by the topic they "
                                      "were for", topic)
-        self.processing = histogram("kernel_processing_seconds", "Time spent in each call of process_message or "
-                                    "process_batch", topic)
+        self.processing = CallTimes()
+        self.registry.register(self.processing)
         self.batch_sizes = histogram("kernel_batch_size", "Messages per process_batch call", topic,
                                      buckets=(1, 10, 100, 500, 1000, 5000))
         self.commits = counter("kernel_commits", "Offset commits that succeeded")
@@ -963,6 +1010,12 @@ class KernelMetrics:
         """A maker of metrics of `kind` in this registry: name, help text, label names, options."""
         return lambda name, text, labels=(), **options: kind(name, text, labelnames=labels, registry=self.registry,
                                                              **options)
+
+    def of_topic(self, metric: prometheus_client.Counter, topic: str) -> prometheus_client.Counter:
+        """metric.labels(topic), asked once: labels() costs as much as the kernel's work on a message."""
+        if (child := self.children.get((metric, topic))) is None:
+            child = self.children[metric, topic] = metric.labels(topic)
+        return child
 
 
 HTTP_TIMEOUT_S = 5.0  # a client has this long to send its request, and to take the answer
@@ -1488,9 +1541,9 @@ class KernelProducer:
             future = self.client.send(topic, key=key, value=value, headers=headers)
         except KafkaError as error:  # no broker, the buffer stayed full, or the topic is unknown
             future = kafka.future.Future().failure(error)
-        if self.metrics is not None:
-            future.add_callback(lambda _: self.metrics.sent.labels(topic).inc())
-            future.add_errback(lambda _: self.metrics.send_failures.labels(topic).inc())
+        if (metrics := self.metrics) is not None:
+            future.add_callback(lambda _: metrics.of_topic(metrics.sent, topic).inc())
+            future.add_errback(lambda _: metrics.of_topic(metrics.send_failures, topic).inc())
         return future
 
     def close(self) -> None:
@@ -1779,7 +1832,8 @@ def process_task(task: LaneTask, handler: Callable, stop: StopSignal, producer: 
     the kernel's innermost loop: what it does per message, every kernel pays for, so it calls the
     handler itself (process_record's rules, its slow paths shared) and looks up nothing twice."""
     if metrics is not None:
-        handler = measured(handler, task.lane.partition.topic, metrics)
+        topic = task.lane.partition.topic
+        handler = measured(handler, metrics.processing.tally(topic), metrics.of_topic(metrics.processed, topic).inc)
     unconfirmed: deque[list[Future]] = deque()  # sends of the records after records[finished] that returned True
     monotonic = time.monotonic
     # sends_of_calls() inlined: a context manager costs a microsecond, and with many keys a task is a
@@ -1813,18 +1867,19 @@ def process_task(task: LaneTask, handler: Callable, stop: StopSignal, producer: 
             confirm_sends(task, unconfirmed, timeout_s=producer.timeout_s if producer else 0)
 
 
-def measured(handler: Callable, topic: str, metrics: KernelMetrics) -> Callable:
-    """`handler` timing each call, and counting those that return True, for /metrics."""
-    observe, count = metrics.processing.labels(topic).observe, metrics.processed.labels(topic).inc
+def measured(handler: Callable, tally: list, processed: Callable) -> Callable:
+    """`handler` timing each call into this thread's `tally` of CallTimes, and counting those that
+    return True with `processed`, for /metrics."""
+    count, monotonic = CallTimes.count, time.monotonic
 
     def measured_handler(record):
-        started_s = time.monotonic()
+        started_s = monotonic()
         try:
             result = handler(record)
         finally:
-            observe(time.monotonic() - started_s)
+            count(tally, monotonic() - started_s)
         if result is True:
-            count()
+            processed()
         return result
 
     return measured_handler
@@ -1841,14 +1896,14 @@ def process_batch_task(task: LaneTask, handler: Callable, stop: StopSignal, prod
         outcome = process_as_batch(handler, task.records, producer)
     finally:
         if metrics is not None:
-            metrics.processing.labels(task.lane.partition.topic).observe(time.monotonic() - task.started_s)
+            metrics.processing.observe(task.lane.partition.topic, time.monotonic() - task.started_s)
     error = first_delivery_error(outcome.sends, producer.timeout_s if producer else 0)
     if error is not None:
         undelivered(task, task.records, error, "process_batch", len(task.records))
         return
     task.finished, task.failure = outcome.done, outcome.failure
     if metrics is not None:
-        metrics.processed.labels(task.lane.partition.topic).inc(outcome.done)
+        metrics.of_topic(metrics.processed, task.lane.partition.topic).inc(outcome.done)
         metrics.batch_sizes.labels(task.lane.partition.topic).observe(len(task.records))
 
 

@@ -4,6 +4,7 @@ back-pressure — with the real worker threads and a recording stand-in for Kafk
 import threading
 import time
 
+import prometheus_client
 import pytest
 from kafka import TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
@@ -103,6 +104,35 @@ def test_process_task_stops_after_the_message_in_hand():
     task = task_of([record(P0, 0), record(P0, 1)])
     main.process_task(task, stop_after_first, stop)
     assert task.finished == 1
+
+
+def test_call_times_add_up_what_each_worker_thread_counted_as_a_histogram_would():
+    """The workers count call times without a lock, each in tallies of its own; /metrics must show
+    what prometheus_client's own Histogram would for the same calls, buckets, count and sum."""
+    metrics, reference = main.KernelMetrics(), prometheus_client.CollectorRegistry()
+    histogram = prometheus_client.Histogram("kernel_processing_seconds", "", ["topic"], registry=reference)
+    calls = {"a": [0.001, 0.005, 0.02, 0.02, 3.0, 60.0], "b": [0.3]}
+
+    def worker(share):
+        for topic, seconds in calls.items():
+            for value in seconds[share::3]:
+                metrics.processing.observe(topic, value)
+                histogram.labels(topic).observe(value)
+
+    threads = [threading.Thread(target=worker, args=(share,)) for share in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(metrics.processing.tallies) == 3
+
+    def samples(registry):
+        return sorted((sample.name, tuple(sorted(sample.labels.items())), round(sample.value, 9))
+                      for family in registry.collect() if family.name == "kernel_processing_seconds"
+                      for sample in family.samples if not sample.name.endswith("_created"))
+
+    assert samples(metrics.registry) == samples(reference)
+    assert ("kernel_processing_seconds_bucket", (("le", "0.025"), ("topic", "a")), 4) in samples(metrics.registry)
 
 
 @pytest.mark.parametrize("result, cause", [(ValueError("boom"), "boom"), (None, "must return True or False, got None")])
