@@ -160,6 +160,9 @@ class DeadLetter(Exception):
 current_call = threading.local()  # on a worker thread, during a call: .producer and .sends
 
 
+BYTES_OR_NONE = (bytes, bytearray, type(None))  # what send() takes as a key or a value
+
+
 def send(topic: str, value: bytes | None, key: bytes | None = None,
          headers: list[tuple[str, bytes]] | None = None) -> None:
     """Publish a message to `topic` from process_message (say, a result to an output topic).
@@ -175,12 +178,12 @@ def send(topic: str, value: bytes | None, key: bytes | None = None,
                            "in a unit test, call process_message through tests/kit.py")
     if not isinstance(topic, str) or not topic:
         raise TypeError(f"send() topic must be a topic name, got {topic!r}")
-    for name, data in (("value", value), ("key", key)):
-        if data is not None and not isinstance(data, bytes | bytearray):
-            raise TypeError(f"send() {name} must be bytes or None, got {type(data).__name__}: encode it first")
+    if not (isinstance(value, BYTES_OR_NONE) and isinstance(key, BYTES_OR_NONE)):
+        name, data = ("value", value) if not isinstance(value, BYTES_OR_NONE) else ("key", key)
+        raise TypeError(f"send() {name} must be bytes or None, got {type(data).__name__}: encode it first")
     if key is None and value is None:  # legal in Kafka, refused by kafka-python's producer: sent empty
         value = b""
-    sends.append(current_call.producer.send(topic, key, value, producible_headers(headers or [])))
+    sends.append(current_call.producer.send(topic, key, value, producible_headers(headers) if headers else []))
 
 
 def producible_headers(headers: list) -> list[tuple[str, bytes]]:
@@ -1795,16 +1798,19 @@ def confirm_sends(task: LaneTask, unconfirmed: deque, timeout_s: float) -> None:
     """Advance task.finished over the records whose sends the broker confirmed, in order; with a
     zero timeout only as far as confirmations have already arrived. A failed send stops the advance
     at its record, which is then tried again: its outputs may be sent twice, never lost."""
-    deadline_s = time.monotonic() + timeout_s
+    deadline_s = time.monotonic() + timeout_s if timeout_s else 0.0
     while unconfirmed:
-        sends = unconfirmed[0]
-        if not timeout_s and not all(future.is_done for future in sends):
-            return
-        error = first_delivery_error(sends, max(0.0, deadline_s - time.monotonic()))
-        if error is not None:
-            undelivered(task, task.records[task.finished:task.finished + 1], error, "process_message", None)
-            unconfirmed.clear()
-            return
+        for future in unconfirmed[0]:  # once per message sent: checked inline, waited for only when it must
+            if future.is_done:
+                error = future.exception
+            elif timeout_s:
+                error = delivery_error(future, max(0.0, deadline_s - time.monotonic()))
+            else:
+                return
+            if error is not None:
+                undelivered(task, task.records[task.finished:task.finished + 1], error, "process_message", None)
+                unconfirmed.clear()
+                return
         unconfirmed.popleft()
         task.finished += 1
 
@@ -1991,12 +1997,6 @@ class Lane:
     # KERNEL_BATCH_MAX_WAIT_MS. 0.0 for records put back after a task: they have waited already.
     waiting_since_s: float | None = None
 
-    def first_unfinished_offset(self) -> int | None:
-        task = self.task
-        if task is not None and task.finished < len(task.records):
-            return task.records[task.finished].offset
-        return self.records[0].offset if self.records else None
-
     def attempts_made(self) -> int:
         """How many attempts records[0] has had, counting the one that just failed."""
         retry = self.retry
@@ -2037,8 +2037,24 @@ class PartitionState:
 
     def next_commit(self) -> int | None:
         """The end of the longest finished prefix: never past an unfinished or failed message."""
-        firsts = [offset for lane in self.lanes.values() if (offset := lane.first_unfinished_offset()) is not None]
-        return min(firsts) if firsts else self.fetched_end
+        first = self.fetched_end  # every unfinished offset lies before it
+        for lane in self.lanes.values():  # each lane's first unfinished: its task's, else its first waiting
+            task = lane.task
+            if task is not None and task.finished < len(task.records):
+                offset = task.records[task.finished].offset
+            elif lane.records:
+                offset = lane.records[0].offset
+            else:
+                continue
+            if offset < first:
+                first = offset
+        return first
+
+
+# Lanes that hold nothing are kept for their key's next records (with many keys, a lane made and
+# dropped for each task cost a tenth of a no-op message); beyond this many they are dropped, about
+# 1 KB each.
+IDLE_LANES_KEPT = 2048
 
 
 class Ledger:
@@ -2055,6 +2071,8 @@ class Ledger:
         self.ready: dict[Lane, None] = {}  # lanes with records and nothing in flight or waiting, in order
         self.retrying: set[Lane] = set()  # lanes waiting for a retry to be due
         self.in_flight: set[LaneTask] = set()
+        self.lanes = 0  # in all the partitions
+        self.lanes_kept = IDLE_LANES_KEPT  # past this many, drop_idle_lanes()
 
     @property
     def unfinished(self) -> int:
@@ -2098,14 +2116,25 @@ class Ledger:
         state.hold(len(records), nbytes)
 
     def lane_for(self, partition: TopicPartition, state: PartitionState, key: bytes | None) -> Lane:
-        """The key's lane in the partition, made if new; ready for a task unless one is in flight or
-        it waits for a retry."""
+        """The key's lane in the partition, made if new, for records about to be added: ready for a
+        task if it held none. (One that holds some is ready already, or in flight, or waits for a retry.)"""
         lane = state.lanes.get(key)
         if lane is None:
+            if self.lanes >= self.lanes_kept:
+                self.drop_idle_lanes()
             lane = state.lanes[key] = Lane(partition, key)
-        if lane.task is None and lane not in self.retrying:
+            self.lanes += 1
+        if lane.task is None and not lane.records:
             self.ready[lane] = None
         return lane
+
+    def drop_idle_lanes(self) -> None:
+        """Drop the lanes that hold nothing; next time when there are twice as many lanes as now
+        hold something (at least IDLE_LANES_KEPT), so the search costs little per lane made."""
+        for state in self.partitions.values():
+            state.lanes = {key: lane for key, lane in state.lanes.items() if lane.records or lane.task}
+        self.lanes = sum(len(state.lanes) for state in self.partitions.values())
+        self.lanes_kept = max(IDLE_LANES_KEPT, 2 * self.lanes)
 
     def start_tasks(self, now_s: float) -> list[LaneTask]:
         """A task for each lane that is ready (with process_batch, whose batch is full or has waited
@@ -2184,11 +2213,11 @@ class Ledger:
         lane.retry = None
 
     def requeue(self, lane: Lane) -> None:
-        """The lane has nothing in flight: ready if it has records and no retry pending, gone if empty."""
+        """The lane has nothing in flight: ready if it has records and no retry pending."""
         if lane.records and lane not in self.retrying:
             self.ready[lane] = None
-        elif not lane.records:
-            del self.partitions[lane.partition].lanes[lane.key]
+        elif not lane.records:  # idle, kept for its key: as a new lane
+            lane.waiting_since_s = None
 
     def tasks_of(self, partitions: set[TopicPartition]) -> set[LaneTask]:
         return {task for task in self.in_flight if task.lane.partition in partitions}
@@ -2218,6 +2247,7 @@ class Ledger:
             for lane in state.lanes.values() if state is not None else ():
                 self.ready.pop(lane, None)
                 self.retrying.discard(lane)
+            self.lanes -= len(state.lanes) if state is not None else 0
 
 
 # The consumer loop

@@ -49,6 +49,30 @@ def test_one_task_per_lane_and_lanes_by_key_only_when_keyed():
     assert by_key.start_tasks(0) == [], "a lane with a task in flight gets no second one"
 
 
+def test_a_key_seen_again_finds_its_lane_and_lanes_holding_nothing_are_dropped_past_a_bound(monkeypatch):
+    monkeypatch.setattr(main, "IDLE_LANES_KEPT", 10)
+    book = ledger(keyed=True)
+    book.add(P0, [record(P0, 0, b"again")])
+    [task] = book.start_tasks(0)
+    lane = back(book, task, finished=1)
+    book.requeue(lane)
+    book.add(P0, [record(P0, 1, b"again")])
+    assert book.partitions[P0].lanes[b"again"] is lane and book.start_tasks(0)[0].lane is lane
+
+    busy = book.start_tasks(0)  # nothing: the key's task is in flight
+    book.add(P1, [record(P1, offset, b"busy") for offset in range(3)])
+    busy = book.start_tasks(0)
+    for offset in range(2, 1_000):  # a new key each time: lanes made, emptied, dropped
+        book.add(P0, [record(P0, offset, b"key-%d" % offset)])
+        for task in book.start_tasks(0):
+            book.requeue(back(book, task, finished=len(task.records)))
+        assert book.lanes == sum(len(state.lanes) for state in book.partitions.values()) <= 10
+    assert book.partitions[P1].lanes[b"busy"].task is busy[0], "a lane with a task in flight is kept"
+    assert book.partitions[P0].lanes[b"again"].task is not None
+    book.forget({P1})
+    assert book.lanes == len(book.partitions[P0].lanes)
+
+
 def test_unfinished_records_are_counted_once_per_partition_and_the_commit_follows_the_prefix():
     book = ledger()
     book.add(P0, [record(P0, offset) for offset in range(5, 10)])

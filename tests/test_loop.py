@@ -1,6 +1,7 @@
 """Unit tests of the consumer loop — lanes, finished prefixes, retries, dead letters, revocations,
 back-pressure — with the real worker threads and a recording stand-in for KafkaConsumer."""
 
+import re
 import threading
 import time
 
@@ -154,7 +155,8 @@ def test_finished_prefixes_are_committed_explicitly_and_once():
     loop.commit()
     loop.commit()
     assert loop.consumer.commits() == [{P0: 7, P1: 1}]
-    assert loop.ledger.unfinished == 0 and loop.ledger.partitions[P0].lanes == {}
+    assert loop.ledger.unfinished == 0 and not any(lane.records or lane.task
+                                                   for lane in loop.ledger.partitions[P0].lanes.values())
 
 
 def test_false_holds_its_partition_at_concurrency_one_and_counts_attempts():
@@ -184,7 +186,7 @@ def test_false_holds_only_its_key_with_concurrency():
     loop.ledger.add(P0, [record(P0, 5, b"a"), record(P0, 6, b"b"), record(P0, 7, b"a"), record(P0, 8, b"b")])
     settle_all(loop)
     lanes = loop.ledger.partitions[P0].lanes
-    assert set(lanes) == {b"b"} and [r.offset for r in lanes[b"b"].records] == [6, 8]
+    assert not lanes[b"a"].records and [r.offset for r in lanes[b"b"].records] == [6, 8]
     loop.commit()
     assert loop.consumer.commits() == [{P0: 6}], "key a finished 7, but 6 is not done"
 
@@ -459,6 +461,25 @@ def test_headers_are_made_producible_or_refused_saying_which():
         main.producible_headers([("n", "text")])
     with pytest.raises(TypeError, match=r"a header must be a \(str, bytes\) pair, got \(b'n', b'v'\)"):
         main.producible_headers([(b"n", b"v")])
+
+
+def test_send_refuses_what_is_not_a_topic_or_bytes_saying_which_and_sends_the_rest():
+    class Sent:
+        def send(self, topic, key, value, headers):
+            return (topic, key, value, headers)
+
+    with main.sends_of_calls(Sent()) as sends:
+        for arguments, refusal in [(("", b"v"), "topic must be a topic name, got ''"),
+                                   (("out", "text"), "value must be bytes or None, got str: encode it first"),
+                                   (("out", b"v", 7), "key must be bytes or None, got int"),
+                                   (("out", {}, "k"), "value must be bytes or None, got dict")]:
+            with pytest.raises(TypeError, match=re.escape(refusal)):
+                main.send(*arguments)
+        main.send("out", bytearray(b"v"), key=b"k")
+        main.send("out", None, headers=[("h", None)])
+        assert sends == [("out", b"k", bytearray(b"v"), []), ("out", None, b"", [("h", b"")])]
+    with pytest.raises(RuntimeError, match=r"send\(\) works inside process_message"):
+        main.send("out", b"v")
 
 
 def test_a_record_the_producer_would_refuse_is_dead_lettered_adapted():
