@@ -935,46 +935,65 @@ class HealthState:
         return (True, "ok") if self.joined else (False, "not in the group yet")
 
 
-class CallTimes(prometheus_client.registry.Collector):
-    """kernel_processing_seconds, the histogram of the handler's call times, by topic. Each worker
-    thread counts into tallies of its own, without a lock, and /metrics adds them up: a Histogram's
-    observe() takes a lock, and costs more than the rest of the kernel's work on a no-op message."""
+class HandlerTallies(prometheus_client.registry.Collector):
+    """What the handler did, by topic, counted by each worker thread in tallies of its own, without a
+    lock (a Histogram's observe() and a Counter's inc() take one each, and cost more than the rest of
+    the kernel's work on a no-op message): the time of each call, served as kernel_processing_seconds
+    when /metrics is read, and the messages it finished, added to the kernel_messages_processed
+    counter by the loop once a second (a Counter: the multiprocess mode of prometheus_client, which
+    the local runner uses, sums it over restarts)."""
 
     BOUNDS = prometheus_client.Histogram.DEFAULT_BUCKETS  # the buckets' upper bounds, the last +Inf
+    SECONDS, PROCESSED = len(BOUNDS), len(BOUNDS) + 1  # a tally's slots after its calls per bucket
 
-    def __init__(self):
-        self.tallies: list[dict[str, list]] = []  # a thread's: topic → calls per bucket, then their seconds
+    def __init__(self, processed: prometheus_client.Counter):
+        self.tallies: list[dict[str, list]] = []  # a thread's: topic → calls per bucket, seconds, processed
         self.local = threading.local()
+        self.processed = processed
+        self.added: dict[tuple[int, str], int] = {}  # (a thread's index, topic): processed added to the counter
+        self.added_s = 0.0
 
     def tally(self, topic: str) -> list:
-        """This thread's tally for `topic`, for count()."""
+        """This thread's tally for `topic`, for count_call() and tally[PROCESSED] += messages."""
         if (mine := getattr(self.local, "tallies", None)) is None:
             mine = self.local.tallies = {}
             self.tallies.append(mine)
         if (tally := mine.get(topic)) is None:
-            tally = mine[topic] = [0] * len(self.BOUNDS) + [0.0]
+            tally = mine[topic] = [0] * len(self.BOUNDS) + [0.0, 0]
         return tally
 
     @classmethod
-    def count(cls, tally: list, seconds: float) -> None:
+    def count_call(cls, tally: list, seconds: float) -> None:
         tally[bisect.bisect_left(cls.BOUNDS, seconds)] += 1  # its bucket: the first bound >= seconds
-        tally[-1] += seconds
+        tally[cls.SECONDS] += seconds
 
-    def observe(self, topic: str, seconds: float) -> None:
-        self.count(self.tally(topic), seconds)
+    def add_processed(self, every_s: float = 1.0) -> None:
+        """Add what the workers finished since last time to the processed counter (on the loop's
+        thread, the only one that does), unless that was less than `every_s` ago."""
+        if (now_s := time.monotonic()) - self.added_s < every_s:
+            return
+        self.added_s = now_s
+        for index, mine in enumerate(list(self.tallies)):
+            for topic, tally in list(mine.items()):
+                done = tally[self.PROCESSED]  # read once: the worker may count on meanwhile
+                if done != self.added.get((index, topic), 0):
+                    self.processed.labels(topic).inc(done - self.added.get((index, topic), 0))
+                    self.added[index, topic] = done
 
     def collect(self) -> Iterator[prometheus_client.metrics_core.Metric]:
-        totals: dict[str, list] = {}  # list(): a copy, while the workers count on
+        totals: dict[str, list] = {}  # copies (the slice), while the workers count on
         for mine in list(self.tallies):
             for topic, tally in list(mine.items()):
                 total = totals.get(topic)
-                totals[topic] = list(tally) if total is None else [a + b for a, b in zip(total, tally, strict=True)]
+                mine_now = tally[:self.PROCESSED]
+                totals[topic] = mine_now if total is None else [a + b for a, b in zip(total, mine_now, strict=True)]
         family = prometheus_client.metrics_core.HistogramMetricFamily(
             "kernel_processing_seconds", "Time spent in each call of process_message or process_batch",
             labels=["topic"])
         for topic, total in sorted(totals.items()):
             bounds = map(prometheus_client.utils.floatToGoString, self.BOUNDS)
-            family.add_metric([topic], list(zip(bounds, itertools.accumulate(total[:-1]), strict=True)), total[-1])
+            buckets = list(zip(bounds, itertools.accumulate(total[:self.SECONDS]), strict=True))
+            family.add_metric([topic], buckets, total[self.SECONDS])
         yield family
 
 
@@ -997,8 +1016,8 @@ class KernelMetrics:
                             "by the topic they went to", topic)
         self.send_failures = counter("kernel_send_failures", "Messages the broker did not confirm, by the topic they "
                                      "were for", topic)
-        self.processing = CallTimes()
-        self.registry.register(self.processing)
+        self.calls = HandlerTallies(self.processed)
+        self.registry.register(self.calls)
         self.batch_sizes = histogram("kernel_batch_size", "Messages per process_batch call", topic,
                                      buckets=(1, 10, 100, 500, 1000, 5000))
         self.commits = counter("kernel_commits", "Offset commits that succeeded")
@@ -1838,8 +1857,7 @@ def process_task(task: LaneTask, handler: Callable, stop: StopSignal, producer: 
     the kernel's innermost loop: what it does per message, every kernel pays for, so it calls the
     handler itself (process_record's rules, its slow paths shared) and looks up nothing twice."""
     if metrics is not None:
-        topic = task.lane.partition.topic
-        handler = measured(handler, metrics.processing.tally(topic), metrics.of_topic(metrics.processed, topic).inc)
+        handler = measured(handler, metrics.calls.tally(task.lane.partition.topic))
     unconfirmed: deque[list[Future]] = deque()  # sends of the records after records[finished] that returned True
     monotonic = time.monotonic
     # sends_of_calls() inlined: a context manager costs a microsecond, and with many keys a task is a
@@ -1873,19 +1891,19 @@ def process_task(task: LaneTask, handler: Callable, stop: StopSignal, producer: 
             confirm_sends(task, unconfirmed, timeout_s=producer.timeout_s if producer else 0)
 
 
-def measured(handler: Callable, tally: list, processed: Callable) -> Callable:
-    """`handler` timing each call into this thread's `tally` of CallTimes, and counting those that
-    return True with `processed`, for /metrics."""
-    count, monotonic = CallTimes.count, time.monotonic
+def measured(handler: Callable, tally: list) -> Callable:
+    """`handler` timing each call, and counting those that return True, in this thread's `tally` of
+    HandlerTallies, for /metrics."""
+    count_call, monotonic, processed = HandlerTallies.count_call, time.monotonic, HandlerTallies.PROCESSED
 
     def measured_handler(record):
         started_s = monotonic()
         try:
             result = handler(record)
         finally:
-            count(tally, monotonic() - started_s)
+            count_call(tally, monotonic() - started_s)
         if result is True:
-            processed()
+            tally[processed] += 1
         return result
 
     return measured_handler
@@ -1902,14 +1920,14 @@ def process_batch_task(task: LaneTask, handler: Callable, stop: StopSignal, prod
         outcome = process_as_batch(handler, task.records, producer)
     finally:
         if metrics is not None:
-            metrics.processing.observe(task.lane.partition.topic, time.monotonic() - task.started_s)
+            HandlerTallies.count_call(metrics.calls.tally(task.lane.partition.topic), time.monotonic() - task.started_s)
     error = first_delivery_error(outcome.sends, producer.timeout_s if producer else 0)
     if error is not None:
         undelivered(task, task.records, error, "process_batch", len(task.records))
         return
     task.finished, task.failure = outcome.done, outcome.failure
     if metrics is not None:
-        metrics.of_topic(metrics.processed, task.lane.partition.topic).inc(outcome.done)
+        metrics.calls.tally(task.lane.partition.topic)[HandlerTallies.PROCESSED] += outcome.done
         metrics.batch_sizes.labels(task.lane.partition.topic).observe(len(task.records))
 
 
@@ -2052,8 +2070,8 @@ class PartitionState:
 
 
 # Lanes that hold nothing are kept for their key's next records (with many keys, a lane made and
-# dropped for each task cost a tenth of a no-op message); beyond this many they are dropped, about
-# 1 KB each.
+# dropped for each task cost a tenth of a no-op message), about 1 KB each: dropped once there are this
+# many lanes in all, or twice as many as hold something.
 IDLE_LANES_KEPT = 2048
 
 
@@ -2494,6 +2512,7 @@ class ConsumerLoop:
             self.apply_back_pressure()
             self.poll(BUSY_POLL_TIMEOUT_MS if self.ledger.in_flight else self.poll_timeout_ms())
         self.watchdog.watch_in_flight()
+        self.metrics.calls.add_processed()
         self.commit()
         self.watchdog.refresh_lag(self.consumer)
 
@@ -2660,6 +2679,7 @@ class ConsumerLoop:
         """Finish: drain, commit what finished, stop the workers and the producer, leave the group."""
         self.health.joined = False
         self.drain()
+        self.metrics.calls.add_processed(every_s=0)
         self.commit(force=True)
         self.workers.stop()
         self.producer.close()

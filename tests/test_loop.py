@@ -107,33 +107,59 @@ def test_process_task_stops_after_the_message_in_hand():
     assert task.finished == 1
 
 
-def test_call_times_add_up_what_each_worker_thread_counted_as_a_histogram_would():
-    """The workers count call times without a lock, each in tallies of its own; /metrics must show
-    what prometheus_client's own Histogram would for the same calls, buckets, count and sum."""
+def test_handler_tallies_add_up_what_each_worker_thread_counted_as_a_histogram_and_a_counter_would():
+    """The workers count call times and finished messages without a lock, each in tallies of its
+    own; /metrics must show what prometheus_client's own Histogram and Counter would for the same
+    calls, the counter once the loop has added the tallies to it (again only what is new)."""
     metrics, reference = main.KernelMetrics(), prometheus_client.CollectorRegistry()
     histogram = prometheus_client.Histogram("kernel_processing_seconds", "", ["topic"], registry=reference)
+    counter = prometheus_client.Counter("kernel_messages_processed", "", ["topic"], registry=reference)
     calls = {"a": [0.001, 0.005, 0.02, 0.02, 3.0, 60.0], "b": [0.3]}
 
     def worker(share):
         for topic, seconds in calls.items():
             for value in seconds[share::3]:
-                metrics.processing.observe(topic, value)
+                tally = metrics.calls.tally(topic)
+                main.HandlerTallies.count_call(tally, value)
+                tally[main.HandlerTallies.PROCESSED] += 1
                 histogram.labels(topic).observe(value)
+                counter.labels(topic).inc()
 
-    threads = [threading.Thread(target=worker, args=(share,)) for share in range(3)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert len(metrics.processing.tallies) == 3
+    def run_workers():
+        threads = [threading.Thread(target=worker, args=(share,)) for share in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
 
     def samples(registry):
         return sorted((sample.name, tuple(sorted(sample.labels.items())), round(sample.value, 9))
-                      for family in registry.collect() if family.name == "kernel_processing_seconds"
+                      for family in registry.collect() if family.name.startswith("kernel_processing_seconds")
+                      or family.name == "kernel_messages_processed"
                       for sample in family.samples if not sample.name.endswith("_created"))
 
-    assert samples(metrics.registry) == samples(reference)
+    run_workers()
+    assert len(metrics.calls.tallies) == 3
     assert ("kernel_processing_seconds_bucket", (("le", "0.025"), ("topic", "a")), 4) in samples(metrics.registry)
+    assert not [s for s in samples(metrics.registry) if s[0] == "kernel_messages_processed_total"], "not added yet"
+    metrics.calls.add_processed()
+    assert samples(metrics.registry) == samples(reference)
+    for _ in range(2):  # a thread counting on between additions: only what is new is added
+        worker(0)
+        metrics.calls.add_processed(every_s=0)
+        assert samples(metrics.registry) == samples(reference)
+
+
+def test_messages_finished_just_before_a_stop_are_on_the_processed_counter():
+    """The loop adds the workers' tallies to the counter once a second, and once more when it closes:
+    a kernel stopped within that second (the local runner sums the counters of its runs) counts all."""
+    loop = make_loop(KERNEL_HTTP_PORT="8080")  # per-message metrics, as when /metrics is served
+    loop.ledger.add(P0, [record(P0, 0), record(P0, 1)])
+    loop.metrics.calls.added_s = time.monotonic()  # just added: not again for a second
+    settle_all(loop)
+    loop.consumer.close = lambda autocommit: None
+    loop.close()
+    assert loop.metrics.processed.labels("t")._value.get() == 2
 
 
 @pytest.mark.parametrize("result, cause", [(ValueError("boom"), "boom"), (None, "must return True or False, got None")])
