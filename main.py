@@ -119,6 +119,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -160,7 +161,7 @@ class DeadLetter(Exception):
 current_call = threading.local()  # on a worker thread, during a call: .producer and .sends
 
 
-BYTES_OR_NONE = (bytes, bytearray, type(None))  # what send() takes as a key or a value
+BYTES_OR_NONE = (bytes, bytearray, types.NoneType)  # what send() takes as a key or a value
 
 
 def send(topic: str, value: bytes | None, key: bytes | None = None,
@@ -944,7 +945,7 @@ class HandlerTallies(prometheus_client.registry.Collector):
     the local runner uses, sums it over restarts)."""
 
     BOUNDS = prometheus_client.Histogram.DEFAULT_BUCKETS  # the buckets' upper bounds, the last +Inf
-    SECONDS, PROCESSED = len(BOUNDS), len(BOUNDS) + 1  # a tally's slots after its calls per bucket
+    SECONDS, PROCESSED = -2, -1  # a tally's last two slots, after its calls per bucket
 
     def __init__(self, processed: prometheus_client.Counter):
         self.tallies: list[dict[str, list]] = []  # a thread's: topic → calls per bucket, seconds, processed
@@ -981,12 +982,11 @@ class HandlerTallies(prometheus_client.registry.Collector):
                     self.added[index, topic] = done
 
     def collect(self) -> Iterator[prometheus_client.metrics_core.Metric]:
-        totals: dict[str, list] = {}  # copies (the slice), while the workers count on
+        totals: dict[str, list] = {}  # list(): a copy, while the workers count on
         for mine in list(self.tallies):
             for topic, tally in list(mine.items()):
                 total = totals.get(topic)
-                mine_now = tally[:self.PROCESSED]
-                totals[topic] = mine_now if total is None else [a + b for a, b in zip(total, mine_now, strict=True)]
+                totals[topic] = list(tally) if total is None else [a + b for a, b in zip(total, tally, strict=True)]
         family = prometheus_client.metrics_core.HistogramMetricFamily(
             "kernel_processing_seconds", "Time spent in each call of process_message or process_batch",
             labels=["topic"])
