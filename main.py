@@ -89,7 +89,7 @@ def process_message(message) -> bool:
 # End of your kernel. The template's machinery follows.
 
 # What the part above defines, for the check at the end of the file (none when the module is reloaded).
-names_of_your_part = None if "names_of_your_part" in globals() else dict(globals())
+names_of_your_part = None if "names_of_your_part" in globals() else {**globals()}
 
 import asyncio
 import base64
