@@ -119,7 +119,6 @@ import sys
 import tempfile
 import threading
 import time
-import types
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -161,7 +160,7 @@ class DeadLetter(Exception):
 current_call = threading.local()  # on a worker thread, during a call: .producer and .sends
 
 
-BYTES_OR_NONE = (bytes, bytearray, types.NoneType)  # what send() takes as a key or a value
+BYTES_OR_NONE = (bytes, bytearray, None.__class__)  # what send() takes as a key or a value
 
 
 def send(topic: str, value: bytes | None, key: bytes | None = None,
@@ -941,8 +940,8 @@ class HandlerTallies(prometheus_client.registry.Collector):
     lock (a Histogram's observe() and a Counter's inc() take one each, and cost more than the rest of
     the kernel's work on a no-op message): the time of each call, served as kernel_processing_seconds
     when /metrics is read, and the messages it finished, added to the kernel_messages_processed
-    counter by the loop once a second (a Counter: the multiprocess mode of prometheus_client, which
-    the local runner uses, sums it over restarts)."""
+    counter by the loop before it commits, so that what is committed is counted (a Counter: the
+    multiprocess mode of prometheus_client, which the local runner uses, sums it over restarts)."""
 
     BOUNDS = prometheus_client.Histogram.DEFAULT_BUCKETS  # the buckets' upper bounds, the last +Inf
     SECONDS, PROCESSED = -2, -1  # a tally's last two slots, after its calls per bucket
@@ -952,7 +951,6 @@ class HandlerTallies(prometheus_client.registry.Collector):
         self.local = threading.local()
         self.processed = processed
         self.added: dict[tuple[int, str], int] = {}  # (a thread's index, topic): processed added to the counter
-        self.added_s = 0.0
 
     def tally(self, topic: str) -> list:
         """This thread's tally for `topic`, for count_call() and tally[PROCESSED] += messages."""
@@ -968,12 +966,9 @@ class HandlerTallies(prometheus_client.registry.Collector):
         tally[bisect.bisect_left(cls.BOUNDS, seconds)] += 1  # its bucket: the first bound >= seconds
         tally[cls.SECONDS] += seconds
 
-    def add_processed(self, every_s: float = 1.0) -> None:
+    def add_processed(self) -> None:
         """Add what the workers finished since last time to the processed counter (on the loop's
-        thread, the only one that does), unless that was less than `every_s` ago."""
-        if (now_s := time.monotonic()) - self.added_s < every_s:
-            return
-        self.added_s = now_s
+        thread, the only one that does)."""
         for index, mine in enumerate(list(self.tallies)):
             for topic, tally in list(mine.items()):
                 done = tally[self.PROCESSED]  # read once: the worker may count on meanwhile
@@ -2058,8 +2053,9 @@ class PartitionState:
         first = self.fetched_end  # every unfinished offset lies before it
         for lane in self.lanes.values():  # each lane's first unfinished: its task's, else its first waiting
             task = lane.task
-            if task is not None and task.finished < len(task.records):
-                offset = task.records[task.finished].offset
+            # task.finished read once: its worker may move it on meanwhile
+            if task is not None and (finished := task.finished) < len(task.records):
+                offset = task.records[finished].offset
             elif lane.records:
                 offset = lane.records[0].offset
             else:
@@ -2339,9 +2335,11 @@ class Watchdog:
         running = [task for task in self.ledger.in_flight if task.running]
         self.health.busy_since_s = min((task.started_s for task in running), default=None)
         for task in running:
-            if task.warned_slow != task.finished and now - task.started_s > self.max_poll_interval_ms / 2000:
-                task.warned_slow = task.finished
-                in_hand = task.records[task.finished:] if self.handler.batch else [task.records[task.finished]]
+            finished = task.finished  # read once: its worker may move it on meanwhile
+            if (finished < len(task.records) and task.warned_slow != finished
+                    and now - task.started_s > self.max_poll_interval_ms / 2000):
+                task.warned_slow = finished
+                in_hand = task.records[finished:] if self.handler.batch else [task.records[finished]]
                 kernel_log.warning(
                     "%s has been running for %.0f s on %s: a rebalance waits for it at most "
                     "KAFKA_MAX_POLL_INTERVAL_MS (%d ms) before the group moves its partitions on", self.handler.name,
@@ -2512,7 +2510,6 @@ class ConsumerLoop:
             self.apply_back_pressure()
             self.poll(BUSY_POLL_TIMEOUT_MS if self.ledger.in_flight else self.poll_timeout_ms())
         self.watchdog.watch_in_flight()
-        self.metrics.calls.add_processed()
         self.commit()
         self.watchdog.refresh_lag(self.consumer)
 
@@ -2607,6 +2604,7 @@ class ConsumerLoop:
         now = time.monotonic()
         if not force and self.ledger.in_flight and now - self.last_commit_s < COMMIT_INTERVAL_S:
             return
+        self.metrics.calls.add_processed()  # first: what is committed has been counted, whatever comes next
         offsets = self.ledger.commits_due(partitions)
         if not offsets:
             return
@@ -2679,7 +2677,6 @@ class ConsumerLoop:
         """Finish: drain, commit what finished, stop the workers and the producer, leave the group."""
         self.health.joined = False
         self.drain()
-        self.metrics.calls.add_processed(every_s=0)
         self.commit(force=True)
         self.workers.stop()
         self.producer.close()

@@ -39,6 +39,20 @@ def test_the_commit_never_passes_an_unfinished_message():
     assert state.next_commit() == 10
 
 
+def test_the_commit_reads_a_tasks_progress_once_while_its_worker_moves_it():
+    """The loop computes the commit while workers run: a task's last record may finish between two
+    reads of task.finished, which must not send the loop past the end of the task's records."""
+
+    class Finishing(main.LaneTask):  # `finished` as the loop sees it: 1 of 2, then 2 of 2
+        reads = iter([1, 2, 2, 2])
+        finished = property(lambda self: next(self.reads), lambda self, value: None)
+
+    lane = main.Lane(P0, None)
+    lane.task = Finishing(lane, [record(P0, 4), record(P0, 5)])
+    state = main.PartitionState(lanes={None: lane}, fetched_end=6)
+    assert state.next_commit() in (5, 6)
+
+
 def test_one_task_per_lane_and_lanes_by_key_only_when_keyed():
     by_partition, by_key = ledger(), ledger(keyed=True)
     for book in (by_partition, by_key):

@@ -146,20 +146,33 @@ def test_handler_tallies_add_up_what_each_worker_thread_counted_as_a_histogram_a
     assert samples(metrics.registry) == samples(reference)
     for _ in range(2):  # a thread counting on between additions: only what is new is added
         worker(0)
-        metrics.calls.add_processed(every_s=0)
+        metrics.calls.add_processed()
         assert samples(metrics.registry) == samples(reference)
 
 
-def test_messages_finished_just_before_a_stop_are_on_the_processed_counter():
-    """The loop adds the workers' tallies to the counter once a second, and once more when it closes:
-    a kernel stopped within that second (the local runner sums the counters of its runs) counts all."""
+def test_what_the_loop_commits_is_on_the_processed_counter_first():
+    """The workers' tallies are added to the counter before each commit: a kernel killed right after
+    one (the local runner sums the counters of its runs) has counted what it committed."""
     loop = make_loop(KERNEL_HTTP_PORT="8080")  # per-message metrics, as when /metrics is served
     loop.ledger.add(P0, [record(P0, 0), record(P0, 1)])
-    loop.metrics.calls.added_s = time.monotonic()  # just added: not again for a second
     settle_all(loop)
-    loop.consumer.close = lambda autocommit: None
-    loop.close()
-    assert loop.metrics.processed.labels("t")._value.get() == 2
+    assert loop.metrics.processed.labels("t")._value.get() == 0, "counted by the workers, not added yet"
+    loop.commit()
+    assert loop.consumer.commits() == [{P0: 2}] and loop.metrics.processed.labels("t")._value.get() == 2
+
+
+def test_the_watchdog_reads_a_tasks_progress_once_while_its_worker_moves_it():
+    """The watchdog looks at tasks while workers run them: one that finishes between two reads of
+    task.finished must not send it past the end of the task's records."""
+
+    class Finishing(main.LaneTask):  # running when the watchdog first looks, finished after
+        reads = iter([0] + [1] * 10)
+        finished = property(lambda self: next(self.reads), lambda self, value: None)
+
+    loop = make_loop()
+    task = Finishing(main.Lane(P0, None), [record(P0, 0)], started_s=1.0)  # long ago: worth a warning
+    loop.ledger.in_flight.add(task)
+    loop.watchdog.watch_in_flight()
 
 
 @pytest.mark.parametrize("result, cause", [(ValueError("boom"), "boom"), (None, "must return True or False, got None")])
