@@ -972,8 +972,8 @@ class HandlerTallies(prometheus_client.registry.Collector):
         for index, mine in enumerate(list(self.tallies)):
             for topic, tally in list(mine.items()):
                 done = tally[self.PROCESSED]  # read once: the worker may count on meanwhile
-                if done != self.added.get((index, topic), 0):
-                    self.processed.labels(topic).inc(done - self.added.get((index, topic), 0))
+                if done != (added := self.added.get((index, topic), 0)):
+                    self.processed.labels(topic).inc(done - added)
                     self.added[index, topic] = done
 
     def collect(self) -> Iterator[prometheus_client.metrics_core.Metric]:

@@ -18,7 +18,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,7 +29,7 @@ from confluent_kafka import Producer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from devtools.broker import Broker  # noqa: E402
+from devtools.broker import Broker, free_port  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 MESSAGES = 200_000
@@ -184,12 +183,6 @@ def main() -> None:
     print(table)
     if arguments.write:
         write_section("table", table)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def render(rows, slow_rows, kernel, forward_rows, concurrency_cost: float) -> str:
