@@ -1157,8 +1157,10 @@ class Tracing:
     @staticmethod
     def attempt(task: LaneTask, record) -> int:
         """Which attempt at `record` this is: its lane keeps the count of a retried one while the task runs."""
-        retry = task.lane.retry
-        return retry.attempts + 1 if retry is not None and retry.offset == record.offset else 1
+        for lane in task.lanes:
+            if (retry := lane.retry) is not None and retry.offset == record.offset:
+                return retry.attempts + 1
+        return 1
 
     def call_message(self, handler: Callable, task: LaneTask, record):
         attributes = self.process_attributes | {
@@ -1703,20 +1705,22 @@ class TaskFailure:
 
 @dataclasses.dataclass(eq=False, slots=True)
 class LaneTask:
-    """A run of one lane's records handed to a worker thread, processed in offset order.
+    """Records of one or more lanes of a partition handed to a worker thread, processed one after
+    another: each lane's in offset order, lane after lane (its part is records[lane.start:lane.end]).
 
     The worker counts the records it finished and, if it stops before the end, says why in
     `failure`; the loop reads both once the task comes back. The loop sets `cancelled` to have the
     worker stop after the message in hand (a revocation, a shutdown)."""
 
-    lane: Lane
+    partition: TopicPartition
+    lanes: list[Lane]
     records: list
-    bytes: int = 0  # what the records hold in memory (memory_cost), known from when they were fetched
     finished: int = 0  # records[:finished] returned True and what they sent is confirmed
     failure: TaskFailure | None = None  # why records[finished] did not finish
     started_s: float = 0.0  # time.monotonic() when records[finished] started
     warned_slow: int = -1  # the `finished` index a slowness warning was logged for
     cancelled: bool = False
+    seconds: float = 0.0  # how long process_task took over it
 
     @property
     def running(self) -> bool:
@@ -1852,13 +1856,14 @@ def process_task(task: LaneTask, handler: Callable, stop: StopSignal, producer: 
     the kernel's innermost loop: what it does per message, every kernel pays for, so it calls the
     handler itself (process_record's rules, its slow paths shared) and looks up nothing twice."""
     if metrics is not None:
-        handler = measured(handler, metrics.calls.tally(task.lane.partition.topic))
+        handler = measured(handler, metrics.calls.tally(task.partition.topic))
     unconfirmed: deque[list[Future]] = deque()  # sends of the records after records[finished] that returned True
     monotonic = time.monotonic
-    # sends_of_calls() inlined: a context manager costs a microsecond, and with many keys a task is a
+    # sends_of_calls() inlined: a context manager costs a microsecond, and with many keys a task can be a
     # message or two.
     sends: list[Future] = []
     current_call.producer, current_call.sends = producer, sends
+    began_s = monotonic()
     try:
         for record in task.records:
             if task.cancelled or stop.requested:
@@ -1884,6 +1889,7 @@ def process_task(task: LaneTask, handler: Callable, stop: StopSignal, producer: 
         current_call.sends = None
         if unconfirmed:
             confirm_sends(task, unconfirmed, timeout_s=producer.timeout_s if producer else 0)
+        task.seconds = monotonic() - began_s
 
 
 def measured(handler: Callable, tally: list) -> Callable:
@@ -1915,15 +1921,15 @@ def process_batch_task(task: LaneTask, handler: Callable, stop: StopSignal, prod
         outcome = process_as_batch(handler, task.records, producer)
     finally:
         if metrics is not None:
-            HandlerTallies.count_call(metrics.calls.tally(task.lane.partition.topic), time.monotonic() - task.started_s)
+            HandlerTallies.count_call(metrics.calls.tally(task.partition.topic), time.monotonic() - task.started_s)
     error = first_delivery_error(outcome.sends, producer.timeout_s if producer else 0)
     if error is not None:
         undelivered(task, task.records, error, "process_batch", len(task.records))
         return
     task.finished, task.failure = outcome.done, outcome.failure
     if metrics is not None:
-        metrics.calls.tally(task.lane.partition.topic)[HandlerTallies.PROCESSED] += outcome.done
-        metrics.batch_sizes.labels(task.lane.partition.topic).observe(len(task.records))
+        metrics.calls.tally(task.partition.topic)[HandlerTallies.PROCESSED] += outcome.done
+        metrics.batch_sizes.labels(task.partition.topic).observe(len(task.records))
 
 
 class WorkerPool:
@@ -2002,13 +2008,14 @@ class Lane:
 
     partition: TopicPartition
     key: bytes | None
-    records: deque = dataclasses.field(default_factory=deque)  # fetched, waiting for their turn
-    bytes: int = 0  # what those records hold in memory (memory_cost)
+    records: list = dataclasses.field(default_factory=list)  # fetched, waiting for their turn
     task: LaneTask | None = None  # handed to a worker
     retry: PendingRetry | None = None  # records[0] failed and waits for its next attempt
     # When its oldest waiting record arrived: a batch that is not full waits for more until then plus
     # KERNEL_BATCH_MAX_WAIT_MS. 0.0 for records put back after a task: they have waited already.
     waiting_since_s: float | None = None
+    start: int = 0  # while in flight, its records are task.records[start:end]
+    end: int = 0
 
     def attempts_made(self) -> int:
         """How many attempts records[0] has had, counting the one that just failed."""
@@ -2022,8 +2029,8 @@ HEADER_OVERHEAD_BYTES = 150  # and each of its headers besides its name and valu
 
 def memory_cost(records) -> int:
     """About what fetched records hold in memory: the sizes of their keys, values and headers, as the
-    client counted them while decoding (-1 for none), and the objects around them. Once per message,
-    when it is fetched; the lanes and tasks carry the figure on."""
+    client counted them while decoding (-1 for none), and the objects around them. Counted when they
+    are fetched, and again when they finish: a sum over records, so the two always match."""
     cost = RECORD_OVERHEAD_BYTES * len(records)
     for record in records:
         cost += record.serialized_key_size + record.serialized_value_size
@@ -2054,8 +2061,8 @@ class PartitionState:
         for lane in self.lanes.values():  # each lane's first unfinished: its task's, else its first waiting
             task = lane.task
             # task.finished read once: its worker may move it on meanwhile
-            if task is not None and (finished := task.finished) < len(task.records):
-                offset = task.records[finished].offset
+            if task is not None and (finished := task.finished) < lane.end:
+                offset = task.records[finished if finished > lane.start else lane.start].offset
             elif lane.records:
                 offset = lane.records[0].offset
             else:
@@ -2066,9 +2073,16 @@ class PartitionState:
 
 
 # Lanes that hold nothing are kept for their key's next records (with many keys, a lane made and
-# dropped for each task cost a tenth of a no-op message), about 1 KB each: dropped once there are this
-# many lanes in all, or twice as many as hold something.
+# dropped for each task cost a tenth of a no-op message), about 200 bytes each: dropped once there are
+# this many lanes in all, or twice as many as hold something.
 IDLE_LANES_KEPT = 2048
+# While the handler is quick (recent tasks took under QUICK_MESSAGE_S a message), a task takes several
+# lanes when more than TASKS_PER_WORKER are ready per worker: a task costs the loop a few microseconds,
+# as much as a no-op message, and a poll can bring hundreds of keys. A message then holds up only the
+# lanes after it in its task, and by little; a failed one hands them back. A slower handler gains
+# nothing from it: its tasks take one lane each, so a slow message holds up no other key.
+TASKS_PER_WORKER = 4
+QUICK_MESSAGE_S = 0.0001
 
 
 class Ledger:
@@ -2078,9 +2092,11 @@ class Ledger:
     Pure bookkeeping: no consumer, no threads, and the time comes from the caller, so a unit test
     drives it directly. Each count is kept in one place, the partition's state."""
 
-    def __init__(self, keyed: bool, batch: BatchPolicy | None = None):
+    def __init__(self, keyed: bool, batch: BatchPolicy | None = None, workers: int = 1):
         self.keyed = keyed  # one lane per key (KERNEL_ORDERING=key above concurrency 1), else per partition
         self.batch = batch  # process_batch: tasks of up to batch.max_messages, after waiting for more
+        self.tasks_wanted = TASKS_PER_WORKER * workers  # more lanes ready than this: several lanes a task
+        self.message_s = QUICK_MESSAGE_S  # what a message took lately (a moving average over tasks)
         self.partitions: dict[TopicPartition, PartitionState] = {}  # the assigned ones
         self.ready: dict[Lane, None] = {}  # lanes with records and nothing in flight or waiting, in order
         self.retrying: set[Lane] = set()  # lanes waiting for a retry to be due
@@ -2108,62 +2124,63 @@ class Ledger:
         if state.fetched_end is None:  # where the group's committed offset (or the reset) put us
             state.committed = records[0].offset
         state.fetched_end = records[-1].offset + 1
-        if self.keyed:
-            by_key: dict[bytes | None, list] = {}
+        # A lane that held nothing becomes ready for a task. (One that holds some is ready already, or in
+        # flight, or waits for a retry.)
+        lanes, ready = state.lanes, self.ready
+        if self.keyed:  # one record at a time, inline: a poll brings hundreds of keys of a few records each
             for record in records:
-                if (keyed := by_key.get(record.key)) is None:  # not setdefault: no new list per record
-                    by_key[record.key] = [record]
-                else:
-                    keyed.append(record)
-            nbytes = 0
-            for key, keyed in by_key.items():
-                lane = self.lane_for(partition, state, key)
-                lane.records.extend(keyed)
-                lane.bytes += (cost := memory_cost(keyed))
-                nbytes += cost
+                if (lane := lanes.get(record.key)) is None:
+                    lane = self.new_lane(partition, state, record.key)
+                if not lane.records and lane.task is None:
+                    ready[lane] = None
+                lane.records.append(record)
         else:
-            lane = self.lane_for(partition, state, None)
-            lane.records.extend(records)
-            lane.bytes += (nbytes := memory_cost(records))  # counted once, here: the tasks carry it on
+            if (lane := lanes.get(None)) is None:
+                lane = self.new_lane(partition, state, None)
+            if not lane.records and lane.task is None:
+                ready[lane] = None
+            lane.records += records
             if lane.waiting_since_s is None:
                 lane.waiting_since_s = now_s
-        state.hold(len(records), nbytes)
+        state.hold(len(records), memory_cost(records))
 
-    def lane_for(self, partition: TopicPartition, state: PartitionState, key: bytes | None) -> Lane:
-        """The key's lane in the partition, made if new, for records about to be added: ready for a
-        task if it held none. (One that holds some is ready already, or in flight, or waits for a retry.)"""
-        lane = state.lanes.get(key)
-        if lane is None:
-            if self.lanes >= self.lanes_kept:
-                self.drop_idle_lanes()
-            lane = state.lanes[key] = Lane(partition, key)
-            self.lanes += 1
-        if lane.task is None and not lane.records:
-            self.ready[lane] = None
+    def new_lane(self, partition: TopicPartition, state: PartitionState, key: bytes | None) -> Lane:
+        if self.lanes >= self.lanes_kept:
+            self.drop_idle_lanes()
+        lane = state.lanes[key] = Lane(partition, key)
+        self.lanes += 1
         return lane
 
     def drop_idle_lanes(self) -> None:
         """Drop the lanes that hold nothing; next time when there are twice as many lanes as now
         hold something (at least IDLE_LANES_KEPT), so the search costs little per lane made."""
         for state in self.partitions.values():
-            state.lanes = {key: lane for key, lane in state.lanes.items() if lane.records or lane.task}
+            for key in [key for key, lane in state.lanes.items() if not (lane.records or lane.task)]:
+                del state.lanes[key]  # in place: add() holds the dict
         self.lanes = sum(len(state.lanes) for state in self.partitions.values())
         self.lanes_kept = max(IDLE_LANES_KEPT, 2 * self.lanes)
 
     def start_tasks(self, now_s: float) -> list[LaneTask]:
-        """A task for each lane that is ready (with process_batch, whose batch is full or has waited
-        long enough), or whose retry is due by `now_s`; now in flight."""
+        """Tasks for the lanes that are ready (with process_batch, whose batch is full or has waited
+        long enough), or whose retry is due by `now_s`; now in flight. A task takes one lane, or with
+        more than TASKS_PER_WORKER ready per worker while the handler is quick, several lanes of a
+        partition, lane after lane."""
         for lane in [lane for lane in self.retrying if lane.retry.due_s <= now_s]:
             self.retrying.discard(lane)
             self.ready[lane] = None
         if self.batch is not None:
             return self.start_batches(now_s)
-        tasks = []
+        tasks, task = [], None
+        lanes_per_task = -(-len(self.ready) // self.tasks_wanted) if self.message_s < QUICK_MESSAGE_S else 1
         for lane in self.ready:
-            lane.task = LaneTask(lane, list(lane.records), lane.bytes)
-            lane.records.clear()
-            lane.bytes = 0
-            tasks.append(lane.task)
+            if task is None or len(task.lanes) == lanes_per_task or lane.partition != task.partition:
+                task = LaneTask(lane.partition, [], [])
+                tasks.append(task)
+            task.lanes.append(lane)
+            lane.task, lane.start = task, len(task.records)
+            task.records += lane.records
+            lane.end = len(task.records)
+            lane.records = []
         self.in_flight.update(tasks)
         self.ready.clear()
         return tasks
@@ -2180,10 +2197,9 @@ class Ledger:
             else:
                 continue  # not full, and may wait for more
             del self.ready[lane]
-            records = [lane.records.popleft() for _ in range(size)]
-            nbytes = memory_cost(records) if lane.records else lane.bytes
-            lane.bytes -= nbytes
-            lane.task = LaneTask(lane, records, nbytes)
+            records = lane.records[:size]
+            del lane.records[:size]
+            lane.task, lane.start, lane.end = LaneTask(lane.partition, [lane], records), 0, size
             if not lane.records:
                 lane.waiting_since_s = None
             tasks.append(lane.task)
@@ -2197,24 +2213,32 @@ class Ledger:
         return min((lane.waiting_since_s + self.batch.max_wait_s for lane in self.ready), default=None)
 
     def take_back(self, task: LaneTask) -> Lane | None:
-        """A task came back: its finished records are done, the others go back to the head of the
-        lane, which is returned; None if the partition was revoked meanwhile."""
+        """A task came back: its finished records are done, the others go back to the head of their
+        lanes. The lane of the first record not finished is returned, for its failure to be applied and
+        then requeued; the task's other lanes are requeued here. None if every record finished, or if
+        the partition was revoked meanwhile."""
         self.in_flight.discard(task)
-        lane = task.lane
-        lane.task = None
-        state = self.partitions.get(lane.partition)
-        if state is None or state.lanes.get(lane.key) is not lane:
+        for lane in task.lanes:
+            lane.task = None
+        if task.seconds:  # the messages it took, or was taking when it stopped
+            self.message_s += (task.seconds / min(task.finished + 1, len(task.records)) - self.message_s) / 8
+        first = task.lanes[0]
+        state = self.partitions.get(task.partition)
+        if state is None or state.lanes.get(first.key) is not first:
             return None
-        finished_bytes = task.bytes
-        if task.finished < len(task.records):
-            finished_bytes = memory_cost(task.records[:task.finished])
-            lane.records.extendleft(reversed(task.records[task.finished:]))
-            lane.bytes += task.bytes - finished_bytes
-            lane.waiting_since_s = 0.0  # they have waited already: the next batch need not wait for more
-        state.let_go(task.finished, finished_bytes)
-        if task.finished and lane.retry is not None:  # the retried message succeeded
-            lane.retry = None
-        return lane
+        finished, unfinished_lane = task.finished, None
+        state.let_go(finished, memory_cost(task.records[:finished]))
+        for lane in task.lanes:
+            if finished > lane.start and lane.retry is not None:  # the retried message succeeded
+                lane.retry = None
+            if finished < lane.end:  # some of its records go back
+                lane.records[:0] = task.records[max(finished, lane.start):lane.end]
+                lane.waiting_since_s = 0.0  # they have waited already: the next batch need not wait for more
+                if unfinished_lane is None:
+                    unfinished_lane = lane
+                    continue
+            self.requeue(lane)
+        return unfinished_lane
 
     def retry_later(self, lane: Lane, attempts: int, due_s: float, batch: int | None = None) -> None:
         lane.retry = PendingRetry(lane.records[0].offset, attempts, due_s, batch)
@@ -2222,8 +2246,7 @@ class Ledger:
 
     def pass_first(self, lane: Lane) -> None:
         """The lane's first record is dealt with without finishing (it was dead-lettered)."""
-        lane.bytes -= (nbytes := memory_cost((lane.records.popleft(),)))
-        self.partitions[lane.partition].let_go(1, nbytes)
+        self.partitions[lane.partition].let_go(1, memory_cost((lane.records.pop(0),)))
         lane.retry = None
 
     def requeue(self, lane: Lane) -> None:
@@ -2234,7 +2257,7 @@ class Ledger:
             lane.waiting_since_s = None
 
     def tasks_of(self, partitions: set[TopicPartition]) -> set[LaneTask]:
-        return {task for task in self.in_flight if task.lane.partition in partitions}
+        return {task for task in self.in_flight if task.partition in partitions}
 
     def next_retry_due_s(self) -> float | None:
         return min((lane.retry.due_s for lane in self.retrying), default=None)
@@ -2399,11 +2422,12 @@ class ConsumerLoop:
     """Polls, has the workers process each lane's records in order, commits the finished prefixes.
 
     Records are sorted into lanes (per key, or per partition) that KERNEL_CONCURRENCY worker
-    threads process, one task per lane at a time. This thread only polls, hands out tasks, settles
-    them and commits, so however long a message takes, the member stays in its group, takes part in
-    rebalances and commits progress. A lane whose message failed keeps it at its head until the
-    retry is due: later messages of that lane wait, every other lane goes on. A partition with too
-    many unfinished records is paused, which bounds memory.
+    threads process, at most one task per lane at a time (a task may take several lanes). This
+    thread only polls, hands out tasks, settles them and commits, so however long a message takes,
+    the member stays in its group, takes part in rebalances and commits progress. A lane whose
+    message failed keeps it at its head until the retry is due: later messages of that lane wait,
+    every other lane goes on. A partition with too many unfinished records is paused, which bounds
+    memory.
     """
 
     def __init__(self, consumer: KafkaConsumer, settings: KernelSettings, handler: KernelHandler, stop: StopSignal,
@@ -2416,7 +2440,7 @@ class ConsumerLoop:
         self.health = health or HealthState(settings, handler.name)
         self.metrics = metrics or KernelMetrics()
         keyed = settings.ordering == "key" and settings.concurrency > 1 and not handler.batch
-        self.ledger = Ledger(keyed, settings.batch if handler.batch else None)
+        self.ledger = Ledger(keyed, settings.batch if handler.batch else None, settings.concurrency)
         self.paused: set[TopicPartition] = set()  # by back-pressure
         self.size_fetches()  # .share and .fetch_limit, again at each assignment
         self.failed_while_stopping = False  # process_message raised on a message in hand at shutdown
@@ -2547,7 +2571,7 @@ class ConsumerLoop:
         lane = self.ledger.take_back(task)
         failure = task.failure
         if failure is not None and failure.consequence is Consequence.FATAL:
-            self.metrics.failed.labels(task.lane.partition.topic).inc()
+            self.metrics.failed.labels(task.partition.topic).inc()
             raise failure.error
         if lane is None:
             return
@@ -2664,7 +2688,7 @@ class ConsumerLoop:
         """At shutdown: have the workers stop after the messages in hand, waiting at most
         KERNEL_SHUTDOWN_TIMEOUT_MS, and take their progress."""
         for task in self.recall(set(self.ledger.in_flight), self.settings.shutdown_timeout_ms / 1000):
-            self.metrics.failed.labels(task.lane.partition.topic).inc()
+            self.metrics.failed.labels(task.partition.topic).inc()
             error = task.failure.error
             kernel_log.error("%s while stopping; it stays uncommitted", error, exc_info=error.__cause__ or error)
             self.failed_while_stopping = True

@@ -20,6 +20,14 @@ def ledger(keyed: bool = False) -> main.Ledger:
     return book
 
 
+def several_lanes_a_task() -> main.Ledger:
+    """Keyed, with every ready lane of a partition in one task (as when many more are ready than the
+    workers want)."""
+    book = ledger(keyed=True)
+    book.tasks_wanted, book.message_s = 1, 0.0
+    return book
+
+
 def back(book: main.Ledger, task: main.LaneTask, finished: int, failure: TaskFailure | None = None) -> main.Lane | None:
     """The task comes back having finished `finished` records."""
     task.finished, task.failure = finished, failure
@@ -29,7 +37,8 @@ def back(book: main.Ledger, task: main.LaneTask, finished: int, failure: TaskFai
 def test_the_commit_never_passes_an_unfinished_message():
     state = main.PartitionState(fetched_end=10)
     slow, fast = main.Lane(P0, b"slow"), main.Lane(P0, b"fast")
-    slow.task = main.LaneTask(slow, [record(P0, 4), record(P0, 7)], finished=1)  # 4 done, 7 in process_message
+    slow.task = main.LaneTask(P0, [slow], [record(P0, 4), record(P0, 7)], finished=1)  # 4 done, 7 in process_message
+    slow.end = 2
     fast.records.extend([record(P0, 9)])
     state.lanes = {b"slow": slow, b"fast": fast}
     assert state.next_commit() == 7
@@ -48,7 +57,7 @@ def test_the_commit_reads_a_tasks_progress_once_while_its_worker_moves_it():
         finished = property(lambda self: next(self.reads), lambda self, value: None)
 
     lane = main.Lane(P0, None)
-    lane.task = Finishing(lane, [record(P0, 4), record(P0, 5)])
+    lane.task, lane.end = Finishing(P0, [lane], [record(P0, 4), record(P0, 5)]), 2
     state = main.PartitionState(lanes={None: lane}, fetched_end=6)
     assert state.next_commit() in (5, 6)
 
@@ -63,15 +72,75 @@ def test_one_task_per_lane_and_lanes_by_key_only_when_keyed():
     assert by_key.start_tasks(0) == [], "a lane with a task in flight gets no second one"
 
 
+def test_with_many_lanes_ready_a_task_takes_several_of_one_partition_each_in_offset_order():
+    book = main.Ledger(keyed=True, workers=2)  # up to 8 tasks wanted at a time
+    book.assign({P0, P1})
+    book.message_s = 0.0  # a quick handler
+    book.add(P0, [record(P0, offset, b"k%d" % (offset % 20)) for offset in range(40)])
+    book.add(P1, [record(P1, 0, b"k0")])
+    tasks = book.start_tasks(0)
+    assert [(task.partition, len(task.lanes)) for task in tasks] == [(P0, 3)] * 6 + [(P0, 2), (P1, 1)], \
+        "21 lanes ready: three a task, never two partitions in one"
+    for task in tasks:
+        for lane in task.lanes:
+            assert (lane.task, lane.records) == (task, [])
+            part = task.records[lane.start:lane.end]
+            assert {r.key for r in part} == {lane.key} and [r.offset for r in part] == sorted(r.offset for r in part)
+    assert sum(len(task.records) for task in tasks) == 41 and book.start_tasks(0) == []
+
+
+def test_a_task_takes_several_lanes_only_while_the_handler_is_quick():
+    book = ledger(keyed=True)  # one worker: more than four lanes ready is many
+
+    def tasks_for_ten_keys(message_s: float) -> int:
+        start = book.partitions[P0].fetched_end or 0
+        book.add(P0, [record(P0, offset, b"k%d" % (offset % 10)) for offset in range(start, start + 20)])
+        tasks = book.start_tasks(0)
+        for task in tasks:
+            task.seconds = message_s * len(task.records)
+            back(book, task, finished=len(task.records))
+        return len(tasks)
+
+    assert tasks_for_ten_keys(0.00001) == 10, "nothing seen yet: a lane a task"
+    assert tasks_for_ten_keys(0.00001) == 4, "quick: three lanes a task"
+    assert tasks_for_ten_keys(6.0) == 4
+    assert tasks_for_ten_keys(0.00001) == 10, "a slow message: a lane a task again"
+
+
+def test_a_task_of_several_lanes_commits_below_each_lanes_first_unfinished_and_hands_back_the_rest():
+    book = several_lanes_a_task()
+    book.add(P0, [record(P0, offset, key) for offset, key in enumerate([b"a", b"b", b"c", b"a", b"b", b"c"])])
+    [task] = book.start_tasks(0)
+    assert [r.offset for r in task.records] == [0, 3, 1, 4, 2, 5], "a's, then b's, then c's"
+    task.finished = 3  # a's both and b's first; b's second (4) in hand, c's not started
+    assert book.commits_due() == {P0: 2}, "c's first (2) is unfinished, though later in the task"
+    lane = back(book, task, finished=3, failure=TaskFailure(Consequence.RETRY, "False"))
+    assert lane.key == b"b" and [r.offset for r in lane.records] == [4], "b's unfinished one, for its retry"
+    c = book.partitions[P0].lanes[b"c"]
+    assert [r.offset for r in c.records] == [2, 5] and c in book.ready, "the lanes after it go back, ready at once"
+    assert book.unfinished == 3 and book.commits_due() == {P0: 2}
+    book.retry_later(lane, attempts=1, due_s=10)
+    book.requeue(lane)
+    [task] = book.start_tasks(0)
+    assert task.lanes == [c], "b waits for its retry; c goes on"
+
+
+def test_a_traced_call_knows_its_records_attempt_in_a_task_of_several_lanes():
+    first, retried = main.Lane(P0, b"a"), main.Lane(P0, b"b")
+    retried.retry = main.PendingRetry(offset=3, attempts=2, due_s=0)
+    task = main.LaneTask(P0, [first, retried], [record(P0, 1, b"a"), record(P0, 3, b"b")])
+    assert [main.Tracing.attempt(task, r) for r in task.records] == [1, 3]
+
+
 def test_a_key_seen_again_finds_its_lane_and_lanes_holding_nothing_are_dropped_past_a_bound(monkeypatch):
     monkeypatch.setattr(main, "IDLE_LANES_KEPT", 10)
     book = ledger(keyed=True)
     book.add(P0, [record(P0, 0, b"again")])
     [task] = book.start_tasks(0)
-    lane = back(book, task, finished=1)
-    book.requeue(lane)
+    assert back(book, task, finished=1) is None, "all finished: requeued already"
+    [lane] = task.lanes
     book.add(P0, [record(P0, 1, b"again")])
-    assert book.partitions[P0].lanes[b"again"] is lane and book.start_tasks(0)[0].lane is lane
+    assert book.partitions[P0].lanes[b"again"] is lane and book.start_tasks(0)[0].lanes == [lane]
 
     busy = book.start_tasks(0)  # nothing: the key's task is in flight
     book.add(P1, [record(P1, offset, b"busy") for offset in range(3)])
@@ -79,7 +148,7 @@ def test_a_key_seen_again_finds_its_lane_and_lanes_holding_nothing_are_dropped_p
     for offset in range(2, 1_000):  # a new key each time: lanes made, emptied, dropped
         book.add(P0, [record(P0, offset, b"key-%d" % offset)])
         for task in book.start_tasks(0):
-            book.requeue(back(book, task, finished=len(task.records)))
+            back(book, task, finished=len(task.records))
         assert book.lanes == sum(len(state.lanes) for state in book.partitions.values()) <= 10
     assert book.partitions[P1].lanes[b"busy"].task is busy[0], "a lane with a task in flight is kept"
     assert book.partitions[P0].lanes[b"again"].task is not None
@@ -136,7 +205,7 @@ def test_forgetting_a_revoked_partition_drops_its_lanes_and_ignores_its_task_com
     book = ledger()
     book.add(P0, [record(P0, 0)])
     book.add(P1, [record(P1, 0), record(P1, 1)])
-    tasks = {task.lane.partition: task for task in book.start_tasks(0)}
+    tasks = {task.partition: task for task in book.start_tasks(0)}
     assert book.tasks_of({P1}) == {tasks[P1]}
     book.forget({P1})
     assert back(book, tasks[P1], finished=2) is None
@@ -173,12 +242,10 @@ def test_a_batch_waits_for_more_until_it_is_full_or_has_waited_long_enough():
     [task] = book.start_tasks(now_s=10.6)
     assert [r.offset for r in task.records] == [0, 1, 2]
     back(book, task, finished=3)
-    book.requeue(task.lane)
     assert book.start_tasks(now_s=10.7) == [], "offset 3 waits for more, up to a second after the lane's oldest"
     [task] = book.start_tasks(now_s=11)
     assert [r.offset for r in task.records] == [3]
     back(book, task, finished=1)
-    book.requeue(task.lane)
     book.add(P1, [record(P1, 0)], now_s=20)
     assert book.start_tasks(now_s=20.9) == []
     assert [r.offset for r in book.start_tasks(now_s=21)[0].records] == [0]
@@ -208,26 +275,24 @@ def held(book: main.Ledger, partition: TopicPartition) -> list:
     return [r for lane in lanes for r in lane.records] + [r for lane in lanes if lane.task for r in lane.task.records]
 
 
-def test_bytes_counted_once_at_fetch_stay_equal_to_what_the_records_hold():
-    """memory_cost runs once per record, when it is fetched; the lanes and tasks carry the figure on.
-    Through keyed lanes, batches, tasks that stop part way and dead letters, the count stays exact."""
+def test_bytes_counted_at_fetch_stay_equal_to_what_the_records_hold():
+    """memory_cost counts records when they are fetched and again when they finish or are passed.
+    Through keyed lanes, tasks of several lanes, batches, tasks that stop part way and dead letters,
+    the count stays exact."""
     def sized(offset, key=None, size=100):
         return ConsumerRecord("t", 0, None, offset, 0, 0, key, b"x" * size, [], None, -1 if key is None else len(key),
                               size, -1)
 
-    for book in (ledger(), ledger(keyed=True), batches(max_messages=2, max_wait_s=0)):
+    for book in (ledger(), ledger(keyed=True), several_lanes_a_task(), batches(max_messages=2, max_wait_s=0)):
         book.assign({P0})
         book.add(P0, [sized(0, b"a", 10), sized(1, b"b", 2000), sized(2, b"a", 30)])
         book.add(P0, [sized(3, b"b", 400), sized(4, None, 5000)])
         for round_ in range(12):
-            lanes = book.partitions[P0].lanes.values()
-            assert all(lane.bytes == main.memory_cost(lane.records) for lane in lanes)
             assert book.partitions[P0].unfinished_bytes == book.unfinished_bytes == main.memory_cost(held(book, P0))
             tasks = book.start_tasks(1.0)
             if not tasks:
                 break
             for task in tasks:
-                assert task.bytes == main.memory_cost(task.records)
                 # first half-way, a dead letter now and then, then all the way
                 lane = back(book, task, finished=len(task.records) // 2 if round_ < 4 else len(task.records))
                 if lane is not None and lane.records and round_ % 2:
