@@ -2042,6 +2042,10 @@ def memory_cost(records) -> int:
 @dataclasses.dataclass
 class PartitionState:
     lanes: dict[bytes | None, Lane] = dataclasses.field(default_factory=dict)
+    # The lanes that may hold something: each lane that gets records while it holds none (and has no
+    # task) is put here, and stays until the commit finds it holding nothing. So the commit looks at
+    # these instead of every lane kept for its key.
+    active: dict[Lane, None] = dataclasses.field(default_factory=dict)
     unfinished: int = 0  # fetched records not finished yet
     unfinished_bytes: int = 0  # what they hold in memory (memory_cost)
     fetched_end: int | None = None  # offset after the last fetched record
@@ -2058,7 +2062,8 @@ class PartitionState:
     def next_commit(self) -> int | None:
         """The end of the longest finished prefix: never past an unfinished or failed message."""
         first = self.fetched_end  # every unfinished offset lies before it
-        for lane in self.lanes.values():  # each lane's first unfinished: its task's, else its first waiting
+        idle = []
+        for lane in self.active:  # each lane's first unfinished: its task's, else its first waiting
             task = lane.task
             # task.finished read once: its worker may move it on meanwhile
             if task is not None and (finished := task.finished) < lane.end:
@@ -2066,16 +2071,20 @@ class PartitionState:
             elif lane.records:
                 offset = lane.records[0].offset
             else:
+                if task is None:
+                    idle.append(lane)
                 continue
             if offset < first:
                 first = offset
+        for lane in idle:
+            del self.active[lane]
         return first
 
 
 # Lanes that hold nothing are kept for their key's next records (with many keys, a lane made and
 # dropped for each task cost a tenth of a no-op message), about 200 bytes each: dropped once there are
 # this many lanes in all, or twice as many as hold something.
-IDLE_LANES_KEPT = 2048
+IDLE_LANES_KEPT = 8192
 # While the handler is quick (recent tasks took under QUICK_MESSAGE_S a message), a task takes several
 # lanes when more than TASKS_PER_WORKER are ready per worker: a task costs the loop a few microseconds,
 # as much as a no-op message, and a poll can bring hundreds of keys. A message then holds up only the
@@ -2124,21 +2133,21 @@ class Ledger:
         if state.fetched_end is None:  # where the group's committed offset (or the reset) put us
             state.committed = records[0].offset
         state.fetched_end = records[-1].offset + 1
-        # A lane that held nothing becomes ready for a task. (One that holds some is ready already, or in
-        # flight, or waits for a retry.)
-        lanes, ready = state.lanes, self.ready
+        # A lane that held nothing becomes ready for a task, and active. (One that holds some is ready
+        # already, or in flight, or waits for a retry.)
+        lanes, ready, active = state.lanes, self.ready, state.active
         if self.keyed:  # one record at a time, inline: a poll brings hundreds of keys of a few records each
             for record in records:
                 if (lane := lanes.get(record.key)) is None:
                     lane = self.new_lane(partition, state, record.key)
                 if not lane.records and lane.task is None:
-                    ready[lane] = None
+                    ready[lane] = active[lane] = None
                 lane.records.append(record)
         else:
             if (lane := lanes.get(None)) is None:
                 lane = self.new_lane(partition, state, None)
             if not lane.records and lane.task is None:
-                ready[lane] = None
+                ready[lane] = active[lane] = None
             lane.records += records
             if lane.waiting_since_s is None:
                 lane.waiting_since_s = now_s
@@ -2156,7 +2165,7 @@ class Ledger:
         hold something (at least IDLE_LANES_KEPT), so the search costs little per lane made."""
         for state in self.partitions.values():
             for key in [key for key, lane in state.lanes.items() if not (lane.records or lane.task)]:
-                del state.lanes[key]  # in place: add() holds the dict
+                state.active.pop(state.lanes.pop(key), None)  # in place: add() holds the dicts
         self.lanes = sum(len(state.lanes) for state in self.partitions.values())
         self.lanes_kept = max(IDLE_LANES_KEPT, 2 * self.lanes)
 

@@ -41,6 +41,7 @@ def test_the_commit_never_passes_an_unfinished_message():
     slow.end = 2
     fast.records.extend([record(P0, 9)])
     state.lanes = {b"slow": slow, b"fast": fast}
+    state.active = dict.fromkeys(state.lanes.values())
     assert state.next_commit() == 7
     slow.task.finished = 2
     assert state.next_commit() == 9
@@ -58,7 +59,7 @@ def test_the_commit_reads_a_tasks_progress_once_while_its_worker_moves_it():
 
     lane = main.Lane(P0, None)
     lane.task, lane.end = Finishing(P0, [lane], [record(P0, 4), record(P0, 5)]), 2
-    state = main.PartitionState(lanes={None: lane}, fetched_end=6)
+    state = main.PartitionState(lanes={None: lane}, active={lane: None}, fetched_end=6)
     assert state.next_commit() in (5, 6)
 
 
@@ -130,6 +131,20 @@ def test_a_traced_call_knows_its_records_attempt_in_a_task_of_several_lanes():
     retried.retry = main.PendingRetry(offset=3, attempts=2, due_s=0)
     task = main.LaneTask(P0, [first, retried], [record(P0, 1, b"a"), record(P0, 3, b"b")])
     assert [main.Tracing.attempt(task, r) for r in task.records] == [1, 3]
+
+
+def test_the_commit_looks_at_the_lanes_that_hold_something_and_each_lane_that_gets_records_again():
+    book = ledger(keyed=True)
+    book.add(P0, [record(P0, offset, b"k%d" % offset) for offset in range(100)])
+    for task in book.start_tasks(0):
+        back(book, task, finished=len(task.records))
+    assert book.commits_due() == {P0: 100} and book.partitions[P0].active == {}, "all idle: none looked at"
+    assert len(book.partitions[P0].lanes) == 100, "kept for their keys"
+    book.add(P0, [record(P0, 100, b"k7"), record(P0, 101, b"k8")])
+    seven, eight = book.start_tasks(0)
+    back(book, eight, finished=1)
+    back(book, seven, finished=0, failure=TaskFailure(Consequence.RETRY, "False"))
+    assert book.commits_due() == {P0: 100}, "k7's lane, idle before, holds 100 now"
 
 
 def test_a_key_seen_again_finds_its_lane_and_lanes_holding_nothing_are_dropped_past_a_bound(monkeypatch):
