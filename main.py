@@ -2229,8 +2229,10 @@ class Ledger:
         self.in_flight.discard(task)
         for lane in task.lanes:
             lane.task = None
-        if task.seconds:  # the messages it took, or was taking when it stopped
-            self.message_s += (task.seconds / min(task.finished + 1, len(task.records)) - self.message_s) / 8
+        # What its messages took: those it finished, and the one that failed. (One cancelled before it
+        # started, by a revocation, says nothing of the handler.)
+        if task.seconds and (attempted := task.finished + (task.failure is not None)):
+            self.message_s += (task.seconds / attempted - self.message_s) / 8
         first = task.lanes[0]
         state = self.partitions.get(task.partition)
         if state is None or state.lanes.get(first.key) is not first:

@@ -108,6 +108,17 @@ def test_a_task_takes_several_lanes_only_while_the_handler_is_quick():
     assert tasks_for_ten_keys(0.00001) == 10, "a slow message: a lane a task again"
 
 
+def test_tasks_that_come_back_unstarted_say_nothing_of_the_handlers_pace():
+    book = ledger(keyed=True)
+    book.message_s = 0.05  # a 50 ms handler
+    book.add(P1, [record(P1, offset, b"k%d" % offset) for offset in range(200)])
+    for task in book.start_tasks(0):  # revoked while they waited for a worker
+        task.seconds = 0.000002
+        back(book, task, finished=0)
+    book.add(P0, [record(P0, offset, b"k%d" % offset) for offset in range(20)])
+    assert len(book.start_tasks(0)) == 20, "still slow: a lane a task"
+
+
 def test_a_task_of_several_lanes_commits_below_each_lanes_first_unfinished_and_hands_back_the_rest():
     book = several_lanes_a_task()
     book.add(P0, [record(P0, offset, key) for offset, key in enumerate([b"a", b"b", b"c", b"a", b"b", b"c"])])
