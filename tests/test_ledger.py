@@ -1,6 +1,9 @@
 """Unit tests of the Ledger, the kernel's pure bookkeeping: no broker, no threads, no clock. The test
 plays the workers' part by setting how far each task got."""
 
+import random
+
+import pytest
 from kafka import TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 
@@ -326,3 +329,71 @@ def test_bytes_counted_at_fetch_stay_equal_to_what_the_records_hold():
                 if lane is not None:
                     book.requeue(lane)
         assert book.unfinished == 0 and book.unfinished_bytes == 0, "everything done: nothing held"
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_random_histories_never_commit_past_an_unfinished_message_and_count_memory_exactly(seed, monkeypatch):
+    """Polls, hand-outs, tasks back part way, retries, dead letters and revocations in a random order:
+    after each step no partition's commit passes a record not yet done, what it holds in memory is
+    counted exactly, and each key's records are done in offset order."""
+    rng = random.Random(seed)
+    monkeypatch.setattr(main, "IDLE_LANES_KEPT", rng.choice([2, 8, 8192]))
+    book = main.Ledger(keyed=rng.random() < 0.8, workers=rng.choice([1, 2]))
+    book.message_s = rng.choice([0.0, 1.0])  # quick: several lanes a task; or one lane each
+    book.assign({P0, P1})
+    ends, held, tasks, now = {P0: 0, P1: 0}, {}, [], 0.0  # held: (partition, offset) -> record, not done yet
+    revoked_tasks, failures = set(), {}  # failures: (partition, offset) -> how many times it failed
+
+    def done(record):
+        same_key = [r.offset for (tp, _), r in held.items() if tp.partition == record.partition and r.key == record.key]
+        assert record.offset == min(same_key), "a key's records are done in offset order"
+        del held[TopicPartition(record.topic, record.partition), record.offset]
+
+    for _ in range(150):
+        action, partition = rng.random(), rng.choice([P0, P1])
+        if action < 0.3 and partition in book.partitions:
+            polled = [ConsumerRecord("t", partition.partition, None, ends[partition] + i, 0, 0,
+                                     rng.choice([b"a", b"b", b"c", b"d", None]), b"v" * rng.randint(0, 50), [], None,
+                                     1, 1, -1) for i in range(rng.randint(1, 6))]
+            ends[partition] += len(polled)
+            book.add(partition, polled)
+            held.update(((partition, r.offset), r) for r in polled)
+        elif action < 0.55:
+            tasks += book.start_tasks(now)
+        elif action < 0.9 and tasks:
+            task = tasks.pop(rng.randrange(len(tasks)))
+            finished = rng.randint(0, len(task.records))
+            failure = None if finished == len(task.records) or rng.random() < 0.3 else \
+                TaskFailure(rng.choice([Consequence.RETRY, Consequence.DEAD_LETTER]), "random")
+            lane = back(book, task, finished, failure)
+            if task in revoked_tasks:
+                assert lane is None
+                continue
+            for record in task.records[:finished]:
+                done(record)
+            if lane is not None:
+                assert lane.records[0] is task.records[finished], "the lane of the first record not done"
+                if failure is not None and failure.consequence is Consequence.DEAD_LETTER:
+                    done(lane.records[0])
+                    book.pass_first(lane)
+                elif failure is not None:
+                    failed = (task.partition, lane.records[0].offset)
+                    failures[failed] = failures.get(failed, 0) + 1
+                    assert lane.attempts_made() == failures[failed], "attempts are counted per message"
+                    book.retry_later(lane, lane.attempts_made(), now + rng.choice([0.0, 1.0]))
+                book.requeue(lane)
+        elif action < 0.95:
+            now += 0.5
+        elif partition in book.partitions:  # revoked, and assigned again from where it was committed
+            if (committed := book.partitions[partition].next_commit()) is not None:
+                ends[partition] = committed
+            revoked_tasks.update(task for task in tasks if task.partition == partition)
+            book.forget({partition})
+            held = {(tp, offset): r for (tp, offset), r in held.items() if tp != partition}
+            failures = {(tp, offset): n for (tp, offset), n in failures.items() if tp != partition}  # counted anew
+            book.assign({partition})
+        for tp, state in book.partitions.items():
+            unfinished = [r for (held_tp, _), r in held.items() if held_tp == tp]
+            commit = state.next_commit()
+            assert commit is None or commit <= min((r.offset for r in unfinished), default=commit)
+            assert (state.unfinished, state.unfinished_bytes) == (len(unfinished), main.memory_cost(unfinished))
