@@ -2238,7 +2238,7 @@ class Ledger:
         if state is None or state.lanes.get(first.key) is not first:
             return None
         finished, unfinished_lane = task.finished, None
-        state.let_go(finished, memory_cost(task.records[:finished]))
+        state.let_go(finished, memory_cost(task.records if finished == len(task.records) else task.records[:finished]))
         for lane in task.lanes:
             if finished > lane.start and lane.retry is not None:  # the retried message succeeded
                 lane.retry = None
