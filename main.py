@@ -692,6 +692,30 @@ def load_settings(env: Mapping[str, str], kernel_name: str, default_topic: str) 
 kernel_log = logging.getLogger("kernel")  # the machinery's own; yours is named after the kernel
 REPEATED_WARNING_INTERVAL_S = 30.0  # a warning that repeats is logged at most this often
 REPEATING = {"repeating": True}  # extra= for such a warning (see RepeatFilter)
+# Input reaches log lines (a header a library warns about, a key, an error body) and may be megabytes:
+# each text argument of a line is cut at the first, the whole message at the second (in characters).
+LOGGED_ARGUMENT_MAX_CHARS = 300
+LOGGED_MESSAGE_MAX_CHARS = 2_000
+
+
+def cut_for_log(text, limit: int):
+    """`text` (str or bytes) cut at `limit` characters, saying how long it was; anything else as it is."""
+    if isinstance(text, str | bytes | bytearray) and len(text) > limit:
+        return f"{text[:limit]!s}... ({len(text):,} {'characters' if isinstance(text, str) else 'bytes'})"
+    return text
+
+
+def bounded_log_line(record: logging.LogRecord) -> bool:
+    """A log filter: no line carries more than LOGGED_ARGUMENT_MAX_CHARS of any one argument, nor more
+    than LOGGED_MESSAGE_MAX_CHARS in all (a message some library formatted itself)."""
+    if isinstance(record.args, tuple):
+        record.args = tuple(cut_for_log(argument, LOGGED_ARGUMENT_MAX_CHARS) for argument in record.args)
+    elif isinstance(record.args, dict):
+        record.args = {key: cut_for_log(argument, LOGGED_ARGUMENT_MAX_CHARS) for key, argument in record.args.items()}
+    message = record.getMessage()
+    if len(message) > LOGGED_MESSAGE_MAX_CHARS:
+        record.msg, record.args = cut_for_log(message, LOGGED_MESSAGE_MAX_CHARS), ()
+    return True
 
 
 def log_fields(record) -> dict:
@@ -734,6 +758,16 @@ class PlainFormatter(logging.Formatter):
         origin = "" if record.name in (kernel_log.name, self.kernel_name) else f"{record.name}: "
         return f"{record.asctime} {record.levelname} [{self.kernel_name}] {origin}{record.message}"
 
+    def format(self, record: logging.LogRecord) -> str:
+        """A traceback is for a failure of the kernel or of your code. Another logger's (the Kafka client
+        logs a dropped connection with one) is cut to its exception, on the line of its message."""
+        if record.exc_info and record.name not in (kernel_log.name, self.kernel_name):
+            error = record.exc_info[1]
+            record = logging.makeLogRecord(vars(record) | {"exc_info": None, "exc_text": None})
+            record.msg, record.args = (f"{record.getMessage()} ({type(error).__name__}: "
+                                       f"{cut_for_log(str(error), LOGGED_ARGUMENT_MAX_CHARS)})"), ()
+        return super().format(record)
+
 
 class JsonFormatter(logging.Formatter):
     """LOG_FORMAT=json: one JSON object per line, for log pipelines that parse fields. With tracing on, a
@@ -762,6 +796,7 @@ def configure_logging(kernel_name: str) -> None:
     """Plain lines at INFO to stderr, until the settings say otherwise (apply_log_settings)."""
     handler = logging.StreamHandler()
     handler.setFormatter(PlainFormatter(kernel_name))
+    handler.addFilter(bounded_log_line)
     handler.addFilter(RepeatFilter())
     logging.getLogger().addHandler(handler)
     logging.getLogger().setLevel(logging.INFO)
@@ -2713,6 +2748,9 @@ class ConsumerLoop:
         self.health.joined = False
         self.drain()
         self.commit(force=True)
+        if uncommitted := self.ledger.commits_due():  # the last word on it: a repeated warning may be held back
+            kernel_log.error("Could not commit before stopping: what finished before %s is processed again by the "
+                             "partitions' next owner", format_partitions(uncommitted, uncommitted))
         self.workers.stop()
         self.producer.close()
         self.consumer.close(autocommit=False)  # leaves the group: the others rebalance at once
