@@ -792,6 +792,9 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+QUIET_LIBRARIES = ("kafka", "httpx", "httpcore", "anthropic", "psycopg", "urllib3", "opentelemetry")
+
+
 def configure_logging(kernel_name: str) -> None:
     """Plain lines at INFO to stderr, until the settings say otherwise (apply_log_settings)."""
     handler = logging.StreamHandler()
@@ -808,8 +811,11 @@ def apply_log_settings(settings: KernelSettings) -> None:
     formatter = (JsonFormatter if settings.log_format == "json" else PlainFormatter)(settings.kernel_name)
     for handler in root.handlers:
         handler.setFormatter(formatter)
-    # The client logs every connection step at INFO; its warnings and errors still show.
-    logging.getLogger("kafka").setLevel(max(logging.WARNING, logging.getLevelName(settings.log_level)))
+    # The Kafka client logs every connection step at INFO, and the libraries of the extras each request
+    # (httpx a line per call): their warnings and errors still show, the rest with LOG_LEVEL=DEBUG.
+    level = logging.getLevelName(settings.log_level)
+    for library in QUIET_LIBRARIES:
+        logging.getLogger(library).setLevel(level if level == logging.DEBUG else max(logging.WARNING, level))
 
 
 # Signals
