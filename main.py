@@ -60,8 +60,9 @@ DEFAULT_TOPIC = "clustera-hello-world"
 
 log = logging.getLogger(KERNEL_NAME)
 
-# process_message can use DeadLetter, send(), json_object(), message_id(), coordinates() and
-# describe_bytes(): the machinery defines them below ("What process_message can use").
+# process_message can use DeadLetter, send(), json_object(), coordinates(), message_id(),
+# batch_coordinates(), describe_bytes() and describe_timestamp(): the machinery defines them below
+# ("What process_message can use").
 
 
 def process_message(message) -> bool:
@@ -186,23 +187,6 @@ def send(topic: str, value: bytes | None, key: bytes | None = None,
     sends.append(current_call.producer.send(topic, key, value, producible_headers(headers) if headers else []))
 
 
-def producible_headers(headers: list) -> list[tuple[str, bytes]]:
-    """Headers as kafka-python's producer takes them: (str, bytes) pairs. A null value, which Kafka
-    allows (and message.headers can hold) but the producer refuses, is sent empty; anything else
-    that is not a header raises TypeError saying which."""
-    producible = []
-    for header in headers:
-        if not (isinstance(header, tuple | list) and len(header) == 2 and isinstance(header[0], str)):
-            raise TypeError(f"a header must be a (str, bytes) pair, got {header!r:.100}")
-        name, value = header
-        if value is None or isinstance(value, bytearray | memoryview):
-            value = bytes(value or b"")
-        elif not isinstance(value, bytes):
-            raise TypeError(f"header {name!r} must have a bytes value (or None), got {type(value).__name__}")
-        producible.append((name, value))
-    return producible
-
-
 def json_object(message, max_bytes: int = 1_048_576, required: tuple[str, ...] = ()) -> dict:
     """The message's value as a JSON object whose `required` fields are non-empty strings;
     DeadLetter saying what is wrong when it is not one (no value, empty, over `max_bytes`, not
@@ -267,6 +251,7 @@ def describe_bytes(data: bytes | None, limit: int = 200) -> str:
 
 
 def describe_timestamp(timestamp_ms: int | None) -> str:
+    """A record's timestamp (ms since the epoch) for a log line, in ISO 8601 UTC; "none" when it has none."""
     if timestamp_ms is None or timestamp_ms < 0:
         return "none"
     return dt.datetime.fromtimestamp(timestamp_ms / 1000, dt.UTC).isoformat(timespec="milliseconds")
@@ -1560,6 +1545,23 @@ def connect_consumer(settings: KernelSettings, tls: TlsFiles | None, stop: StopS
 # What no retry can deliver: a message larger than the producer's limit (KAFKA_FETCH_MAX_BYTES) or the
 # topic's (its max.message.bytes, about 1 MB by default on Apache Kafka).
 SIZE_ERRORS = (kafka.errors.MessageSizeTooLargeError, kafka.errors.RecordListTooLargeError)
+
+
+def producible_headers(headers: list) -> list[tuple[str, bytes]]:
+    """Headers as kafka-python's producer takes them: (str, bytes) pairs. A null value, which Kafka
+    allows (and message.headers can hold) but the producer refuses, is sent empty; anything else
+    that is not a header raises TypeError saying which."""
+    producible = []
+    for header in headers:
+        if not (isinstance(header, tuple | list) and len(header) == 2 and isinstance(header[0], str)):
+            raise TypeError(f"a header must be a (str, bytes) pair, got {header!r:.100}")
+        name, value = header
+        if value is None or isinstance(value, bytearray | memoryview):
+            value = bytes(value or b"")
+        elif not isinstance(value, bytes):
+            raise TypeError(f"header {name!r} must have a bytes value (or None), got {type(value).__name__}")
+        producible.append((name, value))
+    return producible
 
 
 def describe_size(data: bytes | None) -> str:
