@@ -1,4 +1,5 @@
-"""README.md, CLAUDE.md and .env.template name every setting main.py reads, with the same defaults."""
+"""docs/configuration.md, CLAUDE.md and .env.template name every setting main.py reads, with the same defaults;
+README.md leads a newcomer in at most 300 lines, and the docs' links and lists agree with what exists."""
 
 import re
 
@@ -9,18 +10,18 @@ VARIABLES = sorted(set(re.findall(r'"((?:KAFKA|KERNEL)_[A-Z_]+|LOG_[A-Z]+|PORT)"
 
 def test_every_setting_is_documented():
     assert "KAFKA_BOOTSTRAP_SERVERS" in VARIABLES and len(VARIABLES) >= 15
-    for document in ("README.md", "CLAUDE.md", ".env.template"):
+    for document in ("docs/configuration.md", "CLAUDE.md", ".env.template"):
         text = (REPO / document).read_text()
         missing = [name for name in VARIABLES if name not in text]
         assert not missing, f"{document} does not mention {missing}"
 
 
 def test_documented_defaults_are_the_real_ones():
-    readme = (REPO / "README.md").read_text()
+    table = (REPO / "docs/configuration.md").read_text()
     template_defaults = dict(re.findall(r"^#((?:KAFKA|KERNEL)_[A-Z_]+|LOG_[A-Z]+)=(\S+)$", (REPO / ".env.template").read_text(), re.M))
     settings = settings_from({"KAFKA_BOOTSTRAP_SERVERS": "a:1"})
     for name, default in template_defaults.items():
-        assert f"| `{name}` | `{default}` |" in readme, f"README and .env.template disagree on {name}"
+        assert f"| `{name}` | `{default}` |" in table, f"docs/configuration.md and .env.template disagree on {name}"
         assert settings_from({"KAFKA_BOOTSTRAP_SERVERS": "a:1", name: default}) == settings, (
             f"{name}={default} is documented as the default but changes the settings"
         )
@@ -33,11 +34,21 @@ def anchors(path) -> set[str]:
 
 
 def test_links_to_sections_point_at_headings_that_exist():
-    for document in ("README.md", "docs/reference.md", "CLAUDE.md"):
-        path = REPO / document
-        for target, anchor in re.findall(r"\]\(([\w./-]*)#([\w-]+)\)", path.read_text()):
+    for path in [REPO / "README.md", REPO / "CLAUDE.md", *(REPO / "docs").glob("*.md")]:
+        document = path.relative_to(REPO)
+        for target, anchor in re.findall(r"\]\(([\w./-]*\.md|)(?:#([\w-]+))?\)", path.read_text()):
             linked = (path.parent / target).resolve() if target else path
-            assert anchor in anchors(linked), f"{document} links to {target}#{anchor}, which is not a heading"
+            assert linked.exists(), f"{document} links to {target}, which does not exist"
+            assert not anchor or anchor in anchors(linked), f"{document} links to {target}#{anchor}, not a heading"
+
+
+def test_the_readme_leads_in_at_most_300_lines():
+    readme = (REPO / "README.md").read_text()
+    assert readme.count("\n") <= 300
+    headings = re.findall(r"^## (.+)$", readme, re.M)
+    path = ["Quick start", "Write your kernel", "Test your kernel", "Configure for your cluster", "Deploy",
+            "Taking template updates"]
+    assert [heading for heading in headings if heading in path] == path, headings
 
 
 def test_what_process_message_can_use_is_listed_alike_everywhere():
