@@ -2905,12 +2905,33 @@ def check_broker(settings: KernelSettings, tls: TlsFiles | None, report: CheckRe
         consumer.close(autocommit=False)
 
 
+MACHINERY_STAMP = "MACHINERY_SHA256 = "  # how the last line of this file begins
+
+
+def machinery_digest(text: str) -> str:
+    """SHA-256 of the machinery in main.py's `text`: from the line "# End of your kernel" to the stamp line."""
+    machinery = text.replace("\r\n", "\n").split("\n# End of your kernel", 1)[1].split(f"\n{MACHINERY_STAMP}", 1)[0]
+    return hashlib.sha256(machinery.encode()).hexdigest()
+
+
+def machinery_report(path: str = __file__) -> tuple[str, str]:
+    """Whether the machinery is as the template shipped it (the stamp at the end of the file says what
+    it was), so that an edit meant for your part that reached it (a whole-file search and replace) shows."""
+    with open(path, encoding="utf-8") as file:
+        text = file.read()
+    if f'\n{MACHINERY_STAMP}"{machinery_digest(text)}"' in text:
+        return "ok", "machinery: as the template shipped it (below '# End of your kernel')"
+    return "warning", ("machinery: main.py below '# End of your kernel' is not as the template shipped it; "
+                       "`git diff template/main -- main.py` shows how (README.md, \"Taking template updates\")")
+
+
 def check_deployment(env: Mapping[str, str], kernel_name: str, default_topic: str,
                      dotenv_path: str | None = None) -> int:
     """Validate settings (after reading the .env at `dotenv_path` into the environment), certificates and
     the connection, consuming nothing. Exit code 0 when nothing is wrong, 1 when something is, 2 for a
     configuration error."""
     report = CheckReport()
+    report.say(*machinery_report())
     try:
         if dotenv_path is not None:
             read_dotenv(dotenv_path)
@@ -3026,3 +3047,6 @@ def check_your_part(names: dict | None) -> None:
 
 
 check_your_part(names_of_your_part)
+# The machinery's digest as the template shipped it (devtools/stamp_machinery.py writes it): `check` and
+# tests/test_template.py compare it with what is above, from "# End of your kernel" on.
+MACHINERY_SHA256 = "c0ee1f4d91eff6fe2e1544539fdadba24cdc6671a3b23c40c62fc5813678d000"
