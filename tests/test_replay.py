@@ -6,7 +6,7 @@ import sys
 from types import SimpleNamespace
 
 import main
-from tests.conftest import REPO, wait_until
+from tests.conftest import REPO
 
 REPLAY = REPO / "devtools" / "replay_dead_letters.py"
 
