@@ -163,6 +163,11 @@ current_call = threading.local()  # on a worker thread, during a call: .producer
 BYTES_OR_NONE = (bytes, bytearray, None.__class__)  # what send() takes as a key or a value
 
 
+def is_topic_name(topic: str) -> bool:
+    """Whether Kafka allows it: up to 249 of a-z, A-Z, 0-9, '.', '_' and '-' (not '.' or '..')."""
+    return re.fullmatch(r"[A-Za-z0-9._-]{1,249}", topic) is not None and topic not in (".", "..")
+
+
 def send(topic: str, value: bytes | None, key: bytes | None = None,
          headers: list[tuple[str, bytes]] | None = None) -> None:
     """Publish a message to `topic` from process_message (say, a result to an output topic).
@@ -171,6 +176,9 @@ def send(topic: str, value: bytes | None, key: bytes | None = None,
     on first use. The message being processed is committed only after the broker has confirmed every
     message its process_message call sent; if one cannot be delivered within KAFKA_PRODUCE_TIMEOUT_MS,
     the message is processed again, as if it had returned False. So outputs are at-least-once too.
+    Broker trouble shows that way, in the confirmation; what no broker could take (a topic name Kafka
+    does not allow, a value that is not bytes) is a bug in the handler, the same at every retry:
+    ValueError or TypeError here, at once, which stops the kernel (exit 1) before this message.
     """
     sends = getattr(current_call, "sends", None)
     if sends is None:
@@ -178,6 +186,9 @@ def send(topic: str, value: bytes | None, key: bytes | None = None,
                            "in a unit test, call process_message through tests/kit.py")
     if not isinstance(topic, str) or not topic:
         raise TypeError(f"send() topic must be a topic name, got {topic!r}")
+    if not is_topic_name(topic):
+        raise ValueError(f"send() topic {topic!r:.80} is not a Kafka topic name (letters, digits, '.', '_' and '-', "
+                         "up to 249)")
     if not (isinstance(value, BYTES_OR_NONE) and isinstance(key, BYTES_OR_NONE)):
         name, data = ("value", value) if not isinstance(value, BYTES_OR_NONE) else ("key", key)
         raise TypeError(f"send() {name} must be bytes or None, got {type(data).__name__}: encode it first")
@@ -546,7 +557,7 @@ def parse_list(env: Mapping[str, str], name: str, default: str | None) -> list[s
 
 def topic_name(name: str, topic: str) -> str:
     """A topic name as Kafka allows it: up to 249 of a-z, A-Z, 0-9, '.', '_' and '-' (not '.' or '..')."""
-    if not re.fullmatch(r"[A-Za-z0-9._-]{1,249}", topic) or topic in (".", ".."):
+    if not is_topic_name(topic):
         raise ConfigError(f"{name} holds {topic!r:.80}, which is not a Kafka topic name (letters, digits, '.', "
                           "'_' and '-', up to 249; no patterns)")
     return topic
