@@ -55,39 +55,34 @@ def replay(dead_letter_topic: str, to: str | None, dry_run: bool) -> int:
         producer = KafkaProducer(**connection, acks="all", max_request_size=52_428_800, buffer_memory=104_857_600)
         replays: dict[tuple, str] = {}  # where each replay of this run went: the letter it came from
         replayed, again, came_back = 0, 0, 0
-        for record in records_to_the_ends(consumer, ends, 0 if dry_run else WATCH_S):
-            headers = dict(record.headers or [])
-            origin = original_coordinates(headers)
-            if record.offset >= ends[TopicPartition(record.topic, record.partition)]:
-                if origin in replays:  # past the ends only its own replays matter; the rest waits for the next run
-                    came_back += 1
-                    print(f"{main.coordinates(record)}: the replay of {replays[origin]} came back: "
-                          f"{headers.get('kafka_dlt-exception-message', b'').decode(errors='replace')[:300]}",
-                          file=sys.stderr)
-                continue
-            value = record.value
-            if "kernel-value-dropped" in headers:
-                value, trouble = original_value(connection, record)
+        try:
+            for record in records_to_the_ends(consumer, ends, 0 if dry_run else WATCH_S):
+                headers = dict(record.headers or [])
+                origin = original_coordinates(headers)
+                if record.offset >= ends.get(TopicPartition(record.topic, record.partition), 0):
+                    if origin in replays:  # past the ends only its own replays matter; the rest waits for the next run
+                        came_back += 1
+                        print(f"{main.coordinates(record)}: the replay of {replays[origin]} came back: "
+                              f"{headers.get('kafka_dlt-exception-message', b'').decode(errors='replace')[:300]}",
+                              file=sys.stderr)
+                    continue
+                target, value, trouble = what_to_replay(connection, record, headers, to)
                 if trouble:
-                    print(f"{main.coordinates(record)}: its value was dropped and {trouble}: stopping", file=sys.stderr)
+                    print(f"{main.coordinates(record)}: {trouble}: stopping", file=sys.stderr)
                     return 1
-            target = to or headers.get("kafka_dlt-original-topic", b"").decode()
-            if not target:
-                print(f"{main.coordinates(record)}: no kafka_dlt-original-topic "
-                      "header and no --to: stopping", file=sys.stderr)
-                return 1
-            before = replay_count(headers)
-            replayed, again = replayed + 1, again + (before > 0)
-            kept = [(k, v) for k, v in record.headers or [] if not k.startswith(DEAD_LETTER_HEADER_PREFIXES)]
-            print(f"{main.coordinates(record)} -> {target}" + (f" (back after {before} replay(s))" if before else ""))
-            if not dry_run:
-                sent = producer.send(target, key=record.key, value=value,
-                                     headers=[*kept, (REPLAYS_HEADER, str(before + 1).encode())]).get(timeout=30)
-                replays[sent.topic, sent.partition, sent.offset] = main.coordinates(record)
-                consumer.commit({TopicPartition(record.topic, record.partition):
-                                 OffsetAndMetadata(record.offset + 1, "", -1)})
-        producer.close()
-        consumer.close(autocommit=False)
+                before = replay_count(headers)
+                replayed, again = replayed + 1, again + (before > 0)
+                kept = [(k, v) for k, v in record.headers or [] if not k.startswith(DEAD_LETTER_HEADER_PREFIXES)]
+                print(f"{main.coordinates(record)} -> {target}" + (f" (back after {before} replay(s))" * (before > 0)))
+                if not dry_run:
+                    sent = producer.send(target, key=record.key, value=value,
+                                         headers=[*kept, (REPLAYS_HEADER, str(before + 1).encode())]).get(timeout=30)
+                    replays[sent.topic, sent.partition, sent.offset] = main.coordinates(record)
+                    consumer.commit({TopicPartition(record.topic, record.partition):
+                                     OffsetAndMetadata(record.offset + 1, "", -1)})
+        finally:
+            producer.close()
+            consumer.close(autocommit=False)
     print(f"{'Would replay' if dry_run else 'Replayed'} {replayed} message(s)"
           + (f", {again} of them replayed before and dead-lettered again" if again else ""))
     if came_back:
@@ -95,6 +90,19 @@ def replay(dead_letter_topic: str, to: str | None, dry_run: bool) -> int:
               f"They stay in {dead_letter_topic} for the next run", file=sys.stderr)
         return 1
     return 0
+
+
+def what_to_replay(connection: dict, letter, headers: dict, to: str | None) -> tuple[str, bytes | None, str]:
+    """Where the letter goes and the value it takes there, and ""; or what stops the replay at it."""
+    value = letter.value
+    if "kernel-value-dropped" in headers:
+        value, trouble = original_value(connection, letter)
+        if trouble:
+            return "", None, f"its value was dropped and {trouble}"
+    target = to or headers.get("kafka_dlt-original-topic", b"").decode()
+    if not target:
+        return "", None, "no kafka_dlt-original-topic header and no --to"
+    return target, value, ""
 
 
 def replay_count(headers: dict) -> int:
