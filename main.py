@@ -1033,6 +1033,8 @@ class KernelMetrics:
         self.failed = counter("kernel_messages_failed", "Messages on which the handler raised", topic)
         self.retried = counter("kernel_messages_retried", "Messages to be tried again", topic)
         self.dead_lettered = counter("kernel_messages_dead_lettered", "Messages sent to the dead-letter topic", topic)
+        self.dead_letter_failures = counter("kernel_dead_letter_failures", "Dead letters the broker did not confirm "
+                                            "(each stays uncommitted and is tried again)")
         self.sent = counter("kernel_messages_sent", "Messages the broker confirmed, sent with send() or dead-lettered, "
                             "by the topic they went to", topic)
         self.send_failures = counter("kernel_send_failures", "Messages the broker did not confirm, by the topic they "
@@ -1046,6 +1048,7 @@ class KernelMetrics:
         self.rebalances = counter("kernel_rebalances", "Partition assignments received")
         self.assigned = gauge("kernel_assigned_partitions", "Partitions assigned to this kernel")
         self.lag = gauge("kernel_consumer_lag", "End offset minus committed offset", ("topic", "partition"))
+        self.ready = gauge("kernel_ready", "1 while /readyz answers 200, else 0 (an alert rule cannot ask /readyz)")
         self.buffered_bytes = gauge("kernel_buffered_bytes", "Memory held by fetched messages not finished yet "
                                     "(estimated; a partition pauses at its share of KERNEL_BUFFER_MAX_BYTES)")
 
@@ -1688,6 +1691,7 @@ class DeadLetterTopic:
                                    "is retried", coordinates(record), self.topic, error,
                                    extra=log_fields(record) | REPEATING)
                 self.health.dead_letter_trouble = f"dead letters cannot be published to {self.topic}: {error!r}"
+                self.metrics.dead_letter_failures.inc()
                 return published
             self.health.dead_letter_trouble = None
             self.metrics.dead_lettered.labels(record.topic).inc()
@@ -2961,6 +2965,7 @@ def check_deployment(env: Mapping[str, str], kernel_name: str, default_topic: st
 def consume_until_stopped(handler: KernelHandler, settings: KernelSettings, tls: TlsFiles | None,
                           stop: StopSignal, tracing: Tracing | None = None) -> int:
     health, metrics = HealthState(settings, handler.name), KernelMetrics()
+    metrics.ready.set_function(lambda: health.ready()[0])  # asked at each scrape, as /readyz is
     if settings.http_port:
         serve_http(settings.http_host, settings.http_port, health, metrics)
         kernel_log.info("Serving /healthz, /readyz and /metrics on port %d", settings.http_port)
@@ -3049,4 +3054,4 @@ def check_your_part(names: dict | None) -> None:
 check_your_part(names_of_your_part)
 # The machinery's digest as the template shipped it (devtools/stamp_machinery.py writes it): `check` and
 # tests/test_template.py compare it with what is above, from "# End of your kernel" on.
-MACHINERY_SHA256 = "c0ee1f4d91eff6fe2e1544539fdadba24cdc6671a3b23c40c62fc5813678d000"
+MACHINERY_SHA256 = "8e8e28ad22c5382fadb95ef2fac963486ef440122eff1aa9e3bdb9ef5a02b689"
