@@ -210,27 +210,30 @@ def prometheus_rule(**overrides) -> dict:
 
 # Dashboard variables: every query is limited to the kernel and group chosen (all, by default).
 SELECTED = 'kernel=~"$kernel", group=~"$group"'
+
+
+def rate(metric: str) -> str:
+    return f"rate({metric}{{{SELECTED}}}[$__rate_interval])"
+
+
+def latency(quantile: float) -> str:
+    return f"histogram_quantile({quantile}, sum by (le) ({rate('kernel_processing_seconds_bucket')}))"
+
+
 # Title, unit, description, and (query, legend) per line: one panel each, in reading order.
 PANELS = [
-    ("Throughput", "msg/s", "Messages the handler finished, dead-lettered and sent on, per second.",
-     [(f"sum by (kernel, group) (rate(kernel_messages_processed_total{{{SELECTED}}}[$__rate_interval]))",
-       "processed {{group}}"),
-      (f"sum by (kernel, group) (rate(kernel_messages_sent_total{{{SELECTED}}}[$__rate_interval]))", "sent {{group}}")]),
+    ("Throughput", "msg/s", "Messages the handler finished, and sent on (send(), dead letters), per second.",
+     [(f"sum by (kernel, group) ({rate('kernel_messages_processed_total')})", "processed {{group}}"),
+      (f"sum by (kernel, group) ({rate('kernel_messages_sent_total')})", "sent {{group}}")]),
     ("Lag per partition", "short", "End offset minus committed offset (kernel_consumer_lag), every 5 s.",
      [(f"max by (group, topic, partition) (kernel_consumer_lag{{{SELECTED}}})", "{{topic}}[{{partition}}]")]),
     ("Handler latency", "s", "Time of each process_message or process_batch call (kernel_processing_seconds).",
-     [(f"histogram_quantile(0.5, sum by (le) (rate(kernel_processing_seconds_bucket{{{SELECTED}}}[$__rate_interval])))",
-       "p50"),
-      (f"histogram_quantile(0.99, sum by (le) (rate(kernel_processing_seconds_bucket{{{SELECTED}}}[$__rate_interval])))",
-       "p99"),
-      (f"sum(rate(kernel_processing_seconds_sum{{{SELECTED}}}[$__rate_interval])) / "
-       f"sum(rate(kernel_processing_seconds_count{{{SELECTED}}}[$__rate_interval]))", "mean")]),
+     [(latency(0.5), "p50"), (latency(0.99), "p99"),
+      (f"sum({rate('kernel_processing_seconds_sum')}) / sum({rate('kernel_processing_seconds_count')})", "mean")]),
     ("Retries and dead letters", "msg/s", "Messages to be tried again, dead-lettered, and dead letters not published.",
-     [(f"sum by (group) (rate(kernel_messages_retried_total{{{SELECTED}}}[$__rate_interval]))", "retried {{group}}"),
-      (f"sum by (group) (rate(kernel_messages_dead_lettered_total{{{SELECTED}}}[$__rate_interval]))",
-       "dead-lettered {{group}}"),
-      (f"sum by (group) (rate(kernel_dead_letter_failures_total{{{SELECTED}}}[$__rate_interval]))",
-       "dead letters not published {{group}}")]),
+     [(f"sum by (group) ({rate('kernel_messages_retried_total')})", "retried {{group}}"),
+      (f"sum by (group) ({rate('kernel_messages_dead_lettered_total')})", "dead-lettered {{group}}"),
+      (f"sum by (group) ({rate('kernel_dead_letter_failures_total')})", "dead letters not published {{group}}")]),
     ("Buffered bytes", "bytes", "Memory held by fetched messages not finished yet (KERNEL_BUFFER_MAX_BYTES caps it).",
      [(f"kernel_buffered_bytes{{{SELECTED}}}", "{{instance}}")]),
     ("Memory", "bytes", "Resident memory of each kernel process.",
@@ -239,8 +242,8 @@ PANELS = [
      [(f"kernel_ready{{{SELECTED}}}", "ready {{instance}}"),
       (f"kernel_assigned_partitions{{{SELECTED}}}", "partitions {{instance}}")]),
     ("Commits", "ops", "Offset commits that succeeded and failed, per second.",
-     [(f"sum by (group) (rate(kernel_commits_total{{{SELECTED}}}[$__rate_interval]))", "commits {{group}}"),
-      (f"sum by (group) (rate(kernel_commit_failures_total{{{SELECTED}}}[$__rate_interval]))", "failed {{group}}")]),
+     [(f"sum by (group) ({rate('kernel_commits_total')})", "commits {{group}}"),
+      (f"sum by (group) ({rate('kernel_commit_failures_total')})", "failed {{group}}")]),
 ]
 
 
@@ -264,10 +267,11 @@ def dashboard() -> dict:
             .query(f"label_values({series}, {name})").refresh(VariableRefresh.ON_TIME_RANGE_CHANGED)
             .multi(True).include_all(True))
     for title, unit, description, lines in PANELS:
-        panel = timeseries.Panel().title(title).unit(unit).description(description).datasource(source).span(12).height(8)
-        for ref, (expr, legend) in zip("ABCDEF", lines):
-            panel = panel.with_target(gp.Dataquery().expr(expr).legend_format(legend).ref_id(ref).datasource(source))
-        board = board.with_panel(panel)
+        panel = timeseries.Panel().title(title).unit(unit).description(description).datasource(source)
+        for index, (expr, legend) in enumerate(lines):
+            query = gp.Dataquery().expr(expr).legend_format(legend).ref_id("ABCDEF"[index]).datasource(source)
+            panel = panel.with_target(query)
+        board = board.with_panel(panel.span(12).height(8))
     return json.loads(json.dumps(board.build(), cls=JSONEncoder))
 
 
