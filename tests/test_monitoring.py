@@ -107,3 +107,21 @@ def test_the_dashboard_is_a_grafana_dashboard_with_the_panels_an_operator_needs(
             f"{panel['title']}: every query is limited to the kernel and group chosen")
     positions = [(p["gridPos"]["x"], p["gridPos"]["y"]) for p in board["panels"]]
     assert len(set(positions)) == len(positions), "panels overlap"
+
+
+def test_promtool_accepts_the_example_scrape_configuration(tmp_path):
+    """Debian's Prometheus is built without Kubernetes service discovery: the job that uses it is
+    checked with a static target in its place, its relabelling as written."""
+    config = yaml.safe_load((monitoring.RULES_FILE.parent / "scrape-config.example.yaml").read_text())
+    assert config["rule_files"] == [monitoring.RULES_FILE.name]
+    for job in config["scrape_configs"]:
+        if job.pop("kubernetes_sd_configs", None) is not None:
+            job["static_configs"] = [{"targets": ["kernel:8080"]}]
+            assert {"kernel", "group"} <= {r.get("target_label") for r in job["relabel_configs"]}, job["job_name"]
+        else:
+            assert {"kernel", "group"} <= set(job["static_configs"][0]["labels"]), job["job_name"]
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    shutil.copy(monitoring.RULES_FILE, tmp_path)
+    checked = subprocess.run([promtool(), "check", "config", "prometheus.yml"], cwd=tmp_path, capture_output=True,
+                             text=True, timeout=60)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
