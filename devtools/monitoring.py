@@ -227,6 +227,10 @@ PANELS = [
       (f"sum by (kernel, group) ({rate('kernel_messages_sent_total')})", "sent {{group}}")]),
     ("Lag per partition", "short", "End offset minus committed offset (kernel_consumer_lag), every 5 s.",
      [(f"max by (group, topic, partition) (kernel_consumer_lag{{{SELECTED}}})", "{{topic}}[{{partition}}]")]),
+    ("Time behind", "s", "The group's lag divided by its throughput: about how long a message now arriving waits "
+     "(the kernel measures no end-to-end time itself).",
+     [(f"sum by (group) (kernel_consumer_lag{{{SELECTED}}}) / "
+       f"sum by (group) ({rate('kernel_messages_processed_total')})", "{{group}}")]),
     ("Handler latency", "s", "Time of each process_message or process_batch call (kernel_processing_seconds).",
      [(latency(0.5), "p50"), (latency(0.99), "p99"),
       (f"sum({rate('kernel_processing_seconds_sum')}) / sum({rate('kernel_processing_seconds_count')})", "mean")]),

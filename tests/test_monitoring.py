@@ -99,7 +99,7 @@ def test_the_dashboard_is_a_grafana_dashboard_with_the_panels_an_operator_needs(
     read = Dashboard.from_json(board)
     assert read.uid == "clustera-kernel" and [v.name for v in read.templating.list_val] == ["datasource", "kernel", "group"]
     titles = [panel["title"] for panel in board["panels"]]
-    assert titles == ["Throughput", "Lag per partition", "Handler latency", "Retries and dead letters",
+    assert titles == ["Throughput", "Lag per partition", "Time behind", "Handler latency", "Retries and dead letters",
                       "Buffered bytes", "Memory", "Readiness", "Commits"]
     for panel in board["panels"]:
         assert panel["type"] == "timeseries" and panel["datasource"]["uid"] == "${datasource}", panel["title"]
