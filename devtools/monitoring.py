@@ -106,7 +106,8 @@ def rules(**overrides) -> dict:
         alert("KernelPartitionLagGrowing",
               f"{lag} > {t['lag_minimum']} and {lag} > {lag} offset {t['lag_window']}",
               t["lag_growing_for"], "warning",
-              "{{ $labels.topic }}[{{ $labels.partition }}] of group {{ $labels.group }} falls behind: "
+              "{{ $labels.topic }}[{{ $labels.partition }}] of kernel {{ $labels.kernel }} (group {{ $labels.group }}) "
+              "falls behind: "
               "{{ $value }} messages of lag",
               "One partition falls behind while others may not: a hot key (one partition gets more), or a "
               "message retried again and again (KernelPartitionHeld). Look at the log for that partition's "
@@ -116,7 +117,7 @@ def rules(**overrides) -> dict:
               f"> 0 or (sum {PER_KERNEL} (kernel_messages_dead_lettered_total{KERNEL}) unless sum {PER_KERNEL} "
               f"(kernel_messages_dead_lettered_total{KERNEL} offset {t['dead_letter_window']}))",
               None, "warning",
-              f"{where} dead-lettered {{{{ $value }}}} messages in {t['dead_letter_window']}",
+              f"{where} dead-lettered {{{{ printf \"%.0f\" $value }}}} messages in {t['dead_letter_window']}",
               "Messages the handler could not handle went to KERNEL_DEAD_LETTER_TOPIC (the log: 'Dead-lettered "
               "topic[partition]@offset to ...: reason'). Read the reason; once the cause is fixed, replay them "
               "with devtools/replay_dead_letters.py."),
@@ -147,7 +148,8 @@ def rules(**overrides) -> dict:
               f"min_over_time({lag}[{t['held_window']}]) > 0 and min_over_time({lag}[{t['held_window']}]) >= "
               f"{lag} offset {t['held_window']} and on (kernel, group, instance) ({retries} > 0)",
               None, "warning",
-              "{{ $labels.topic }}[{{ $labels.partition }}] of group {{ $labels.group }} has not moved on for "
+              "{{ $labels.topic }}[{{ $labels.partition }}] of kernel {{ $labels.kernel }} (group {{ $labels.group }}) "
+              "has not moved on for "
               f"{t['held_window']}: one message retried again and again",
               "One message of this partition is retried and everything behind it waits (at-least-once, in "
               "order). The log names it (topic[partition]@offset). Fix the dependency, or make the handler "
@@ -190,7 +192,7 @@ def rules(**overrides) -> dict:
               f"[{t['restart_window']}]) >= {t['restarts']}) * on (namespace, pod) group_left (kernel, group) "
               f"group by (namespace, pod, kernel, group) (up{KERNEL})",
               None, "warning",
-              f"{where} restarted {{{{ $value }}}} times in {t['restart_window']}",
+              f"{where} restarted {{{{ printf \"%.0f\" $value }}}} times in {t['restart_window']}",
               "The container keeps exiting or being killed (kube-state-metrics' restart count). kubectl "
               "describe pod gives the last state (OOMKilled: KernelMemoryHigh; an exit code: see KernelDown); "
               "kubectl logs --previous the last lines."),

@@ -57,6 +57,7 @@ class Prometheus:
                 for port, group in targets.items()]}],
         }
         (directory / "prometheus.yml").write_text(yaml.safe_dump(config))
+        self.summaries: dict[str, str] = {}  # alert name → its last summary, as Prometheus expanded it
         self.port = free_port()
         self.log_path = directory / "prometheus.log"
         self.process = subprocess.Popen(
@@ -77,9 +78,11 @@ class Prometheus:
         return self.api("query", query=expr)["result"]
 
     def alerts(self) -> set[tuple[str, str, str]]:
-        """(group, alert name, state) of every alert pending or firing now."""
-        return {(a["labels"].get("group", ""), a["labels"]["alertname"], a["state"])
-                for a in self.api("alerts")["alerts"]}
+        """(group, alert name, state) of every alert pending or firing now; their summaries are kept."""
+        found = self.api("alerts")["alerts"]
+        for a in found:
+            self.summaries[a["labels"]["alertname"]] = a["annotations"]["summary"]
+        return {(a["labels"].get("group", ""), a["labels"]["alertname"], a["state"]) for a in found}
 
     def stop(self) -> None:
         self.process.terminate()
@@ -191,6 +194,8 @@ def test_each_alert_fires_in_its_scenario_none_over_a_healthy_run_and_every_pane
             assert not unexpected, f"{group}: {unexpected} fired too"
         quiet_s = int(time.monotonic() - healthy_since)
         assert prometheus.query(f'ALERTS{{group="healthy"}}[{quiet_s}s]') == [], "an alert of the healthy run"
+        for name, summary in {**prometheus.summaries, **tiny.summaries}.items():  # their templates expand
+            assert "error" not in summary and "{{" not in summary and "recording-kernel" in summary, (name, summary)
         backlog.result()
         traffic.result()
     finally:
