@@ -1044,6 +1044,8 @@ class KernelMetrics:
         self.failed = counter("kernel_messages_failed", "Messages on which the handler raised", topic)
         self.retried = counter("kernel_messages_retried", "Messages to be tried again", topic)
         self.dead_lettered = counter("kernel_messages_dead_lettered", "Messages sent to the dead-letter topic", topic)
+        self.dead_letter_failures = counter("kernel_dead_letter_failures", "Dead letters the broker did not confirm "
+                                            "(each stays uncommitted and is tried again)")
         self.sent = counter("kernel_messages_sent", "Messages the broker confirmed, sent with send() or dead-lettered, "
                             "by the topic they went to", topic)
         self.send_failures = counter("kernel_send_failures", "Messages the broker did not confirm, by the topic they "
@@ -1057,6 +1059,7 @@ class KernelMetrics:
         self.rebalances = counter("kernel_rebalances", "Partition assignments received")
         self.assigned = gauge("kernel_assigned_partitions", "Partitions assigned to this kernel")
         self.lag = gauge("kernel_consumer_lag", "End offset minus committed offset", ("topic", "partition"))
+        self.ready = gauge("kernel_ready", "1 while /readyz answers 200, else 0 (an alert rule cannot ask /readyz)")
         self.buffered_bytes = gauge("kernel_buffered_bytes", "Memory held by fetched messages not finished yet "
                                     "(estimated; a partition pauses at its share of KERNEL_BUFFER_MAX_BYTES)")
 
@@ -1699,6 +1702,7 @@ class DeadLetterTopic:
                                    "is retried", coordinates(record), self.topic, error,
                                    extra=log_fields(record) | REPEATING)
                 self.health.dead_letter_trouble = f"dead letters cannot be published to {self.topic}: {error!r}"
+                self.metrics.dead_letter_failures.inc()
                 return published
             self.health.dead_letter_trouble = None
             self.metrics.dead_lettered.labels(record.topic).inc()
@@ -2972,6 +2976,7 @@ def check_deployment(env: Mapping[str, str], kernel_name: str, default_topic: st
 def consume_until_stopped(handler: KernelHandler, settings: KernelSettings, tls: TlsFiles | None,
                           stop: StopSignal, tracing: Tracing | None = None) -> int:
     health, metrics = HealthState(settings, handler.name), KernelMetrics()
+    metrics.ready.set_function(lambda: health.ready()[0])  # asked at each scrape, as /readyz is
     if settings.http_port:
         serve_http(settings.http_host, settings.http_port, health, metrics)
         kernel_log.info("Serving /healthz, /readyz and /metrics on port %d", settings.http_port)
@@ -3058,6 +3063,8 @@ def check_your_part(names: dict | None) -> None:
 
 
 check_your_part(names_of_your_part)
+
+
 # The machinery's digest as the template shipped it (devtools/stamp_machinery.py writes it): `check` and
 # tests/test_template.py compare it with what is above, from "# End of your kernel" on.
-MACHINERY_SHA256 = "def66bb96f681f6f0397e0e6dcdc680a420d2b1bad02ddef90483a193281df26"
+MACHINERY_SHA256 = "412d965b2df715ba01d752fac7998323e02df3471ccbcfd85581b0a2c0520619"

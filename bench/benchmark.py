@@ -1,7 +1,7 @@
 """Throughput benchmark: the kernel against the raw kafka-python loop, on the same data, in one run.
 
     uv run --group bench bench/benchmark.py          # prints the table
-    uv run --group bench bench/benchmark.py --write  # also writes it into BENCHMARKS.md
+    uv run --group bench bench/benchmark.py --write  # also writes it into BENCHMARKS.md, and its charts
 
 The bench dependency group holds the peer (Quix Streams); the kernel and its tests do not need it.
 
@@ -237,6 +237,9 @@ def write_section(name: str, table: str) -> None:
     tail = rest.split(f"<!-- /{name} -->", 1)[1]
     path.write_text(f"{head}<!-- {name} -->\n{table}\n<!-- /{name} -->{tail}")
     print(f"Wrote {path}")
+    from bench import charts  # the pictures of BENCHMARKS.md, drawn again from its tables
+
+    charts.redraw()
 
 
 if __name__ == "__main__":

@@ -32,6 +32,11 @@ KEDA_SCHEMA = json.loads((REPO / "tests" / "keda_schema.json").read_text())
 # KEDA's own schemas: the npm package @kubernetes-models/keda, pinned in tests/keda/package-lock.json.
 KEDA_MODELS = REPO / "tests" / "keda"
 NPM_CI_TIMEOUT_S = 300
+# The Prometheus Operator's objects (a PodMonitor, the alert rules): their own folder, applied on their own.
+MONITORING = DEPLOY / "monitoring"
+# Their schemas: the npm package @kubernetes-models/prometheus-operator, pinned in tests/prometheus_operator.
+PROMETHEUS_OPERATOR_MODELS = REPO / "tests" / "prometheus_operator"
+GROUP_ANNOTATION = "clustera.io/consumer-group"
 # The kafka scaler's parameters that may come from a TriggerAuthentication (KEDA 2.18).
 KAFKA_AUTH_PARAMETERS = {"sasl", "username", "password", "keytab", "realm", "kerberosConfig", "kerberosServiceName",
                          "kerberosDisableFAST", "saslTokenProvider", "scopes", "oauthTokenEndpointUri",
@@ -128,7 +133,7 @@ def names_your_part_reads() -> set[str]:
 
 
 def test_every_manifest_is_in_a_kustomization_or_an_example():
-    listed = {p.resolve() for d in (DEPLOY, DEPLOY / "common", DEPLOY / "static-membership")
+    listed = {p.resolve() for d in (DEPLOY, DEPLOY / "common", DEPLOY / "static-membership", MONITORING)
               for p in (d / r for r in yaml.safe_load((d / "kustomization.yaml").read_text())["resources"])}
     for path in DEPLOY.rglob("*.yaml"):
         assert path.name == "kustomization.yaml" or path in listed or path.name in (
@@ -138,7 +143,7 @@ def test_every_manifest_is_in_a_kustomization_or_an_example():
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
 def test_kubernetes_objects_validate_against_the_kubernetes_schemas(version):
     objects = [o for path in DEPLOY.rglob("*.yaml") if path.name != "kustomization.yaml" for o in documents(path)]
-    kubernetes_kinds = [o for o in objects if not o["apiVersion"].startswith("keda.sh/")]
+    kubernetes_kinds = [o for o in objects if not o["apiVersion"].startswith(("keda.sh/", "monitoring.coreos.com/"))]
     assert {o["kind"] for o in kubernetes_kinds} == {"ConfigMap", "Secret", "Service", "PodDisruptionBudget",
                                                     "Deployment", "StatefulSet"}
     for obj in kubernetes_kinds:
@@ -151,26 +156,29 @@ def test_kubernetes_objects_validate_against_the_kubernetes_schemas(version):
         kubernetes_validate.validate(hpa, version, strict=True)
 
 
-class KedaModelsUnavailable(Exception):
-    """Node.js or npm is missing, or `npm ci` failed: KEDA's schemas cannot be had here."""
+class ModelsUnavailable(Exception):
+    """Node.js or npm is missing, or `npm ci` failed: the schemas of an npm package cannot be had here."""
 
 
-def keda_models_version() -> str:
-    lock = json.loads((KEDA_MODELS / "package-lock.json").read_text())
-    return lock["packages"]["node_modules/@kubernetes-models/keda"]["version"]
+def npm_models_version(folder: Path) -> str:
+    """The version of the one package `folder`'s package.json depends on, as its lock pins it."""
+    [package] = json.loads((folder / "package.json").read_text())["dependencies"]
+    return json.loads((folder / "package-lock.json").read_text())["packages"][f"node_modules/{package}"]["version"]
 
 
-def install_keda_models() -> Path:
-    """The folder of tests/keda's node_modules, installed with `npm ci` from the committed lock the
-    first time, outside the repository: ~/.cache/clustera-kernel/keda-models-VERSION-HASH, HASH that of
-    package.json and package-lock.json (a lock keeps two test workers from installing at once)."""
-    digest = hashlib.sha256(b"".join((KEDA_MODELS / name).read_bytes()
+def install_npm_models(folder: Path) -> Path:
+    """The folder of `folder`'s node_modules (tests/keda, tests/prometheus_operator), installed with
+    `npm ci` from the committed lock the first time, outside the repository:
+    ~/.cache/clustera-kernel/FOLDER-models-VERSION-HASH, HASH that of package.json and package-lock.json
+    (a lock keeps two test workers from installing at once)."""
+    digest = hashlib.sha256(b"".join((folder / name).read_bytes()
                                      for name in ("package.json", "package-lock.json"))).hexdigest()[:16]
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "clustera-kernel"
-    home = cache / f"keda-models-{keda_models_version()}-{digest}"
+    home = cache / f"{folder.name}-models-{npm_models_version(folder)}-{digest}"
+    where = f"tests/{folder.name}"
     for tool in ("node", "npm"):
         if shutil.which(tool) is None:
-            raise KedaModelsUnavailable(f"{tool} is not installed: KEDA's schemas come from npm (tests/keda)")
+            raise ModelsUnavailable(f"{tool} is not installed: the schemas come from npm ({where})")
     if (home / ".complete").exists():
         return home
     cache.mkdir(parents=True, exist_ok=True)
@@ -182,14 +190,14 @@ def install_keda_models() -> Path:
             project = Path(work) / "project"
             project.mkdir()
             for name in ("package.json", "package-lock.json"):
-                shutil.copy(KEDA_MODELS / name, project)
+                shutil.copy(folder / name, project)
             try:
                 installed = subprocess.run(["npm", "ci", "--ignore-scripts", "--no-audit", "--no-fund"], cwd=project,
                                            capture_output=True, text=True, timeout=NPM_CI_TIMEOUT_S)
             except subprocess.TimeoutExpired:
-                raise KedaModelsUnavailable(f"npm ci took more than {NPM_CI_TIMEOUT_S} s in tests/keda") from None
+                raise ModelsUnavailable(f"npm ci took more than {NPM_CI_TIMEOUT_S} s in {where}") from None
             if installed.returncode != 0:
-                raise KedaModelsUnavailable(f"npm ci failed in tests/keda:\n{installed.stdout[-2000:]}{installed.stderr[-2000:]}")
+                raise ModelsUnavailable(f"npm ci failed in {where}:\n{installed.stdout[-2000:]}{installed.stderr[-2000:]}")
             shutil.rmtree(home, ignore_errors=True)
             project.rename(home)
         (home / ".complete").touch()
@@ -199,8 +207,8 @@ def install_keda_models() -> Path:
 @pytest.fixture(scope="session")
 def keda_models() -> Path:
     try:
-        return install_keda_models()
-    except KedaModelsUnavailable as error:
+        return install_npm_models(KEDA_MODELS)
+    except ModelsUnavailable as error:
         unavailable(f"KEDA's own schemas cannot be used here: {error}")
 
 
@@ -411,3 +419,53 @@ def test_static_members_take_a_stable_instance_id_and_are_not_autoscaled():
     assert settings.session_timeout_ms >= 30_000
     assert statefulset["spec"]["serviceName"] == one(objects, "Service")["metadata"]["name"]
     assert not [o for o in objects if o["kind"] == "ScaledObject"]
+
+
+@pytest.fixture(scope="session")
+def prometheus_operator_models() -> Path:
+    try:
+        return install_npm_models(PROMETHEUS_OPERATOR_MODELS)
+    except ModelsUnavailable as error:
+        unavailable(f"the Prometheus Operator's schemas cannot be used here: {error}")
+
+
+def test_monitoring_objects_validate_against_the_prometheus_operators_schemas(prometheus_operator_models):
+    """The schemas of the npm package @kubernetes-models/prometheus-operator, the version pinned in
+    tests/prometheus_operator/package-lock.json (6.0.0, MIT,
+    https://github.com/tommy351/kubernetes-models-ts/tree/master/third-party/prometheus-operator), generated
+    from the operator's CRDs: types, required fields and enums (not unknown fields, as for KEDA's). The
+    PrometheusRule is the one devtools/monitoring.py generates (tests/test_monitoring.py checks it is
+    up to date); a broken copy of the PodMonitor must fail, and only it."""
+    objects = {f"{o['kind']} {o['metadata']['name']}": o for o in rendered(MONITORING)}
+    assert sorted(objects) == ["PodMonitor kernel", "PrometheusRule kernel"]
+    monitor = objects["PodMonitor kernel"]
+    broken = {**monitor, "spec": {**monitor["spec"], "podMetricsEndpoints": [{"port": 8080}]}}
+    checked = subprocess.run(["node", str(PROMETHEUS_OPERATOR_MODELS / "validate.mjs"), str(prometheus_operator_models)],
+                             capture_output=True, text=True, timeout=60, input=json.dumps([*objects.values(), broken]))
+    assert checked.stderr == "", checked.stderr
+    errors = checked.stdout.splitlines()
+    assert checked.returncode == 1 and errors == [
+        '2 PodMonitor kernel: /spec/podMetricsEndpoints/0/port must be string {"type":"string"}'], errors
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_pod_monitor_scrapes_the_kernels_port_and_labels_its_kernel_and_group(variant):
+    """The PodMonitor selects the workload's pods, scrapes their port "http" at /metrics, and gives
+    every series the kernel and group labels the alert rules need, from the pod's name label and its
+    consumer-group annotation, which must be the group KAFKA_CONSUMER_GROUP sets."""
+    objects = rendered(VARIANTS[variant])
+    template = workload(objects)["spec"]["template"]
+    container = template["spec"]["containers"][0]
+    settings, _ = kernel_settings(container_environment(objects, container))
+    monitor = one(rendered(MONITORING), "PodMonitor")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= template["metadata"]["labels"].items()
+    [endpoint] = monitor["spec"]["podMetricsEndpoints"]
+    assert (endpoint["port"], endpoint["path"]) == ("http", "/metrics")
+    assert "http" in {port["name"] for port in container["ports"]}
+    relabelled = {r["targetLabel"]: r["sourceLabels"] for r in endpoint["relabelings"]}
+    assert relabelled == {"kernel": ["__meta_kubernetes_pod_label_app_kubernetes_io_name"],
+                          "group": ["__meta_kubernetes_pod_annotation_clustera_io_consumer_group"]}
+    assert template["metadata"]["annotations"][GROUP_ANNOTATION] == settings.group_id, (
+        f"{variant}: the pod's {GROUP_ANNOTATION} annotation is not its KAFKA_CONSUMER_GROUP: the alerts would name "
+        "another group")
+    assert template["metadata"]["labels"]["app.kubernetes.io/name"]

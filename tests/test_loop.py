@@ -563,6 +563,7 @@ def test_an_error_in_the_dead_letter_path_keeps_the_message_and_names_it(caplog)
     assert loop.consumer.commits() == []
     assert loop.health.ready() == (False, "dead letters cannot be published to dlt: AssertionError('the producer "
                                           "refused it')"), "/readyz says so"
+    assert loop.metrics.registry.get_sample_value("kernel_dead_letter_failures_total") == 1, "and /metrics"
 
 
 def test_a_task_handed_back_while_the_loop_waits_for_another_is_held_then_found():

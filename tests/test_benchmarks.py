@@ -1,0 +1,29 @@
+"""BENCHMARKS.md's charts: each finds its figures in the page's tables (bench/charts.py parses them,
+so a table whose columns change breaks this, not the next benchmark run), and the page shows every
+chart bench/charts/ holds, each one drawn."""
+
+from __future__ import annotations
+
+import re
+
+from bench import charts
+from tests.conftest import REPO
+
+
+def test_every_chart_finds_its_figures_in_the_tables():
+    found = charts.figures()
+    assert sorted(found) == ["concurrency", "forwarding", "memory", "scale-out", "throughput"]
+    for name, chart in found.items():
+        values = [bar[1] for bar in chart["bars"]] if "bars" in chart else [v for line in chart["lines"].values() for v in line]
+        assert values and all(value > 0 for value in values), name
+    throughput = found["throughput"]["bars"]
+    assert len(throughput) == 9 and sum(kernel for *_, kernel in throughput) == 4, "the kernel's four rows, told apart"
+    assert all(low <= value <= high for _, value, (low, high), _ in throughput), "each median within its range"
+    assert found["concurrency"]["x"] == [1, 8, 32, 64]
+
+
+def test_the_page_shows_every_chart_and_each_is_drawn():
+    shown = set(re.findall(r"!\[[^\]]+\]\((bench/charts/[\w-]+\.png)\)", (REPO / "BENCHMARKS.md").read_text()))
+    assert shown == {f"bench/charts/{name}.png" for name in charts.figures()}
+    for path in shown:
+        assert (REPO / path).read_bytes().startswith(b"\x89PNG"), path
