@@ -122,7 +122,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections import deque
+from collections import deque, namedtuple
 from typing import TYPE_CHECKING
 
 import dotenv
@@ -135,7 +135,9 @@ import prometheus_client
 import prometheus_client.metrics_core
 import prometheus_client.utils
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
-from kafka.errors import CommitFailedError, KafkaError, NoBrokersAvailable
+from kafka.consumer.fetcher import ConsumerRecord, Fetcher
+from kafka.errors import CommitFailedError, CorruptRecordError, KafkaError, NoBrokersAvailable
+from kafka.record.memory_records import MemoryRecords
 
 if TYPE_CHECKING:  # names only annotations use, so that your part may bind them as it likes
     from collections.abc import Callable, Iterator, Mapping
@@ -299,8 +301,9 @@ class NoDeadLetterTopic(Exception):
     """A message is to be dead-lettered (KERNEL_MAX_ATTEMPTS reached, or DeadLetter raised) and
     KERNEL_DEAD_LETTER_TOPIC is not set."""
 
-    def __init__(self, record, reason: str):
+    def __init__(self, record, reason: str, way_on: str = ""):
         super().__init__(f"{coordinates(record)}: {reason}")
+        self.way_on = way_on  # how to go on without it, when no restart mends it
 
 
 class BrokerUnavailable(Exception):
@@ -1477,6 +1480,115 @@ def with_coordinator_backoff(consumer: KafkaConsumer) -> KafkaConsumer:
     return consumer
 
 
+# A record the client cannot decode, in its place among the others: never handed to the handler, only
+# dead-lettered (or the kernel stops, saying how to move past it); `undecodable` says why.
+UndecodableRecord = namedtuple("UndecodableRecord", (*ConsumerRecord._fields, "undecodable"))
+
+
+class LenientBuffer(bytearray):
+    """A record batch's bytes whose slices decode header names that are not UTF-8 with surrogates
+    (surrogateescape) instead of raising: DefaultRecordBatch._read_msg decodes them as
+    buffer[start:end].decode("utf-8")."""
+
+    def __getitem__(self, index):
+        item = super().__getitem__(index)
+        return LenientSlice(item) if isinstance(index, slice) else item
+
+
+class LenientSlice(bytearray):
+    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        return super().decode(encoding, "surrogateescape")
+
+
+def escaped_name(name: str) -> str | None:
+    """A header name read leniently, escaped (\\xff for a byte that is not UTF-8); None if it is UTF-8."""
+    try:
+        name.encode()
+    except UnicodeEncodeError:
+        return name.encode(errors="surrogateescape").decode(errors="backslashreplace")
+    return None
+
+
+def lenient_record(tp: TopicPartition, leader_epoch: int, record) -> ConsumerRecord:
+    """A record read leniently as the client would have read it; an UndecodableRecord if some of its
+    header names are not UTF-8, with them escaped and a header counting them."""
+    headers, escaped = [], 0
+    for name, data in record.headers:
+        if (escape := escaped_name(name)) is not None:
+            name, escaped = escape, escaped + 1
+        headers.append((name, data))
+    if escaped:
+        headers.append(("kernel-header-names-escaped", str(escaped).encode()))
+    key, value = record.key, record.value
+    fields = (tp.topic, tp.partition, leader_epoch, record.offset, record.timestamp, record.timestamp_type, key, value,
+              headers, record.checksum, -1 if key is None else len(key), -1 if value is None else len(value),
+              sum(len(name.encode()) + len(data or b"") for name, data in headers))
+    if not escaped:
+        return ConsumerRecord(*fields)
+    return UndecodableRecord(*fields, f"{escaped} header name(s) not UTF-8, which kafka-python cannot read "
+                             "(escaped as \\xNN in a dead letter)")
+
+
+class LenientPartitionRecords(Fetcher.PartitionRecords):
+    """Works around kafka-python 2.3.3 stopping for good at a record it cannot decode: a header name
+    that is not UTF-8 (legal on the wire: brokers do not check it, and Go clients can write one), or a
+    record batch that fails its CRC check or is otherwise corrupt, makes every poll() raise
+    CorruptRecordError at it, so no replica ever reads past it. Here the batch it failed in is read
+    again: its readable records as the client reads them, a record with header names that are not
+    UTF-8 with them escaped, and what cannot be read at all as one UndecodableRecord per offset; the
+    client then goes on with the next batch. Only after a failure: a fetch the client reads costs
+    nothing more. (kafka-python's Fetcher makes its PartitionRecords through self.PartitionRecords.)"""
+
+    def _unpack_records(self, tp, records, key_deserializer, value_deserializer):
+        fetched = records._buffer  # the partition's fetched bytes, for a batch read again
+        while True:
+            try:
+                yield from super()._unpack_records(tp, records, key_deserializer, value_deserializer)
+                return
+            except CorruptRecordError as error:
+                batch, end = self.batch_at(fetched, self.next_fetch_offset)
+                if batch is None:
+                    raise
+                yield from self.read_leniently(tp, batch, error)
+                self.next_fetch_offset = batch.next_offset
+                records = MemoryRecords(memoryview(fetched)[end:])
+
+    @staticmethod
+    def batch_at(fetched: bytes, offset: int) -> tuple:
+        """The record batch (of format v2) of `fetched` that holds `offset`, and where it ends; (None, 0)
+        if none does."""
+        batches, end = MemoryRecords(fetched), 0
+        with contextlib.suppress(CorruptRecordError):
+            while (batch := batches.next_batch()) is not None:
+                end += batch.size_in_bytes
+                if batch.magic >= 2 and batch.last_offset >= offset:
+                    return batch, end
+        return None, 0
+
+    def read_leniently(self, tp, batch, error: CorruptRecordError) -> Iterator[ConsumerRecord]:
+        """The records of `batch` from next_fetch_offset on, read leniently."""
+        try:
+            if self.check_crcs and not batch.validate_crc():
+                raise error
+            batch._maybe_uncompress()
+            batch._buffer = LenientBuffer(batch._buffer)
+            for record in batch:
+                if record.offset >= self.next_fetch_offset:
+                    yield lenient_record(tp, self.leader_epoch, record)
+                    self.next_fetch_offset = record.offset + 1
+        except Exception as unreadable:  # whatever the client raises on bytes it cannot read
+            reason = f"kafka-python cannot read it ({type(unreadable).__name__}: {unreadable})"
+            for offset in range(self.next_fetch_offset, batch.next_offset):
+                yield UndecodableRecord(tp.topic, tp.partition, self.leader_epoch, offset, -1, 0, None, None, [], None,
+                                        -1, -1, -1, reason)
+
+
+def lenient(consumer: KafkaConsumer) -> KafkaConsumer:
+    """`consumer` reading records it cannot decode as UndecodableRecord (LenientPartitionRecords)."""
+    consumer._fetcher.PartitionRecords = LenientPartitionRecords
+    return consumer
+
+
 def connect_consumer(settings: KernelSettings, tls: TlsFiles | None, stop: StopSignal) -> KafkaConsumer | None:
     """Create the consumer once a bootstrap server accepts a connection made as the consumer's are,
     retrying until KAFKA_BOOTSTRAP_TIMEOUT_MS; None if a stop was requested. Refused credentials and
@@ -1489,7 +1601,7 @@ def connect_consumer(settings: KernelSettings, tls: TlsFiles | None, stop: StopS
             for server in settings.bootstrap_servers:
                 failure = probe_connection(config, server, timeout_s=PROBE_TIMEOUT_S)
                 if failure is None:
-                    return with_coordinator_backoff(KafkaConsumer(**config))
+                    return lenient(with_coordinator_backoff(KafkaConsumer(**config)))
                 failures.append(failure)
         except NoBrokersAvailable:
             failures.append(("network", "the consumer found no broker"))
@@ -1701,6 +1813,7 @@ class TaskFailure:
     reason: str
     error: BaseException | None = None  # what stops the kernel, for Consequence.FATAL
     batch: int | None = None  # process_batch: how many records from the failed one go together
+    exception: str = "DeadLetter"  # for Consequence.DEAD_LETTER: what the dead letter says it was
 
 
 @dataclasses.dataclass(eq=False, slots=True)
@@ -1764,6 +1877,11 @@ def failure_raised(record, error: BaseException) -> TaskFailure:
     if isinstance(error, DeadLetter):
         return TaskFailure(Consequence.DEAD_LETTER, str(error) or "process_message raised DeadLetter")
     raise MessageFailed("process_message", [record]) from error
+
+
+def undecodable(record: UndecodableRecord, batch: int | None = None) -> TaskFailure:
+    """A record the client could not decode: dead-lettered, never handed to the handler."""
+    return TaskFailure(Consequence.DEAD_LETTER, record.undecodable, batch=batch, exception="CorruptRecordError")
 
 
 def failure_returned(record, result) -> TaskFailure:
@@ -1869,6 +1987,9 @@ def process_task(task: LaneTask, handler: Callable, stop: StopSignal, producer: 
             if task.cancelled or stop.requested:
                 return
             task.started_s = monotonic()
+            if type(record) is UndecodableRecord:
+                task.failure = undecodable(record)
+                return
             try:
                 result = handler(record)
             except BaseException as error:
@@ -1917,19 +2038,25 @@ def process_batch_task(task: LaneTask, handler: Callable, stop: StopSignal, prod
     if task.cancelled or stop.requested:
         return
     task.started_s = time.monotonic()
+    # A record the client could not decode ends the batch before it; alone, it is dead-lettered.
+    records = next((task.records[:i] for i, record in enumerate(task.records) if type(record) is UndecodableRecord),
+                   task.records)
+    if not records:
+        task.failure = undecodable(task.records[0], batch=1)
+        return
     try:
-        outcome = process_as_batch(handler, task.records, producer)
+        outcome = process_as_batch(handler, records, producer)
     finally:
         if metrics is not None:
             HandlerTallies.count_call(metrics.calls.tally(task.partition.topic), time.monotonic() - task.started_s)
     error = first_delivery_error(outcome.sends, producer.timeout_s if producer else 0)
     if error is not None:
-        undelivered(task, task.records, error, "process_batch", len(task.records))
+        undelivered(task, records, error, "process_batch", len(records))
         return
     task.finished, task.failure = outcome.done, outcome.failure
     if metrics is not None:
         metrics.calls.tally(task.partition.topic)[HandlerTallies.PROCESSED] += outcome.done
-        metrics.batch_sizes.labels(task.partition.topic).observe(len(task.records))
+        metrics.batch_sizes.labels(task.partition.topic).observe(len(records))
 
 
 class WorkerPool:
@@ -2316,6 +2443,7 @@ class FailurePolicy:
     def __init__(self, settings: KernelSettings, ledger: Ledger, dead_letters: DeadLetterTopic | None,
                  metrics: KernelMetrics):
         self.retry = settings.retry
+        self.group_id = settings.group_id
         self.ledger = ledger
         self.dead_letters = dead_letters
         self.metrics = metrics
@@ -2331,8 +2459,8 @@ class FailurePolicy:
         if dead:
             if self.dead_letters is None:
                 others = f" (and the other {len(failed) - 1} messages of its batch)" if len(failed) > 1 else ""
-                raise NoDeadLetterTopic(failed[0], reason + others)
-            exception = "DeadLetter" if failure.consequence is Consequence.DEAD_LETTER else "RetriesExhausted"
+                raise NoDeadLetterTopic(failed[0], reason + others, self.way_on(failed[0]))
+            exception = failure.exception if failure.consequence is Consequence.DEAD_LETTER else "RetriesExhausted"
             published = self.dead_letters.publish(failed, attempts, reason, exception)
             for _ in range(published):
                 self.ledger.pass_first(lane)
@@ -2345,6 +2473,15 @@ class FailurePolicy:
         self.ledger.retry_later(lane, attempts, time.monotonic() + delay_s, batch)
         kernel_log.warning("%s for %s (attempt %d); retrying in %.1f s", reason, batch_coordinates(failed), attempts,
                            delay_s, extra=log_fields(failed[0]))
+
+
+    def way_on(self, record) -> str:
+        """For a record the client cannot decode, which no restart mends: how to go on without it."""
+        if type(record) is not UndecodableRecord:
+            return ""
+        return (f". To go on, set KERNEL_DEAD_LETTER_TOPIC, or skip it: with every kernel of the group stopped, "
+                f"kafka-consumer-groups.sh --bootstrap-server BROKER --group {self.group_id} --topic "
+                f"{record.topic}:{record.partition} --reset-offsets --to-offset {record.offset + 1} --execute")
 
 
 class Watchdog:
@@ -2491,7 +2628,8 @@ class ConsumerLoop:
             kernel_log.error("%s; it stays uncommitted. Stopping", failure, exc_info=failure.__cause__)
             return EXIT_FATAL
         except NoDeadLetterTopic as undeliverable:
-            kernel_log.error("%s; no KERNEL_DEAD_LETTER_TOPIC is set, so it stays uncommitted. Stopping", undeliverable)
+            kernel_log.error("%s; no KERNEL_DEAD_LETTER_TOPIC is set, so it stays uncommitted. Stopping%s",
+                             undeliverable, undeliverable.way_on)
             return EXIT_NO_DEAD_LETTER_TOPIC
         except kafka.errors.InvalidSessionTimeoutError:
             kernel_log.error("Configuration error: the broker refused KAFKA_SESSION_TIMEOUT_MS (%d): it must lie "
