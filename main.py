@@ -1631,6 +1631,7 @@ def connect_consumer(settings: KernelSettings, tls: TlsFiles | None, stop: StopS
 # What no retry can deliver: a message larger than the producer's limit (KAFKA_FETCH_MAX_BYTES) or the
 # topic's (its max.message.bytes, about 1 MB by default on Apache Kafka).
 SIZE_ERRORS = (kafka.errors.MessageSizeTooLargeError, kafka.errors.RecordListTooLargeError)
+DROPPABLE = ("value", "key")  # what a dead letter too large goes without, in turn
 
 
 def describe_size(data: bytes | None) -> str:
@@ -1738,47 +1739,53 @@ class DeadLetterTopic:
         self.health = health or HealthState(settings)  # /readyz says so while dead letters cannot be published
         self.tracing = tracing  # publishes each dead letter in a span of its message's trace, when set
 
-    def publish(self, records: list, attempts: int, reason: str, exception: str) -> int:
+    def publish(self, records: list, attempts: int, reason: str, exception: str) -> tuple[int, KafkaError | None]:
         """Publish `records` (all sent before any confirmation is awaited, so a batch's take one round
-        trip) and wait for the broker to confirm them (acks=all); how many, from the first, it did. One
-        too large for the producer or the topic goes without its value, which stays in its own topic."""
+        trip) and wait for the broker to confirm them (acks=all); how many, from the first, it did, and
+        why not the next. One too large for the producer or the topic goes without its value, and if
+        still too large without its key too: both stay in its own topic."""
         futures = [self.send(record, attempts, reason, exception) for record in records]
         deadline_s = time.monotonic() + self.producer.timeout_s
         for published, (record, future) in enumerate(zip(records, futures, strict=True)):
             error = delivery_error(future, max(0.0, deadline_s - time.monotonic()))
-            dropped = ""
-            if isinstance(error, SIZE_ERRORS):
-                future = self.send(record, attempts, reason, exception, without_value=True)
+            dropped = []
+            while isinstance(error, SIZE_ERRORS) and len(dropped) < len(DROPPABLE):
+                dropped.append(DROPPABLE[len(dropped)])
+                future = self.send(record, attempts, reason, exception, without=dropped)
                 error = delivery_error(future, self.producer.timeout_s)
-                dropped = (f" (without its value of {describe_size(record.value)}, too large for the dead-letter "
-                           f"topic: {coordinates(record)} still holds it)")
             if error is not None:
                 kernel_log.warning("Could not publish %s to the dead-letter topic %s (%r); it stays uncommitted and "
                                    "is retried", coordinates(record), self.topic, error,
                                    extra=log_fields(record) | REPEATING)
                 self.health.dead_letter_trouble = f"dead letters cannot be published to {self.topic}: {error!r}"
-                return published
+                return published, error
             self.health.dead_letter_trouble = None
             self.metrics.dead_lettered.labels(record.topic).inc()
-            kernel_log.error("Dead-lettered %s to %s%s: %s", coordinates(record), self.topic, dropped, reason,
-                             extra=log_fields(record))
-        return len(records)
+            without = " and ".join(f"its {part} of {describe_size(getattr(record, part))}" for part in dropped)
+            kernel_log.error("Dead-lettered %s to %s%s: %s", coordinates(record), self.topic,
+                             f" (without {without}, too large for the dead-letter topic: {coordinates(record)} still "
+                             "holds it)" if dropped else "", reason, extra=log_fields(record))
+        return len(records), None
 
-    def send(self, record, attempts: int, reason: str, exception: str, without_value: bool = False) -> Future:
-        """Send the record with its origin and the reason (without its value, marked so in a header,
-        when that is too large). What the producer cannot send as it is is adapted: a null header value
-        is sent empty, a record with neither key nor value gets an empty value. Whatever else goes wrong
-        shows in the future: the message stays put, named, rather than crash-loop the kernel."""
+    def send(self, record, attempts: int, reason: str, exception: str, without: list[str] = ()) -> Future:
+        """Send the record with its origin and the reason (without its value, or key, when too large:
+        header kernel-value-dropped or kernel-key-dropped gives its size). What the producer cannot send
+        as it is is adapted: a null header value is sent empty, a record with neither key nor value gets
+        an empty value. Whatever else goes wrong shows in the future: the message stays put, named,
+        rather than crash-loop the kernel."""
         headers = producible_headers(record.headers) + dead_letter_headers(record, attempts, self.group_id,
                                                                            exception, reason, self.kernel_name)
-        value = b"" if record.key is None and record.value is None else record.value
-        if without_value:
-            headers.append(("kernel-value-dropped", str(len(record.value or b"")).encode()))
+        key, value = record.key, b"" if record.key is None and record.value is None else record.value
+        for part in without:
+            headers.append((f"kernel-{part}-dropped", str(len(getattr(record, part) or b"")).encode()))
+        if "value" in without:
             value = b""
+        if "key" in without:
+            key = None
         try:
             with (self.tracing.dead_letter_span(record, self.topic, attempts, reason) if self.tracing
                   else contextlib.nullcontext()):
-                return self.producer.send(self.topic, record.key, value, headers)
+                return self.producer.send(self.topic, key, value, headers)
         except Exception as unexpected:
             return kafka.future.Future().failure(unexpected)
 
@@ -2461,12 +2468,12 @@ class FailurePolicy:
                 others = f" (and the other {len(failed) - 1} messages of its batch)" if len(failed) > 1 else ""
                 raise NoDeadLetterTopic(failed[0], reason + others, self.way_on(failed[0]))
             exception = failure.exception if failure.consequence is Consequence.DEAD_LETTER else "RetriesExhausted"
-            published = self.dead_letters.publish(failed, attempts, reason, exception)
+            published, error = self.dead_letters.publish(failed, attempts, reason, exception)
             for _ in range(published):
                 self.ledger.pass_first(lane)
             if published == len(failed):
                 return
-            failed, reason = failed[published:], "the dead-letter topic could not be reached"
+            failed, reason = failed[published:], f"it could not be dead-lettered ({error!r})"
         self.metrics.retried.labels(failed[0].topic).inc(len(failed))
         delay_s = self.retry.delay_s(attempts)
         batch = None if failure.batch is None else len(failed)  # with process_batch: what is tried again together
