@@ -9,7 +9,8 @@ dead-letter ones) to its kafka_dlt-original-topic header or --to, confirmed with
 commits after each confirmed record, so a second run replays only what came since. Stops when
 nothing new arrives for five seconds. A dead letter that went without its value (too large for the
 dead-letter topic: header kernel-value-dropped) is replayed with the value read again from where it
-came from (kafka_dlt-original-topic, -partition, -offset); if that is gone, it stops there.
+came from (kafka_dlt-original-topic, -partition, -offset), and its key too if that was dropped as well
+(kernel-key-dropped); if that is gone, it stops there.
 """
 
 from __future__ import annotations
@@ -45,13 +46,14 @@ def replay(dead_letter_topic: str, to: str | None, dry_run: bool) -> int:
         replayed = 0
         for record in records_until_idle(consumer):
             headers = dict(record.headers or [])
-            value = record.value
+            key, value = record.key, record.value
             if "kernel-value-dropped" in headers:
-                value = original_value(connection, headers)
-                if value is None:
+                original = original_record(connection, headers)
+                if original is None:
                     print(f"{main.coordinates(record)}: its value was dropped and its original is gone: stopping",
                           file=sys.stderr)
                     return 1
+                key, value = original.key if "kernel-key-dropped" in headers else key, original.value
             target = to or headers.get("kafka_dlt-original-topic", b"").decode()
             if not target:
                 print(f"{main.coordinates(record)}: no kafka_dlt-original-topic "
@@ -60,7 +62,7 @@ def replay(dead_letter_topic: str, to: str | None, dry_run: bool) -> int:
             kept = [(k, v) for k, v in record.headers or [] if not k.startswith(DEAD_LETTER_HEADER_PREFIXES)]
             print(f"{main.coordinates(record)} -> {target}")
             if not dry_run:
-                producer.send(target, key=record.key, value=value, headers=kept).get(timeout=30)
+                producer.send(target, key=key, value=value, headers=kept).get(timeout=30)
                 consumer.commit({TopicPartition(record.topic, record.partition):
                                  OffsetAndMetadata(record.offset + 1, "", -1)})
             replayed += 1
@@ -70,8 +72,8 @@ def replay(dead_letter_topic: str, to: str | None, dry_run: bool) -> int:
         return 0
 
 
-def original_value(connection: dict, headers: dict) -> bytes | None:
-    """The value of the record a dead letter came from, read again at its original coordinates."""
+def original_record(connection: dict, headers: dict):
+    """The record a dead letter came from, read again at its original coordinates; None if gone."""
     partition = TopicPartition(headers["kafka_dlt-original-topic"].decode(),
                                int.from_bytes(headers["kafka_dlt-original-partition"], "big", signed=True))
     offset = int.from_bytes(headers["kafka_dlt-original-offset"], "big", signed=True)
@@ -82,7 +84,7 @@ def original_value(connection: dict, headers: dict) -> bytes | None:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             for record in reader.poll(timeout_ms=500).get(partition, []):
-                return record.value if record.offset == offset else None
+                return record if record.offset == offset else None
         return None
     finally:
         reader.close()

@@ -135,6 +135,12 @@ def test_a_key_too_large_for_the_dead_letter_topic_goes_without_it(cluster, kern
     assert "retrying in" not in kernel.log(), "nothing looped"
     assert re.search(r"Dead-lettered \S+\[0\]@0 to \S+ \(without its value of 4 bytes and its key of 1,048,450 bytes",
                      kernel.log())
+    # The replay reads both again from where they came from.
+    replay_to = cluster.create_topic(1)
+    replayed = subprocess.run([sys.executable, str(REPO / "devtools" / "replay_dead_letters.py"), dlt, "--to", replay_to],
+                              env=env, capture_output=True, text=True, timeout=120)
+    assert replayed.returncode == 0, replayed.stderr
+    assert [(r.key(), r.value()) for r in cluster.read_topic(replay_to, 1)] == [(key, b"dead")]
 
 
 def too_large_to_publish(cluster, kernels, tmp_path, limit: str) -> None:
