@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 
+import pytest
 from kafka import KafkaProducer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.record.memory_records import MemoryRecords, MemoryRecordsBuilder
@@ -66,6 +67,7 @@ MESSAGES = [(b"k0", b"before", [("ok", b"1")]),
             (b"k2", b"after", [])]
 
 
+@pytest.mark.both_brokers
 def test_a_header_name_that_is_not_utf8_is_dead_lettered_and_the_others_processed(cluster, kernels):
     topic, dead_letters = cluster.create_topic(partitions=1), cluster.create_topic(partitions=1)
     produce_raw_headers(cluster, topic, MESSAGES)
