@@ -1748,9 +1748,9 @@ class DeadLetterTopic:
         deadline_s = time.monotonic() + self.producer.timeout_s
         for published, (record, future) in enumerate(zip(records, futures, strict=True)):
             error = delivery_error(future, max(0.0, deadline_s - time.monotonic()))
-            dropped = []
+            dropped = ()
             while isinstance(error, SIZE_ERRORS) and len(dropped) < len(DROPPABLE):
-                dropped.append(DROPPABLE[len(dropped)])
+                dropped = DROPPABLE[:len(dropped) + 1]
                 future = self.send(record, attempts, reason, exception, without=dropped)
                 error = delivery_error(future, self.producer.timeout_s)
             if error is not None:
@@ -1767,7 +1767,7 @@ class DeadLetterTopic:
                              "holds it)" if dropped else "", reason, extra=log_fields(record))
         return len(records), None
 
-    def send(self, record, attempts: int, reason: str, exception: str, without: list[str] = ()) -> Future:
+    def send(self, record, attempts: int, reason: str, exception: str, without: tuple[str, ...] = ()) -> Future:
         """Send the record with its origin and the reason (without its value, or key, when too large:
         header kernel-value-dropped or kernel-key-dropped gives its size). What the producer cannot send
         as it is is adapted: a null header value is sent empty, a record with neither key nor value gets
@@ -2480,7 +2480,6 @@ class FailurePolicy:
         self.ledger.retry_later(lane, attempts, time.monotonic() + delay_s, batch)
         kernel_log.warning("%s for %s (attempt %d); retrying in %.1f s", reason, batch_coordinates(failed), attempts,
                            delay_s, extra=log_fields(failed[0]))
-
 
     def way_on(self, record) -> str:
         """For a record the client cannot decode, which no restart mends: how to go on without it."""

@@ -143,6 +143,22 @@ def test_a_key_too_large_for_the_dead_letter_topic_goes_without_it(cluster, kern
     assert [(r.key(), r.value()) for r in cluster.read_topic(replay_to, 1)] == [(key, b"dead")]
 
 
+def test_a_dead_letter_too_large_even_without_key_and_value_is_retried_naming_the_true_reason(cluster, kernels, tmp_path):
+    """Headers alone over the producer's limit (KAFKA_FETCH_MAX_BYTES): no part the kernel drops makes it
+    fit, so it stays uncommitted, and the retries say why, not that the topic could not be reached."""
+    source, dlt = cluster.create_topic(1), cluster.create_topic(1)
+    cluster.produce(source, [(0, b"k", b"dead", [("big", b"h" * 40_000)])])
+    handler = tmp_path / "size_handler.py"
+    handler.write_text(SIZE_HANDLER.format(repo=kernels.repo))
+    env = kernels.env(source, "sizes-headers", KERNEL_DEAD_LETTER_TOPIC=dlt, TEST_OUTPUT_TOPIC=cluster.create_topic(1),
+                      KAFKA_FETCH_MAX_BYTES=32_768, KERNEL_RETRY_INITIAL_MS=100, KERNEL_RETRY_MAX_MS=200)
+    kernel = kernels.start(env, script=handler)
+    kernel.wait_for_log(r"it could not be dead-lettered \(MessageSizeTooLargeError.* for \S+\[0\]@0 \(attempt 2\)")
+    assert kernel.stop() == 0, kernel.log()[-3000:]
+    assert "could not be reached" not in kernel.log()
+    assert cluster.committed("sizes-headers", source, 1) == {0: None} and cluster.read_topic(dlt, 1) == []
+
+
 def too_large_to_publish(cluster, kernels, tmp_path, limit: str) -> None:
     small = {"max.message.bytes": "20000"} if limit == "topic" else None
     source, output, dlt = cluster.create_topic(1), cluster.create_topic(1, small), cluster.create_topic(1, small)
