@@ -123,7 +123,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections import deque
+from collections import deque, namedtuple
 from typing import TYPE_CHECKING
 
 import dotenv
@@ -136,7 +136,9 @@ import prometheus_client
 import prometheus_client.metrics_core
 import prometheus_client.utils
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
-from kafka.errors import CommitFailedError, KafkaError, NoBrokersAvailable
+from kafka.consumer.fetcher import ConsumerRecord, Fetcher
+from kafka.errors import CommitFailedError, CorruptRecordError, KafkaError, NoBrokersAvailable
+from kafka.record.memory_records import MemoryRecords
 
 if TYPE_CHECKING:  # names only annotations use, so that your part may bind them as it likes
     from collections.abc import Callable, Iterator, Mapping
@@ -290,8 +292,9 @@ class NoDeadLetterTopic(Exception):
     """A message is to be dead-lettered (KERNEL_MAX_ATTEMPTS reached, or DeadLetter raised) and
     KERNEL_DEAD_LETTER_TOPIC is not set."""
 
-    def __init__(self, record, reason: str):
+    def __init__(self, record, reason: str, way_on: str = ""):
         super().__init__(f"{coordinates(record)}: {reason}")
+        self.way_on = way_on  # how to go on without it, when no restart mends it
 
 
 class BrokerUnavailable(Exception):
@@ -1517,6 +1520,115 @@ def with_coordinator_backoff(consumer: KafkaConsumer) -> KafkaConsumer:
     return consumer
 
 
+# A record the client cannot decode, in its place among the others: never handed to the handler, only
+# dead-lettered (or the kernel stops, saying how to move past it); `undecodable` says why.
+UndecodableRecord = namedtuple("UndecodableRecord", (*ConsumerRecord._fields, "undecodable"))
+
+
+class LenientBuffer(bytearray):
+    """A record batch's bytes whose slices decode header names that are not UTF-8 with surrogates
+    (surrogateescape) instead of raising: DefaultRecordBatch._read_msg decodes them as
+    buffer[start:end].decode("utf-8")."""
+
+    def __getitem__(self, index):
+        item = super().__getitem__(index)
+        return LenientSlice(item) if isinstance(index, slice) else item
+
+
+class LenientSlice(bytearray):
+    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        return super().decode(encoding, "surrogateescape")
+
+
+def escaped_name(name: str) -> str | None:
+    """A header name read leniently, escaped (\\xff for a byte that is not UTF-8); None if it is UTF-8."""
+    try:
+        name.encode()
+    except UnicodeEncodeError:
+        return name.encode(errors="surrogateescape").decode(errors="backslashreplace")
+    return None
+
+
+def lenient_record(tp: TopicPartition, leader_epoch: int, record) -> ConsumerRecord:
+    """A record read leniently as the client would have read it; an UndecodableRecord if some of its
+    header names are not UTF-8, with them escaped and a header counting them."""
+    headers, escaped = [], 0
+    for name, data in record.headers:
+        if (escape := escaped_name(name)) is not None:
+            name, escaped = escape, escaped + 1
+        headers.append((name, data))
+    if escaped:
+        headers.append(("kernel-header-names-escaped", str(escaped).encode()))
+    key, value = record.key, record.value
+    fields = (tp.topic, tp.partition, leader_epoch, record.offset, record.timestamp, record.timestamp_type, key, value,
+              headers, record.checksum, -1 if key is None else len(key), -1 if value is None else len(value),
+              sum(len(name.encode()) + len(data or b"") for name, data in headers))
+    if not escaped:
+        return ConsumerRecord(*fields)
+    return UndecodableRecord(*fields, f"{escaped} header name(s) not UTF-8, which kafka-python cannot read "
+                             "(escaped as \\xNN in a dead letter)")
+
+
+class LenientPartitionRecords(Fetcher.PartitionRecords):
+    """Works around kafka-python 2.3.3 stopping for good at a record it cannot decode: a header name
+    that is not UTF-8 (legal on the wire: brokers do not check it, and Go clients can write one), or a
+    record batch that fails its CRC check or is otherwise corrupt, makes every poll() raise
+    CorruptRecordError at it, so no replica ever reads past it. Here the batch it failed in is read
+    again: its readable records as the client reads them, a record with header names that are not
+    UTF-8 with them escaped, and what cannot be read at all as one UndecodableRecord per offset; the
+    client then goes on with the next batch. Only after a failure: a fetch the client reads costs
+    nothing more. (kafka-python's Fetcher makes its PartitionRecords through self.PartitionRecords.)"""
+
+    def _unpack_records(self, tp, records, key_deserializer, value_deserializer):
+        fetched = records._buffer  # the partition's fetched bytes, for a batch read again
+        while True:
+            try:
+                yield from super()._unpack_records(tp, records, key_deserializer, value_deserializer)
+                return
+            except CorruptRecordError as error:
+                batch, end = self.batch_at(fetched, self.next_fetch_offset)
+                if batch is None:
+                    raise
+                yield from self.read_leniently(tp, batch, error)
+                self.next_fetch_offset = batch.next_offset
+                records = MemoryRecords(memoryview(fetched)[end:])
+
+    @staticmethod
+    def batch_at(fetched: bytes, offset: int) -> tuple:
+        """The record batch (of format v2) of `fetched` that holds `offset`, and where it ends; (None, 0)
+        if none does."""
+        batches, end = MemoryRecords(fetched), 0
+        with contextlib.suppress(CorruptRecordError):
+            while (batch := batches.next_batch()) is not None:
+                end += batch.size_in_bytes
+                if batch.magic >= 2 and batch.last_offset >= offset:
+                    return batch, end
+        return None, 0
+
+    def read_leniently(self, tp, batch, error: CorruptRecordError) -> Iterator[ConsumerRecord]:
+        """The records of `batch` from next_fetch_offset on, read leniently."""
+        try:
+            if self.check_crcs and not batch.validate_crc():
+                raise error
+            batch._maybe_uncompress()
+            batch._buffer = LenientBuffer(batch._buffer)
+            for record in batch:
+                if record.offset >= self.next_fetch_offset:
+                    yield lenient_record(tp, self.leader_epoch, record)
+                    self.next_fetch_offset = record.offset + 1
+        except Exception as unreadable:  # whatever the client raises on bytes it cannot read
+            reason = f"kafka-python cannot read it ({type(unreadable).__name__}: {unreadable})"
+            for offset in range(self.next_fetch_offset, batch.next_offset):
+                yield UndecodableRecord(tp.topic, tp.partition, self.leader_epoch, offset, -1, 0, None, None, [], None,
+                                        -1, -1, -1, reason)
+
+
+def lenient(consumer: KafkaConsumer) -> KafkaConsumer:
+    """`consumer` reading records it cannot decode as UndecodableRecord (LenientPartitionRecords)."""
+    consumer._fetcher.PartitionRecords = LenientPartitionRecords
+    return consumer
+
+
 def connect_consumer(settings: KernelSettings, tls: TlsFiles | None, stop: StopSignal) -> KafkaConsumer | None:
     """Create the consumer once a bootstrap server accepts a connection made as the consumer's are,
     retrying until KAFKA_BOOTSTRAP_TIMEOUT_MS; None if a stop was requested. Refused credentials and
@@ -1529,7 +1641,7 @@ def connect_consumer(settings: KernelSettings, tls: TlsFiles | None, stop: StopS
             for server in settings.bootstrap_servers:
                 failure = probe_connection(config, server, timeout_s=PROBE_TIMEOUT_S)
                 if failure is None:
-                    return with_coordinator_backoff(KafkaConsumer(**config))
+                    return lenient(with_coordinator_backoff(KafkaConsumer(**config)))
                 failures.append(failure)
         except NoBrokersAvailable:
             failures.append(("network", "the consumer found no broker"))
@@ -1559,6 +1671,7 @@ def connect_consumer(settings: KernelSettings, tls: TlsFiles | None, stop: StopS
 # What no retry can deliver: a message larger than the producer's limit (KAFKA_FETCH_MAX_BYTES) or the
 # topic's (its max.message.bytes, about 1 MB by default on Apache Kafka).
 SIZE_ERRORS = (kafka.errors.MessageSizeTooLargeError, kafka.errors.RecordListTooLargeError)
+DROPPABLE = ("value", "key")  # what a dead letter too large goes without, in turn
 
 
 def producible_headers(headers: list) -> list[tuple[str, bytes]]:
@@ -1683,48 +1796,54 @@ class DeadLetterTopic:
         self.health = health or HealthState(settings)  # /readyz says so while dead letters cannot be published
         self.tracing = tracing  # publishes each dead letter in a span of its message's trace, when set
 
-    def publish(self, records: list, attempts: int, reason: str, exception: str) -> int:
+    def publish(self, records: list, attempts: int, reason: str, exception: str) -> tuple[int, KafkaError | None]:
         """Publish `records` (all sent before any confirmation is awaited, so a batch's take one round
-        trip) and wait for the broker to confirm them (acks=all); how many, from the first, it did. One
-        too large for the producer or the topic goes without its value, which stays in its own topic."""
+        trip) and wait for the broker to confirm them (acks=all); how many, from the first, it did, and
+        why not the next. One too large for the producer or the topic goes without its value, and if
+        still too large without its key too: both stay in its own topic."""
         futures = [self.send(record, attempts, reason, exception) for record in records]
         deadline_s = time.monotonic() + self.producer.timeout_s
         for published, (record, future) in enumerate(zip(records, futures, strict=True)):
             error = delivery_error(future, max(0.0, deadline_s - time.monotonic()))
-            dropped = ""
-            if isinstance(error, SIZE_ERRORS):
-                future = self.send(record, attempts, reason, exception, without_value=True)
+            dropped = ()
+            while isinstance(error, SIZE_ERRORS) and len(dropped) < len(DROPPABLE):
+                dropped = DROPPABLE[:len(dropped) + 1]
+                future = self.send(record, attempts, reason, exception, without=dropped)
                 error = delivery_error(future, self.producer.timeout_s)
-                dropped = (f" (without its value of {describe_size(record.value)}, too large for the dead-letter "
-                           f"topic: {coordinates(record)} still holds it)")
             if error is not None:
                 kernel_log.warning("Could not publish %s to the dead-letter topic %s (%r); it stays uncommitted and "
                                    "is retried", coordinates(record), self.topic, error,
                                    extra=log_fields(record) | REPEATING)
                 self.health.dead_letter_trouble = f"dead letters cannot be published to {self.topic}: {error!r}"
                 self.metrics.dead_letter_failures.inc()
-                return published
+                return published, error
             self.health.dead_letter_trouble = None
             self.metrics.dead_lettered.labels(record.topic).inc()
-            kernel_log.error("Dead-lettered %s to %s%s: %s", coordinates(record), self.topic, dropped, reason,
-                             extra=log_fields(record))
-        return len(records)
+            without = " and ".join(f"its {part} of {describe_size(getattr(record, part))}" for part in dropped)
+            kernel_log.error("Dead-lettered %s to %s%s: %s", coordinates(record), self.topic,
+                             f" (without {without}, too large for the dead-letter topic: {coordinates(record)} still "
+                             "holds it)" if dropped else "", reason, extra=log_fields(record))
+        return len(records), None
 
-    def send(self, record, attempts: int, reason: str, exception: str, without_value: bool = False) -> Future:
-        """Send the record with its origin and the reason (without its value, marked so in a header,
-        when that is too large). What the producer cannot send as it is is adapted: a null header value
-        is sent empty, a record with neither key nor value gets an empty value. Whatever else goes wrong
-        shows in the future: the message stays put, named, rather than crash-loop the kernel."""
+    def send(self, record, attempts: int, reason: str, exception: str, without: tuple[str, ...] = ()) -> Future:
+        """Send the record with its origin and the reason (without its value, or key, when too large:
+        header kernel-value-dropped or kernel-key-dropped gives its size). What the producer cannot send
+        as it is is adapted: a null header value is sent empty, a record with neither key nor value gets
+        an empty value. Whatever else goes wrong shows in the future: the message stays put, named,
+        rather than crash-loop the kernel."""
         headers = producible_headers(record.headers) + dead_letter_headers(record, attempts, self.group_id,
                                                                            exception, reason, self.kernel_name)
-        value = b"" if record.key is None and record.value is None else record.value
-        if without_value:
-            headers.append(("kernel-value-dropped", str(len(record.value or b"")).encode()))
+        key, value = record.key, b"" if record.key is None and record.value is None else record.value
+        for part in without:
+            headers.append((f"kernel-{part}-dropped", str(len(getattr(record, part) or b"")).encode()))
+        if "value" in without:
             value = b""
+        if "key" in without:
+            key = None
         try:
             with (self.tracing.dead_letter_span(record, self.topic, attempts, reason) if self.tracing
                   else contextlib.nullcontext()):
-                return self.producer.send(self.topic, record.key, value, headers)
+                return self.producer.send(self.topic, key, value, headers)
         except Exception as unexpected:
             return kafka.future.Future().failure(unexpected)
 
@@ -1759,6 +1878,7 @@ class TaskFailure:
     reason: str
     error: BaseException | None = None  # what stops the kernel, for Consequence.FATAL
     batch: int | None = None  # process_batch: how many records from the failed one go together
+    exception: str = "DeadLetter"  # for Consequence.DEAD_LETTER: what the dead letter says it was
 
 
 @dataclasses.dataclass(eq=False, slots=True)
@@ -1822,6 +1942,11 @@ def failure_raised(record, error: BaseException) -> TaskFailure:
     if isinstance(error, DeadLetter):
         return TaskFailure(Consequence.DEAD_LETTER, str(error) or "process_message raised DeadLetter")
     raise MessageFailed("process_message", [record]) from error
+
+
+def undecodable(record: UndecodableRecord, batch: int | None = None) -> TaskFailure:
+    """A record the client could not decode: dead-lettered, never handed to the handler."""
+    return TaskFailure(Consequence.DEAD_LETTER, record.undecodable, batch=batch, exception="CorruptRecordError")
 
 
 def failure_returned(record, result) -> TaskFailure:
@@ -1927,6 +2052,9 @@ def process_task(task: LaneTask, handler: Callable, stop: StopSignal, producer: 
             if task.cancelled or stop.requested:
                 return
             task.started_s = monotonic()
+            if type(record) is UndecodableRecord:
+                task.failure = undecodable(record)
+                return
             try:
                 result = handler(record)
             except BaseException as error:
@@ -1975,19 +2103,25 @@ def process_batch_task(task: LaneTask, handler: Callable, stop: StopSignal, prod
     if task.cancelled or stop.requested:
         return
     task.started_s = time.monotonic()
+    # A record the client could not decode ends the batch before it; alone, it is dead-lettered.
+    records = next((task.records[:i] for i, record in enumerate(task.records) if type(record) is UndecodableRecord),
+                   task.records)
+    if not records:
+        task.failure = undecodable(task.records[0], batch=1)
+        return
     try:
-        outcome = process_as_batch(handler, task.records, producer)
+        outcome = process_as_batch(handler, records, producer)
     finally:
         if metrics is not None:
             HandlerTallies.count_call(metrics.calls.tally(task.partition.topic), time.monotonic() - task.started_s)
     error = first_delivery_error(outcome.sends, producer.timeout_s if producer else 0)
     if error is not None:
-        undelivered(task, task.records, error, "process_batch", len(task.records))
+        undelivered(task, records, error, "process_batch", len(records))
         return
     task.finished, task.failure = outcome.done, outcome.failure
     if metrics is not None:
         metrics.calls.tally(task.partition.topic)[HandlerTallies.PROCESSED] += outcome.done
-        metrics.batch_sizes.labels(task.partition.topic).observe(len(task.records))
+        metrics.batch_sizes.labels(task.partition.topic).observe(len(records))
 
 
 class WorkerPool:
@@ -2374,6 +2508,7 @@ class FailurePolicy:
     def __init__(self, settings: KernelSettings, ledger: Ledger, dead_letters: DeadLetterTopic | None,
                  metrics: KernelMetrics):
         self.retry = settings.retry
+        self.group_id = settings.group_id
         self.ledger = ledger
         self.dead_letters = dead_letters
         self.metrics = metrics
@@ -2389,20 +2524,28 @@ class FailurePolicy:
         if dead:
             if self.dead_letters is None:
                 others = f" (and the other {len(failed) - 1} messages of its batch)" if len(failed) > 1 else ""
-                raise NoDeadLetterTopic(failed[0], reason + others)
-            exception = "DeadLetter" if failure.consequence is Consequence.DEAD_LETTER else "RetriesExhausted"
-            published = self.dead_letters.publish(failed, attempts, reason, exception)
+                raise NoDeadLetterTopic(failed[0], reason + others, self.way_on(failed[0]))
+            exception = failure.exception if failure.consequence is Consequence.DEAD_LETTER else "RetriesExhausted"
+            published, error = self.dead_letters.publish(failed, attempts, reason, exception)
             for _ in range(published):
                 self.ledger.pass_first(lane)
             if published == len(failed):
                 return
-            failed, reason = failed[published:], "the dead-letter topic could not be reached"
+            failed, reason = failed[published:], f"it could not be dead-lettered ({error!r})"
         self.metrics.retried.labels(failed[0].topic).inc(len(failed))
         delay_s = self.retry.delay_s(attempts)
         batch = None if failure.batch is None else len(failed)  # with process_batch: what is tried again together
         self.ledger.retry_later(lane, attempts, time.monotonic() + delay_s, batch)
         kernel_log.warning("%s for %s (attempt %d); retrying in %.1f s", reason, batch_coordinates(failed), attempts,
                            delay_s, extra=log_fields(failed[0]))
+
+    def way_on(self, record) -> str:
+        """For a record the client cannot decode, which no restart mends: how to go on without it."""
+        if type(record) is not UndecodableRecord:
+            return ""
+        return (f". To go on, set KERNEL_DEAD_LETTER_TOPIC, or skip it: with every kernel of the group stopped, "
+                f"kafka-consumer-groups.sh --bootstrap-server BROKER --group {self.group_id} --topic "
+                f"{record.topic}:{record.partition} --reset-offsets --to-offset {record.offset + 1} --execute")
 
 
 class Watchdog:
@@ -2549,7 +2692,8 @@ class ConsumerLoop:
             kernel_log.error("%s; it stays uncommitted. Stopping", failure, exc_info=failure.__cause__)
             return EXIT_FATAL
         except NoDeadLetterTopic as undeliverable:
-            kernel_log.error("%s; no KERNEL_DEAD_LETTER_TOPIC is set, so it stays uncommitted. Stopping", undeliverable)
+            kernel_log.error("%s; no KERNEL_DEAD_LETTER_TOPIC is set, so it stays uncommitted. Stopping%s",
+                             undeliverable, undeliverable.way_on)
             return EXIT_NO_DEAD_LETTER_TOPIC
         except kafka.errors.InvalidSessionTimeoutError:
             kernel_log.error("Configuration error: the broker refused KAFKA_SESSION_TIMEOUT_MS (%d): it must lie "
@@ -3067,4 +3211,4 @@ check_your_part(names_of_your_part)
 
 # The machinery's digest as the template shipped it (devtools/stamp_machinery.py writes it): `check` and
 # tests/test_template.py compare it with what is above, from "# End of your kernel" on.
-MACHINERY_SHA256 = "412d965b2df715ba01d752fac7998323e02df3471ccbcfd85581b0a2c0520619"
+MACHINERY_SHA256 = "30a052088943d7cdd0d7468abb4096104276aa38882073b15ec87e300c4bcc42"

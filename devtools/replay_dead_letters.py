@@ -13,9 +13,10 @@ WATCH_S seconds: a replay that comes back already (the cause is not fixed) is re
 again, and the run exits 1. A letter replayed before is replayed again, saying how often it came back.
 A dead letter that went without its value (too large for the dead-letter topic: header
 kernel-value-dropped) is replayed with the value read again from where it came from
-(kafka_dlt-original-topic, -partition, -offset), if the record there is the one the letter names (its
-key, timestamp, size and headers: once a topic is created again its offsets hold other records); if
-it is gone or another, it stops there.
+(kafka_dlt-original-topic, -partition, -offset), and its key too if that was dropped as well
+(kernel-key-dropped), if the record there is the one the letter names (its key, timestamp, size and
+headers: once a topic is created again its offsets hold other records); if it is gone or another, it
+stops there.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def replay(dead_letter_topic: str, to: str | None, dry_run: bool) -> int:
                               f"{headers.get('kafka_dlt-exception-message', b'').decode(errors='replace')[:300]}",
                               file=sys.stderr)
                     continue
-                target, value, trouble = what_to_replay(connection, record, headers, to)
+                target, key, value, trouble = what_to_replay(connection, record, headers, to)
                 if trouble:
                     print(f"{main.coordinates(record)}: {trouble}: stopping", file=sys.stderr)
                     return 1
@@ -75,7 +76,7 @@ def replay(dead_letter_topic: str, to: str | None, dry_run: bool) -> int:
                 kept = [(k, v) for k, v in record.headers or [] if not k.startswith(DEAD_LETTER_HEADER_PREFIXES)]
                 print(f"{main.coordinates(record)} -> {target}" + (f" (back after {before} replay(s))" * (before > 0)))
                 if not dry_run:
-                    sent = producer.send(target, key=record.key, value=value,
+                    sent = producer.send(target, key=key, value=value,
                                          headers=[*kept, (REPLAYS_HEADER, str(before + 1).encode())]).get(timeout=30)
                     replays[sent.topic, sent.partition, sent.offset] = main.coordinates(record)
                     consumer.commit({TopicPartition(record.topic, record.partition):
@@ -92,17 +93,19 @@ def replay(dead_letter_topic: str, to: str | None, dry_run: bool) -> int:
     return 0
 
 
-def what_to_replay(connection: dict, letter, headers: dict, to: str | None) -> tuple[str, bytes | None, str]:
-    """Where the letter goes and the value it takes there, and ""; or what stops the replay at it."""
-    value = letter.value
+def what_to_replay(connection: dict, letter, headers: dict, to: str | None) -> tuple[str, bytes | None,
+                                                                                  bytes | None, str]:
+    """Where the letter goes and the key and value it takes there, and ""; or what stops the replay at it."""
+    key, value = letter.key, letter.value
     if "kernel-value-dropped" in headers:
-        value, trouble = original_value(connection, letter)
+        original, trouble = original_record(connection, letter)
         if trouble:
-            return "", None, f"its value was dropped and {trouble}"
+            return "", None, None, f"its value was dropped and {trouble}"
+        key, value = original.key if "kernel-key-dropped" in headers else key, original.value
     target = to or headers.get("kafka_dlt-original-topic", b"").decode()
     if not target:
-        return "", None, "no kafka_dlt-original-topic header and no --to"
-    return target, value, ""
+        return "", None, None, "no kafka_dlt-original-topic header and no --to"
+    return target, key, value, ""
 
 
 def replay_count(headers: dict) -> int:
@@ -140,9 +143,9 @@ def end_offsets(connection: dict, topic: str) -> dict[TopicPartition, int]:
     return ends
 
 
-def original_value(connection: dict, letter) -> tuple[bytes | None, str]:
-    """The value of the record a dead letter came from, read again at its original coordinates, and "";
-    or None and what is wrong: the record is gone, or its offset holds another one."""
+def original_record(connection: dict, letter) -> tuple:
+    """The record a dead letter came from, read again at its original coordinates, and ""; or None and
+    what is wrong: the record is gone, or its offset holds another one."""
     topic, partition, offset = original_coordinates(dict(letter.headers)) or ("", 0, 0)
     where, tp = f"{topic}[{partition}]@{offset}", TopicPartition(topic, partition)
     reader = KafkaConsumer(**connection, group_id=None, enable_auto_commit=False)
@@ -156,7 +159,7 @@ def original_value(connection: dict, letter) -> tuple[bytes | None, str]:
                     break
                 if differs := difference(letter, records[0]):
                     return None, f"{where} holds another record ({differs} differs: the topic was created again?)"
-                return records[0].value, ""
+                return records[0], ""
         return None, f"{where} is gone (the topic no longer holds it)"
     finally:
         reader.close()
@@ -166,7 +169,10 @@ def difference(letter, record) -> str:
     """What tells `record` from the one `letter` was made of ("" when nothing does): its key, its
     timestamp, its size, its headers (the dead letter kept them, then added its own)."""
     headers = dict(letter.headers)
-    if record.key != letter.key:
+    if "kernel-key-dropped" in headers:
+        if str(len(record.key or b"")).encode() != headers["kernel-key-dropped"]:
+            return "the key"
+    elif record.key != letter.key:
         return "the key"
     if record.timestamp != int.from_bytes(headers.get("kafka_dlt-original-timestamp", b""), "big", signed=True):
         return "the timestamp"

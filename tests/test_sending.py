@@ -113,6 +113,52 @@ def test_what_is_too_large_for_the_topic_is_dead_lettered_without_looping(cluste
     too_large_to_publish(cluster, kernels, tmp_path, "topic")
 
 
+@pytest.mark.brokers("kafka")  # Apache Kafka's default max.message.bytes (1,048,588); Tansu has no limit
+def test_a_key_too_large_for_the_dead_letter_topic_goes_without_it(cluster, kernels, tmp_path):
+    """A key that fits its own topic but not the dead-letter topic with the dead-letter headers: the
+    letter goes without its value and key, saying so, rather than being retried for ever."""
+    source, dlt = cluster.create_topic(1), cluster.create_topic(1)
+    key = b"K" * 1_048_450
+    produced = cluster.produce(source, [(0, key, b"dead"), (0, b"after", b"small")])
+    handler = tmp_path / "size_handler.py"
+    handler.write_text(SIZE_HANDLER.format(repo=kernels.repo))
+    env = kernels.env(source, "sizes-key", KERNEL_DEAD_LETTER_TOPIC=dlt, TEST_OUTPUT_TOPIC=cluster.create_topic(1))
+    kernel = kernels.start(env, script=handler)
+    wait_committed(cluster, kernel, "sizes-key", source, produced, 1, timeout_s=60)
+    assert kernel.stop() == 0, kernel.log()[-3000:]
+
+    [letter] = cluster.read_topic(dlt, 1)
+    headers = dict(letter.headers())
+    assert (letter.key(), letter.value()) == (None, b"")
+    assert headers["kernel-key-dropped"] == b"1048450" and headers["kernel-value-dropped"] == b"4"
+    assert headers["kafka_dlt-exception-message"] == b"too big to handle"
+    assert "retrying in" not in kernel.log(), "nothing looped"
+    assert re.search(r"Dead-lettered \S+\[0\]@0 to \S+ \(without its value of 4 bytes and its key of 1,048,450 bytes",
+                     kernel.log())
+    # The replay reads both again from where they came from.
+    replay_to = cluster.create_topic(1)
+    replayed = subprocess.run([sys.executable, str(REPO / "devtools" / "replay_dead_letters.py"), dlt, "--to", replay_to],
+                              env=env, capture_output=True, text=True, timeout=120)
+    assert replayed.returncode == 0, replayed.stderr
+    assert [(r.key(), r.value()) for r in cluster.read_topic(replay_to, 1)] == [(key, b"dead")]
+
+
+def test_a_dead_letter_too_large_even_without_key_and_value_is_retried_naming_the_true_reason(cluster, kernels, tmp_path):
+    """Headers alone over the producer's limit (KAFKA_FETCH_MAX_BYTES): no part the kernel drops makes it
+    fit, so it stays uncommitted, and the retries say why, not that the topic could not be reached."""
+    source, dlt = cluster.create_topic(1), cluster.create_topic(1)
+    cluster.produce(source, [(0, b"k", b"dead", [("big", b"h" * 40_000)])])
+    handler = tmp_path / "size_handler.py"
+    handler.write_text(SIZE_HANDLER.format(repo=kernels.repo))
+    env = kernels.env(source, "sizes-headers", KERNEL_DEAD_LETTER_TOPIC=dlt, TEST_OUTPUT_TOPIC=cluster.create_topic(1),
+                      KAFKA_FETCH_MAX_BYTES=32_768, KERNEL_RETRY_INITIAL_MS=100, KERNEL_RETRY_MAX_MS=200)
+    kernel = kernels.start(env, script=handler)
+    kernel.wait_for_log(r"it could not be dead-lettered \(MessageSizeTooLargeError.* for \S+\[0\]@0 \(attempt 2\)")
+    assert kernel.stop() == 0, kernel.log()[-3000:]
+    assert "could not be reached" not in kernel.log()
+    assert cluster.committed("sizes-headers", source, 1) == {0: None} and cluster.read_topic(dlt, 1) == []
+
+
 def too_large_to_publish(cluster, kernels, tmp_path, limit: str) -> None:
     small = {"max.message.bytes": "20000"} if limit == "topic" else None
     source, output, dlt = cluster.create_topic(1), cluster.create_topic(1, small), cluster.create_topic(1, small)
