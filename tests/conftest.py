@@ -50,6 +50,11 @@ from tests.oidc import IdentityProvider
 
 REPO = Path(__file__).resolve().parent.parent
 MAIN = REPO / "main.py"
+# No kernel of the tests reads a .env (main.py's KERNEL_DOTENV=none): one beside main.py is meant for a
+# cluster (its address, SASL, certificates) and must not reach them. Set here for every subprocess that
+# inherits the tests' environment, and by kernels.env; a test of .env itself takes it out.
+NO_DOTENV = {"KERNEL_DOTENV": "none"}
+os.environ.update(NO_DOTENV)
 # For the tests of the template's own hello-world process_message: once KERNEL_NAME is set, main.py is
 # a kernel of its own, and its tests are the ones in tests/test_process_message.py.
 hello_world = pytest.mark.skipif(
@@ -577,6 +582,7 @@ def kernels(cluster, pki, tmp_path):
                 TMPDIR=str(tmpdir),  # where the kernel puts its certificate directory
                 TEST_RECORD_PATH=str(self.record_path),
                 PYTHONUNBUFFERED="1",
+                **NO_DOTENV,
             )
             if tls:
                 env.update(pki.env)
