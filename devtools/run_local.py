@@ -2,9 +2,11 @@
 
 Starts Tansu on a free port, creates the kernel's topic(s) and a dead-letter topic beside the first,
 produces sample messages (or yours) and runs `python main.py` against it, configured only through
-environment variables, as production runs it. A kernel that raises DeadLetter for a message shows
-it dead-lettered rather than stopping. Ctrl-C stops the kernel gracefully (it commits and leaves its
-group), prints a summary of the run, then stops the broker; a second Ctrl-C stops the kernel at once.
+environment variables, as production runs it: every connection setting is the run's, whatever a .env
+meant for a cluster says (one line names what it overrode); the kernel's other settings pass. A
+kernel that raises DeadLetter for a message shows it dead-lettered rather than stopping. Ctrl-C stops
+the kernel gracefully (it commits and leaves its group), prints a summary of the run, then stops the
+broker; a second Ctrl-C stops the kernel at once.
 """
 
 from __future__ import annotations
@@ -399,10 +401,10 @@ class Runner:
 
     def start_kernel(self, info: KernelInfo) -> KernelProcess:
         self.kernel_runs += 1
-        say(f"starting the kernel '{info.name}' (run {self.kernel_runs}): python main.py")
         settings = run_settings(self.state, self.tls_env, self.http_port, self.metrics_dir)
         if self.kernel_runs == 1 and (line := overridden(settings, dotenv_settings(self.project))):
             say(line)
+        say(f"starting the kernel '{info.name}' (run {self.kernel_runs}): python main.py")
         kernel = KernelProcess(self.project, local_environment(settings))
         self.interrupts.kernel = kernel
         return kernel
