@@ -5,8 +5,9 @@ The first tests need no broker: make_message builds the record the kernel would 
 runs process_message as a worker does, capturing what it send()s and whether it raised DeadLetter.
 Those marked @hello_world test the template's hello-world handler: they are deselected once
 KERNEL_NAME is yours; replace them with tests of your process_message (without the marker).
-The last one holds for any kernel: it runs the real `python main.py` against the embedded broker over
-mutual TLS, the way the kernel will run in production, with your sample messages.
+The last two hold for any kernel: its name and default topic make valid settings, and the real
+`python main.py` runs against the embedded broker over mutual TLS, the way the kernel will run in
+production, with your sample messages.
 """
 
 import logging
@@ -16,7 +17,7 @@ import pytest
 
 import main
 from devtools.messages import read_messages
-from tests.conftest import MAIN, REPO, hello_world, wait_until
+from tests.conftest import MAIN, REPO, hello_world, settings_from, wait_until
 from tests.kit import call, make_message
 
 SAMPLE_MESSAGES = REPO / "devtools" / "sample_messages.jsonl"  # yours: run_local.py --messages takes them too
@@ -41,6 +42,14 @@ def test_a_long_value_is_shortened_in_the_log(caplog):
     with caplog.at_level(logging.INFO, logger=main.KERNEL_NAME):
         call(make_message("x" * 5000))
     assert "... (5000 characters)" in caplog.text and "x" * 201 not in caplog.text
+
+
+def test_your_kernel_runs_under_its_name_and_default_topic():
+    """Without a broker: the settings your KERNEL_NAME and DEFAULT_TOPIC give (a topic name with a space,
+    say, would stop the kernel at start with exit 2; the end-to-end test below names its own topic)."""
+    settings = settings_from({"KAFKA_BOOTSTRAP_SERVERS": "localhost:9092"})
+    assert settings.topics == [t.strip() for t in main.DEFAULT_TOPIC.split(",")]
+    assert settings.group_id == f"{main.KERNEL_NAME}-group"
 
 
 def test_your_kernel_end_to_end(cluster, kernels):
