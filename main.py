@@ -61,8 +61,9 @@ DEFAULT_TOPIC = "clustera-hello-world"
 
 log = logging.getLogger(KERNEL_NAME)
 
-# process_message can use DeadLetter, send(), json_object(), message_id(), coordinates() and
-# describe_bytes(): the machinery defines them below ("What process_message can use").
+# process_message can use DeadLetter, send(), json_object(), coordinates(), message_id(),
+# batch_coordinates(), describe_bytes() and describe_timestamp(): the machinery defines them below
+# ("What process_message can use").
 
 
 def process_message(message) -> bool:
@@ -187,23 +188,6 @@ def send(topic: str, value: bytes | None, key: bytes | None = None,
     sends.append(current_call.producer.send(topic, key, value, producible_headers(headers) if headers else []))
 
 
-def producible_headers(headers: list) -> list[tuple[str, bytes]]:
-    """Headers as kafka-python's producer takes them: (str, bytes) pairs. A null value, which Kafka
-    allows (and message.headers can hold) but the producer refuses, is sent empty; anything else
-    that is not a header raises TypeError saying which."""
-    producible = []
-    for header in headers:
-        if not (isinstance(header, tuple | list) and len(header) == 2 and isinstance(header[0], str)):
-            raise TypeError(f"a header must be a (str, bytes) pair, got {header!r:.100}")
-        name, value = header
-        if value is None or isinstance(value, bytearray | memoryview):
-            value = bytes(value or b"")
-        elif not isinstance(value, bytes):
-            raise TypeError(f"header {name!r} must have a bytes value (or None), got {type(value).__name__}")
-        producible.append((name, value))
-    return producible
-
-
 def json_object(message, max_bytes: int = 1_048_576, required: tuple[str, ...] = ()) -> dict:
     """The message's value as a JSON object whose `required` fields are non-empty strings;
     DeadLetter saying what is wrong when it is not one (no value, empty, over `max_bytes`, not
@@ -268,6 +252,7 @@ def describe_bytes(data: bytes | None, limit: int = 200) -> str:
 
 
 def describe_timestamp(timestamp_ms: int | None) -> str:
+    """A record's timestamp (ms since the epoch) for a log line, in ISO 8601 UTC; "none" when it has none."""
     if timestamp_ms is None or timestamp_ms < 0:
         return "none"
     return dt.datetime.fromtimestamp(timestamp_ms / 1000, dt.UTC).isoformat(timespec="milliseconds")
@@ -802,6 +787,9 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+QUIET_LIBRARIES = ("kafka", "httpx", "httpcore", "anthropic", "psycopg", "urllib3", "opentelemetry")
+
+
 def configure_logging(kernel_name: str) -> None:
     """Plain lines at INFO to stderr, until the settings say otherwise (apply_log_settings)."""
     handler = logging.StreamHandler()
@@ -818,8 +806,11 @@ def apply_log_settings(settings: KernelSettings) -> None:
     formatter = (JsonFormatter if settings.log_format == "json" else PlainFormatter)(settings.kernel_name)
     for handler in root.handlers:
         handler.setFormatter(formatter)
-    # The client logs every connection step at INFO; its warnings and errors still show.
-    logging.getLogger("kafka").setLevel(max(logging.WARNING, logging.getLevelName(settings.log_level)))
+    # The Kafka client logs every connection step at INFO, and the libraries of the extras each request
+    # (httpx a line per call): their warnings and errors still show, the rest with LOG_LEVEL=DEBUG.
+    level = logging.getLevelName(settings.log_level)
+    for library in QUIET_LIBRARIES:
+        logging.getLogger(library).setLevel(level if level == logging.DEBUG else max(logging.WARNING, level))
 
 
 # Signals
@@ -1564,6 +1555,23 @@ def connect_consumer(settings: KernelSettings, tls: TlsFiles | None, stop: StopS
 # What no retry can deliver: a message larger than the producer's limit (KAFKA_FETCH_MAX_BYTES) or the
 # topic's (its max.message.bytes, about 1 MB by default on Apache Kafka).
 SIZE_ERRORS = (kafka.errors.MessageSizeTooLargeError, kafka.errors.RecordListTooLargeError)
+
+
+def producible_headers(headers: list) -> list[tuple[str, bytes]]:
+    """Headers as kafka-python's producer takes them: (str, bytes) pairs. A null value, which Kafka
+    allows (and message.headers can hold) but the producer refuses, is sent empty; anything else
+    that is not a header raises TypeError saying which."""
+    producible = []
+    for header in headers:
+        if not (isinstance(header, tuple | list) and len(header) == 2 and isinstance(header[0], str)):
+            raise TypeError(f"a header must be a (str, bytes) pair, got {header!r:.100}")
+        name, value = header
+        if value is None or isinstance(value, bytearray | memoryview):
+            value = bytes(value or b"")
+        elif not isinstance(value, bytes):
+            raise TypeError(f"header {name!r} must have a bytes value (or None), got {type(value).__name__}")
+        producible.append((name, value))
+    return producible
 
 
 def describe_size(data: bytes | None) -> str:
@@ -2907,12 +2915,33 @@ def check_broker(settings: KernelSettings, tls: TlsFiles | None, report: CheckRe
         consumer.close(autocommit=False)
 
 
+MACHINERY_STAMP = "MACHINERY_SHA256 = "  # how the last line of this file begins
+
+
+def machinery_digest(text: str) -> str:
+    """SHA-256 of the machinery in main.py's `text`: from the line "# End of your kernel" to the stamp line."""
+    machinery = text.replace("\r\n", "\n").split("\n# End of your kernel", 1)[1].split(f"\n{MACHINERY_STAMP}", 1)[0]
+    return hashlib.sha256(machinery.encode()).hexdigest()
+
+
+def machinery_report(path: str = __file__) -> tuple[str, str]:
+    """Whether the machinery is as the template shipped it (the stamp at the end of the file says what
+    it was), so that an edit meant for your part that reached it (a whole-file search and replace) shows."""
+    with open(path, encoding="utf-8") as file:
+        text = file.read()
+    if f'\n{MACHINERY_STAMP}"{machinery_digest(text)}"' in text:
+        return "ok", "machinery: as the template shipped it (below '# End of your kernel')"
+    return "warning", ("machinery: main.py below '# End of your kernel' is not as the template shipped it; "
+                       "`git diff template/main -- main.py` shows how (README.md, \"Taking template updates\")")
+
+
 def check_deployment(env: Mapping[str, str], kernel_name: str, default_topic: str,
                      dotenv_path: str | None = None) -> int:
     """Validate settings (after reading the .env at `dotenv_path` into the environment), certificates and
     the connection, consuming nothing. Exit code 0 when nothing is wrong, 1 when something is, 2 for a
     configuration error."""
     report = CheckReport()
+    report.say(*machinery_report())
     try:
         if dotenv_path is not None:
             read_dotenv(dotenv_path)
@@ -3028,3 +3057,6 @@ def check_your_part(names: dict | None) -> None:
 
 
 check_your_part(names_of_your_part)
+# The machinery's digest as the template shipped it (devtools/stamp_machinery.py writes it): `check` and
+# tests/test_template.py compare it with what is above, from "# End of your kernel" on.
+MACHINERY_SHA256 = "3fe32746182186a3dfeee6162e001755b94d1cd79e514dd68d02af8ca8fc2fa2"

@@ -10,8 +10,10 @@ is. Then: `uv sync --extra ...` for the example's packages, set its variables, a
 from __future__ import annotations
 
 import argparse
+import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -26,6 +28,14 @@ def kernel_code(example: str) -> str:
     body = text.split('"""', 2)[2].split(MAIN_BLOCK)[0]
     lines = [line for line in body.splitlines() if not line.startswith("from main import")]
     return "\n".join(lines).strip() + "\n"
+
+
+def extras_needed(example: str) -> list[str]:
+    """The extras of pyproject.toml whose packages the example imports (database for psycopg, say)."""
+    imported = set(re.findall(r"^\s*(?:import|from)\s+(\w+)", (EXAMPLES / f"{example}.py").read_text(), re.M))
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    return [extra for extra, packages in extras.items()
+            if any(re.match(r"[\w-]+", package).group(0).replace("-", "_") in imported for package in packages)]
 
 
 def your_part(lines: list[str], main_path: Path) -> tuple[int, int]:
@@ -53,7 +63,10 @@ def main() -> int:
     parser.add_argument("--main", type=Path, default=REPO / "main.py", help="the file to change (default: main.py)")
     args = parser.parse_args()
     adopt(args.example, args.main)
-    print(f"{args.main}: now the {args.example} kernel. Next: README.md, 'Example kernels'.")
+    print(f"{args.main}: now the {args.example} kernel.")
+    if extras := " ".join(f"--extra {extra}" for extra in extras_needed(args.example)):
+        print(f"It needs {extras}: uv sync {extras}; build the image with --build-arg EXTRAS=\"{extras}\".")
+    print("Next: set its variables, move its tests (README.md, 'Example kernels').")
     return 0
 
 

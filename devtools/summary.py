@@ -12,7 +12,7 @@ from kafka import KafkaConsumer, TopicPartition
 from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 
-# The kernel's Prometheus counters (README, "Operations"), by the word the summary uses.
+# The kernel's Prometheus counters (docs/reference.md, "Operations"), by the word the summary uses.
 COUNTERS = {
     "processed": "kernel_messages_processed_total",
     "retried": "kernel_messages_retried_total",

@@ -73,7 +73,7 @@ def imports(python: Path, app: Path) -> subprocess.CompletedProcess:
 def test_the_image_installs_what_main_py_imports(tmp_path):
     """The dev group (the tests' and the examples' packages) is not in the image: a package main.py
     imports that only the dev group provides passes every local run and fails in production. Add it
-    with `uv add PACKAGE` (README.md, "Packages")."""
+    with `uv add PACKAGE` (docs/configuration.md, "Packages and extras")."""
     python, app = image_environment(tmp_path)
     result = imports(python, app)
     missing = re.findall(r"No module named '([\w.]+)'", result.stderr)

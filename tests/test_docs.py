@@ -1,4 +1,5 @@
-"""README.md, CLAUDE.md and .env.template name every setting main.py reads, with the same defaults."""
+"""docs/configuration.md, CLAUDE.md and .env.template name every setting main.py reads, with the same defaults;
+README.md leads a newcomer in at most 300 lines, and the docs' links and lists agree with what exists."""
 
 import re
 
@@ -9,18 +10,18 @@ VARIABLES = sorted(set(re.findall(r'"((?:KAFKA|KERNEL)_[A-Z_]+|LOG_[A-Z]+|PORT)"
 
 def test_every_setting_is_documented():
     assert "KAFKA_BOOTSTRAP_SERVERS" in VARIABLES and len(VARIABLES) >= 15
-    for document in ("README.md", "CLAUDE.md", ".env.template"):
+    for document in ("docs/configuration.md", "CLAUDE.md", ".env.template"):
         text = (REPO / document).read_text()
         missing = [name for name in VARIABLES if name not in text]
         assert not missing, f"{document} does not mention {missing}"
 
 
 def test_documented_defaults_are_the_real_ones():
-    readme = (REPO / "README.md").read_text()
+    table = (REPO / "docs/configuration.md").read_text()
     template_defaults = dict(re.findall(r"^#((?:KAFKA|KERNEL)_[A-Z_]+|LOG_[A-Z]+)=(\S+)$", (REPO / ".env.template").read_text(), re.M))
     settings = settings_from({"KAFKA_BOOTSTRAP_SERVERS": "a:1"})
     for name, default in template_defaults.items():
-        assert f"| `{name}` | `{default}` |" in readme, f"README and .env.template disagree on {name}"
+        assert f"| `{name}` | `{default}` |" in table, f"docs/configuration.md and .env.template disagree on {name}"
         assert settings_from({"KAFKA_BOOTSTRAP_SERVERS": "a:1", name: default}) == settings, (
             f"{name}={default} is documented as the default but changes the settings"
         )
@@ -33,8 +34,54 @@ def anchors(path) -> set[str]:
 
 
 def test_links_to_sections_point_at_headings_that_exist():
-    for document in ("README.md", "docs/reference.md", "CLAUDE.md"):
-        path = REPO / document
-        for target, anchor in re.findall(r"\]\(([\w./-]*)#([\w-]+)\)", path.read_text()):
+    for path in [REPO / "README.md", REPO / "CLAUDE.md", *(REPO / "docs").glob("*.md")]:
+        document = path.relative_to(REPO)
+        for target, anchor in re.findall(r"\]\(([\w./-]*\.md|)(?:#([\w-]+))?\)", path.read_text()):
             linked = (path.parent / target).resolve() if target else path
-            assert anchor in anchors(linked), f"{document} links to {target}#{anchor}, which is not a heading"
+            assert linked.exists(), f"{document} links to {target}, which does not exist"
+            assert not anchor or anchor in anchors(linked), f"{document} links to {target}#{anchor}, not a heading"
+
+
+def test_the_readme_leads_in_at_most_300_lines():
+    readme = (REPO / "README.md").read_text()
+    assert readme.count("\n") <= 300
+    headings = re.findall(r"^## (.+)$", readme, re.M)
+    path = ["Quick start", "Write your kernel", "Test your kernel", "Configure for your cluster", "Deploy",
+            "Taking template updates"]
+    assert [heading for heading in headings if heading in path] == path, headings
+
+
+def test_what_process_message_can_use_is_listed_alike_everywhere():
+    """The public names of main.py's section "What process_message can use" are the ones the comment in
+    your part, docs/reference.md's layout table and CLAUDE.md name; README's section references exist."""
+    import ast
+
+    source = (REPO / "main.py").read_text()
+    section = source.split("\n# What process_message can use\n", 1)[1].split("\n# How the kernel stops", 1)[0]
+    public = [node.name for node in ast.parse(section).body
+              if isinstance(node, ast.FunctionDef | ast.ClassDef) and not node.name.startswith("_")]
+    assert {"DeadLetter", "send", "json_object", "message_id", "describe_timestamp"} <= set(public)
+    names = [name if name[0].isupper() else f"{name}()" for name in public]
+    comment = re.search(r"# process_message can use (.+?): the machinery", source, re.S).group(1)
+    assert re.findall(r"\w+\(\)|[A-Z]\w+", comment) == names, "the comment in your part of main.py"
+    row = re.search(r"^\| What process_message can use \| (.+) \|$", (REPO / "docs/reference.md").read_text(), re.M)
+    assert re.findall(r"`(\w+(?:\(\))?)`", row.group(1)) == names, "docs/reference.md's table of sections"
+    claude = (REPO / "CLAUDE.md").read_text()
+    assert not [name for name in public if not re.search(rf"[`.]{name}\b", claude)], "CLAUDE.md"
+
+
+def test_claude_md_names_what_exists():
+    import prometheus_client  # whose Counter, Gauge and Histogram CLAUDE.md tells a kernel to use
+
+    claude = (REPO / "CLAUDE.md").read_text()
+    readme_headings = set(re.findall(r"^#+ (.+)$", (REPO / "README.md").read_text(), re.M))
+    for section in re.findall(r'README(?:\.md)?, "([^"]+)"', claude):
+        section = " ".join(section.split())
+        assert section in readme_headings, f'CLAUDE.md points at the README section "{section}", which does not exist'
+    source = (REPO / "main.py").read_text()
+    for name in set(re.findall(r"`([A-Z]\w+|[a-z_]+\(\))`", claude)):
+        bare = name.rstrip("()")
+        if bare.isupper() or bare[0].isupper() and "_" in bare:  # a setting: test_every_setting_is_documented
+            continue
+        assert re.search(rf"^(?:class|def) {bare}\b|^{bare} = ", source, re.M) or hasattr(prometheus_client, bare), (
+            f"CLAUDE.md names {name}, which main.py does not define")

@@ -490,3 +490,16 @@ def test_a_malformed_database_url_is_fatal_and_never_shows_the_password(monkeypa
         call(message, handler) if example is memory else call_batch([message], handler)
     assert "S3cretPw" not in str(raised.value) and raised.value.__cause__ is None and raised.value.__suppress_context__
     assert "S3cretPw" not in caplog.text
+
+
+@pytest.mark.parametrize("example, extra", [("memory", "database"), ("analytics", "database"), ("notification", "http"),
+                                            ("triage", "ai"), ("transform", None)])
+def test_adopting_an_example_says_which_extra_it_needs(tmp_path, example, extra):
+    main_path = tmp_path / "main.py"
+    main_path.write_text(MAIN.read_text())
+    said = subprocess.run([sys.executable, str(REPO / "devtools" / "adopt_example.py"), example, "--main",
+                           str(main_path)], check=True, capture_output=True, text=True).stdout
+    if extra is None:
+        assert "--extra" not in said, said
+    else:
+        assert f"It needs --extra {extra}: uv sync --extra {extra}" in said, said

@@ -1,8 +1,8 @@
 """deploy/kubernetes: valid for Kubernetes and for KEDA, and true to main.py. The variables the
 manifests set are ones the kernel reads (and their values load), the probes ask the kernel's paths on
 its port, the grace period covers its shutdown, the memory fits its buffer, and KEDA measures the
-group, topic and brokers the kernel uses. Offline: no cluster, no broker (README.md, "Run many
-replicas", says what was and was not run)."""
+group, topic and brokers the kernel uses. Offline: no cluster, no broker (docs/replicas.md says what
+was and was not run)."""
 
 from __future__ import annotations
 

@@ -87,3 +87,18 @@ def test_a_stop_while_the_broker_is_down_says_what_was_not_committed(cluster, ke
     assert found, kernel.log()[-3000:]
     assert int(found.group(1)) >= done + 50
     assert (cluster.committed("stop-in-outage", topic, 1)[0] or 0) < int(found.group(1))
+
+
+def test_the_libraries_of_the_extras_log_warnings_only_unless_debug(monkeypatch):
+    libraries = ("kafka", "httpx", "httpcore", "anthropic", "psycopg", "urllib3", "opentelemetry.sdk.trace")
+    monkeypatch.setattr(logging.getLogger(), "level", logging.getLogger().level)  # restored after the test
+    for name in libraries:
+        monkeypatch.setattr(logging.getLogger(name.split(".")[0]), "level", logging.NOTSET)
+    env = {"KAFKA_BOOTSTRAP_SERVERS": "localhost:9092"}
+    main.apply_log_settings(main.load_settings(env, "a-kernel", "a-topic"))
+    assert {name: logging.getLogger(name).getEffectiveLevel() for name in libraries} == dict.fromkeys(
+        libraries, logging.WARNING)
+    assert logging.getLogger("a-kernel").getEffectiveLevel() == logging.INFO
+    main.apply_log_settings(main.load_settings(env | {"LOG_LEVEL": "DEBUG"}, "a-kernel", "a-topic"))
+    assert {name: logging.getLogger(name).getEffectiveLevel() for name in libraries} == dict.fromkeys(
+        libraries, logging.DEBUG)

@@ -33,7 +33,7 @@ def test_rebalances_lose_nothing(cluster, kernels):
     repeats = sum(n - 1 for n in attempts.values())
     print(f"two rebalances: 2000 produced, {repeats} repeated, 0 lost")
     # Finished work is committed before a partition moves, so a clean hand-over repeats nothing
-    # but what the broker's group coordinator may redeliver around a rebalance (README, "About the
+    # but what the broker's group coordinator may redeliver around a rebalance (docs/reference.md, "About the
     # Kafka client").
     assert repeats <= 2 * MAX_POLL_RECORDS
     assert cluster.committed("rebalance", topic, 4) == {p: produced[p] for p in range(4)}

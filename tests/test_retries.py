@@ -1,6 +1,6 @@
 """False means "try again": the message is retried with backoff, nothing after it in its partition
 goes first, other partitions go on, and the partition delivers again once its wait ends even when
-every other partition is idle (the kafka-python 3.0.12 pause defect: README, "About the Kafka client")."""
+every other partition is idle (the kafka-python 3.0.12 pause defect: docs/reference.md, "About the Kafka client")."""
 
 import signal
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+import main
+from devtools.stamp_machinery import stamped
 from tests.conftest import MAIN, copy_repository, wait_committed
 
 START, END = "# Your kernel", "# End of your kernel"
@@ -227,7 +229,7 @@ def test_template_updates_merge_into_a_kernel(tmp_path, history):
     mine = your_part(main_path.read_text())
 
     template_main = template / "main.py"
-    template_main.write_text(change_the_machinery(template_main.read_text()))
+    template_main.write_text(stamped(change_the_machinery(template_main.read_text())))  # as a template developer does
     git("commit", "-q", "-am", "Machinery: a change", cwd=template)
 
     git("fetch", "-q", "template", cwd=kernel)
@@ -239,6 +241,7 @@ def test_template_updates_merge_into_a_kernel(tmp_path, history):
     assert your_part(merged) == mine, "the author's part changed in the merge"
     assert merged.split(f"\n{END}", 1)[1] == template_main.read_text().split(f"\n{END}", 1)[1], (
         "the machinery is not the template's new one")
+    assert main.machinery_report(str(main_path))[0] == "ok", "the merged machinery is not the one the template stamped"
     assert '"httpx>=0.27"' in pyproject.read_text()
     # The merged pyproject.toml and uv.lock agree (a comparison of the two: no index, no cache needed).
     check = run([uv, "lock", "--check", "--offline"], kernel)
@@ -248,3 +251,21 @@ def test_template_updates_merge_into_a_kernel(tmp_path, history):
     assert tests.returncode == 0, tests.stdout[-3000:]
     imported = run([sys.executable, "-c", "import main; print(main.template_version(), main.KERNEL_NAME)"], kernel)
     assert imported.stdout.strip() == "(2, 0) orders-kernel", imported.stderr
+
+
+def test_the_machinery_is_as_the_template_shipped_it():
+    """main.py below "# End of your kernel" is what its stamp says. Fails after an edit of the machinery:
+    in a kernel, one its author may not have meant (see `git diff template/main -- main.py`); in the
+    template itself, one not stamped yet (uv run devtools/stamp_machinery.py)."""
+    level, text = main.machinery_report(str(MAIN))
+    assert level == "ok", text
+
+
+def test_an_edit_of_the_machinery_shows_in_check_and_one_of_your_part_does_not(tmp_path):
+    edited = tmp_path / "main.py"
+    original = MAIN.read_text()
+    edited.write_text(replace_your_part(original, RENAMED_PART))
+    assert main.machinery_report(str(edited))[0] == "ok"
+    edited.write_text(original.replace("\nimport ssl\n", "\nimport ssl  # a whole-file sed reached it\n", 1))
+    level, text = main.machinery_report(str(edited))
+    assert level == "warning" and "`git diff template/main -- main.py`" in text
