@@ -173,6 +173,9 @@ def send(topic: str, value: bytes | None, key: bytes | None = None,
     on first use. The message being processed is committed only after the broker has confirmed every
     message its process_message call sent; if one cannot be delivered within KAFKA_PRODUCE_TIMEOUT_MS,
     the message is processed again, as if it had returned False. So outputs are at-least-once too.
+    Broker trouble shows that way, in the confirmation; what no broker could take (a topic name Kafka
+    does not allow, a value that is not bytes) is a bug in the handler, the same at every retry:
+    ValueError or TypeError here, at once, which stops the kernel (exit 1) before this message.
     """
     sends = getattr(current_call, "sends", None)
     if sends is None:
@@ -180,6 +183,9 @@ def send(topic: str, value: bytes | None, key: bytes | None = None,
                            "in a unit test, call process_message through tests/kit.py")
     if not isinstance(topic, str) or not topic:
         raise TypeError(f"send() topic must be a topic name, got {topic!r}")
+    if not is_topic_name(topic):
+        raise ValueError(f"send() topic {topic!r:.80} is not a Kafka topic name (letters, digits, '.', '_' and '-', "
+                         "up to 249)")
     if not (isinstance(value, BYTES_OR_NONE) and isinstance(key, BYTES_OR_NONE)):
         name, data = ("value", value) if not isinstance(value, BYTES_OR_NONE) else ("key", key)
         raise TypeError(f"send() {name} must be bytes or None, got {type(data).__name__}: encode it first")
@@ -530,9 +536,14 @@ def parse_list(env: Mapping[str, str], name: str, default: str | None) -> list[s
     return items
 
 
+def is_topic_name(topic: str) -> bool:
+    """Whether Kafka allows it: up to 249 of a-z, A-Z, 0-9, '.', '_' and '-' (not '.' or '..')."""
+    return re.fullmatch(r"[A-Za-z0-9._-]{1,249}", topic) is not None and topic not in (".", "..")
+
+
 def topic_name(name: str, topic: str) -> str:
     """A topic name as Kafka allows it: up to 249 of a-z, A-Z, 0-9, '.', '_' and '-' (not '.' or '..')."""
-    if not re.fullmatch(r"[A-Za-z0-9._-]{1,249}", topic) or topic in (".", ".."):
+    if not is_topic_name(topic):
         raise ConfigError(f"{name} holds {topic!r:.80}, which is not a Kafka topic name (letters, digits, '.', "
                           "'_' and '-', up to 249; no patterns)")
     return topic
@@ -3059,4 +3070,4 @@ def check_your_part(names: dict | None) -> None:
 check_your_part(names_of_your_part)
 # The machinery's digest as the template shipped it (devtools/stamp_machinery.py writes it): `check` and
 # tests/test_template.py compare it with what is above, from "# End of your kernel" on.
-MACHINERY_SHA256 = "3fe32746182186a3dfeee6162e001755b94d1cd79e514dd68d02af8ca8fc2fa2"
+MACHINERY_SHA256 = "a72edbc4660721929f8df3e5668dfb001a15e5934df41c546322351785b272e0"

@@ -13,9 +13,10 @@ are created if missing, in DATABASE_URL (default postgresql://127.0.0.1:5432/tes
 
 A malformed event is dead-lettered with the reason (the events before it in its batch are stored
 first; those after it come in the next batch). While PostgreSQL is unreachable the batch is retried
-(False). An event PostgreSQL refuses is found by storing the batch's events one at a time, and
-dead-lettered. /metrics (with KERNEL_HTTP_PORT) counts the events stored, and the redelivered ones
-skipped, per topic. Needs `uv sync --extra database`.
+(False); a DATABASE_URL that can never connect (malformed, or sslmode=bogus) stops the kernel (exit
+1) with a line naming it, without its password. An event PostgreSQL refuses is found by storing the
+batch's events one at a time, and dead-lettered. /metrics (with KERNEL_HTTP_PORT) counts the events
+stored, and the redelivered ones skipped, per topic. Needs `uv sync --extra database`.
 
     uv run --extra database python -m examples.analytics
 """
@@ -113,14 +114,23 @@ def store_until_refused(messages, rows: list[tuple]) -> int:
 
 
 def database_url() -> str:
-    """DATABASE_URL, checked first: a malformed one (a password with a raw %, say) never connects, so it
-    is a fault to fix, not an outage to wait out; and psycopg's own message about it quotes the password."""
+    """DATABASE_URL, checked first: a malformed one (a password with a raw %, say, or sslmode=bogus)
+    never connects, so it is a fault to fix, not an outage to wait out; and psycopg's own message about
+    it quotes the password."""
     url = os.environ.get("DATABASE_URL") or "postgresql://127.0.0.1:5432/test"
     try:
-        conninfo_to_dict(url)
+        password = conninfo_to_dict(url).get("password") or ""
     except psycopg.ProgrammingError:
         raise ValueError("DATABASE_URL is not a valid PostgreSQL URL: percent-encode what its user name and "
                          "password hold (% as %25, @ as %40, / as %2F, : as %3A)") from None
+    # libpq checks the options' values (sslmode, target_session_attrs, a port that is no number) only as
+    # it connects, before any network: one it refuses fails every connection, so it is found here.
+    attempt = psycopg.pq.PGconn.connect_start(url.encode())
+    said = attempt.error_message.decode(errors="replace").strip()
+    attempt.finish()  # when they pass, the connection it began is closed at once
+    if said.startswith("invalid "):  # about an option's value; the password masked all the same
+        said = said.replace(password, "***") if password else said
+        raise ValueError(f"DATABASE_URL is not a valid PostgreSQL URL: {said}")
     return url
 
 

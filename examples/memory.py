@@ -6,7 +6,9 @@ redelivered message (after a crash or a rebalance) hits that key and is not stor
 message at an offset used before (the topic created again, a local broker started over) does not.
 The database is DATABASE_URL (default postgresql://127.0.0.1:5432/test). While it is unreachable,
 messages are retried (False); one it refuses (say, text with a NUL character) goes to the dead-letter
-topic. Needs `uv sync --extra database`.
+topic. A DATABASE_URL that can never connect (malformed, or with an option libpq refuses, such as
+sslmode=bogus) is a fault to fix, not an outage: the kernel stops (exit 1) with a line naming it,
+without its password. Needs `uv sync --extra database`.
 
     uv run --extra database python -m examples.memory
 """
@@ -48,14 +50,23 @@ def process_message(message) -> bool:
 
 
 def database_url() -> str:
-    """DATABASE_URL, checked first: a malformed one (a password with a raw %, say) never connects, so it
-    is a fault to fix, not an outage to wait out; and psycopg's own message about it quotes the password."""
+    """DATABASE_URL, checked first: a malformed one (a password with a raw %, say, or sslmode=bogus)
+    never connects, so it is a fault to fix, not an outage to wait out; and psycopg's own message about
+    it quotes the password."""
     url = os.environ.get("DATABASE_URL") or "postgresql://127.0.0.1:5432/test"
     try:
-        conninfo_to_dict(url)
+        password = conninfo_to_dict(url).get("password") or ""
     except psycopg.ProgrammingError:
         raise ValueError("DATABASE_URL is not a valid PostgreSQL URL: percent-encode what its user name and "
                          "password hold (% as %25, @ as %40, / as %2F, : as %3A)") from None
+    # libpq checks the options' values (sslmode, target_session_attrs, a port that is no number) only as
+    # it connects, before any network: one it refuses fails every connection, so it is found here.
+    attempt = psycopg.pq.PGconn.connect_start(url.encode())
+    said = attempt.error_message.decode(errors="replace").strip()
+    attempt.finish()  # when they pass, the connection it began is closed at once
+    if said.startswith("invalid "):  # about an option's value; the password masked all the same
+        said = said.replace(password, "***") if password else said
+        raise ValueError(f"DATABASE_URL is not a valid PostgreSQL URL: {said}")
     return url
 
 

@@ -503,3 +503,17 @@ def test_adopting_an_example_says_which_extra_it_needs(tmp_path, example, extra)
         assert "--extra" not in said, said
     else:
         assert f"It needs --extra {extra}: uv sync --extra {extra}" in said, said
+
+
+@pytest.mark.parametrize("example", [memory, analytics])
+@pytest.mark.parametrize("query, said", [("sslmode=bogus", 'invalid sslmode value: "bogus"'),
+                                         ("target_session_attrs=any-old", "invalid target_session_attrs value")])
+def test_a_database_url_with_an_invalid_option_is_fatal_not_an_outage(monkeypatch, example, query, said):
+    """libpq refuses the option before connecting, every time: a fault to fix, not an outage to retry."""
+    monkeypatch.setenv("DATABASE_URL", f"postgresql://app:S3cretPw@127.0.0.1:{free_port()}/test?{query}")
+    monkeypatch.setattr(example, "shared", None)
+    message = make_message({"user_id": "u-1", "text": "hi", "type": "click", "user": "u-1", "ts": 1})
+    handler = example.process_message if example is memory else example.process_batch
+    with pytest.raises(ValueError, match=f"^DATABASE_URL is not a valid PostgreSQL URL: {said}") as raised:
+        call(message, handler) if example is memory else call_batch([message], handler)
+    assert "S3cretPw" not in str(raised.value)

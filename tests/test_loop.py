@@ -515,6 +515,8 @@ def test_send_refuses_what_is_not_a_topic_or_bytes_saying_which_and_sends_the_re
                                    (("out", {}, "k"), "value must be bytes or None, got dict")]:
             with pytest.raises(TypeError, match=re.escape(refusal)):
                 main.send(*arguments)
+        with pytest.raises(ValueError, match=r"^send\(\) topic 'out put' is not a Kafka topic name \(letters"):
+            main.send("out put", b"v")  # kafka-python's producer would raise it later, less clearly; the kit not at all
         main.send("out", bytearray(b"v"), key=b"k")
         main.send("out", None, headers=[("h", None)])
         assert sends == [("out", b"k", bytearray(b"v"), []), ("out", None, b"", [("h", b"")])]

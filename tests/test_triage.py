@@ -26,7 +26,9 @@ API_KEY = "sk-test-0123456789"
 RETRY_AFTER_S = 1
 PROMPT_TOO_LONG = "prompt is too long: 215000 tokens > 200000 maximum"
 # What the fake API does, by ticket id: [(status, headers, error type, error code), ...] for the first
-# requests of that ticket, then 200. "slow" answers too late once; "drop" closes the connection once.
+# requests of that ticket, then 200. "slow" answers too late once; "drop" closes the connection once;
+# "trickle" answers a byte every 20 ms once (each read in time, the whole far past TRIAGE_TIMEOUT_S);
+# GARBLED answer 200 with a body that is not a message once.
 FAILING = {
     "throttled": [(429, {"retry-after": str(RETRY_AFTER_S)}, "rate_limit_error", None)],
     "overloaded": [(529, {}, "overloaded_error", None)] * 2,
@@ -38,7 +40,13 @@ FAILING = {
     "forbidden": [(403, {}, "permission_error", None)] * 99,
     "over-budget": [(429, {}, "rate_limit_error", "enforced_spend_limit_reached")] * 99,
     "on-hold": [(400, {}, "invalid_request_error", "organization_on_hold")] * 99,
+    "retry-inf": [(429, {"retry-after": "inf"}, "rate_limit_error", None)],
+    "retry-1e400": [(429, {"retry-after": "1e400"}, "rate_limit_error", None)],
+    "retry-1e8": [(529, {"retry-after": "1e8"}, "overloaded_error", None)],
 }
+GARBLED = {"gateway": ("text/html", b"<html><body><h1>502 Bad Gateway</h1></body></html>"),
+           "not-json": ("application/json", b'{"id": "msg_1", "type": "mess'),
+           "a-string": ("application/json", b'"upstream timed out"')}
 
 
 @dataclass
@@ -76,6 +84,11 @@ class ModelApi:
                     status, headers, answer = api.answer(self.path, self.headers, body, ticket, seen)
                     request = Request(ticket, status, time.monotonic())
                     api.requests.append(request)
+                if ticket in GARBLED and seen == 0:
+                    content_type, garbled = GARBLED[ticket]
+                    return write_answer(self, 200, garbled, {"Content-Type": content_type})
+                if ticket == "trickle" and seen == 0:
+                    return trickle(self, json.dumps(answer).encode(), 0.02)
                 if status == 0:  # drop the connection without an answer
                     request.answered_s = time.monotonic()
                     self.close_connection = True
@@ -134,6 +147,8 @@ class ModelApi:
                            stop_reason="max_tokens")
         if ticket == "bad-category":
             message["content"][0]["input"]["category"] = "complaint"
+        if ticket == "string-content":
+            message["content"] = "billing"
         return 200, {}, message
 
     def statuses(self, ticket: str) -> list[int]:
@@ -143,6 +158,21 @@ class ModelApi:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def trickle(handler: BaseHTTPRequestHandler, body: bytes, interval_s: float) -> None:
+    """A 200 whose body comes a byte at a time (each read in time, the whole late); a client that gave up is no error."""
+    try:
+        handler.send_response(200)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        for byte in body:
+            handler.wfile.write(bytes([byte]))
+            handler.wfile.flush()
+            time.sleep(interval_s)
+    except OSError:
+        pass
 
 
 def error(status: int, kind: str, text: str, code: str | None = None, headers: dict | None = None):
@@ -207,6 +237,9 @@ def test_a_redelivered_ticket_has_the_same_id_and_a_new_one_at_the_same_offset_a
     ("throttled", [False, True]),  # 429 with retry-after
     ("slow", [False, True]),  # no answer within TRIAGE_TIMEOUT_S
     ("drop", [False, True]),  # the connection closed without an answer
+    ("gateway", [False, True]),  # a gateway's HTML page, a body cut short, a JSON string: not the API's answer
+    ("not-json", [False, True]),
+    ("a-string", [False, True]),
 ])
 def test_what_may_work_later_is_retried_one_call_per_attempt(api, ticket, results):
     """Each attempt is one request: the SDK's own retries are off, the kernel's are the ones in force."""
@@ -228,6 +261,24 @@ def test_a_retry_after_holds_every_call_until_it_has_passed(api, caplog, ticket,
     assert f"no call for {pause_s:.1f} s (retry-after)" in caplog.text
 
 
+def test_an_answer_trickled_a_byte_at_a_time_is_cut_at_the_timeout_and_retried(api):
+    """TRIAGE_TIMEOUT_S (1 s here) bounds the whole call, not each read: the answer takes 10 s whole."""
+    started_s = time.monotonic()
+    assert triage_call(ticket_message("trickle")).result is False
+    assert time.monotonic() - started_s < 2
+    assert triage_call(ticket_message("trickle")).result is True
+
+
+@pytest.mark.parametrize("ticket", ["retry-inf", "retry-1e400", "retry-1e8"])
+def test_a_retry_after_past_the_cap_holds_calls_only_up_to_it(api, caplog, monkeypatch, ticket):
+    monkeypatch.setattr(triage, "RETRY_AFTER_MAX_S", 0.5)
+    assert triage_call(ticket_message(ticket)).result is False
+    assert "capped at 0.5 s (RETRY_AFTER_MAX_S)" in caplog.text
+    started_s = time.monotonic()
+    assert triage_call(ticket_message("T-2", key="customer-2")).result is True
+    assert time.monotonic() - started_s < 1
+
+
 def test_a_retry_after_longer_than_one_attempt_waits_is_retried_without_a_call(api, monkeypatch):
     monkeypatch.setattr(triage, "RETRY_AFTER_MAX_WAIT_S", 0.2)
     throttled = ticket_message("throttled")
@@ -244,6 +295,7 @@ def test_a_retry_after_longer_than_one_attempt_waits_is_retried_without_a_call(a
     ("too-large", "the model API refused it (413 request_too_large: request_too_large for too-large)"),
     ("refuse", "the model gave no triage (stop reason 'refusal')"),
     ("cut", "the model gave no triage (stop reason 'max_tokens'): raise TRIAGE_MAX_TOKENS (1024)"),
+    ("string-content", "the model's triage is not a summary and a category: null"),
     ("bad-category", 'the model\'s triage is not a summary and a category: {"summary": "The customer of '
                      'bad-category needs help.", "category": "complaint"}'),
 ])
