@@ -34,10 +34,10 @@ The machinery, in reading order:
 from __future__ import annotations
 
 if __name__ == "__main__":
-    # `python main.py`: read the .env beside this file before your part reads the environment (the
-    # real environment wins over it), then run this file as the module `main`, the one the examples,
-    # the tests and your own modules import; as __main__ it would be a second copy, with a DeadLetter
-    # and a send() of its own.
+    # `python main.py`: read the .env beside this file (or KERNEL_DOTENV's; `none`: none) before your part
+    # reads the environment (the real environment wins over it), then run this file as the module `main`,
+    # the one the examples, the tests and your own modules import; as __main__ it would be a second copy,
+    # with a DeadLetter and a send() of its own.
     import logging
     import os
     import sys
@@ -45,7 +45,8 @@ if __name__ == "__main__":
     import dotenv
 
     logging.getLogger("dotenv.main").disabled = True  # run_kernel() names a line it cannot read, in one line
-    dotenv.load_dotenv(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".env"), override=False)
+    if (chosen := os.environ.get("KERNEL_DOTENV", "").strip()) != "none":
+        dotenv.load_dotenv(chosen or os.path.join(os.path.dirname(os.path.abspath(__file__)), ".env"), override=False)
     import main
 
     sys.exit(main.run_kernel(getattr(main, "process_message", None), process_batch=getattr(main, "process_batch", None),
@@ -619,12 +620,21 @@ def traces_exporters(env: Mapping[str, str]) -> tuple[str, ...]:
 DOTENV_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".env")  # never one found further up
 
 
-def read_dotenv(path: str) -> None:
+def dotenv_file(env: Mapping[str, str]) -> str | None:
+    """The .env file to read: KERNEL_DOTENV's, none for `none` (the tests' kernels, whatever .env holds for a
+    cluster), else the one beside this file."""
+    chosen = env.get("KERNEL_DOTENV", "").strip()
+    return None if chosen == "none" else chosen or DOTENV_PATH
+
+
+def read_dotenv(path: str | None) -> None:
     """Put the settings of the .env file at `path`, if there is one, under those of the real environment.
     A line python-dotenv cannot read (an unclosed quote) is an error naming it, not a warning and a
     setting silently left at its default. (`python main.py` has read the file already, for your part.)"""
-    if not os.path.exists(path):
+    if path is None or path == DOTENV_PATH and not os.path.exists(path):
         return
+    if not os.path.isfile(path):
+        raise ConfigError(f"KERNEL_DOTENV names no file: {path!r} (a .env file's path, or none to read none)")
     with open(path, encoding="utf-8") as file:
         for binding in dotenv.parser.parse_stream(file):
             if binding.error:
@@ -3156,7 +3166,7 @@ def run_kernel(process_message: Callable | None = None, *, process_batch: Callab
     handler = KernelHandler(process_batch, batch=True) if process_batch else KernelHandler(process_message)
     argv = sys.argv if argv is None else argv
     if argv[1:] == ["check"]:
-        return check_deployment(os.environ, name, default_topic, DOTENV_PATH)
+        return check_deployment(os.environ, name, default_topic, dotenv_file(os.environ))
     if argv[1:]:
         print(f"usage: {argv[0]} [check]", file=sys.stderr)
         return EXIT_CONFIG
@@ -3164,7 +3174,7 @@ def run_kernel(process_message: Callable | None = None, *, process_batch: Callab
     stop.install()
     configure_logging(name)
     try:
-        read_dotenv(DOTENV_PATH)
+        read_dotenv(dotenv_file(os.environ))
         settings = load_settings(os.environ, name, default_topic)
         if handler.batch:
             settings.check_batch_limit()
@@ -3211,4 +3221,4 @@ check_your_part(names_of_your_part)
 
 # The machinery's digest as the template shipped it (devtools/stamp_machinery.py writes it): `check` and
 # tests/test_template.py compare it with what is above, from "# End of your kernel" on.
-MACHINERY_SHA256 = "30a052088943d7cdd0d7468abb4096104276aa38882073b15ec87e300c4bcc42"
+MACHINERY_SHA256 = "c4486f2246b7f46752b54eb267a03f3aee037e61145b7339e9a1d08fc92e1733"

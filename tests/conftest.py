@@ -50,12 +50,15 @@ from tests.oidc import IdentityProvider
 
 REPO = Path(__file__).resolve().parent.parent
 MAIN = REPO / "main.py"
+# No kernel of the tests reads a .env (main.py's KERNEL_DOTENV=none): one beside main.py is meant for a
+# cluster (its address, SASL, certificates) and must not reach them. Set here for every subprocess that
+# inherits the tests' environment, and by kernels.env; a test of .env itself takes it out.
+NO_DOTENV = {"KERNEL_DOTENV": "none"}
+os.environ.update(NO_DOTENV)
 # For the tests of the template's own hello-world process_message: once KERNEL_NAME is set, main.py is
-# a kernel of its own, and its tests are the ones in tests/test_process_message.py.
-hello_world = pytest.mark.skipif(
-    main.KERNEL_NAME != "hello-world",
-    reason="checks the template's hello-world process_message; main.py has a KERNEL_NAME of its own now",
-)
+# a kernel of its own, and they are deselected (pytest_collection_modifyitems, below).
+hello_world = pytest.mark.hello_world
+IS_HELLO_WORLD = main.KERNEL_NAME == "hello-world"
 RECORDING_KERNEL = REPO / "tests" / "recording_kernel.py"
 HELLO_LINE = re.compile(r"Received (\S+)\[(\d+)\]@(\d+) ")
 
@@ -373,6 +376,32 @@ class BackgroundProducer(threading.Thread):
 
 
 BROKERS = ("tansu", "kafka")
+# Whose a test is, by its file (the template's own tests have neither mark), and whether it needs a broker.
+OWNERS = {"test_process_message.py": "author", "test_examples.py": "example", "test_analytics.py": "example",
+          "test_triage.py": "example"}
+BROKER_FIXTURES = {"cluster", "tansu", "apache_kafka", "apache_kafka_three_nodes", "kernels", "local_run"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m selects by these marks
+def pytest_collection_modifyitems(config, items):
+    """Marks every test `author` (tests/test_process_message.py: the author's tests and the end-to-end run
+    of their kernel) or `example` by its file, and `broker` (it starts one: through a fixture, or marked
+    so by hand) or else `unit`. Deselects the hello-world handler's tests once KERNEL_NAME is another."""
+    kept, dropped = [], []
+    for item in items:
+        if item.path.name in OWNERS:
+            item.add_marker(OWNERS[item.path.name])
+        if item.get_closest_marker("broker") is None:
+            item.add_marker("broker" if BROKER_FIXTURES & set(item.fixturenames) else "unit")
+        (kept if IS_HELLO_WORLD or item.get_closest_marker("hello_world") is None else dropped).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
+
+
+def pytest_report_header(config):
+    if not IS_HELLO_WORLD:
+        return f"KERNEL_NAME is {main.KERNEL_NAME!r}: the tests of the template's hello-world handler are deselected"
 
 
 def pytest_generate_tests(metafunc):
@@ -577,6 +606,7 @@ def kernels(cluster, pki, tmp_path):
                 TMPDIR=str(tmpdir),  # where the kernel puts its certificate directory
                 TEST_RECORD_PATH=str(self.record_path),
                 PYTHONUNBUFFERED="1",
+                **NO_DOTENV,
             )
             if tls:
                 env.update(pki.env)

@@ -108,7 +108,7 @@ def test_dotenv_fills_in_but_the_real_environment_wins(kernels, tmp_path):
     (tmp_path / ".env").write_text("KAFKA_MAX_POLL_RECORDS=lots\nKAFKA_BOOTSTRAP_TIMEOUT_MS=1000\n")
     env = kernels.env("topic", "group", tls=False)
     env["KAFKA_BOOTSTRAP_SERVERS"] = "127.0.0.1:1"
-    del env["KAFKA_BOOTSTRAP_TIMEOUT_MS"]
+    del env["KAFKA_BOOTSTRAP_TIMEOUT_MS"], env["KERNEL_DOTENV"]  # this test's .env is read
 
     code, output, _ = run_kernel(env, tmp_path, tmp_path / "main.py")
     assert code == 2 and "KAFKA_MAX_POLL_RECORDS must be a whole number" in output
@@ -126,7 +126,7 @@ def test_dotenv_is_read_before_your_part_runs(kernels, tmp_path):
     (tmp_path / "main.py").write_text(text)
     (tmp_path / ".env").write_text("TEST_KERNEL_NAME=named-in-dotenv\nKAFKA_BOOTSTRAP_TIMEOUT_MS=1000\n")
     env = kernels.env("topic", "group", tls=False, KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:1")
-    del env["KAFKA_BOOTSTRAP_TIMEOUT_MS"], env["KAFKA_CONSUMER_GROUP"]
+    del env["KAFKA_BOOTSTRAP_TIMEOUT_MS"], env["KAFKA_CONSUMER_GROUP"], env["KERNEL_DOTENV"]
     code, output, _ = run_kernel(env, tmp_path, tmp_path / "main.py")
     assert code == 3 and "group=named-in-dotenv-group" in output, output
 
@@ -136,13 +136,13 @@ def test_a_dotenv_line_that_cannot_be_read_is_named_not_skipped(kernels, tmp_pat
     shutil.copy(MAIN, tmp_path / "main.py")
     (tmp_path / ".env").write_text('KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:1\nKAFKA_TOPIC="small\nKAFKA_SASL_PASSWORD="s3cret\n')
     env = kernels.env("topic", "group", tls=False)
-    del env["KAFKA_TOPIC"], env["KAFKA_BOOTSTRAP_SERVERS"]
+    del env["KAFKA_TOPIC"], env["KAFKA_BOOTSTRAP_SERVERS"], env["KERNEL_DOTENV"]
     result = subprocess.run([sys.executable, str(tmp_path / "main.py"), *command], env=env, cwd=tmp_path,
                             capture_output=True, text=True, timeout=30)
     output = result.stdout + result.stderr
     assert result.returncode == 2 and ".env line 2 (KAFKA_TOPIC) cannot be read: check its quotes" in output, output
     assert "Traceback" not in output and "could not parse" not in output and "s3cret" not in output
-    assert len([line for line in output.splitlines() if line.strip()]) == 1, output
+    assert len([line for line in output.splitlines() if line.strip() and not line.startswith("ok ")]) == 1, output  # check: its ok lines too
 
 
 def test_a_kernel_name_with_a_slash_runs_over_tls(kernels, cluster, tmp_path):
@@ -169,5 +169,33 @@ def test_a_dotenv_in_a_folder_above_is_not_read(kernels, tmp_path):
     shutil.copy(MAIN, kernel_folder / "main.py")
     (tmp_path / ".env").write_text("KAFKA_MAX_POLL_RECORDS=lots\n")
     env = kernels.env("topic", "group", tls=False, KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:1", KAFKA_BOOTSTRAP_TIMEOUT_MS=1000)
+    del env["KERNEL_DOTENV"]  # the default: the .env beside main.py, none there
     code, output, _ = run_kernel(env, kernel_folder, kernel_folder / "main.py")
     assert code == 3 and "within 1000 ms" in output, output
+
+
+@pytest.mark.parametrize("command", [[], ["check"]])
+def test_kernel_dotenv_chooses_the_dotenv_file_or_none(kernels, tmp_path, command):
+    """KERNEL_DOTENV=none reads no .env (the tests' kernels: a .env meant for a cluster never reaches them),
+    before your part runs too; a path reads that file instead; a path that is not a file is exit 2."""
+    text = re.sub(r"^KERNEL_NAME = .*$", 'import os\n\nKERNEL_NAME = os.environ.get("TEST_KERNEL_NAME", "x")',
+                  MAIN.read_text(), count=1, flags=re.M)
+    (tmp_path / "main.py").write_text(text)
+    (tmp_path / ".env").write_text("TEST_KERNEL_NAME=named-in-dotenv\nKAFKA_SECURITY_PROTOCOL=SASL_SSL\n"
+                                   "KAFKA_SASL_MECHANISM=PLAIN\nKAFKA_SASL_USERNAME=u\nKAFKA_SASL_PASSWORD=s3cret\n")
+    (tmp_path / "other.env").write_text("TEST_KERNEL_NAME=named-in-other\n")
+    env = kernels.env("topic", "group", tls=False, KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:1", KAFKA_BOOTSTRAP_TIMEOUT_MS=1000)
+    del env["KAFKA_CONSUMER_GROUP"]
+    main_py = str(tmp_path / "main.py")
+    results = {}
+    for chosen in ("none", str(tmp_path / "other.env"), str(tmp_path / "missing.env")):
+        result = subprocess.run([sys.executable, main_py, *command], env={**env, "KERNEL_DOTENV": chosen}, cwd=tmp_path,
+                                capture_output=True, text=True, timeout=30)
+        results[chosen] = (result.returncode, result.stdout + result.stderr)
+    code, output = results["none"]
+    assert code == (1 if command else 3) and "group=x-group" in output and "security=PLAINTEXT" in output, output
+    code, output = results[str(tmp_path / "other.env")]
+    assert code == (1 if command else 3) and "group=named-in-other-group" in output, output
+    code, output = results[str(tmp_path / "missing.env")]
+    assert code == 2 and f"KERNEL_DOTENV names no file: '{tmp_path / 'missing.env'}'" in output, output
+    assert "Traceback" not in output and len([line for line in output.splitlines() if line.strip() and not line.startswith("ok ")]) == 1, output

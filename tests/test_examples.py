@@ -439,6 +439,7 @@ def test_each_extra_installs_what_its_example_imports(tmp_path, extra, example, 
     assert third_party and third_party <= installed, f"examples/{example.__name__} imports {third_party}"
 
 
+@pytest.mark.broker  # the local run's own
 def test_the_local_run_of_an_adopted_kernel_dead_letters_samples_it_cannot_use(tmp_path):
     """`uv run devtools/run_local.py` after adopting transform: its samples lack "id" and "type", so
     they go to the local dead-letter topic instead of stopping the kernel."""
@@ -460,12 +461,13 @@ def test_the_local_run_of_an_adopted_kernel_dead_letters_samples_it_cannot_use(t
     assert "to events-dead-letters: field \"id\" must be a non-empty string" in log_path.read_text()
 
 
+@pytest.mark.broker  # the tests it runs start one
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("example, extra_tests", [("transform", []), ("analytics", ["tests/test_local_run.py"])])
 def test_after_adopting_an_example_the_template_tests_still_pass(tmp_path, example, extra_tests):
     """A copy of the repository with an example adopted, a process_message kernel or a process_batch
     one: the template's tests that run main.py itself, and those of the docs and the linter, pass (the
-    hello-world ones skip, saying why). tests/test_process_message.py is the author's, and not run."""
+    hello-world ones are deselected). tests/test_process_message.py is the author's, and not run."""
     copy_repository(tmp_path)
     adopt(example, tmp_path / "main.py")
     tests = ["tests/test_tls.py", "tests/test_shutdown.py", "tests/test_config.py", "tests/test_docs.py",

@@ -28,6 +28,7 @@ from devtools.messages import Message, MessageError, parse_line, read_messages
 from devtools.run_local import KernelLoadError, ask_kernel
 from tests.conftest import (
     HELLO_LINE,
+    NO_DOTENV,
     REPO,
     Attempt,
     check_client_certificate_required,
@@ -126,12 +127,15 @@ def local_run(tmp_path):
             self.main.write_text(main.replace(END_OF_YOUR_PART, "\n" + RECORDING_HANDLER + END_OF_YOUR_PART, 1))
             return self.project
 
-        def env(self) -> dict[str, str]:
+        def env(self, dotenv: bool = False) -> dict[str, str]:
+            """The tests' environment without their settings; with `dotenv`, the kernel reads the .env
+            beside main.py (without, none: NO_DOTENV)."""
             env = {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "KERNEL_", "TEST_"))}
-            return {**env, "TEST_RECORD_PATH": str(self.record_path)}  # the runner's own session timeout
+            return {**env, "TEST_RECORD_PATH": str(self.record_path),  # the runner's own session timeout
+                    **({} if dotenv else NO_DOTENV)}
 
-        def start(self, *args: str, project: Path | None = None) -> LocalRunProcess:
-            run = LocalRunProcess(project or self.project, list(args), self.env(),
+        def start(self, *args: str, project: Path | None = None, dotenv: bool = False) -> LocalRunProcess:
+            run = LocalRunProcess(project or self.project, list(args), self.env(dotenv),
                                   tmp_path / f"run-local-{len(started)}.log")
             started.append(run)
             return run
@@ -325,6 +329,47 @@ def test_a_killed_runs_keys_are_removed_by_the_next_run_and_sighup_cleans_up(loc
     assert not (project / STATE_FILE_NAME).exists()
     owners = [int(path.read_text()) for path in Path(tempfile.gettempdir()).glob("run-local-*/owner.pid")]
     assert run.process.pid not in owners, "the run's folder was left behind"
+
+
+# A .env for a hosted cluster, as an author writes it from .env.template: every connection setting, and
+# the kernel's own ones (LOG_FORMAT here), which the local run must keep.
+CLUSTER_DOTENV = """\
+KAFKA_BOOTSTRAP_SERVERS=pkc-12345.eu-west-1.aws.confluent.cloud:9092
+KAFKA_SECURITY_PROTOCOL=SASL_SSL
+KAFKA_SASL_MECHANISM=PLAIN
+KAFKA_SASL_USERNAME=API-KEY-1
+KAFKA_SASL_PASSWORD=api-secret-never-shown
+KAFKA_SSL_CHECK_HOSTNAME=false
+KAFKA_TOPIC=orders-production
+KAFKA_CONSUMER_GROUP=orders-production-group
+KAFKA_CLIENT_ID=orders-production-client
+KAFKA_GROUP_INSTANCE_ID=orders-0
+KAFKA_AUTO_OFFSET_RESET=latest
+KERNEL_DEAD_LETTER_TOPIC=orders-production-dead-letters
+KERNEL_HTTP_PORT=8080
+LOG_FORMAT=json
+"""
+
+
+def test_a_dotenv_meant_for_a_cluster_is_overridden_and_said_so(local_run, tmp_path):
+    """A .env for a SASL cluster beside main.py: the local run still reaches its embedded broker (every
+    connection setting is its own), names what it overrode in one line without a value, and the kernel
+    keeps the .env's other settings (LOG_FORMAT=json)."""
+    project = local_run.copy_project()
+    (project / ".env").write_text(CLUSTER_DOTENV)
+    messages = write_messages(tmp_path / "messages.jsonl", ["ok-1", "ok-2", "dead:not for this kernel"])
+    run = local_run.start("--messages", str(messages), dotenv=True)
+    wait_until(lambda: len(local_run.records()) == 3, 30, lambda: f"the three messages\n{run.output()[-3000:]}")
+    assert run.ctrl_c() == 0
+    output = run.output()
+    lines = [line for line in output.splitlines() if "overridden" in line]
+    assert lines == [lines[0]] and lines[0].startswith("run_local: overridden for the embedded broker"), output[-3000:]
+    named = set(re.findall(r"[A-Z][A-Z_]+[A-Z]", lines[0].split(":", 2)[2]))
+    assert named == {name for name in re.findall(r"^(\w+)=", CLUSTER_DOTENV, re.M) if name != "LOG_FORMAT"}, lines[0]
+    assert not any(value in lines[0] for value in re.findall(r"=(.+)$", CLUSTER_DOTENV, re.M)), "a value was shown"
+    assert re.search(r"processed 2, retried 0, dead-lettered 1, failed 0", output), output[-3000:]
+    assert all(committed == end for committed, end in run.summary_partitions().values()), output[-3000:]
+    assert '"kernel": ' in output and '"message": "Partitions assigned' in output, "the .env's LOG_FORMAT did not reach the kernel"
 
 
 def test_bad_input_gets_a_one_line_error(local_run, tmp_path):

@@ -1,11 +1,13 @@
-"""Tests of the kernel's own process_message: extend these as you write yours.
+"""Tests of the kernel's own process_message: extend these as you write yours (`uv run pytest -m author`
+runs this file: every test here is marked `author`).
 
 The first tests need no broker: make_message builds the record the kernel would pass, and call()
 runs process_message as a worker does, capturing what it send()s and whether it raised DeadLetter.
-The last one runs the real `python main.py` against the embedded broker over mutual TLS, the way
-the kernel will run in production; `uv run pytest tests/test_process_message.py` runs them all.
-These test the template's hello-world handler: @hello_world skips them once KERNEL_NAME is yours.
-Replace them with tests of your process_message (and drop the marker from the ones you adapt).
+Those marked @hello_world test the template's hello-world handler: they are deselected once
+KERNEL_NAME is yours; replace them with tests of your process_message (without the marker).
+The last two hold for any kernel: its name and default topic make valid settings, and the real
+`python main.py` runs against the embedded broker over mutual TLS, the way the kernel will run in
+production, with your sample messages.
 """
 
 import logging
@@ -14,8 +16,11 @@ import uuid
 import pytest
 
 import main
-from tests.conftest import MAIN, hello_world, wait_until
+from devtools.messages import read_messages
+from tests.conftest import MAIN, REPO, hello_world, settings_from, wait_until
 from tests.kit import call, make_message
+
+SAMPLE_MESSAGES = REPO / "devtools" / "sample_messages.jsonl"  # yours: run_local.py --messages takes them too
 
 
 @hello_world
@@ -39,13 +44,28 @@ def test_a_long_value_is_shortened_in_the_log(caplog):
     assert "... (5000 characters)" in caplog.text and "x" * 201 not in caplog.text
 
 
-@hello_world
-def test_the_kernel_end_to_end(cluster, kernels):
-    """`cluster` is the embedded broker behind mutual TLS; kernels.start runs `python main.py` with
-    kernels.env pointing it there (add your own variables as keyword arguments)."""
-    topic, group = cluster.create_topic(partitions=2), f"end-to-end-{uuid.uuid4().hex[:6]}"
-    produced = cluster.produce(topic, [(i % 2, f"user-{i}".encode(), b'{"event": "signup"}') for i in range(10)])
-    kernel = kernels.start(kernels.env(topic, group), script=MAIN)
-    wait_until(lambda: cluster.committed(group, topic, 2) == {0: produced[0], 1: produced[1]}, 60,
-               f"every message committed\n{kernel.log()[-2000:]}")
-    assert kernel.stop() == 0
+def test_your_kernel_runs_under_its_name_and_default_topic():
+    """Without a broker: the settings your KERNEL_NAME and DEFAULT_TOPIC give (a topic name with a space,
+    say, would stop the kernel at start with exit 2; the end-to-end test below names its own topic)."""
+    settings = settings_from({"KAFKA_BOOTSTRAP_SERVERS": "localhost:9092"})
+    assert settings.topics == [t.strip() for t in main.DEFAULT_TOPIC.split(",")]
+    assert settings.group_id == f"{main.KERNEL_NAME}-group"
+
+
+def test_your_kernel_end_to_end(cluster, kernels):
+    """What holds for any kernel: each sample message is committed (or dead-lettered, where
+    process_message raises DeadLetter), and SIGTERM stops the kernel with 0. `cluster` is the embedded
+    broker behind mutual TLS; kernels.start runs `python main.py` with kernels.env pointing it there
+    (your kernel's own variables go to kernels.env as keyword arguments: DATABASE_URL=...)."""
+    messages = read_messages(SAMPLE_MESSAGES)
+    topic, dead_letters = cluster.create_topic(partitions=1), cluster.create_topic(partitions=1)
+    group = f"end-to-end-{uuid.uuid4().hex[:6]}"
+    cluster.produce(topic, [(0, m.key, m.value, m.headers) for m in messages])
+    kernel = kernels.start(kernels.env(topic, group, KERNEL_DEAD_LETTER_TOPIC=dead_letters), script=MAIN)
+    wait_until(lambda: kernel.process.poll() is not None or cluster.committed(group, topic, 1) == {0: len(messages)},
+               60, lambda: f"all {len(messages)} sample messages committed\n{kernel.log()[-3000:]}")
+    assert kernel.process.poll() is None, f"the kernel exited with code {kernel.process.poll()}\n{kernel.log()[-3000:]}"
+    assert kernel.stop() == 0, kernel.log()[-3000:]
+    for record in cluster.read_topic(dead_letters, 1, settle_s=0.5):  # where process_message raised DeadLetter
+        headers = dict(record.headers())
+        assert headers["kafka_dlt-original-topic"] == topic.encode() and headers["kafka_dlt-exception-message"]
