@@ -94,3 +94,65 @@ def test_the_kit_reports_a_retry_later_with_its_seconds():
 
     batch = call_batch([make_message(b"a"), make_message(b"b", offset=1)], limited_batch)
     assert batch.result is False and batch.done == 0 and batch.retry_after == 7.0
+
+
+# Through the real loop, on Tansu: the recording kernel's "later:S" raises RetryLater(S) the first time.
+
+
+@pytest.mark.parametrize("concurrency, key_b_waits", [(1, True), (4, False)])
+def test_a_retry_later_waits_its_seconds_holding_only_its_lane(cluster, kernels, concurrency, key_b_waits):
+    """At KERNEL_CONCURRENCY=1 the lane is the partition: key B waits too; above 1 only key A does.
+    Another partition goes on during the wait either way."""
+    topic = cluster.create_topic(partitions=2)
+    group = f"later-{concurrency}"
+    produced = cluster.produce(topic, [(0, b"A", b"later:3"), (0, b"A", b"a-1"), (0, b"B", b"b-0")])
+    kernel = kernels.start(kernels.env(topic, group, KERNEL_CONCURRENCY=concurrency))
+    wait_until(lambda: (0, 0, "later:3", "later") in kernels.records(), 30, lambda: f"the RetryLater\n{kernel.log()}")
+    produced += cluster.produce(topic, [(1, None, b"p1-0")])  # while partition 0 waits
+    wait_until(lambda: len({(r[0], r[1]) for r in kernels.records() if r[3] == "true"}) == 4, 30,
+               lambda: f"every message processed\n{kernel.log()[-3000:]}")
+    assert kernel.stop() == 0
+
+    attempts = kernels.attempts()
+    first, second = [a for a in attempts if (a.partition, a.offset) == (0, 0)]
+    waited_s = (second.started_ns - first.ended_ns) / 1e9
+    assert 2.9 < waited_s < 4.5, f"waited {waited_s:.2f} s for a RetryLater(3), not the 0.5 s backoff"
+    print(f"concurrency {concurrency}: waited {waited_s:.2f} s for RetryLater(3)")
+    by_value = {a.value: a for a in attempts}
+    during_the_wait = second.started_ns - 1e9  # at least a second before it ended
+    assert by_value["p1-0"].ended_ns < during_the_wait, "partition 1 was held up by partition 0's wait"
+    assert by_value["a-1"].started_ns >= second.ended_ns, "key A's next message overtook the retry"
+    if key_b_waits:
+        assert by_value["b-0"].started_ns >= second.ended_ns, "at concurrency 1 the whole partition waits"
+    else:
+        assert by_value["b-0"].ended_ns < during_the_wait, "key B was held up by key A's wait"
+    assert cluster.committed(group, topic, 2) == {0: produced[0], 1: produced[1]}
+    assert f"asked to wait for {topic}[0]@0 (attempt 1); retrying in 3.0 s" in kernel.log()
+
+
+def test_a_retry_later_is_capped_counted_in_kernel_max_attempts_and_a_stop_does_not_wait_for_it(cluster, kernels):
+    topic, dlt = cluster.create_topic(partitions=1), cluster.create_topic(partitions=1)
+    produced = cluster.produce(topic, [(0, None, b"later:60:5")])
+    kernel = kernels.start(kernels.env(topic, "later-capped", KERNEL_RETRY_MAX_MS=1000, KERNEL_MAX_ATTEMPTS=2,
+                                       KERNEL_DEAD_LETTER_TOPIC=dlt))
+    wait_until(lambda: cluster.committed("later-capped", topic, 1) == {0: produced[0]}, 30,
+               lambda: f"the message dead-lettered\n{kernel.log()[-3000:]}")
+    assert kernel.stop() == 0
+    first, second = kernels.attempts()
+    assert 0.9 < (second.started_ns - first.ended_ns) / 1e9 < 2.5, "RetryLater(60) waits KERNEL_RETRY_MAX_MS"
+    assert "retrying in 1.0 s (RetryLater asked for 60.0 s: capped at KERNEL_RETRY_MAX_MS)" in kernel.log()
+    [letter] = cluster.read_topic(dlt, 1, settle_s=1)
+    headers = dict(letter.headers())
+    assert (headers["kafka_dlt-exception-fqcn"], headers["kafka_dlt-exception-message"], headers["kernel-attempts"]) == (
+        b"RetriesExhausted", b"asked to wait on all 2 attempts (KERNEL_MAX_ATTEMPTS)", b"2")
+
+    produced += cluster.produce(topic, [(0, None, b"later:60")])
+    waiting = kernels.start(kernels.env(topic, "later-capped"))
+    wait_until(lambda: len(kernels.attempts()) == 3, 30, lambda: f"the second RetryLater\n{waiting.log()}")
+    time.sleep(0.5)  # well into its wait of 30 s (KERNEL_RETRY_MAX_MS)
+    asked_s = time.monotonic()
+    assert waiting.stop(signal.SIGTERM, timeout_s=20) == 0
+    stopped_s = time.monotonic() - asked_s
+    assert stopped_s < 4, f"a stop during the wait took {stopped_s:.1f} s"
+    print(f"stopped {stopped_s:.2f} s after SIGTERM, during a wait of 30 s")
+    assert cluster.committed("later-capped", topic, 1) == {0: produced[0] - 1}, "the waiting message stays uncommitted"
