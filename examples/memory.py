@@ -22,7 +22,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from main import DeadLetter, coordinates, json_object, message_id  # adopting: drop this line
+from main import DeadLetter, coordinates, json_object, message_id, setting  # adopting: drop this line
 
 KERNEL_NAME = "memory-kernel"
 DEFAULT_TOPIC = "memories"
@@ -47,15 +47,22 @@ def process_message(message) -> bool:
     return True
 
 
-def database_url() -> str:
-    """DATABASE_URL, checked first: a malformed one (a password with a raw %, say) never connects, so it
-    is a fault to fix, not an outage to wait out; and psycopg's own message about it quotes the password."""
-    url = os.environ.get("DATABASE_URL") or "postgresql://127.0.0.1:5432/test"
+def read_settings() -> dict:
+    """This kernel's own settings. The kernel reads them at start-up and in `python main.py check`, so a
+    malformed DATABASE_URL stops it (exit code 2) before the first message."""
+    return {"database_url": setting("DATABASE_URL", "postgresql://127.0.0.1:5432/test", parse=postgresql_url,
+                                    secret=True),
+            "table": setting("MEMORY_TABLE", "memories")}
+
+
+def postgresql_url(url: str) -> str:
+    """A URL psycopg can read. A malformed one (a password with a raw %, say) never connects, so it is a
+    fault to fix, not an outage to wait out; and psycopg's own message about it quotes the password."""
     try:
         conninfo_to_dict(url)
     except psycopg.ProgrammingError:
-        raise ValueError("DATABASE_URL is not a valid PostgreSQL URL: percent-encode what its user name and "
-                         "password hold (% as %25, @ as %40, / as %2F, : as %3A)") from None
+        raise ValueError("not a valid PostgreSQL URL: percent-encode what its user name and password hold "
+                         "(% as %25, @ as %40, / as %2F, : as %3A)") from None
     return url
 
 
@@ -67,10 +74,11 @@ class Memories:
     """The table, and one connection pool that all worker threads borrow connections from."""
 
     def __init__(self):
-        table = sql.Identifier(os.environ.get("MEMORY_TABLE") or "memories")
+        settings = read_settings()
+        table = sql.Identifier(settings["table"])
         self.insert = INSERT.format(table)
         self.pool = ConnectionPool(
-            database_url(),
+            settings["database_url"],
             min_size=1, max_size=int(os.environ.get("KERNEL_CONCURRENCY") or 1), timeout=CONNECT_TIMEOUT_S,
             kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT_S}, name=KERNEL_NAME, open=True,
         )
@@ -120,4 +128,5 @@ def memories() -> Memories:
 if __name__ == "__main__":
     import main
 
-    raise SystemExit(main.run_kernel(process_message, name=KERNEL_NAME, default_topic=DEFAULT_TOPIC))
+    raise SystemExit(main.run_kernel(process_message, read_settings=read_settings, name=KERNEL_NAME,
+                                     default_topic=DEFAULT_TOPIC))
