@@ -9,14 +9,17 @@ one; README.md lists them all.
 What process_message(message) decides:
   return True             done; committed once the messages it send()s are confirmed.
   return False            retriable; tried again after a backoff, never skipped.
+  raise RetryLater(s)     the same, after s seconds (an API's retry-after), at most KERNEL_RETRY_MAX_MS.
   raise DeadLetter(why)   it can never succeed: it goes to KERNEL_DEAD_LETTER_TOPIC.
   raise anything else     fatal: the kernel commits what finished before it and exits with code 1.
 For bulk work (database writes), define process_batch(messages) instead (docs/reference.md, "Batches").
+Your own settings: define read_settings() reading each with setting("NAME", default, parse); the
+kernel calls it at start-up and in `python main.py check`, so a bad one stops it (exit 2) at once.
 
 The machinery, in reading order:
-  What process_message can use   DeadLetter, send(), json_object(), message_id(), coordinates()...
+  What process_message can use   DeadLetter, RetryLater, send(), json_object(), message_id()...
   How the kernel stops           exit codes and the errors behind them
-  Settings                       the environment, read and checked once
+  Settings                       the environment, read and checked once; setting() for your own
   Logging                        plain or JSON lines; repeating warnings throttled
   Signals                        SIGTERM and SIGINT: finish, commit, leave
   TLS material                   base64 certificates to private files, and back
@@ -50,6 +53,7 @@ if __name__ == "__main__":
     import main
 
     sys.exit(main.run_kernel(getattr(main, "process_message", None), process_batch=getattr(main, "process_batch", None),
+                             read_settings=getattr(main, "read_settings", None),
                              name=main.KERNEL_NAME, default_topic=main.DEFAULT_TOPIC))
 
 # isort: split
@@ -61,7 +65,7 @@ DEFAULT_TOPIC = "clustera-hello-world"
 
 log = logging.getLogger(KERNEL_NAME)
 
-# process_message can use DeadLetter, send(), json_object(), coordinates(), message_id(),
+# process_message can use DeadLetter, RetryLater, send(), json_object(), coordinates(), message_id(),
 # batch_coordinates(), describe_bytes() and describe_timestamp(): the machinery defines them below
 # ("What process_message can use").
 
@@ -159,6 +163,21 @@ class DeadLetter(Exception):
     def __init__(self, reason: str = "", message=None):
         super().__init__(reason)
         self.message = message
+
+
+class RetryLater(Exception):
+    """Raise it from process_message (or process_batch) to have the message (the batch) tried again
+    after `seconds`, as an API's retry-after asks (429, 503): an attempt like a False, counted against
+    KERNEL_MAX_ATTEMPTS, holding only its lane (its key, or at KERNEL_CONCURRENCY=1 its partition), and
+    waiting at most KERNEL_RETRY_MAX_MS. Seconds that are not a number (None, say) mean the usual backoff."""
+
+    def __init__(self, seconds: float | str | None, reason: str = ""):
+        super().__init__(reason)
+        try:
+            seconds = float(seconds)
+        except (TypeError, ValueError):
+            seconds = None
+        self.seconds: float | None = None if seconds != seconds else seconds  # NaN too: the backoff
 
 
 current_call = threading.local()  # on a worker thread, during a call: .producer and .sends
@@ -346,8 +365,11 @@ class RetryPolicy:
     def exhausted(self, attempts: int) -> bool:
         return 0 < self.max_attempts <= attempts
 
-    def delay_s(self, attempts: int) -> float:
-        return retry_delay_ms(attempts, self.initial_ms, self.max_ms) / 1000
+    def delay_s(self, attempts: int, asked_s: float | None = None) -> float:
+        """The backoff before the next attempt; or the wait RetryLater asked for, at most KERNEL_RETRY_MAX_MS."""
+        if asked_s is None:
+            return retry_delay_ms(attempts, self.initial_ms, self.max_ms) / 1000
+        return min(max(asked_s, 0.0), self.max_ms / 1000)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -694,6 +716,26 @@ def load_settings(env: Mapping[str, str], kernel_name: str, default_topic: str) 
         log_format=parse_choice(env, "LOG_FORMAT", "plain", ("plain", "json")),
         traces_exporters=traces_exporters(env),
     )
+
+
+def setting(name: str, default=None, parse: Callable[[str], object] | None = None, secret: bool = False):
+    """Your kernel's own environment variable `name`: its text, or what `parse(text)` makes of it;
+    `default` when it is unset or blank (None: it is required). A missing one, or one `parse` refuses
+    with ValueError("what is expected"), raises ConfigError naming it, never with its value (with
+    `secret`, the value is cut out of the reason too). Call it in read_settings() of your part: the
+    kernel calls that at start-up and in `python main.py check`, before the first message (exit 2)."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        if default is None:
+            raise ConfigError(f"{name} is not set: this kernel needs it")
+        return default
+    if parse is None:
+        return text
+    try:
+        return parse(text)
+    except ValueError as error:
+        reason = str(error).replace(text, "...") if secret else str(error)
+        raise ConfigError(f"{name}: {reason or 'not valid'}") from None
 
 
 # Logging
@@ -1156,8 +1198,8 @@ class Tracing:
     is imported, and nothing of this runs. Each call of process_message is a span, a child of the trace
     context (W3C traceparent) in the message's headers; each call of process_batch one linked to its
     messages'. Named and described as OpenTelemetry's messaging conventions say, plus kernel.attempt
-    and kernel.outcome (done, retried, dead_lettered, fatal). What send() publishes and the dead
-    letters carry the trace on. The SDK reads the other OTEL_* variables (endpoint, sampler) itself."""
+    and kernel.outcome (done, retried: False or RetryLater, dead_lettered, fatal). What send() publishes
+    and the dead letters carry the trace on. The SDK reads the other OTEL_* variables (endpoint, sampler) itself."""
 
     def __init__(self, settings: KernelSettings):
         try:
@@ -1250,6 +1292,9 @@ class Tracing:
             self.failed(span, "dead_lettered", str(rejection), "DeadLetter")
             if rejection.message is not None:  # from process_batch: which message
                 span.add_event("dead letter", {"messaging.kafka.offset": rejection.message.offset})
+            raise
+        except RetryLater as later:
+            self.failed(span, "retried", f"raised RetryLater({later.seconds})", None)
             raise
         except BaseException as error:
             span.record_exception(error)
@@ -1877,7 +1922,7 @@ class KernelHandler:
 class Consequence(enum.Enum):
     """How a task ended early, at the record after its finished ones."""
 
-    RETRY = "retry"  # it returned False, or what it sent was not confirmed
+    RETRY = "retry"  # it returned False or raised RetryLater, or what it sent was not confirmed
     DEAD_LETTER = "dead letter"  # it raised DeadLetter
     FATAL = "fatal"  # it raised something else, or returned neither True nor False
 
@@ -1889,6 +1934,7 @@ class TaskFailure:
     error: BaseException | None = None  # what stops the kernel, for Consequence.FATAL
     batch: int | None = None  # process_batch: how many records from the failed one go together
     exception: str = "DeadLetter"  # for Consequence.DEAD_LETTER: what the dead letter says it was
+    delay_s: float | None = None  # RetryLater: the wait it asked for (None: the backoff)
 
 
 @dataclasses.dataclass(eq=False, slots=True)
@@ -1947,10 +1993,13 @@ def process_record(handler: Callable, record) -> TaskFailure | None:
 
 
 def failure_raised(record, error: BaseException) -> TaskFailure:
-    """What happens to a record whose process_message raised `error`: dead-lettered for DeadLetter;
-    for anything else (SystemExit and KeyboardInterrupt too) the kernel stops with exit code 1."""
+    """What happens to a record whose process_message raised `error`: dead-lettered for DeadLetter,
+    retried for RetryLater; for anything else (SystemExit and KeyboardInterrupt too) the kernel stops
+    with exit code 1."""
     if isinstance(error, DeadLetter):
         return TaskFailure(Consequence.DEAD_LETTER, str(error) or "process_message raised DeadLetter")
+    if isinstance(error, RetryLater):
+        return TaskFailure(Consequence.RETRY, str(error) or "process_message raised RetryLater", delay_s=error.seconds)
     raise MessageFailed("process_message", [record]) from error
 
 
@@ -1975,8 +2024,8 @@ class BatchOutcome:
 
 
 def process_as_batch(handler: Callable, records: list, producer: KernelProducer | None) -> BatchOutcome:
-    """Call process_batch on `records`: True, all done; False, the batch is tried again as it is;
-    DeadLetter naming one of them, those before it are done and it is dead-lettered."""
+    """Call process_batch on `records`: True, all done; False (or RetryLater), the batch is tried again
+    as it is; DeadLetter naming one of them, those before it are done and it is dead-lettered."""
     try:  # a list of its own: a handler that filters or sorts it in place changes nothing of the kernel's
         result, sends = call_handler(handler, list(records), producer)
     except DeadLetter as rejection:
@@ -1986,6 +2035,9 @@ def process_as_batch(handler: Callable, records: list, producer: KernelProducer 
                 "DeadLetter from process_batch must name one of its messages: DeadLetter(reason, message=messages[i])")
         reason = str(rejection) or "process_batch raised DeadLetter"
         return BatchOutcome(index, rejection.sends, TaskFailure(Consequence.DEAD_LETTER, reason, batch=1))
+    except RetryLater as later:
+        return BatchOutcome(0, [], TaskFailure(Consequence.RETRY, str(later) or "process_batch raised RetryLater",
+                                               batch=len(records), delay_s=later.seconds))
     except BaseException as error:
         raise MessageFailed("process_batch", records) from error
     if result is True:
@@ -2512,8 +2564,9 @@ MIN_PARTITION_FETCH_BYTES = 16_384  # the least a fetch may bring of one partiti
 
 
 class FailurePolicy:
-    """What happens to a message that failed: it is tried again after a backoff (RetryPolicy), or
-    goes to the dead-letter topic once it raised DeadLetter or used up KERNEL_MAX_ATTEMPTS."""
+    """What happens to a message that failed: it is tried again after a backoff (RetryPolicy) or the wait
+    RetryLater asked for, or goes to the dead-letter topic once it raised DeadLetter or used up
+    KERNEL_MAX_ATTEMPTS."""
 
     def __init__(self, settings: KernelSettings, ledger: Ledger, dead_letters: DeadLetterTopic | None,
                  metrics: KernelMetrics):
@@ -2543,11 +2596,13 @@ class FailurePolicy:
                 return
             failed, reason = failed[published:], f"it could not be dead-lettered ({error!r})"
         self.metrics.retried.labels(failed[0].topic).inc(len(failed))
-        delay_s = self.retry.delay_s(attempts)
+        delay_s = self.retry.delay_s(attempts, failure.delay_s)
         batch = None if failure.batch is None else len(failed)  # with process_batch: what is tried again together
         self.ledger.retry_later(lane, attempts, time.monotonic() + delay_s, batch)
-        kernel_log.warning("%s for %s (attempt %d); retrying in %.1f s", reason, batch_coordinates(failed), attempts,
-                           delay_s, extra=log_fields(failed[0]))
+        capped = (f" (RetryLater asked for {failure.delay_s:.1f} s: capped at KERNEL_RETRY_MAX_MS)"
+                  if failure.delay_s is not None and failure.delay_s > delay_s else "")
+        kernel_log.warning("%s for %s (attempt %d); retrying in %.1f s%s", reason, batch_coordinates(failed), attempts,
+                           delay_s, capped, extra=log_fields(failed[0]))
 
     def way_on(self, record) -> str:
         """For a record the client cannot decode, which no restart mends: how to go on without it."""
@@ -3095,10 +3150,10 @@ def machinery_report(path: str = __file__) -> tuple[str, str]:
 
 
 def check_deployment(env: Mapping[str, str], kernel_name: str, default_topic: str,
-                     dotenv_path: str | None = None) -> int:
-    """Validate settings (after reading the .env at `dotenv_path` into the environment), certificates and
-    the connection, consuming nothing. Exit code 0 when nothing is wrong, 1 when something is, 2 for a
-    configuration error."""
+                     dotenv_path: str | None = None, read_settings: Callable[[], object] | None = None) -> int:
+    """Validate settings (after reading the .env at `dotenv_path` into the environment; the kernel's own
+    with `read_settings`), certificates and the connection, consuming nothing. Exit code 0 when nothing
+    is wrong, 1 when something is, 2 for a configuration error."""
     report = CheckReport()
     report.say(*machinery_report())
     try:
@@ -3108,6 +3163,9 @@ def check_deployment(env: Mapping[str, str], kernel_name: str, default_topic: st
         with tls_files(settings) as tls:
             report.say("ok", f"settings: topics={','.join(settings.topics)} group={settings.group_id} "
                              f"security={settings.security}")
+            if read_settings is not None:
+                read_settings()
+                report.say("ok", "the kernel's own settings (read_settings)")
             if settings.uses_tls and (tls is None or tls.ca_file is None):
                 report.say("ok", "KAFKA_CA_CERT not set: the broker's certificate is checked against the system's CAs")
             for name, path in (("KAFKA_CA_CERT", tls and tls.ca_file), ("KAFKA_CLIENT_CERT", tls and tls.cert_file)):
@@ -3155,18 +3213,20 @@ def collect_garbage_less_often() -> None:
     gc.set_threshold(max(threshold, 10_000), *older)
 
 
-def run_kernel(process_message: Callable | None = None, *, process_batch: Callable | None = None, name: str,
-               default_topic: str, argv: list[str] | None = None) -> int:
+def run_kernel(process_message: Callable | None = None, *, process_batch: Callable | None = None,
+               read_settings: Callable[[], object] | None = None, name: str, default_topic: str,
+               argv: list[str] | None = None) -> int:
     """Run a kernel until it is stopped; its exit code. `python main.py` runs this file's own kernel
     (the first lines of the file); an example or a test passes its own handler and names: process_message,
-    or process_batch, not both. With the argument "check" (`python main.py check`), it checks the
+    or process_batch, not both, and read_settings if it has settings of its own (called before the first
+    message: a ConfigError stops it). With the argument "check" (`python main.py check`), it checks the
     deployment instead of consuming."""
     if (process_message is None) == (process_batch is None):
         raise TypeError("run_kernel() takes process_message or process_batch, one of them")
     handler = KernelHandler(process_batch, batch=True) if process_batch else KernelHandler(process_message)
     argv = sys.argv if argv is None else argv
     if argv[1:] == ["check"]:
-        return check_deployment(os.environ, name, default_topic, dotenv_file(os.environ))
+        return check_deployment(os.environ, name, default_topic, dotenv_file(os.environ), read_settings)
     if argv[1:]:
         print(f"usage: {argv[0]} [check]", file=sys.stderr)
         return EXIT_CONFIG
@@ -3178,6 +3238,8 @@ def run_kernel(process_message: Callable | None = None, *, process_batch: Callab
         settings = load_settings(os.environ, name, default_topic)
         if handler.batch:
             settings.check_batch_limit()
+        if read_settings is not None:
+            read_settings()
         apply_log_settings(settings)
         with tls_files(settings) as tls, tracing_for(settings) as tracing:
             if tls is not None:
@@ -3221,4 +3283,4 @@ check_your_part(names_of_your_part)
 
 # The machinery's digest as the template shipped it (devtools/stamp_machinery.py writes it): `check` and
 # tests/test_template.py compare it with what is above, from "# End of your kernel" on.
-MACHINERY_SHA256 = "c4486f2246b7f46752b54eb267a03f3aee037e61145b7339e9a1d08fc92e1733"
+MACHINERY_SHA256 = "35a75d5f87a35caabf956c8f7e0480b4898037d3aa5d5de3a19dc68516c8317e"

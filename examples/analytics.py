@@ -32,7 +32,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from main import DeadLetter, batch_coordinates, json_object, message_id  # adopting: drop this line
+from main import DeadLetter, batch_coordinates, json_object, message_id, setting  # adopting: drop this line
 
 KERNEL_NAME = "analytics-kernel"
 DEFAULT_TOPIC = "events"
@@ -113,16 +113,24 @@ def store_until_refused(messages, rows: list[tuple]) -> int:
     return stored
 
 
-def database_url() -> str:
-    """DATABASE_URL, checked first: a malformed one (a password with a raw %, say, or sslmode=bogus)
-    never connects, so it is a fault to fix, not an outage to wait out; and psycopg's own message about
-    it quotes the password."""
-    url = os.environ.get("DATABASE_URL") or "postgresql://127.0.0.1:5432/test"
+def read_settings() -> dict:
+    """This kernel's own settings. The kernel reads them at start-up and in `python main.py check`, so a
+    malformed DATABASE_URL stops it (exit code 2) before the first message."""
+    return {"database_url": setting("DATABASE_URL", "postgresql://127.0.0.1:5432/test", parse=postgresql_url,
+                                    secret=True),
+            "events_table": setting("ANALYTICS_EVENTS_TABLE", "analytics_events"),
+            "rollups_table": setting("ANALYTICS_ROLLUPS_TABLE", "analytics_rollups")}
+
+
+def postgresql_url(url: str) -> str:
+    """A URL psycopg can read. A malformed one (a password with a raw %, say, or sslmode=bogus) never
+    connects, so it is a fault to fix, not an outage to wait out; and psycopg's own message about it
+    quotes the password."""
     try:
         password = conninfo_to_dict(url).get("password") or ""
     except psycopg.ProgrammingError:
-        raise ValueError("DATABASE_URL is not a valid PostgreSQL URL: percent-encode what its user name and "
-                         "password hold (% as %25, @ as %40, / as %2F, : as %3A)") from None
+        raise ValueError("not a valid PostgreSQL URL: percent-encode what its user name and password hold "
+                         "(% as %25, @ as %40, / as %2F, : as %3A)") from None
     # libpq checks the options' values (sslmode, target_session_attrs, a port that is no number) only as
     # it connects, before any network: one it refuses fails every connection, so it is found here.
     attempt = psycopg.pq.PGconn.connect_start(url.encode())
@@ -130,7 +138,7 @@ def database_url() -> str:
     attempt.finish()  # when they pass, the connection it began is closed at once
     if said.startswith("invalid "):  # about an option's value; the password masked all the same
         said = said.replace(password, "***") if password else said
-        raise ValueError(f"DATABASE_URL is not a valid PostgreSQL URL: {said}")
+        raise ValueError(f"not a valid PostgreSQL URL: {said}")
     return url
 
 
@@ -142,12 +150,12 @@ class Warehouse:
     """The two tables, and one connection pool that all worker threads borrow connections from."""
 
     def __init__(self):
-        tables = {name: sql.Identifier(os.environ.get(variable) or default) for name, variable, default in (
-            ("events", "ANALYTICS_EVENTS_TABLE", "analytics_events"),
-            ("rollups", "ANALYTICS_ROLLUPS_TABLE", "analytics_rollups"))}
+        settings = read_settings()
+        tables = {"events": sql.Identifier(settings["events_table"]),
+                  "rollups": sql.Identifier(settings["rollups_table"])}
         self.store_and_count = STORE_AND_COUNT.format(**tables)
         self.pool = ConnectionPool(
-            database_url(),
+            settings["database_url"],
             min_size=1, max_size=int(os.environ.get("KERNEL_CONCURRENCY") or 1), timeout=CONNECT_TIMEOUT_S,
             # Events locked longer than this by another transaction (a stuck former owner) make the batch retry.
             kwargs={"connect_timeout": CONNECT_TIMEOUT_S, "options": f"-c lock_timeout={LOCK_TIMEOUT_MS}"},
@@ -238,4 +246,5 @@ def warehouse() -> Warehouse:
 if __name__ == "__main__":
     import main
 
-    raise SystemExit(main.run_kernel(process_batch=process_batch, name=KERNEL_NAME, default_topic=DEFAULT_TOPIC))
+    raise SystemExit(main.run_kernel(process_batch=process_batch, read_settings=read_settings, name=KERNEL_NAME,
+                                     default_topic=DEFAULT_TOPIC))

@@ -24,7 +24,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from main import DeadLetter, coordinates, json_object, message_id  # adopting: drop this line
+from main import DeadLetter, coordinates, json_object, message_id, setting  # adopting: drop this line
 
 KERNEL_NAME = "memory-kernel"
 DEFAULT_TOPIC = "memories"
@@ -49,16 +49,23 @@ def process_message(message) -> bool:
     return True
 
 
-def database_url() -> str:
-    """DATABASE_URL, checked first: a malformed one (a password with a raw %, say, or sslmode=bogus)
-    never connects, so it is a fault to fix, not an outage to wait out; and psycopg's own message about
-    it quotes the password."""
-    url = os.environ.get("DATABASE_URL") or "postgresql://127.0.0.1:5432/test"
+def read_settings() -> dict:
+    """This kernel's own settings. The kernel reads them at start-up and in `python main.py check`, so a
+    malformed DATABASE_URL stops it (exit code 2) before the first message."""
+    return {"database_url": setting("DATABASE_URL", "postgresql://127.0.0.1:5432/test", parse=postgresql_url,
+                                    secret=True),
+            "table": setting("MEMORY_TABLE", "memories")}
+
+
+def postgresql_url(url: str) -> str:
+    """A URL psycopg can read. A malformed one (a password with a raw %, say, or sslmode=bogus) never
+    connects, so it is a fault to fix, not an outage to wait out; and psycopg's own message about it
+    quotes the password."""
     try:
         password = conninfo_to_dict(url).get("password") or ""
     except psycopg.ProgrammingError:
-        raise ValueError("DATABASE_URL is not a valid PostgreSQL URL: percent-encode what its user name and "
-                         "password hold (% as %25, @ as %40, / as %2F, : as %3A)") from None
+        raise ValueError("not a valid PostgreSQL URL: percent-encode what its user name and password hold "
+                         "(% as %25, @ as %40, / as %2F, : as %3A)") from None
     # libpq checks the options' values (sslmode, target_session_attrs, a port that is no number) only as
     # it connects, before any network: one it refuses fails every connection, so it is found here.
     attempt = psycopg.pq.PGconn.connect_start(url.encode())
@@ -66,7 +73,7 @@ def database_url() -> str:
     attempt.finish()  # when they pass, the connection it began is closed at once
     if said.startswith("invalid "):  # about an option's value; the password masked all the same
         said = said.replace(password, "***") if password else said
-        raise ValueError(f"DATABASE_URL is not a valid PostgreSQL URL: {said}")
+        raise ValueError(f"not a valid PostgreSQL URL: {said}")
     return url
 
 
@@ -78,10 +85,11 @@ class Memories:
     """The table, and one connection pool that all worker threads borrow connections from."""
 
     def __init__(self):
-        table = sql.Identifier(os.environ.get("MEMORY_TABLE") or "memories")
+        settings = read_settings()
+        table = sql.Identifier(settings["table"])
         self.insert = INSERT.format(table)
         self.pool = ConnectionPool(
-            database_url(),
+            settings["database_url"],
             min_size=1, max_size=int(os.environ.get("KERNEL_CONCURRENCY") or 1), timeout=CONNECT_TIMEOUT_S,
             kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT_S}, name=KERNEL_NAME, open=True,
         )
@@ -131,4 +139,5 @@ def memories() -> Memories:
 if __name__ == "__main__":
     import main
 
-    raise SystemExit(main.run_kernel(process_message, name=KERNEL_NAME, default_topic=DEFAULT_TOPIC))
+    raise SystemExit(main.run_kernel(process_message, read_settings=read_settings, name=KERNEL_NAME,
+                                     default_topic=DEFAULT_TOPIC))

@@ -1,24 +1,25 @@
 """Notification kernel: POST each JSON message to a webhook.
 
 Input: a JSON object with "recipient" and "text" (non-empty strings), posted as is to WEBHOOK_URL
-(required) with an Idempotency-Key header (message_id(message)) so the receiver can drop the
-repeats that at-least-once delivery and retries bring. A 2xx answer is done. No answer (connection
-refused or dropped, WEBHOOK_TIMEOUT_S passed), a 5xx, 408 or 429 is retried with backoff; any other
-4xx will never succeed and goes to the dead-letter topic with the answer. /metrics (with KERNEL_HTTP_PORT)
-counts the notifications sent, per topic. Needs `uv sync --extra http`.
+(required: without it, or with one that is not an http(s):// URL, the kernel stops at start-up with
+exit code 2, and `python main.py check` says so) with an Idempotency-Key header (message_id(message))
+so the receiver can drop the repeats that at-least-once delivery and retries bring. A 2xx answer is
+done. No answer (connection refused or dropped, WEBHOOK_TIMEOUT_S passed), a 5xx, 408 or 429 is
+retried with backoff; any other 4xx will never succeed and goes to the dead-letter topic with the
+answer. /metrics (with KERNEL_HTTP_PORT) counts the notifications sent, per topic. Needs
+`uv sync --extra http`.
 
     WEBHOOK_URL=https://example.com/hook uv run --extra http python -m examples.notification
 """
 
 import atexit
 import logging
-import os
 import threading
 
 import httpx
 from prometheus_client import Counter
 
-from main import DeadLetter, coordinates, json_object, message_id  # adopting: drop this line
+from main import DeadLetter, coordinates, json_object, message_id, setting  # adopting: drop this line
 
 KERNEL_NAME = "notification-kernel"
 DEFAULT_TOPIC = "notifications"
@@ -48,28 +49,45 @@ def process_message(message) -> bool:
     raise DeadLetter(f"webhook answered {response.status_code}: {response.text[:200]!r}")
 
 
+def read_settings() -> dict:
+    """This kernel's own settings. The kernel reads them at start-up and in `python main.py check`, so a
+    missing or invalid one stops it (exit code 2, naming it) before the first message."""
+    return {"url": setting("WEBHOOK_URL", parse=http_url, secret=True),  # secret: a webhook URL often holds a token
+            "timeout_s": setting("WEBHOOK_TIMEOUT_S", 10.0, parse=positive_seconds)}
+
+
+def http_url(text: str) -> str:
+    if not text.startswith(("http://", "https://")):
+        raise ValueError("must be an http:// or https:// URL")
+    return text
+
+
+def positive_seconds(text: str) -> float:
+    if not float(text) > 0:
+        raise ValueError("must be a number of seconds above 0")
+    return float(text)
+
+
 client_lock = threading.Lock()
 shared: tuple[str, httpx.Client] | None = None
 
 
 def webhook() -> tuple[str, httpx.Client]:
     """The URL and one HTTP client (a thread-safe connection pool) for all worker threads, created
-    on first use, after main.py has read .env."""
+    on first use."""
     global shared
     with client_lock:
         if shared is None:
-            url = os.environ.get("WEBHOOK_URL", "").strip()
-            if not url.startswith(("http://", "https://")):
-                # The value is not shown: a webhook URL often carries a token.
-                raise RuntimeError("WEBHOOK_URL must be set to an http:// or https:// URL")
-            timeout_s = float(os.environ.get("WEBHOOK_TIMEOUT_S") or 10)
+            settings = read_settings()
+            timeout_s = settings["timeout_s"]
             client = httpx.Client(timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 5.0)))
             atexit.register(client.close)
-            shared = url, client
+            shared = settings["url"], client
         return shared
 
 
 if __name__ == "__main__":
     import main
 
-    raise SystemExit(main.run_kernel(process_message, name=KERNEL_NAME, default_topic=DEFAULT_TOPIC))
+    raise SystemExit(main.run_kernel(process_message, read_settings=read_settings, name=KERNEL_NAME,
+                                     default_topic=DEFAULT_TOPIC))

@@ -11,9 +11,8 @@ so run it with KERNEL_DEAD_LETTER_TOPIC set.
 
 import json
 import logging
-import os
 
-from main import describe_timestamp, json_object, send  # adopting: drop this line
+from main import describe_timestamp, json_object, send, setting  # adopting: drop this line
 
 KERNEL_NAME = "transform-kernel"
 DEFAULT_TOPIC = "events"
@@ -33,15 +32,18 @@ def process_message(message) -> bool:
     }
     event["enriched_by"] = KERNEL_NAME
     # Committed only once the broker has this: a crash re-sends it rather than losing it.
-    send(output_topic(), json.dumps(event).encode(), key=message.key, headers=[("content-type", b"application/json")])
+    send(read_settings()["output_topic"], json.dumps(event).encode(), key=message.key,
+         headers=[("content-type", b"application/json")])
     return True
 
 
-def output_topic() -> str:
-    return os.environ.get("TRANSFORM_OUTPUT_TOPIC") or "events-enriched"  # read after main.py loads .env
+def read_settings() -> dict:
+    """This kernel's own settings; the kernel reads them at start-up and in `python main.py check` too."""
+    return {"output_topic": setting("TRANSFORM_OUTPUT_TOPIC", "events-enriched")}
 
 
 if __name__ == "__main__":
     import main
 
-    raise SystemExit(main.run_kernel(process_message, name=KERNEL_NAME, default_topic=DEFAULT_TOPIC))
+    raise SystemExit(main.run_kernel(process_message, read_settings=read_settings, name=KERNEL_NAME,
+                                     default_topic=DEFAULT_TOPIC))

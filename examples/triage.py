@@ -16,7 +16,8 @@ topic are the only retry policy. What the API answers decides what happens to th
   JSON): retried (False). A retry-after in the answer holds every call of the kernel until it has
   passed, since a rate limit or an overload is the account's, not the ticket's (a call waits for it at
   most RETRY_AFTER_MAX_WAIT_S, then the ticket is retried without calling); one longer than
-  RETRY_AFTER_MAX_S (inf, 1e8) is cut to it, and the log says so;
+  RETRY_AFTER_MAX_S (inf, 1e8) is cut to it, and the log says so. The ticket that got it raises
+  RetryLater, so that the kernel tries it again once it has passed;
 - 400 (a prompt too long, say), 413 and any other 4xx, or a message that holds no triage (a refusal,
   an answer cut at TRIAGE_MAX_TOKENS, default 1024, content of another shape): dead-lettered with the
   reason, which a retry would not change;
@@ -42,7 +43,7 @@ import anthropic
 import httpcore2
 import httpx2
 
-from main import DeadLetter, coordinates, json_object, message_id, send  # adopting: drop this line
+from main import DeadLetter, RetryLater, coordinates, json_object, message_id, send  # adopting: drop this line
 
 KERNEL_NAME = "triage-kernel"
 DEFAULT_TOPIC = "tickets"
@@ -116,8 +117,8 @@ def prompt(ticket: dict) -> dict:
 
 
 def refused(message, error: anthropic.APIStatusError) -> bool:
-    """An error answer: False if it may pass, DeadLetter if the ticket can never be triaged, and an
-    exception that stops the kernel if only a person can fix it."""
+    """An error answer: False if it may pass (RetryLater with a retry-after), DeadLetter if the ticket can
+    never be triaged, and an exception that stops the kernel if only a person can fix it."""
     said = f"{error.status_code} {error.type or 'error'}: {error.api_message or error.message[:200]}"
     if error.status_code in FOR_A_PERSON_STATUS or error.error_code in FOR_A_PERSON_ERROR_CODES:
         raise RuntimeError(f"The model API refused the kernel ({said}): check ANTHROPIC_API_KEY, the account's "
@@ -128,6 +129,8 @@ def refused(message, error: anthropic.APIStatusError) -> bool:
             api_pause.hold(wait_s)
         log.warning("Model API answered %s for %s; will retry%s", said, coordinates(message),
                     "" if wait_s is None else f", no call for {wait_s:.1f} s (retry-after)")
+        if wait_s is not None:
+            raise RetryLater(wait_s, f"the model API answered {said}")
         return False
     raise DeadLetter(f"the model API refused it ({said})")
 

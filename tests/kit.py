@@ -9,7 +9,8 @@
 make_message builds the kafka-python ConsumerRecord the kernel passes (topic, partition, offset,
 key, value, headers, timestamp). call() runs a handler (main.process_message unless given) with
 send() captured instead of produced, and reports what the kernel would do: commit (result True),
-retry (False) or dead-letter (DeadLetter raised, with its reason). call_batch() does the same for a
+retry (False; retry_after the seconds RetryLater asked for) or dead-letter (DeadLetter raised, with
+its reason). call_batch() does the same for a
 process_batch and a list of messages, and says how many of them would be committed. Any other
 exception propagates, as it would stop the kernel. tests/test_process_message.py shows call() and a
 run end to end; tests/test_analytics.py uses call_batch() on the analytics example.
@@ -46,6 +47,7 @@ class Outcome:
     result: bool | None  # what process_message returned; None when it raised DeadLetter
     sent: list[Sent] = field(default_factory=list)
     dead_letter: str | None = None  # the DeadLetter reason
+    retry_after: float | None = None  # the seconds RetryLater asked for (result False)
 
     @property
     def committed(self) -> bool:
@@ -96,6 +98,7 @@ class BatchOutcome:
     done: int  # how many of the messages, from the first, the kernel would commit
     sent: list[Sent] = field(default_factory=list)
     dead_letter: tuple[ConsumerRecord, str] | None = None  # the message DeadLetter named, and the reason
+    retry_after: float | None = None  # the seconds RetryLater asked for (result False)
 
 
 def call(message: ConsumerRecord, handler: Callable[[Any], bool] | None = None) -> Outcome:
@@ -109,7 +112,7 @@ def call(message: ConsumerRecord, handler: Callable[[Any], bool] | None = None) 
         raise stopped.__cause__ from None
     if failure is not None:
         dead_letter = failure.reason if failure.consequence is main.Consequence.DEAD_LETTER else None
-        return Outcome(None if dead_letter else False, producer.sent, dead_letter)
+        return Outcome(None if dead_letter else False, producer.sent, dead_letter, failure.delay_s)
     return Outcome(True, producer.sent)
 
 
@@ -128,4 +131,4 @@ def call_batch(messages: list[ConsumerRecord], handler: Callable[[list], bool] |
         return BatchOutcome(True, outcome.done, producer.sent)
     if outcome.failure.consequence is main.Consequence.DEAD_LETTER:
         return BatchOutcome(None, outcome.done, producer.sent, (messages[outcome.done], outcome.failure.reason))
-    return BatchOutcome(False, 0, producer.sent)
+    return BatchOutcome(False, 0, producer.sent, retry_after=outcome.failure.delay_s)

@@ -8,6 +8,7 @@ message value (the part before a "|", if any; what follows is a label for the te
   "false:N"  return False for the first N attempts in this process, then True
   "raise"    raise RuntimeError while $TEST_RAISE is not "0"
   "dead"     raise DeadLetter
+  "later:S"  raise RetryLater(S) the first time in this process ("later:S:N": the first N times), then True
   "send:T"   send() the message (its key, value and headers) on to topic T, log "Sent ... to T", then True
   "sleep:S"  sleep S seconds, then True
   anything   True, after sleeping $TEST_SLEEP_S seconds (default 0)
@@ -54,6 +55,11 @@ def process_message(message) -> bool:
     if value == "dead":
         record(message, "dead", started_ns)
         raise main.DeadLetter("dead on purpose")
+    if value.startswith("later:"):
+        seconds, times = (value.split(":") + ["1"])[1:3]
+        if attempts[message.topic, message.partition, message.offset] <= int(times):
+            record(message, "later", started_ns)
+            raise main.RetryLater(seconds, "asked to wait")
     if value.startswith("send:"):
         main.send(value.split(":")[1], message.value, key=message.key, headers=message.headers)
         log.info("Sent %s to %s", main.coordinates(message), value.split(":")[1])

@@ -338,9 +338,12 @@ def test_notification_retries_while_the_webhook_is_down(monkeypatch, caplog):
 
 
 def test_notification_without_a_webhook_url_names_the_variable(monkeypatch):
+    """What start-up and `check` say (read_settings: tests/test_your_settings.py), and a call too."""
     monkeypatch.setenv("WEBHOOK_URL", "hooks.example.com/secret-token")
     monkeypatch.setattr(notification, "shared", None)
-    with pytest.raises(RuntimeError, match="WEBHOOK_URL must be set to an http") as error:
+    with pytest.raises(main.ConfigError, match="^WEBHOOK_URL: must be an http:// or https:// URL$"):
+        notification.read_settings()
+    with pytest.raises(main.ConfigError) as error:
         notify("alice")
     assert "secret-token" not in str(error.value)
 
@@ -481,12 +484,15 @@ def test_after_adopting_an_example_the_template_tests_still_pass(tmp_path, examp
 @pytest.mark.parametrize("example", [memory, analytics])
 def test_a_malformed_database_url_is_fatal_and_never_shows_the_password(monkeypatch, caplog, example):
     """A generated password with a raw %: psycopg cannot parse the URL, and its message would quote the
-    password. The kernel stops (exit 1: a person must fix it) saying what to do, the password nowhere."""
+    password. The kernel stops at start-up (read_settings: exit 2, a person must fix it) saying what to
+    do, the password nowhere; a call stops it too."""
     monkeypatch.setenv("DATABASE_URL", "postgresql://app:S3cretPw%ZZ@127.0.0.1:5432/test")
     monkeypatch.setattr(example, "shared", None)
     message = make_message({"user_id": "u-1", "text": "hi", "type": "click", "user": "u-1", "ts": 1})
     handler = example.process_message if example is memory else example.process_batch
-    with pytest.raises(ValueError, match="DATABASE_URL is not a valid PostgreSQL URL: percent-encode") as raised:
+    with pytest.raises(main.ConfigError, match="^DATABASE_URL: not a valid PostgreSQL URL: percent-encode"):
+        example.read_settings()
+    with pytest.raises(main.ConfigError, match="^DATABASE_URL: not a valid PostgreSQL URL: percent-encode") as raised:
         call(message, handler) if example is memory else call_batch([message], handler)
     assert "S3cretPw" not in str(raised.value) and raised.value.__cause__ is None and raised.value.__suppress_context__
     assert "S3cretPw" not in caplog.text
@@ -514,6 +520,8 @@ def test_a_database_url_with_an_invalid_option_is_fatal_not_an_outage(monkeypatc
     monkeypatch.setattr(example, "shared", None)
     message = make_message({"user_id": "u-1", "text": "hi", "type": "click", "user": "u-1", "ts": 1})
     handler = example.process_message if example is memory else example.process_batch
-    with pytest.raises(ValueError, match=f"^DATABASE_URL is not a valid PostgreSQL URL: {said}") as raised:
-        call(message, handler) if example is memory else call_batch([message], handler)
+    with pytest.raises(main.ConfigError, match=f"^DATABASE_URL: not a valid PostgreSQL URL: {said}") as raised:
+        example.read_settings()  # what start-up and `check` call: exit 2 before the first message
     assert "S3cretPw" not in str(raised.value)
+    with pytest.raises(main.ConfigError, match=f"^DATABASE_URL: not a valid PostgreSQL URL: {said}"):
+        call(message, handler) if example is memory else call_batch([message], handler)

@@ -116,6 +116,7 @@ def test_each_call_is_a_span_of_its_message_trace_and_what_it_sends_carries_the_
         (0, b"k-dead", b"dead", [("traceparent", traceparent(*dead))]),
         (0, b"k-send", f"send:{output}".encode(), [("traceparent", traceparent(*forwarded)), ("tracestate", b"v=1")]),
         (0, None, b"untraced", []),
+        (0, None, b"later:0.1", []),
     ])
     env = traced_env(kernels, topic, group, collector, KERNEL_DEAD_LETTER_TOPIC=dlt, KERNEL_RETRY_INITIAL_MS=100,
                      LOG_FORMAT="json")
@@ -127,7 +128,7 @@ def test_each_call_is_a_span_of_its_message_trace_and_what_it_sends_carries_the_
 
     calls = {(span.attributes["messaging.kafka.offset"], span.attributes["kernel.attempt"]): span
              for span in collector.of_kind(CONSUMER)}
-    assert sorted(calls) == [(0, 1), (0, 2), (1, 1), (2, 1), (3, 1)], "one span per call of process_message"
+    assert sorted(calls) == [(0, 1), (0, 2), (1, 1), (2, 1), (3, 1), (4, 1), (4, 2)], "a span per call"
     for span in calls.values():
         assert (span.name, span.service) == (f"process {topic}", "recording-kernel")
         assert span.attributes.items() >= {"messaging.system": "kafka", "messaging.operation.type": "process",
@@ -158,6 +159,9 @@ def test_each_call_is_a_span_of_its_message_trace_and_what_it_sends_carries_the_
 
     untraced = calls[3, 1]
     assert untraced.parent_id == "" and untraced.trace_id not in (retried[0], dead[0], forwarded[0]), "a trace of its own"
+    later, again = calls[4, 1], calls[4, 2]
+    assert (later.attributes["kernel.outcome"], later.status, again.attributes["kernel.outcome"]) == (
+        "retried", ERROR, "done"), "RetryLater is a retry, not a fatal error"
 
 
 def test_a_batch_is_a_span_linked_to_the_trace_of_each_message(cluster, kernels, collector):

@@ -252,7 +252,7 @@ def test_what_may_work_later_is_retried_one_call_per_attempt(api, ticket, result
 def test_a_retry_after_holds_every_call_until_it_has_passed(api, caplog, ticket, pause_s):
     """A 429's retry-after (a 503's retry-after-ms) is the account's: the ticket and every other wait it out."""
     failed = ticket_message(ticket)
-    assert triage_call(failed).result is False
+    assert triage_call(failed).retry_after == pause_s, "RetryLater: the kernel tries it again once it has passed"
     answered_s = api.requests[-1].answered_s
     assert triage_call(ticket_message("T-2", key="customer-2")).result is True  # another customer's ticket
     assert triage_call(failed).result is True
