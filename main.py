@@ -567,7 +567,11 @@ def parse_bootstrap_servers(env: Mapping[str, str]) -> list[str]:
     return servers
 
 
-def parse_int(env: Mapping[str, str], name: str, default: int, minimum: int) -> int:
+INT32_MAX = 2**31 - 1  # what the protocol carries of a size or a timeout, and the most any setting here takes
+MAX_CONCURRENCY = 1_000  # worker threads: more would not start under a container's memory limit
+
+
+def parse_int(env: Mapping[str, str], name: str, default: int, minimum: int, maximum: int = INT32_MAX) -> int:
     text = env.get(name, "").strip()
     if not text:
         return default
@@ -577,6 +581,8 @@ def parse_int(env: Mapping[str, str], name: str, default: int, minimum: int) -> 
         raise ConfigError(f"{name} must be a whole number, got {text!r}") from None
     if value < minimum:
         raise ConfigError(f"{name} must be at least {minimum}, got {value}")
+    if value > maximum:
+        raise ConfigError(f"{name} must be at most {maximum}, got {value}")
     return value
 
 
@@ -676,7 +682,7 @@ def load_settings(env: Mapping[str, str], kernel_name: str, default_topic: str) 
                           parse_int(env, "KERNEL_BATCH_MAX_WAIT_MS", 100, minimum=0) / 1000),
         dead_letter_topic=topic_name("KERNEL_DEAD_LETTER_TOPIC", dead_letters) if (
             dead_letters := env.get("KERNEL_DEAD_LETTER_TOPIC", "").strip()) else None,
-        concurrency=parse_int(env, "KERNEL_CONCURRENCY", 1, minimum=1),
+        concurrency=parse_int(env, "KERNEL_CONCURRENCY", 1, minimum=1, maximum=MAX_CONCURRENCY),
         ordering=parse_choice(env, "KERNEL_ORDERING", "key", ("key", "partition")),
         shutdown_timeout_ms=parse_int(env, "KERNEL_SHUTDOWN_TIMEOUT_MS", 30_000, minimum=0),
         http_port=http_port(env),
@@ -916,7 +922,8 @@ class HealthState:
         self.last_poll_s = time.monotonic()  # starting counts as progress
         self.busy_since_s: float | None = None  # start of the longest-running call of the handler
         self.joined = False  # holds an assignment (possibly empty) from the group
-        self.missing_topics: list[str] = []  # topics of KAFKA_TOPIC the broker does not know
+        self.missing_topics: list[str] = []  # of KAFKA_TOPIC and KERNEL_DEAD_LETTER_TOPIC, the broker does not know
+        self.missing_outputs: frozenset[str] = frozenset()  # topics sent to that the broker said do not exist
         self.dead_letter_trouble: str | None = None  # why the last dead letter could not be published
 
     def alive(self) -> tuple[bool, str]:
@@ -932,6 +939,8 @@ class HealthState:
             return False, f"topic {', '.join(self.missing_topics)} does not exist"
         if self.dead_letter_trouble:
             return False, self.dead_letter_trouble
+        if missing := self.missing_outputs:
+            return False, f"topic {', '.join(sorted(missing))} does not exist: sends to it fail"
         return (True, "ok") if self.joined else (False, "not in the group yet")
 
 
@@ -1236,14 +1245,27 @@ class Tracing:
         flushing.join(TRACES_FLUSH_TIMEOUT_S)
 
 
+def otel_variables_in(error: Exception) -> str:
+    """The OTEL_* variables an error of OpenTelemetry's set-up is about: those whose value it quotes, or
+    that end with a setting it names (max_export_batch_size: OTEL_BSP_MAX_EXPORT_BATCH_SIZE)."""
+    text = str(error)
+    settings = {word.upper() for word in re.findall(r"[a-z]+(?:_[a-z]+)+", text)}
+    names = [name for name, value in os.environ.items() if name.startswith("OTEL_") and (
+        len(value.strip()) > 2 and value.strip() in text or any(name.endswith(setting) for setting in settings))]
+    return ", ".join(names) or "an OTEL_* variable"
+
+
 @contextlib.contextmanager
 def tracing_for(settings: KernelSettings) -> Iterator[Tracing | None]:
     """Tracing for the life of the block, its last spans flushed however it ends; None without
-    OTEL_TRACES_EXPORTER."""
+    OTEL_TRACES_EXPORTER. A setting the SDK refuses (it raises ValueError) is a configuration error."""
     if not settings.traces_exporters:
         yield None
         return
-    tracing = Tracing(settings)
+    try:
+        tracing = Tracing(settings)
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"{otel_variables_in(error)} refused by OpenTelemetry: {error}") from None
     try:
         yield tracing
     finally:
@@ -1358,6 +1380,10 @@ def consumer_config(settings: KernelSettings, tls: TlsFiles | None) -> dict:
         receive_message_max_bytes=max(settings.fetch_max_bytes, 52_428_800) + 1_048_576,
         check_crcs=settings.check_crcs,
         session_timeout_ms=settings.session_timeout_ms,
+        # kafka-python requires a request timeout (305 s by default) above the session timeout, and
+        # connections_max_idle_ms (540 s) above that.
+        request_timeout_ms=max(305_000, settings.session_timeout_ms + 5_000),
+        connections_max_idle_ms=max(540_000, settings.session_timeout_ms + 10_000),
         heartbeat_interval_ms=settings.heartbeat_interval_ms,
         max_poll_interval_ms=settings.max_poll_interval_ms,
         # Bootstrap is retried by connect_consumer() in short attempts so that a stop request is honoured.
@@ -1525,6 +1551,15 @@ def describe_size(data: bytes | None) -> str:
     return f"{len(data or b''):,} bytes"
 
 
+MISSING_TOPIC_WAIT_MS = 1_000  # how long a send waits for a topic the broker said does not exist
+
+
+def named_by(value: str) -> str:
+    """" (NAME holds it)": which environment variables hold `value`, to say where a bad topic name came from."""
+    names = [name for name, held in os.environ.items() if held.strip() == value]
+    return f" ({', '.join(names)} holds it)" if names else ""
+
+
 def delivery_error(future: Future, timeout_s: float) -> KafkaError | None:
     """Wait up to `timeout_s` for the broker to confirm a send; the error if it did not."""
     if not future.is_done:
@@ -1540,10 +1575,12 @@ class KernelProducer:
     use (most kernels never produce) from whichever thread needs it first; closed at shutdown."""
 
     def __init__(self, settings: KernelSettings, tls: TlsFiles | None, api_version: tuple | None = None,
-                 metrics: KernelMetrics | None = None, tracing: Tracing | None = None):
+                 metrics: KernelMetrics | None = None, tracing: Tracing | None = None,
+                 health: HealthState | None = None):
         self.config = producer_config(settings, tls, api_version)
         self.metrics = metrics  # counts confirmed and failed sends when set
         self.tracing = tracing  # puts the trace context into what it sends, when set
+        self.health = health or HealthState(settings)  # /readyz names a topic sent to that does not exist
         self.client: KafkaProducer | None = None
         self.lock = threading.Lock()
         self.timeout_s = settings.produce_timeout_ms / 1000
@@ -1556,7 +1593,7 @@ class KernelProducer:
             if self.client is None:  # the lock is taken only until the client exists
                 with self.lock:
                     if self.client is None:
-                        self.client = self.mended(KafkaProducer(**self.config))
+                        self.client = self.told_missing_topics(self.mended(KafkaProducer(**self.config)))
             future = self.client.send(topic, key=key, value=value, headers=headers)
         except KafkaError as error:  # no broker, the buffer stayed full, or the topic is unknown
             future = kafka.future.Future().failure(error)
@@ -1591,6 +1628,37 @@ class KernelProducer:
             fail_batch(batch, response)
 
         sender._fail_batch = fail_batch_with_class
+        return client
+
+    def told_missing_topics(self, client: KafkaProducer) -> KafkaProducer:
+        """kafka-python 2.3.3 waits for a topic the broker does not have (a mistyped name, where topics
+        are not created automatically) for the whole max_block_ms, asking again every retry_backoff_ms
+        (about 9 times a second), then says only "Failed to update metadata". Here the topics each
+        metadata answer calls unknown are kept (and shown by /readyz), and a send to one fails after
+        MISSING_TOPIC_WAIT_MS, saying the topic does not exist and which variable holds its name."""
+        metadata, update, wait = client._metadata, client._metadata.update_metadata, client._wait_on_metadata
+        unknown = kafka.errors.UnknownTopicOrPartitionError.errno
+
+        def update_metadata(answer) -> None:
+            update(answer)
+            missing = {topic[1] for topic in answer.topics if topic[0] == unknown}
+            known = {topic[1] for topic in answer.topics if topic[0] == 0}
+            self.health.missing_outputs = frozenset(self.health.missing_outputs - known | missing)
+
+        def wait_on_metadata(topic: str, max_wait_ms: int):
+            deadline_s = time.monotonic() + max_wait_ms / 1000
+            while True:
+                try:
+                    return wait(topic, max(1, min(MISSING_TOPIC_WAIT_MS, int((deadline_s - time.monotonic()) * 1000))))
+                except kafka.errors.KafkaTimeoutError:
+                    if topic in self.health.missing_outputs:
+                        raise kafka.errors.UnknownTopicOrPartitionError(
+                            f"topic {topic} does not exist{named_by(topic)}: create it, or correct the name") from None
+                    if time.monotonic() >= deadline_s:
+                        raise kafka.errors.KafkaTimeoutError(
+                            f"Failed to update metadata after {max_wait_ms / 1000:.1f} secs.") from None
+
+        metadata.update_metadata, client._wait_on_metadata = update_metadata, wait_on_metadata
         return client
 
 
@@ -1941,7 +2009,11 @@ class WorkerPool:
         self.handed_back: queue.SimpleQueue[LaneTask] = queue.SimpleQueue()
         self.held: deque[LaneTask] = deque()  # handed back while the loop waited for others; taken first
         for number in range(count):
-            threading.Thread(target=self.work, args=(process,), daemon=True, name=f"{name}-{number}").start()
+            try:
+                threading.Thread(target=self.work, args=(process,), daemon=True, name=f"{name}-{number}").start()
+            except RuntimeError as error:  # "can't start new thread": a memory or thread limit
+                raise ConfigError(f"KERNEL_CONCURRENCY={count}: worker thread {number + 1} could not start ({error}): "
+                                  "lower it, or raise the container's memory (or thread) limit") from None
 
     def work(self, process: Callable[[LaneTask], None]) -> None:
         while (task := self.given.get()) is not None:
@@ -2460,7 +2532,7 @@ class ConsumerLoop:
         self.last_commit_s = 0.0
         # Counting and timing every message costs a little: only when /metrics is served.
         per_message = self.metrics if settings.http_port else None
-        self.producer = KernelProducer(settings, tls, consumer.config["api_version"], per_message, tracing)
+        self.producer = KernelProducer(settings, tls, consumer.config["api_version"], per_message, tracing, self.health)
         dead_letters = (DeadLetterTopic(settings, self.producer, self.metrics, self.health, tracing)
                         if settings.dead_letter_topic else None)
         self.failures = FailurePolicy(settings, self.ledger, dead_letters, self.metrics)
@@ -2510,18 +2582,24 @@ class ConsumerLoop:
             return EXIT_BROKER
 
     def wait_for_topics(self) -> bool:
-        """Wait until every topic of KAFKA_TOPIC exists, saying which does not: kafka-python 2.3.3
-        never assigns a subscribed topic that is created later. False if a stop came first."""
+        """Wait until every topic of KAFKA_TOPIC exists, and KERNEL_DEAD_LETTER_TOPIC, saying which does
+        not: kafka-python 2.3.3 never assigns a subscribed topic that is created later, and a dead-letter
+        topic missing would be found only when a message needs it. False if a stop came first."""
+        wanted = {topic: "KAFKA_TOPIC" for topic in self.settings.topics}
+        if self.settings.dead_letter_topic:
+            wanted[self.settings.dead_letter_topic] = "KERNEL_DEAD_LETTER_TOPIC"
         while not self.stop.requested:
-            missing = [topic for topic in self.settings.topics if not self.consumer.partitions_for_topic(topic)]
+            missing = [topic for topic in wanted if not self.consumer.partitions_for_topic(topic)]
             self.health.missing_topics = missing
             self.health.last_poll_s = time.monotonic()  # waiting is not being stuck
             if not missing:
                 return True
-            if denied := self.denied_topics(missing):
+            consumed = [topic for topic in missing if topic in self.settings.topics]
+            if consumed and (denied := self.denied_topics(consumed)):
                 raise kafka.errors.TopicAuthorizationFailedError(denied)
             kernel_log.warning("Topic %s does not exist (or this client may not see it): waiting for it to be created "
-                               "(KAFKA_TOPIC)", ", ".join(missing), extra=REPEATING)
+                               "(%s)", ", ".join(missing), ", ".join(sorted({wanted[topic] for topic in missing})),
+                               extra=REPEATING)
             time.sleep(TOPIC_CHECK_INTERVAL_S)
         return False
 
