@@ -2894,7 +2894,7 @@ def high_watermarks(consumer: KafkaConsumer, partitions: list[TopicPartition]) -
     return {tp: consumer.highwater(tp) for tp in partitions}
 
 
-def describe_topic(consumer: KafkaConsumer, topic: str, report: CheckReport) -> None:
+def describe_topic(consumer: KafkaConsumer, topic: str, report: CheckReport, auto_offset_reset: str) -> None:
     partitions = consumer.partitions_for_topic(topic)
     if not partitions:
         report.say("error", f"topic {topic} does not exist or is not visible to this client: check KAFKA_TOPIC")
@@ -2902,8 +2902,13 @@ def describe_topic(consumer: KafkaConsumer, topic: str, report: CheckReport) -> 
     report.say("ok", f"topic {topic}: {len(partitions)} partitions")
     tps = [TopicPartition(topic, p) for p in sorted(partitions)]
     ends = high_watermarks(consumer, tps)
+    starts = consumer.beginning_offsets(tps) if auto_offset_reset == "earliest" else ends
     for tp in tps:
         committed, end = consumer.committed(tp), ends[tp]
+        if committed is None and end is not None:  # where the group would start, and all from there is lag
+            report.say("ok", f"  {topic}[{tp.partition}]: nothing committed: would start at {starts[tp]} "
+                             f"(KAFKA_AUTO_OFFSET_RESET={auto_offset_reset}), end {end}, lag {end - starts[tp]}")
+            continue
         lag = end - committed if committed is not None and end is not None else None
         if lag is not None and lag < 0:
             report.say("error", f"  {topic}[{tp.partition}]: committed {committed} is past the end {end}: "
@@ -2916,14 +2921,42 @@ def describe_topic(consumer: KafkaConsumer, topic: str, report: CheckReport) -> 
             report.say("ok", f"  {topic}[{tp.partition}]: committed {committed}, end {end}, lag {lag}")
 
 
+def refuses(server: str) -> bool:
+    """Whether every address of `server` (host:port) turns a TCP connection away at once: nothing listens there."""
+    host, port = server.rsplit(":", 1)
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=1.0).close()
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        pass
+    return False
+
+
+def refused_twice(servers: list[str]) -> bool:
+    """Whether every server refuses the connection, and again a second later (a broker restarting may, once)."""
+    if not all(refuses(server) for server in servers):
+        return False
+    time.sleep(1.0)
+    return all(refuses(server) for server in servers)
+
+
 def check_broker(settings: KernelSettings, tls: TlsFiles | None, report: CheckReport) -> None:
     """Connect as the kernel does, then list each topic's partitions with the group's committed
-    offset, the end offset and the lag. When no host name resolves, say so at once: the kernel would
-    try for KAFKA_BOOTSTRAP_TIMEOUT_MS, in case its DNS is late."""
+    offset, the end offset and the lag, and look for the dead-letter topic. When no host name
+    resolves, or every server refuses the connection (twice, a second apart), say so at once: the
+    kernel would try for KAFKA_BOOTSTRAP_TIMEOUT_MS, in case its DNS is late or its broker starting."""
     hosts = {server.rsplit(":", 1)[0].strip("[]") for server in settings.bootstrap_servers}
+    servers = ",".join(settings.bootstrap_servers)
     if not any(resolves(host) for host in hosts):
         report.say("error", f"network: {', '.join(sorted(hosts))} of KAFKA_BOOTSTRAP_SERVERS does not resolve (DNS)")
         return
+    if refused_twice(settings.bootstrap_servers):
+        report.say("error", f"network: KAFKA_BOOTSTRAP_SERVERS={servers} refused the connection: nothing listens "
+                            "there; check the host and port")
+        return
+    report.say("wait", f"connecting to {servers} over {settings.security}, for up to "
+                       f"{settings.bootstrap_timeout_ms} ms (KAFKA_BOOTSTRAP_TIMEOUT_MS)")
     try:
         consumer = connect_consumer(settings, tls, StopSignal())
     except BrokerUnavailable as error:  # AccessRefused too: "authentication: ...", "TLS: ...", "network: ..."
@@ -2932,21 +2965,30 @@ def check_broker(settings: KernelSettings, tls: TlsFiles | None, report: CheckRe
     try:
         report.say("ok", f"connected to {','.join(settings.bootstrap_servers)} over {settings.security}")
         for topic in settings.topics:
-            describe_topic(consumer, topic, report)
+            describe_topic(consumer, topic, report, settings.auto_offset_reset)
+        if (dead_letters := settings.dead_letter_topic) and not consumer.partitions_for_topic(dead_letters):
+            report.say("error", f"dead-letter topic {dead_letters} does not exist or is not visible to this client: "
+                                "create it, or correct KERNEL_DEAD_LETTER_TOPIC (the kernel waits for it at start)")
+        elif dead_letters:
+            report.say("ok", f"dead-letter topic {dead_letters} exists")
     finally:
         consumer.close(autocommit=False)
 
 
 def check_deployment(env: Mapping[str, str], kernel_name: str, default_topic: str,
-                     dotenv_path: str | None = None) -> int:
-    """Validate settings (after reading the .env at `dotenv_path` into the environment), certificates and
-    the connection, consuming nothing. Exit code 0 when nothing is wrong, 1 when something is, 2 for a
-    configuration error."""
+                     dotenv_path: str | None = None, batch: bool = False) -> int:
+    """Validate settings (after reading the .env at `dotenv_path` into the environment; with `batch`, for
+    process_batch) as start-up does, tracing's set-up too, certificates and the connection, consuming
+    nothing. Exit code 0 when nothing is wrong, 1 when something is, 2 for a configuration error."""
     report = CheckReport()
     try:
         if dotenv_path is not None:
             read_dotenv(dotenv_path)
         settings = load_settings(env, kernel_name, default_topic)
+        if batch:
+            settings.check_batch_limit()
+        with tracing_for(settings):  # what the SDK refuses; its exporters are stopped again at once
+            pass
         with tls_files(settings) as tls:
             report.say("ok", f"settings: topics={','.join(settings.topics)} group={settings.group_id} "
                              f"security={settings.security}")
@@ -3007,7 +3049,7 @@ def run_kernel(process_message: Callable | None = None, *, process_batch: Callab
     handler = KernelHandler(process_batch, batch=True) if process_batch else KernelHandler(process_message)
     argv = sys.argv if argv is None else argv
     if argv[1:] == ["check"]:
-        return check_deployment(os.environ, name, default_topic, DOTENV_PATH)
+        return check_deployment(os.environ, name, default_topic, DOTENV_PATH, handler.batch)
     if argv[1:]:
         print(f"usage: {argv[0]} [check]", file=sys.stderr)
         return EXIT_CONFIG
