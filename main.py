@@ -100,6 +100,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import enum
+import errno
 import functools
 import gc
 import hashlib
@@ -2925,12 +2926,15 @@ def refuses(server: str) -> bool:
     """Whether every address of `server` (host:port) turns a TCP connection away at once: nothing listens there."""
     host, port = server.rsplit(":", 1)
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=1.0).close()
-    except ConnectionRefusedError:
-        return True
-    except OSError:
-        pass
-    return False
+        for family, kind, protocol, _, address in socket.getaddrinfo(host.strip("[]"), int(port),
+                                                                      type=socket.SOCK_STREAM):
+            with socket.socket(family, kind, protocol) as connection:
+                connection.settimeout(1.0)
+                if connection.connect_ex(address) != errno.ECONNREFUSED:
+                    return False
+    except (OSError, UnicodeError):
+        return False
+    return True
 
 
 def refused_twice(servers: list[str]) -> bool:
