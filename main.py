@@ -106,6 +106,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import enum
+import errno
 import functools
 import gc
 import hashlib
@@ -589,7 +590,11 @@ def parse_bootstrap_servers(env: Mapping[str, str]) -> list[str]:
     return servers
 
 
-def parse_int(env: Mapping[str, str], name: str, default: int, minimum: int) -> int:
+INT32_MAX = 2**31 - 1  # what the protocol carries of a size or a timeout, and the most any setting here takes
+MAX_CONCURRENCY = 1_000  # worker threads: more would not start under a container's memory limit
+
+
+def parse_int(env: Mapping[str, str], name: str, default: int, minimum: int, maximum: int = INT32_MAX) -> int:
     text = env.get(name, "").strip()
     if not text:
         return default
@@ -599,6 +604,8 @@ def parse_int(env: Mapping[str, str], name: str, default: int, minimum: int) -> 
         raise ConfigError(f"{name} must be a whole number, got {text!r}") from None
     if value < minimum:
         raise ConfigError(f"{name} must be at least {minimum}, got {value}")
+    if value > maximum:
+        raise ConfigError(f"{name} must be at most {maximum}, got {value}")
     return value
 
 
@@ -707,7 +714,7 @@ def load_settings(env: Mapping[str, str], kernel_name: str, default_topic: str) 
                           parse_int(env, "KERNEL_BATCH_MAX_WAIT_MS", 100, minimum=0) / 1000),
         dead_letter_topic=topic_name("KERNEL_DEAD_LETTER_TOPIC", dead_letters) if (
             dead_letters := env.get("KERNEL_DEAD_LETTER_TOPIC", "").strip()) else None,
-        concurrency=parse_int(env, "KERNEL_CONCURRENCY", 1, minimum=1),
+        concurrency=parse_int(env, "KERNEL_CONCURRENCY", 1, minimum=1, maximum=MAX_CONCURRENCY),
         ordering=parse_choice(env, "KERNEL_ORDERING", "key", ("key", "partition")),
         shutdown_timeout_ms=parse_int(env, "KERNEL_SHUTDOWN_TIMEOUT_MS", 30_000, minimum=0),
         http_port=http_port(env),
@@ -1008,7 +1015,8 @@ class HealthState:
         self.last_poll_s = time.monotonic()  # starting counts as progress
         self.busy_since_s: float | None = None  # start of the longest-running call of the handler
         self.joined = False  # holds an assignment (possibly empty) from the group
-        self.missing_topics: list[str] = []  # topics of KAFKA_TOPIC the broker does not know
+        self.missing_topics: list[str] = []  # of KAFKA_TOPIC and KERNEL_DEAD_LETTER_TOPIC, the broker does not know
+        self.missing_outputs: frozenset[str] = frozenset()  # topics sent to that the broker said do not exist
         self.dead_letter_trouble: str | None = None  # why the last dead letter could not be published
 
     def alive(self) -> tuple[bool, str]:
@@ -1024,6 +1032,8 @@ class HealthState:
             return False, f"topic {', '.join(self.missing_topics)} does not exist"
         if self.dead_letter_trouble:
             return False, self.dead_letter_trouble
+        if missing := self.missing_outputs:
+            return False, f"topic {', '.join(sorted(missing))} does not exist: sends to it fail"
         return (True, "ok") if self.joined else (False, "not in the group yet")
 
 
@@ -1334,14 +1344,27 @@ class Tracing:
         flushing.join(TRACES_FLUSH_TIMEOUT_S)
 
 
+def otel_variables_in(error: Exception) -> str:
+    """The OTEL_* variables an error of OpenTelemetry's set-up is about: those whose value it quotes, or
+    that end with a setting it names (max_export_batch_size: OTEL_BSP_MAX_EXPORT_BATCH_SIZE)."""
+    text = str(error)
+    settings = {word.upper() for word in re.findall(r"[a-z]+(?:_[a-z]+)+", text)}
+    names = [name for name, value in os.environ.items() if name.startswith("OTEL_") and (
+        len(value.strip()) > 2 and value.strip() in text or any(name.endswith(setting) for setting in settings))]
+    return ", ".join(names) or "an OTEL_* variable"
+
+
 @contextlib.contextmanager
 def tracing_for(settings: KernelSettings) -> Iterator[Tracing | None]:
     """Tracing for the life of the block, its last spans flushed however it ends; None without
-    OTEL_TRACES_EXPORTER."""
+    OTEL_TRACES_EXPORTER. A setting the SDK refuses (it raises ValueError) is a configuration error."""
     if not settings.traces_exporters:
         yield None
         return
-    tracing = Tracing(settings)
+    try:
+        tracing = Tracing(settings)
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"{otel_variables_in(error)} refused by OpenTelemetry: {error}") from None
     try:
         yield tracing
     finally:
@@ -1456,6 +1479,10 @@ def consumer_config(settings: KernelSettings, tls: TlsFiles | None) -> dict:
         receive_message_max_bytes=max(settings.fetch_max_bytes, 52_428_800) + 1_048_576,
         check_crcs=settings.check_crcs,
         session_timeout_ms=settings.session_timeout_ms,
+        # kafka-python requires a request timeout (305 s by default) above the session timeout, and
+        # connections_max_idle_ms (540 s) above that.
+        request_timeout_ms=max(305_000, settings.session_timeout_ms + 5_000),
+        connections_max_idle_ms=max(540_000, settings.session_timeout_ms + 10_000),
         heartbeat_interval_ms=settings.heartbeat_interval_ms,
         max_poll_interval_ms=settings.max_poll_interval_ms,
         # Bootstrap is retried by connect_consumer() in short attempts so that a stop request is honoured.
@@ -1750,6 +1777,15 @@ def describe_size(data: bytes | None) -> str:
     return f"{len(data or b''):,} bytes"
 
 
+MISSING_TOPIC_WAIT_MS = 1_000  # how long a send waits for a topic the broker said does not exist
+
+
+def named_by(value: str) -> str:
+    """" (NAME holds it)": which environment variables hold `value`, to say where a bad topic name came from."""
+    names = [name for name, held in os.environ.items() if held.strip() == value]
+    return f" ({', '.join(names)} holds it)" if names else ""
+
+
 def delivery_error(future: Future, timeout_s: float) -> KafkaError | None:
     """Wait up to `timeout_s` for the broker to confirm a send; the error if it did not."""
     if not future.is_done:
@@ -1765,10 +1801,12 @@ class KernelProducer:
     use (most kernels never produce) from whichever thread needs it first; closed at shutdown."""
 
     def __init__(self, settings: KernelSettings, tls: TlsFiles | None, api_version: tuple | None = None,
-                 metrics: KernelMetrics | None = None, tracing: Tracing | None = None):
+                 metrics: KernelMetrics | None = None, tracing: Tracing | None = None,
+                 health: HealthState | None = None):
         self.config = producer_config(settings, tls, api_version)
         self.metrics = metrics  # counts confirmed and failed sends when set
         self.tracing = tracing  # puts the trace context into what it sends, when set
+        self.health = health or HealthState(settings)  # /readyz names a topic sent to that does not exist
         self.client: KafkaProducer | None = None
         self.lock = threading.Lock()
         self.timeout_s = settings.produce_timeout_ms / 1000
@@ -1781,7 +1819,7 @@ class KernelProducer:
             if self.client is None:  # the lock is taken only until the client exists
                 with self.lock:
                     if self.client is None:
-                        self.client = self.mended(KafkaProducer(**self.config))
+                        self.client = self.told_missing_topics(self.mended(KafkaProducer(**self.config)))
             future = self.client.send(topic, key=key, value=value, headers=headers)
         except KafkaError as error:  # no broker, the buffer stayed full, or the topic is unknown
             future = kafka.future.Future().failure(error)
@@ -1816,6 +1854,37 @@ class KernelProducer:
             fail_batch(batch, response)
 
         sender._fail_batch = fail_batch_with_class
+        return client
+
+    def told_missing_topics(self, client: KafkaProducer) -> KafkaProducer:
+        """kafka-python 2.3.3 waits for a topic the broker does not have (a mistyped name, where topics
+        are not created automatically) for the whole max_block_ms, asking again every retry_backoff_ms
+        (about 9 times a second), then says only "Failed to update metadata". Here the topics each
+        metadata answer calls unknown are kept (and shown by /readyz), and a send to one fails after
+        MISSING_TOPIC_WAIT_MS, saying the topic does not exist and which variable holds its name."""
+        metadata, update, wait = client._metadata, client._metadata.update_metadata, client._wait_on_metadata
+        unknown = kafka.errors.UnknownTopicOrPartitionError.errno
+
+        def update_metadata(answer) -> None:
+            update(answer)
+            missing = {topic[1] for topic in answer.topics if topic[0] == unknown}
+            known = {topic[1] for topic in answer.topics if topic[0] == 0}
+            self.health.missing_outputs = frozenset(self.health.missing_outputs - known | missing)
+
+        def wait_on_metadata(topic: str, max_wait_ms: int):
+            deadline_s = time.monotonic() + max_wait_ms / 1000
+            while True:
+                try:
+                    return wait(topic, max(1, min(MISSING_TOPIC_WAIT_MS, int((deadline_s - time.monotonic()) * 1000))))
+                except kafka.errors.KafkaTimeoutError:
+                    if topic in self.health.missing_outputs:
+                        raise kafka.errors.UnknownTopicOrPartitionError(
+                            f"topic {topic} does not exist{named_by(topic)}: create it, or correct the name") from None
+                    if time.monotonic() >= deadline_s:
+                        raise kafka.errors.KafkaTimeoutError(
+                            f"Failed to update metadata after {max_wait_ms / 1000:.1f} secs.") from None
+
+        metadata.update_metadata, client._wait_on_metadata = update_metadata, wait_on_metadata
         return client
 
 
@@ -2195,7 +2264,11 @@ class WorkerPool:
         self.handed_back: queue.SimpleQueue[LaneTask] = queue.SimpleQueue()
         self.held: deque[LaneTask] = deque()  # handed back while the loop waited for others; taken first
         for number in range(count):
-            threading.Thread(target=self.work, args=(process,), daemon=True, name=f"{name}-{number}").start()
+            try:
+                threading.Thread(target=self.work, args=(process,), daemon=True, name=f"{name}-{number}").start()
+            except RuntimeError as error:  # "can't start new thread": a memory or thread limit
+                raise ConfigError(f"KERNEL_CONCURRENCY={count}: worker thread {number + 1} could not start ({error}): "
+                                  "lower it, or raise the container's memory (or thread) limit") from None
 
     def work(self, process: Callable[[LaneTask], None]) -> None:
         while (task := self.given.get()) is not None:
@@ -2726,7 +2799,7 @@ class ConsumerLoop:
         self.last_commit_s = 0.0
         # Counting and timing every message costs a little: only when /metrics is served.
         per_message = self.metrics if settings.http_port else None
-        self.producer = KernelProducer(settings, tls, consumer.config["api_version"], per_message, tracing)
+        self.producer = KernelProducer(settings, tls, consumer.config["api_version"], per_message, tracing, self.health)
         dead_letters = (DeadLetterTopic(settings, self.producer, self.metrics, self.health, tracing)
                         if settings.dead_letter_topic else None)
         self.failures = FailurePolicy(settings, self.ledger, dead_letters, self.metrics)
@@ -2777,18 +2850,24 @@ class ConsumerLoop:
             return EXIT_BROKER
 
     def wait_for_topics(self) -> bool:
-        """Wait until every topic of KAFKA_TOPIC exists, saying which does not: kafka-python 2.3.3
-        never assigns a subscribed topic that is created later. False if a stop came first."""
+        """Wait until every topic of KAFKA_TOPIC exists, and KERNEL_DEAD_LETTER_TOPIC, saying which does
+        not: kafka-python 2.3.3 never assigns a subscribed topic that is created later, and a dead-letter
+        topic missing would be found only when a message needs it. False if a stop came first."""
+        wanted = {topic: "KAFKA_TOPIC" for topic in self.settings.topics}
+        if self.settings.dead_letter_topic:
+            wanted[self.settings.dead_letter_topic] = "KERNEL_DEAD_LETTER_TOPIC"
         while not self.stop.requested:
-            missing = [topic for topic in self.settings.topics if not self.consumer.partitions_for_topic(topic)]
+            missing = [topic for topic in wanted if not self.consumer.partitions_for_topic(topic)]
             self.health.missing_topics = missing
             self.health.last_poll_s = time.monotonic()  # waiting is not being stuck
             if not missing:
                 return True
-            if denied := self.denied_topics(missing):
+            consumed = [topic for topic in missing if topic in self.settings.topics]
+            if consumed and (denied := self.denied_topics(consumed)):
                 raise kafka.errors.TopicAuthorizationFailedError(denied)
             kernel_log.warning("Topic %s does not exist (or this client may not see it): waiting for it to be created "
-                               "(KAFKA_TOPIC)", ", ".join(missing), extra=REPEATING)
+                               "(%s)", ", ".join(missing), ", ".join(sorted({wanted[topic] for topic in missing})),
+                               extra=REPEATING)
             time.sleep(TOPIC_CHECK_INTERVAL_S)
         return False
 
@@ -3086,7 +3165,7 @@ def high_watermarks(consumer: KafkaConsumer, partitions: list[TopicPartition]) -
     return {tp: consumer.highwater(tp) for tp in partitions}
 
 
-def describe_topic(consumer: KafkaConsumer, topic: str, report: CheckReport) -> None:
+def describe_topic(consumer: KafkaConsumer, topic: str, report: CheckReport, auto_offset_reset: str) -> None:
     partitions = consumer.partitions_for_topic(topic)
     if not partitions:
         report.say("error", f"topic {topic} does not exist or is not visible to this client: check KAFKA_TOPIC")
@@ -3094,8 +3173,13 @@ def describe_topic(consumer: KafkaConsumer, topic: str, report: CheckReport) -> 
     report.say("ok", f"topic {topic}: {len(partitions)} partitions")
     tps = [TopicPartition(topic, p) for p in sorted(partitions)]
     ends = high_watermarks(consumer, tps)
+    starts = consumer.beginning_offsets(tps) if auto_offset_reset == "earliest" else ends
     for tp in tps:
         committed, end = consumer.committed(tp), ends[tp]
+        if committed is None and end is not None:  # where the group would start, and all from there is lag
+            report.say("ok", f"  {topic}[{tp.partition}]: nothing committed: would start at {starts[tp]} "
+                             f"(KAFKA_AUTO_OFFSET_RESET={auto_offset_reset}), end {end}, lag {end - starts[tp]}")
+            continue
         lag = end - committed if committed is not None and end is not None else None
         if lag is not None and lag < 0:
             report.say("error", f"  {topic}[{tp.partition}]: committed {committed} is past the end {end}: "
@@ -3108,14 +3192,45 @@ def describe_topic(consumer: KafkaConsumer, topic: str, report: CheckReport) -> 
             report.say("ok", f"  {topic}[{tp.partition}]: committed {committed}, end {end}, lag {lag}")
 
 
+def refuses(server: str) -> bool:
+    """Whether every address of `server` (host:port) turns a TCP connection away at once: nothing listens there."""
+    host, port = server.rsplit(":", 1)
+    try:
+        for family, kind, protocol, _, address in socket.getaddrinfo(host.strip("[]"), int(port),
+                                                                      type=socket.SOCK_STREAM):
+            with socket.socket(family, kind, protocol) as connection:
+                connection.settimeout(1.0)
+                if connection.connect_ex(address) != errno.ECONNREFUSED:
+                    return False
+    except (OSError, UnicodeError):
+        return False
+    return True
+
+
+def refused_twice(servers: list[str]) -> bool:
+    """Whether every server refuses the connection, and again a second later (a broker restarting may, once)."""
+    if not all(refuses(server) for server in servers):
+        return False
+    time.sleep(1.0)
+    return all(refuses(server) for server in servers)
+
+
 def check_broker(settings: KernelSettings, tls: TlsFiles | None, report: CheckReport) -> None:
     """Connect as the kernel does, then list each topic's partitions with the group's committed
-    offset, the end offset and the lag. When no host name resolves, say so at once: the kernel would
-    try for KAFKA_BOOTSTRAP_TIMEOUT_MS, in case its DNS is late."""
+    offset, the end offset and the lag, and look for the dead-letter topic. When no host name
+    resolves, or every server refuses the connection (twice, a second apart), say so at once: the
+    kernel would try for KAFKA_BOOTSTRAP_TIMEOUT_MS, in case its DNS is late or its broker starting."""
     hosts = {server.rsplit(":", 1)[0].strip("[]") for server in settings.bootstrap_servers}
+    servers = ",".join(settings.bootstrap_servers)
     if not any(resolves(host) for host in hosts):
         report.say("error", f"network: {', '.join(sorted(hosts))} of KAFKA_BOOTSTRAP_SERVERS does not resolve (DNS)")
         return
+    if refused_twice(settings.bootstrap_servers):
+        report.say("error", f"network: KAFKA_BOOTSTRAP_SERVERS={servers} refused the connection: nothing listens "
+                            "there; check the host and port")
+        return
+    report.say("wait", f"connecting to {servers} over {settings.security}, for up to "
+                       f"{settings.bootstrap_timeout_ms} ms (KAFKA_BOOTSTRAP_TIMEOUT_MS)")
     try:
         consumer = connect_consumer(settings, tls, StopSignal())
     except BrokerUnavailable as error:  # AccessRefused too: "authentication: ...", "TLS: ...", "network: ..."
@@ -3124,7 +3239,12 @@ def check_broker(settings: KernelSettings, tls: TlsFiles | None, report: CheckRe
     try:
         report.say("ok", f"connected to {','.join(settings.bootstrap_servers)} over {settings.security}")
         for topic in settings.topics:
-            describe_topic(consumer, topic, report)
+            describe_topic(consumer, topic, report, settings.auto_offset_reset)
+        if (dead_letters := settings.dead_letter_topic) and not consumer.partitions_for_topic(dead_letters):
+            report.say("error", f"dead-letter topic {dead_letters} does not exist or is not visible to this client: "
+                                "create it, or correct KERNEL_DEAD_LETTER_TOPIC (the kernel waits for it at start)")
+        elif dead_letters:
+            report.say("ok", f"dead-letter topic {dead_letters} exists")
     finally:
         consumer.close(autocommit=False)
 
@@ -3150,16 +3270,22 @@ def machinery_report(path: str = __file__) -> tuple[str, str]:
 
 
 def check_deployment(env: Mapping[str, str], kernel_name: str, default_topic: str,
-                     dotenv_path: str | None = None, read_settings: Callable[[], object] | None = None) -> int:
+                     dotenv_path: str | None = None, read_settings: Callable[[], object] | None = None,
+                     batch: bool = False) -> int:
     """Validate settings (after reading the .env at `dotenv_path` into the environment; the kernel's own
-    with `read_settings`), certificates and the connection, consuming nothing. Exit code 0 when nothing
-    is wrong, 1 when something is, 2 for a configuration error."""
+    with `read_settings`; with `batch`, for process_batch) as start-up does, tracing's set-up too,
+    certificates and the connection, consuming nothing. Exit code 0 when nothing is wrong, 1 when
+    something is, 2 for a configuration error."""
     report = CheckReport()
     report.say(*machinery_report())
     try:
         if dotenv_path is not None:
             read_dotenv(dotenv_path)
         settings = load_settings(env, kernel_name, default_topic)
+        if batch:
+            settings.check_batch_limit()
+        with tracing_for(settings):  # what the SDK refuses; its exporters are stopped again at once
+            pass
         with tls_files(settings) as tls:
             report.say("ok", f"settings: topics={','.join(settings.topics)} group={settings.group_id} "
                              f"security={settings.security}")
@@ -3226,7 +3352,8 @@ def run_kernel(process_message: Callable | None = None, *, process_batch: Callab
     handler = KernelHandler(process_batch, batch=True) if process_batch else KernelHandler(process_message)
     argv = sys.argv if argv is None else argv
     if argv[1:] == ["check"]:
-        return check_deployment(os.environ, name, default_topic, dotenv_file(os.environ), read_settings)
+        return check_deployment(os.environ, name, default_topic, dotenv_file(os.environ), read_settings,
+                                handler.batch)
     if argv[1:]:
         print(f"usage: {argv[0]} [check]", file=sys.stderr)
         return EXIT_CONFIG
@@ -3283,4 +3410,4 @@ check_your_part(names_of_your_part)
 
 # The machinery's digest as the template shipped it (devtools/stamp_machinery.py writes it): `check` and
 # tests/test_template.py compare it with what is above, from "# End of your kernel" on.
-MACHINERY_SHA256 = "35a75d5f87a35caabf956c8f7e0480b4898037d3aa5d5de3a19dc68516c8317e"
+MACHINERY_SHA256 = "37cc1d7a6cb6515052bd23040f9947f72e8a8163f226774f970078ea6a69f1b5"

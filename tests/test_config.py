@@ -78,6 +78,17 @@ CASES = {
                                     "KAFKA_SASL_PASSWORD is not used with KAFKA_SASL_MECHANISM=OAUTHBEARER"),
     "OAuth client with PLAIN": ({"KAFKA_SASL_MECHANISM": "PLAIN", "KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET": "secret-6"},
                                 "KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET is only used with KAFKA_SASL_MECHANISM=OAUTHBEARER"),
+    "fetch size past int32": ({"KAFKA_FETCH_MAX_BYTES": "3000000000"},
+                              "KAFKA_FETCH_MAX_BYTES must be at most 2147483647, got 3000000000"),
+    "poll interval past int32": ({"KAFKA_MAX_POLL_INTERVAL_MS": "3000000000"},
+                                 "KAFKA_MAX_POLL_INTERVAL_MS must be at most 2147483647"),
+    "produce timeout past int32": ({"KAFKA_PRODUCE_TIMEOUT_MS": "3000000000"},
+                                   "KAFKA_PRODUCE_TIMEOUT_MS must be at most 2147483647"),
+    "too many workers": ({"KERNEL_CONCURRENCY": "5000"}, "KERNEL_CONCURRENCY must be at most 1000, got 5000"),
+    "unknown propagator": ({"OTEL_TRACES_EXPORTER": "console", "OTEL_PROPAGATORS": "bogus"},
+                           "OTEL_PROPAGATORS refused by OpenTelemetry: Propagator bogus not found"),
+    "empty span batches": ({"OTEL_TRACES_EXPORTER": "console", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "0"},
+                           "OTEL_BSP_MAX_EXPORT_BATCH_SIZE refused by OpenTelemetry: max_export_batch_size must"),
 }
 
 
@@ -199,3 +210,12 @@ def test_kernel_dotenv_chooses_the_dotenv_file_or_none(kernels, tmp_path, comman
     code, output = results[str(tmp_path / "missing.env")]
     assert code == 2 and f"KERNEL_DOTENV names no file: '{tmp_path / 'missing.env'}'" in output, output
     assert "Traceback" not in output and len([line for line in output.splitlines() if line.strip() and not line.startswith("ok ")]) == 1, output
+
+
+@pytest.mark.brokers("kafka")  # Tansu left its JoinGroup unanswered for 30 s with this session timeout
+def test_a_session_timeout_above_the_clients_request_timeout_runs(cluster, kernels):
+    """KAFKA_SESSION_TIMEOUT_MS=310000, above kafka-python's default request timeout (305 s): the kernel joins."""
+    topic = cluster.create_topic(partitions=1)
+    kernel = kernels.start(kernels.env(topic, "long-session", KAFKA_SESSION_TIMEOUT_MS=310000), script=MAIN)
+    kernel.wait_for_log("Partitions assigned")
+    assert kernel.stop() == 0

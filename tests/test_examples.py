@@ -525,3 +525,25 @@ def test_a_database_url_with_an_invalid_option_is_fatal_not_an_outage(monkeypatc
     assert "S3cretPw" not in str(raised.value)
     with pytest.raises(main.ConfigError, match=f"^DATABASE_URL: not a valid PostgreSQL URL: {said}"):
         call(message, handler) if example is memory else call_batch([message], handler)
+
+
+@pytest.mark.brokers("kafka")
+def test_transform_names_an_output_topic_that_does_not_exist(cluster, kernels):
+    """TRANSFORM_OUTPUT_TOPIC mistyped on a broker that does not create topics: a line names the topic,
+    /readyz answers 503 naming it, and after KERNEL_MAX_ATTEMPTS the message is dead-lettered."""
+    source, dlt = cluster.create_topic(partitions=1), cluster.create_topic(partitions=1)
+    missing = f"events-enriched-typo-{uuid.uuid4().hex[:6]}"
+    group = f"transform-missing-{uuid.uuid4().hex[:6]}"
+    cluster.produce(source, [(0, b"k", json.dumps({"id": "e-1", "type": "t"}).encode())])
+    port = free_port()
+    env = kernels.env(source, group, TRANSFORM_OUTPUT_TOPIC=missing, KERNEL_DEAD_LETTER_TOPIC=dlt,
+                      KERNEL_MAX_ATTEMPTS=2, KERNEL_RETRY_INITIAL_MS=100, KAFKA_PRODUCE_TIMEOUT_MS=2000,
+                      KERNEL_HTTP_PORT=port)
+    kernel = kernels.start(env, module="examples.transform")
+    kernel.wait_for_log(rf"topic {missing} does not exist \(TRANSFORM_OUTPUT_TOPIC holds it\)", timeout_s=30)
+    status, body = http_get(port, "/readyz")
+    assert status == 503 and missing in body, (status, body)
+    wait_until(lambda: cluster.committed(group, source, 1)[0] == 1, 60, "the message dead-lettered and committed")
+    assert f"topic {missing} does not exist" in dead_letters(cluster, dlt)["k"]
+    assert http_get(port, "/readyz")[0] == 503, "still not ready: the topic still does not exist"
+    assert kernel.stop() == 0

@@ -160,7 +160,8 @@ def test_check_passes_against_the_tls_broker(cluster, kernels):
     assert "ok      KAFKA_CLIENT_CERT is signed by KAFKA_CA_CERT" in output
     assert re.search(r"ok +KAFKA_CA_CERT: subject .*; valid until", output)
     assert f"ok      topic {topic}: 2 partitions" in output
-    assert re.search(rf"{topic}\[1\]: committed None, end 1, lag None", output)
+    assert re.search(rf"{topic}\[1\]: nothing committed: would start at 0 \(KAFKA_AUTO_OFFSET_RESET=earliest\), "
+                     "end 1, lag 1", output), output
     assert list(kernels.certificate_tmpdir.iterdir()) == []
 
 
@@ -217,11 +218,50 @@ def test_check_reports_a_mismatched_key(cluster, kernels, pki):
     assert code == 2 and "error   KAFKA_CLIENT_KEY does not match KAFKA_CLIENT_CERT" in output, output
 
 
-def test_check_reports_an_unreachable_broker(kernels):
-    env = kernels.env("anything", "check-bad", KAFKA_BOOTSTRAP_TIMEOUT_MS=2000)
-    env["KAFKA_BOOTSTRAP_SERVERS"] = f"127.0.0.1:{free_port()}"
+def test_check_gives_up_at_once_when_every_server_refuses(kernels):
+    env = kernels.env("anything", "check-refused")  # a bootstrap timeout of 10 s
+    env["KAFKA_BOOTSTRAP_SERVERS"] = f"127.0.0.1:{free_port()},localhost:{free_port()}"
+    started = time.monotonic()
     code, output = run_check(env)
-    assert code == 1 and "error   network: no broker of KAFKA_BOOTSTRAP_SERVERS=" in output, output
+    assert code == 1 and f"error   network: KAFKA_BOOTSTRAP_SERVERS={env['KAFKA_BOOTSTRAP_SERVERS']} refused the " \
+                         "connection: nothing listens there" in output, output
+    assert time.monotonic() - started < 8, "it waited for the bootstrap timeout"
+
+
+def test_check_says_what_it_waits_for(kernels):
+    """A server that accepts connections but never answers: `check` says what it waits for, and for how long."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        env = kernels.env("anything", "check-silent", KAFKA_BOOTSTRAP_TIMEOUT_MS=1000,
+                          KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{silent.getsockname()[1]}")
+        code, output = run_check(env)
+    assert code == 1 and re.search(r"^wait +connecting to 127\.0\.0\.1:\d+ over SSL, for up to 1000 ms "
+                                   r"\(KAFKA_BOOTSTRAP_TIMEOUT_MS\)\nerror +network: no broker", output, re.M), output
+
+
+def test_check_reports_a_dead_letter_topic_that_does_not_exist_as_the_kernel_waits_for_it(cluster, kernels):
+    topic, port = cluster.create_topic(partitions=1), free_port()
+    dead_letters = f"t-no-dlt-{uuid.uuid4().hex[:8]}"
+    env = kernels.env(topic, "check-dlt", KERNEL_DEAD_LETTER_TOPIC=dead_letters, KERNEL_HTTP_PORT=port)
+    code, output = run_check(env)
+    assert code == 1 and f"error   dead-letter topic {dead_letters} does not exist or is not visible to this " \
+                         "client: create it, or correct KERNEL_DEAD_LETTER_TOPIC" in output, output
+
+    kernel = kernels.start(env)
+    kernel.wait_for_log(rf"Topic {dead_letters} does not exist .*waiting for it to be created \(KERNEL_DEAD_LETTER_TOPIC\)")
+    assert http_get(port, "/readyz") == (503, f"topic {dead_letters} does not exist\n")
+    cluster.broker.create_topic(dead_letters, 1)
+    produced = cluster.produce(topic, [(0, None, b"m")])
+    wait_committed(cluster, kernel, "check-dlt", topic, produced, 1)  # it goes on once the topic exists
+    assert kernel.stop() == 0
+    code, output = run_check(env)
+    assert code == 0 and f"ok      dead-letter topic {dead_letters} exists" in output, output
+
+
+@pytest.mark.parametrize("setting", [{"OTEL_PROPAGATORS": "bogus"}, {"KERNEL_CONCURRENCY": "5000"}])
+def test_check_reports_what_start_up_would_refuse(kernels, setting):
+    code, output = run_check(kernels.env("anything", "check-config", OTEL_TRACES_EXPORTER="console", **setting))
+    assert code == 2 and re.search(rf"^error +{next(iter(setting))}", output, re.M), output
+    assert "Traceback" not in output
 
 
 def test_check_says_at_once_that_a_host_does_not_resolve(kernels):
@@ -275,3 +315,11 @@ def test_check_flags_a_committed_offset_past_the_end_of_its_partition(cluster, k
     code, output = run_check(kernels.env(topic, "check-past-end"))
     assert code == 1, output
     assert re.search(rf"error +  {topic}\[0\]: committed 5 is past the end 1: the topic was recreated", output), output
+
+
+def test_check_of_a_batch_kernel_refuses_a_batch_it_would_never_fill(kernels):
+    env = kernels.env("anything", "check-batch", KERNEL_BATCH_MAX_MESSAGES=10_000, PYTHONPATH=str(REPO))
+    result = subprocess.run([sys.executable, "-m", "examples.analytics", "check"], env=env, capture_output=True,
+                            text=True, timeout=60, cwd=REPO)
+    assert result.returncode == 2 and "error   KERNEL_BATCH_MAX_MESSAGES (10000) must not exceed" in result.stdout, \
+        result.stdout + result.stderr

@@ -3,6 +3,8 @@
 import base64
 import os
 import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -204,3 +206,50 @@ def test_message_id_is_the_same_for_a_redelivery_and_differs_for_any_other_recor
               record(headers=[("h", b"1"), ("h", b"1")]), record(topic="tk", key="")]
     ids = [main.message_id(other) for other in others]
     assert first not in ids and len(set(ids)) == len(ids), "two different records with the same id"
+
+
+# Settings past what the client and the protocol allow: a configuration error naming the variable.
+
+INT32_MAX = 2**31 - 1
+BOUNDED = ["KAFKA_MAX_POLL_RECORDS", "KERNEL_BUFFER_MAX_BYTES", "KAFKA_FETCH_MAX_BYTES",
+           "KAFKA_MAX_PARTITION_FETCH_BYTES", "KAFKA_SESSION_TIMEOUT_MS", "KAFKA_MAX_POLL_INTERVAL_MS",
+           "KAFKA_BOOTSTRAP_TIMEOUT_MS", "KAFKA_COMMIT_TIMEOUT_MS", "KAFKA_PRODUCE_TIMEOUT_MS",
+           "KERNEL_RETRY_INITIAL_MS", "KERNEL_RETRY_MAX_MS", "KERNEL_MAX_ATTEMPTS", "KERNEL_BATCH_MAX_MESSAGES",
+           "KERNEL_BATCH_MAX_WAIT_MS", "KERNEL_SHUTDOWN_TIMEOUT_MS"]
+
+
+@pytest.mark.parametrize("name", BOUNDED)
+def test_a_number_past_int32_names_its_variable(name):
+    env = {"KAFKA_BOOTSTRAP_SERVERS": "a:1", name: "3000000000"}
+    with pytest.raises(ConfigError, match=f"^{name} must be at most {INT32_MAX}, got 3000000000"):
+        settings_from(env)
+    if name != "KERNEL_RETRY_INITIAL_MS":  # which must not exceed KERNEL_RETRY_MAX_MS
+        settings_from({**env, name: str(INT32_MAX)})  # the largest allowed is taken
+
+
+def test_concurrency_is_capped():
+    with pytest.raises(ConfigError, match="^KERNEL_CONCURRENCY must be at most 1000, got 5000"):
+        settings_from({"KAFKA_BOOTSTRAP_SERVERS": "a:1", "KERNEL_CONCURRENCY": "5000"})
+    assert settings_from({"KAFKA_BOOTSTRAP_SERVERS": "a:1", "KERNEL_CONCURRENCY": "1000"}).concurrency == 1000
+
+
+def test_the_consumers_request_timeout_follows_a_long_session_timeout():
+    settings = settings_from({"KAFKA_BOOTSTRAP_SERVERS": "a:1", "KAFKA_SESSION_TIMEOUT_MS": "310000"})
+    config = main.consumer_config(settings, None)
+    assert config["request_timeout_ms"] > 310_000 and config["connections_max_idle_ms"] > config["request_timeout_ms"]
+    consumer = main.KafkaConsumer(**config | {"bootstrap_servers": [], "api_version": (2, 8)})  # checks, connects nowhere
+    consumer.close()
+    assert main.consumer_config(settings_from({"KAFKA_BOOTSTRAP_SERVERS": "a:1"}), None)["request_timeout_ms"] == 305_000
+
+
+def test_worker_threads_that_cannot_start_are_a_configuration_error():
+    """Under a memory limit (here, of address space: each thread reserves a stack) 1,000 workers do not start."""
+    script = ("import resource, main\n"
+              "resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))\n"
+              "try:\n"
+              "    main.WorkerPool(1000, 'w', print)\n"
+              "except main.ConfigError as error:\n"
+              "    print(error)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                            cwd=main.os.path.dirname(main.__file__))
+    assert result.stdout.startswith("KERNEL_CONCURRENCY=1000: worker thread "), result.stdout + result.stderr
