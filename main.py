@@ -2311,6 +2311,7 @@ COMMIT_INTERVAL_S = 0.1  # while workers are busy, finished prefixes are committ
 LAG_REFRESH_S = 5.0  # how often kernel_consumer_lag is brought up to date
 TOPIC_CHECK_INTERVAL_S = 1.0  # how often the loop looks again for a topic of KAFKA_TOPIC that does not exist
 MIN_PARTITION_FETCH_BYTES = 16_384  # the least a fetch may bring of one partition, however many there are
+FETCH_TURN_S = 1.0  # how long partitions fetch before those waiting for the memory budget go first
 
 
 class FailurePolicy:
@@ -2459,6 +2460,7 @@ class ConsumerLoop:
         self.paused: set[TopicPartition] = set()  # by back-pressure
         self.waiting: dict[TopicPartition, None] = {}  # paused until their next fetch fits in the budget
         self.newcomers = 1  # how many partitions that brought nothing yet may fetch at once
+        self.turn_ends_s = 0.0  # when the partitions waiting for the budget go first
         self.size_fetches()  # .share and .fetch_limit, again at each assignment
         self.failed_while_stopping = False  # process_message raised on a message in hand at shutdown
         # One poll's worth, and enough to keep every worker busy, is buffered before polling pauses.
@@ -2611,14 +2613,13 @@ class ConsumerLoop:
         """Stop fetching for a partition with two polls' worth of records unfinished, or whose next
         fetch could take it past its share of KERNEL_BUFFER_MAX_BYTES (the budget divided among the
         assigned partitions); go on once it holds half of that. So a partition whose messages wait for a
-        retry never holds up the others. And the budget decides how many may fetch at once: a fetch
-        brings at least one whole record batch of each partition it names, however large (KIP-74, and
-        Tansu ignores the partition's fetch size), so each partition that fetches reserves what its next
-        fetch could bring (as much as its last one, or the largest seen when it brought nothing yet) and
-        one whose fetch does not fit in what is left waits its turn, paused. Partitions that brought
-        nothing yet join a few at a time (1, 2, 4... a poll), since their sizes are unknown. With nothing
-        held, the first in turn fetches whatever its size: a record larger than the whole budget is
-        taken alone."""
+        retry never holds up the others. And the budget decides how many fetch at once: a fetch brings
+        at least one whole record batch of each partition it names, however large (KIP-74; Tansu ignores
+        the partition's fetch size too), so each partition that fetches reserves what its next fetch
+        could bring (as much as its last poll did, or the largest any did while it brought nothing yet),
+        and one whose fetch does not fit in what is left waits its turn, paused. Partitions that brought
+        nothing yet join 1, 2, 4... a poll, their sizes unknown. With nothing held, the first in turn
+        fetches whatever its size: a record larger than the whole budget is taken alone."""
         partitions, records = self.ledger.partitions, 2 * self.settings.max_poll_records
         budget = self.settings.buffer_max_bytes
         left = budget - self.ledger.unfinished_bytes
@@ -2631,8 +2632,14 @@ class ConsumerLoop:
             return state.unfinished >= records or (
                 state.unfinished_bytes > 0 and state.unfinished_bytes + self.fetch_limit > self.share)
 
+        # A turn lasts FETCH_TURN_S: fetching partitions keep their places until it ends, so that a fetch
+        # in flight is not thrown away (kafka-python drops what comes for a paused partition).
+        if self.waiting and time.monotonic() >= self.turn_ends_s:
+            self.turn_ends_s, fetching = time.monotonic() + FETCH_TURN_S, ()
+        else:
+            fetching = (tp for tp in partitions if tp not in self.paused)
         now_full, waiting = set(), {}
-        for tp in itertools.chain(self.waiting, (tp for tp in partitions if tp not in self.waiting)):
+        for tp in dict.fromkeys(itertools.chain(fetching, self.waiting, partitions)):
             state = partitions[tp]
             if full(tp, state):
                 now_full.add(tp)

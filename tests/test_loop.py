@@ -487,8 +487,9 @@ def test_a_message_larger_than_the_whole_budget_is_processed_alone():
     assert loop.consumer.paused() == {P1}, "P0 waited first; P1's next fetch could be as large again: it waits its turn"
     loop.ledger.add(P0, [big_record(P0, 0, 1_000)])
     settle_all(loop)
+    loop.turn_ends_s = time.monotonic()
     loop.apply_back_pressure()
-    assert loop.consumer.paused() == {P0}, "then P1 goes, alone"
+    assert loop.consumer.paused() == {P0}, "at the end of P0's turn P1 goes, alone"
 
 
 @pytest.mark.parametrize("raised", [SystemExit(3), KeyboardInterrupt()])
@@ -742,4 +743,7 @@ def test_the_budget_decides_how_many_partitions_fetch_at_once_and_they_take_turn
     fetching = set(loop.ledger.partitions) - loop.consumer.paused()
     assert len(fetching) == 3, "three fetches of 300 KB fit in 1 MB"
     loop.apply_back_pressure()
-    assert not fetching & (set(loop.ledger.partitions) - loop.consumer.paused()), "those that waited go first"
+    assert set(loop.ledger.partitions) - loop.consumer.paused() == fetching, "they keep their places for a turn"
+    loop.turn_ends_s = time.monotonic()
+    loop.apply_back_pressure()
+    assert not fetching & (set(loop.ledger.partitions) - loop.consumer.paused()), "then those that waited go first"
