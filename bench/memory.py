@@ -1,6 +1,6 @@
 """Memory benchmark: the kernel process's own peak resident set (VmHWM), small messages and large.
 
-    uv run bench/memory.py            # prints the table (about three minutes)
+    uv run bench/memory.py            # prints the table (about six minutes)
     uv run bench/memory.py --write    # also writes it into BENCHMARKS.md
 
 Each run is a fresh kernel (bench/probe_kernel.py) in its own group on preloaded data, and reports its
