@@ -2375,6 +2375,7 @@ class PartitionState:
     active: dict[Lane, None] = dataclasses.field(default_factory=dict)
     unfinished: int = 0  # fetched records not finished yet
     unfinished_bytes: int = 0  # what they hold in memory (memory_cost)
+    fetched_bytes: int = 0  # what its last poll brought (memory_cost); 0 before the first
     fetched_end: int | None = None  # offset after the last fetched record
     committed: int | None = None  # the last offset this kernel committed
 
@@ -2452,11 +2453,12 @@ class Ledger:
         for partition in partitions:
             self.partitions.setdefault(partition, PartitionState())
 
-    def add(self, partition: TopicPartition, records: list, now_s: float = 0.0) -> None:
-        """Sort polled records into their lanes; ignored if the partition was revoked meanwhile."""
+    def add(self, partition: TopicPartition, records: list, now_s: float = 0.0) -> int:
+        """Sort polled records into their lanes; ignored if the partition was revoked meanwhile. The
+        memory they hold (memory_cost), 0 if ignored."""
         state = self.partitions.get(partition)
         if state is None:
-            return
+            return 0
         if state.fetched_end is None:  # where the group's committed offset (or the reset) put us
             state.committed = records[0].offset
         state.fetched_end = records[-1].offset + 1
@@ -2478,7 +2480,9 @@ class Ledger:
             lane.records += records
             if lane.waiting_since_s is None:
                 lane.waiting_since_s = now_s
-        state.hold(len(records), memory_cost(records))
+        state.fetched_bytes = memory_cost(records)
+        state.hold(len(records), state.fetched_bytes)
+        return state.fetched_bytes
 
     def new_lane(self, partition: TopicPartition, state: PartitionState, key: bytes | None) -> Lane:
         if self.lanes >= self.lanes_kept:
@@ -2634,6 +2638,7 @@ COMMIT_INTERVAL_S = 0.1  # while workers are busy, finished prefixes are committ
 LAG_REFRESH_S = 5.0  # how often kernel_consumer_lag is brought up to date
 TOPIC_CHECK_INTERVAL_S = 1.0  # how often the loop looks again for a topic of KAFKA_TOPIC that does not exist
 MIN_PARTITION_FETCH_BYTES = 16_384  # the least a fetch may bring of one partition, however many there are
+FETCH_TURN_S = 1.0  # how long partitions fetch before those waiting for the memory budget go first
 
 
 class FailurePolicy:
@@ -2792,6 +2797,9 @@ class ConsumerLoop:
         keyed = settings.ordering == "key" and settings.concurrency > 1 and not handler.batch
         self.ledger = Ledger(keyed, settings.batch if handler.batch else None, settings.concurrency)
         self.paused: set[TopicPartition] = set()  # by back-pressure
+        self.waiting: dict[TopicPartition, None] = {}  # paused until their next fetch fits in the budget
+        self.newcomers = 1  # how many partitions that brought nothing yet may fetch at once
+        self.turn_ends_s = 0.0  # when the partitions waiting for the budget go first
         self.size_fetches()  # .share and .fetch_limit, again at each assignment
         self.failed_while_stopping = False  # process_message raised on a message in hand at shutdown
         # One poll's worth, and enough to keep every worker busy, is buffered before polling pauses.
@@ -2898,8 +2906,19 @@ class ConsumerLoop:
         polled = self.consumer.poll(timeout_ms=timeout_ms)
         now_s = time.monotonic()  # when the records arrived: a batch waits for more from here
         for partition, records in polled.items():
-            self.ledger.add(partition, records, now_s)
+            if self.ledger.add(partition, records, now_s) > self.settings.buffer_max_bytes:
+                self.warn_too_large(records)
         self.health.last_poll_s = now_s
+        if self.newcomers < len(self.ledger.partitions):
+            self.newcomers *= 2
+
+    def warn_too_large(self, records: list) -> None:
+        largest = max(records, key=lambda record: memory_cost((record,)))
+        if memory_cost((largest,)) > self.settings.buffer_max_bytes:
+            kernel_log.warning("%s holds %s, more than KERNEL_BUFFER_MAX_BYTES (%d): it is taken alone, the other "
+                               "partitions wait until it is done; set KERNEL_BUFFER_MAX_BYTES (and the memory limit) "
+                               "above the largest message", coordinates(largest), describe_size(largest.value),
+                               self.settings.buffer_max_bytes, extra=log_fields(largest) | REPEATING)
 
     def poll_timeout_ms(self) -> int:
         """Poll no longer than until the next retry, or the next batch, is due."""
@@ -2939,19 +2958,46 @@ class ConsumerLoop:
     def apply_back_pressure(self) -> None:
         """Stop fetching for a partition with two polls' worth of records unfinished, or whose next
         fetch could take it past its share of KERNEL_BUFFER_MAX_BYTES (the budget divided among the
-        assigned partitions); go on once it holds half of that. So all of them together stay within the
-        budget, and a partition whose messages wait for a retry never holds up the others. A partition
-        holding nothing always fetches: a message (a record batch) larger than its share is still
-        fetched, and processed, while its partition waits."""
+        assigned partitions); go on once it holds half of that. So a partition whose messages wait for a
+        retry never holds up the others. And the budget decides how many fetch at once: a fetch brings
+        at least one whole record batch of each partition it names, however large (KIP-74; Tansu ignores
+        the partition's fetch size too), so each partition that fetches reserves what its next fetch
+        could bring (as much as its last poll did, or the largest any did while it brought nothing yet),
+        and one whose fetch does not fit in what is left waits its turn, paused. Partitions that brought
+        nothing yet join 1, 2, 4... a poll, their sizes unknown. With nothing held, the first in turn
+        fetches whatever its size: a record larger than the whole budget is taken alone."""
         partitions, records = self.ledger.partitions, 2 * self.settings.max_poll_records
+        budget = self.settings.buffer_max_bytes
+        left = budget - self.ledger.unfinished_bytes
+        largest = max(self.fetch_limit, max((state.fetched_bytes for state in partitions.values()), default=0))
+        newcomers = self.newcomers
 
         def full(tp: TopicPartition, state: PartitionState) -> bool:
-            if tp in self.paused:
+            if tp in self.paused and tp not in self.waiting:
                 return state.unfinished >= records / 2 or state.unfinished_bytes > self.share / 2
             return state.unfinished >= records or (
                 state.unfinished_bytes > 0 and state.unfinished_bytes + self.fetch_limit > self.share)
 
-        now_full = {tp for tp, state in partitions.items() if full(tp, state)}
+        # A turn lasts FETCH_TURN_S: fetching partitions keep their places until it ends, so that a fetch
+        # in flight is not thrown away (kafka-python drops what comes for a paused partition).
+        if self.waiting and time.monotonic() >= self.turn_ends_s:
+            self.turn_ends_s, fetching = time.monotonic() + FETCH_TURN_S, ()
+        else:
+            fetching = (tp for tp in partitions if tp not in self.paused)
+        now_full, waiting = set(), {}
+        for tp in dict.fromkeys(itertools.chain(fetching, self.waiting, partitions)):
+            state = partitions[tp]
+            if full(tp, state):
+                now_full.add(tp)
+                continue
+            next_fetch = max(self.fetch_limit, state.fetched_bytes) if state.fetched_bytes else largest
+            if waiting or (next_fetch > left and left < budget) or (not state.fetched_bytes and not newcomers):
+                waiting[tp] = None  # in the order they started waiting: the first goes first
+                continue
+            left -= next_fetch
+            newcomers -= not state.fetched_bytes
+        now_full.update(waiting)
+        self.waiting = waiting
         if now_full - self.paused:
             self.consumer.pause(*(now_full - self.paused))
         if self.paused - now_full:
@@ -3012,6 +3058,8 @@ class ConsumerLoop:
     def assigned(self, partitions: set[TopicPartition]) -> None:
         self.ledger.assign(partitions)
         self.size_fetches()
+        self.newcomers = 1
+        self.apply_back_pressure()  # now: this very poll fetches, once the callback returns
         self.metrics.rebalances.inc()
         self.metrics.assigned.set(len(self.ledger.partitions))
         self.health.joined = True
@@ -3029,6 +3077,7 @@ class ConsumerLoop:
         self.ledger.forget(partitions)
         self.size_fetches()
         self.paused -= partitions
+        self.waiting = {tp: None for tp in self.waiting if tp not in partitions}
         self.metrics.assigned.set(len(self.ledger.partitions))
 
     def recall(self, tasks: set[LaneTask], timeout_s: float) -> list[LaneTask]:
@@ -3410,4 +3459,4 @@ check_your_part(names_of_your_part)
 
 # The machinery's digest as the template shipped it (devtools/stamp_machinery.py writes it): `check` and
 # tests/test_template.py compare it with what is above, from "# End of your kernel" on.
-MACHINERY_SHA256 = "37cc1d7a6cb6515052bd23040f9947f72e8a8163f226774f970078ea6a69f1b5"
+MACHINERY_SHA256 = "13d98d1d971f8d1289e8fe291e41a5a16e9e22fd13e595dd99ad073b90d2befa"

@@ -48,7 +48,8 @@ PLAIN_CLIENT = ["uv", "run", "--isolated", "--no-project", "--with", "kafka-pyth
 
 def preload(bootstrap: str, topic: str, count: int, value_bytes: int = 100, partitions: int = PARTITIONS) -> None:
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "batch.size": 1_000_000,
-                         "queue.buffering.max.messages": 1_000_000, "message.max.bytes": 2_000_000})
+                         "queue.buffering.max.messages": 1_000_000,
+                         "message.max.bytes": max(2_000_000, value_bytes + 100_000)})
     value = b"x" * value_bytes
     for i in range(count):
         while True:

@@ -433,7 +433,8 @@ def big_record(partition, offset, size):
 def test_a_partition_pauses_before_a_fetch_could_pass_its_share_and_resumes_below_half_of_it():
     loop = make_loop(KERNEL_BUFFER_MAX_BYTES=str(1_000_000), KAFKA_MAX_POLL_RECORDS="100")  # 500 KB a partition
     assert loop.fetch_limit == 125_000 and loop.consumer._fetcher.config["max_partition_fetch_bytes"] == 125_000
-    loop.ledger.add(P0, [big_record(P0, 0, 100_000), big_record(P0, 1, 250_000)])
+    loop.ledger.add(P0, [big_record(P0, 0, 100_000)])  # two polls: the last brought 250 KB, what the
+    loop.ledger.add(P0, [big_record(P0, 1, 250_000)])  # next fetch of each partition could bring
     loop.apply_back_pressure()
     assert loop.consumer.paused() == set(), "350 KB of a 500 KB share: a fetch of 125 KB fits"
     loop.ledger.add(P0, [big_record(P0, 2, 100_000)])
@@ -459,28 +460,36 @@ def test_fetches_shrink_with_the_share_as_partitions_come_and_go_but_never_stop(
     tp = TopicPartition("t", 7)
     loop.ledger.add(tp, [big_record(tp, 0, 100_000)])  # one batch larger than the share: it still came
     loop.apply_back_pressure()
-    assert tp in loop.consumer.paused() and P0 not in loop.consumer.paused(), "an empty partition always fetches"
+    fetching = set(loop.ledger.partitions) - loop.consumer.paused()
+    assert tp not in fetching and len(fetching) == 1, "one at a time while the others have brought nothing yet"
     loop.revoked(many)
     assert loop.fetch_limit == 2**20
 
 
 def test_a_partition_waiting_for_a_retry_never_holds_up_the_others():
     loop = make_loop(answers({(0, 0): False}), KERNEL_BUFFER_MAX_BYTES=str(1_000_000))
-    loop.ledger.add(P0, [big_record(P0, offset, 400_000) for offset in range(3)])  # 1.2 MB behind a retry
+    loop.ledger.add(P0, [big_record(P0, offset, 200_000) for offset in range(3)])  # 600 KB behind a retry
+    loop.ledger.add(P1, [big_record(P1, 0, 10_000)])  # P1's fetches are small
     settle_all(loop)
     loop.apply_back_pressure()
-    assert loop.ledger.unfinished_bytes > 1_000_000 and loop.consumer.paused() == {P0}
+    assert loop.ledger.unfinished_bytes > 500_000 and loop.consumer.paused() == {P0}
 
 
 def test_a_message_larger_than_the_whole_budget_is_processed_alone():
     loop = make_loop(KERNEL_BUFFER_MAX_BYTES=str(100_000))
     loop.ledger.add(P1, [big_record(P1, 0, 1_000_000)])
     loop.apply_back_pressure()
-    assert loop.consumer.paused() == {P1}
+    assert loop.consumer.paused() == {P0, P1}, "the others wait while it is held"
     settle_all(loop)
     loop.apply_back_pressure()
     loop.commit()
-    assert loop.consumer.commits() == [{P1: 1}] and loop.consumer.paused() == set()
+    assert loop.consumer.commits() == [{P1: 1}]
+    assert loop.consumer.paused() == {P1}, "P0 waited first; P1's next fetch could be as large again: it waits its turn"
+    loop.ledger.add(P0, [big_record(P0, 0, 1_000)])
+    settle_all(loop)
+    loop.turn_ends_s = time.monotonic()
+    loop.apply_back_pressure()
+    assert loop.consumer.paused() == {P0}, "at the end of P0's turn P1 goes, alone"
 
 
 @pytest.mark.parametrize("raised", [SystemExit(3), KeyboardInterrupt()])
@@ -719,3 +728,25 @@ def test_a_revocation_waits_for_the_batch_in_hand_and_commits_it():
 def test_the_consumer_never_creates_a_topic():
     settings = main.load_settings({"KAFKA_BOOTSTRAP_SERVERS": "a:1"}, "test-kernel", "t")
     assert main.consumer_config(settings, None)["allow_auto_create_topics"] is False
+
+
+def test_the_budget_decides_how_many_partitions_fetch_at_once_and_they_take_turns():
+    loop = make_loop(KERNEL_BUFFER_MAX_BYTES=str(1_000_000))
+    assert len(loop.consumer.paused()) == 1, "partitions that brought nothing yet join one at a time at first"
+    loop.consumer.poll = lambda timeout_ms: {}
+    loop.poll(0)
+    loop.apply_back_pressure()
+    assert loop.consumer.paused() == set(), "then two"
+    many = [TopicPartition("t", p) for p in range(2, 10)]
+    loop.assigned(set(many))
+    for tp in [P0, P1, *many]:  # every partition's last poll brought 300 KB, now finished
+        loop.ledger.add(tp, [big_record(tp, 0, 300_000)])
+    settle_all(loop)
+    loop.apply_back_pressure()
+    fetching = set(loop.ledger.partitions) - loop.consumer.paused()
+    assert len(fetching) == 3, "three fetches of 300 KB fit in 1 MB"
+    loop.apply_back_pressure()
+    assert set(loop.ledger.partitions) - loop.consumer.paused() == fetching, "they keep their places for a turn"
+    loop.turn_ends_s = time.monotonic()
+    loop.apply_back_pressure()
+    assert not fetching & (set(loop.ledger.partitions) - loop.consumer.paused()), "then those that waited go first"
