@@ -104,9 +104,12 @@ import functools
 import gc
 import hashlib
 import http
+import http.client
+import ipaddress
 import itertools
 import json
 import logging
+import math
 import os
 import queue
 import random
@@ -119,9 +122,7 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -305,7 +306,7 @@ class NoDeadLetterTopic(Exception):
 
 class BrokerUnavailable(Exception):
     """The bootstrap servers could not be reached within KAFKA_BOOTSTRAP_TIMEOUT_MS (kind "network"),
-    or TLS with them failed (kind "TLS")."""
+    TLS with them failed (kind "TLS"), or the OAuth token endpoint gave no token in that time ("OAuth")."""
 
     def __init__(self, message: str, kind: str):
         super().__init__(message)
@@ -465,6 +466,14 @@ def certificate_values(env: Mapping[str, str]) -> dict[str, str | None]:
     return certs
 
 
+def loopback(host: str) -> bool:
+    """Whether `host` is this machine: localhost, 127.0.0.0/8 or ::1."""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def oauth_client(env: Mapping[str, str]) -> OAuthClient:
     """KAFKA_SASL_OAUTHBEARER_*: the token endpoint and the client's id and secret are required."""
     values = {name: env.get(name, "").strip() for name in OAUTH_VARIABLES}
@@ -473,9 +482,15 @@ def oauth_client(env: Mapping[str, str]) -> OAuthClient:
         raise ConfigError(f"{', '.join(missing)} not set: KAFKA_SASL_MECHANISM=OAUTHBEARER gets its tokens from "
                           "an OAuth token endpoint with a client id and secret")
     url = values["KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL"]
+    if "@" in urllib.parse.urlsplit(url).netloc:  # said without the URL: it would print the secret
+        raise ConfigError("KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL holds credentials (user:secret@host): remove "
+                          "them; the client's id and secret go in KAFKA_SASL_OAUTHBEARER_CLIENT_ID and _CLIENT_SECRET")
     if not re.fullmatch(r"https?://[^/\s]+(/\S*)?", url):
-        raise ConfigError(f"KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL must be an https:// (or http://) URL, "
-                          f"got {url!r:.80}")
+        raise ConfigError(f"KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL must be an https:// URL, got {url!r:.80}")
+    if url.startswith("http://") and not loopback(urllib.parse.urlsplit(url).hostname or ""):
+        raise ConfigError(f"KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL must be an https:// URL, got {url!r:.80}: "
+                          "over http:// the client secret would cross the network in clear (allowed on a loopback "
+                          "address only)")
     extensions = []
     for item in env.get("KAFKA_SASL_OAUTHBEARER_EXTENSIONS", "").split(","):
         if item.strip():
@@ -1281,7 +1296,7 @@ class OAuthBearerTokens(kafka.sasl.oauth.AbstractTokenProvider):
                 except (OSError, ValueError) as error:  # unreachable, or an answer that is not a token
                     if self.current is None or now >= self.expires_at_s:
                         raise BrokerUnavailable(f"the OAuth token endpoint (KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL) "
-                                                f"gave no token: {error}", "network") from None
+                                                f"gave no token: {error}", "OAuth") from None
                     kernel_log.warning("Could not refresh the OAuth token (%s); the current one is valid for %.0f s "
                                        "more", error, self.expires_at_s - now, extra=REPEATING)
             return self.current
@@ -1295,26 +1310,69 @@ class OAuthBearerTokens(kafka.sasl.oauth.AbstractTokenProvider):
         basic = f"{urllib.parse.quote(client.client_id, safe='')}:{urllib.parse.quote(client.client_secret, safe='')}"
         headers = {"Authorization": "Basic " + base64.b64encode(basic.encode()).decode(),
                    "Content-Type": "application/x-www-form-urlencoded", "Accept": "application/json"}
-        request = urllib.request.Request(client.token_endpoint_url, urllib.parse.urlencode(form).encode(), headers)
-        try:
-            with urllib.request.urlopen(request, timeout=TOKEN_REQUEST_TIMEOUT_S) as response:
-                answer = json.load(response)
-        except urllib.error.HTTPError as error:
-            if error.code not in (400, 401, 403):
-                raise OSError(f"HTTP {error.code} {error.reason}") from None
+        status, reason, body = post_within(client.token_endpoint_url, urllib.parse.urlencode(form).encode(), headers,
+                                           TOKEN_REQUEST_TIMEOUT_S)
+        if status in (400, 401, 403):
             with contextlib.suppress(Exception):  # the OAuth error code, as RFC 6749 section 5.2 names it
-                error.reason = f"{error.reason}, {json.load(error)['error']}"
-            raise AccessRefused(f"the OAuth token endpoint refused the client (HTTP {error.code} {error.reason}): "
+                reason = f"{reason}, {json.loads(body)['error']}"
+            raise AccessRefused(f"the OAuth token endpoint refused the client (HTTP {status} {reason}): "
                                 "check KAFKA_SASL_OAUTHBEARER_CLIENT_ID, KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET and "
-                                "KAFKA_SASL_OAUTHBEARER_SCOPE", "authentication") from None
-        except urllib.error.URLError as error:
-            raise OSError(str(error.reason)) from None
+                                "KAFKA_SASL_OAUTHBEARER_SCOPE", "authentication")
+        if 300 <= status < 400:  # followed, it would carry the client secret wherever it points
+            raise OSError(f"it redirected (HTTP {status} {reason}), and redirects are not followed: set "
+                          "KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL to the address that answers")
+        if status != 200:
+            raise OSError(f"HTTP {status} {reason}")
+        answer = json.loads(body)
         if not isinstance(answer, dict) or not isinstance(answer.get("access_token"), str):
             raise ValueError("its answer holds no access_token")
         lifetime_s = answer.get("expires_in")
         lifetime_s = float(lifetime_s) if isinstance(lifetime_s, int | float) and lifetime_s > 0 else 300.0
+        lifetime_s = min(lifetime_s, jwt_expiry_s(answer["access_token"]) - time.time())
         self.current, self.refresh_at_s, self.expires_at_s = (answer["access_token"], now + 0.8 * lifetime_s,
                                                               now + lifetime_s)
+
+
+def jwt_expiry_s(token: str) -> float:
+    """The `exp` of a token that is a JWT, in seconds since the epoch, read without checking its signature
+    (the broker does): an endpoint's expires_in may say longer. Infinity for a token that is no JWT."""
+    try:
+        payload = token.split(".")[1]
+        expiry = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["exp"]
+    except (IndexError, ValueError, KeyError, TypeError):  # binascii.Error and JSON errors are ValueErrors
+        return math.inf
+    return float(expiry) if isinstance(expiry, int | float) and not isinstance(expiry, bool) else math.inf
+
+
+def post_within(url: str, body: bytes, headers: dict[str, str], timeout_s: float) -> tuple[int, str, bytes]:
+    """POST `body` to `url`: the answer's status, reason and body (up to 1 MB), all of it within `timeout_s`
+    (a socket's timeout bounds each read only: an answer trickled a byte at a time would hold on for ever),
+    else OSError. Redirects are not followed."""
+    parts = urllib.parse.urlsplit(url)
+    kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    connection = kind(parts.hostname, parts.port, timeout=timeout_s)
+
+    def cut() -> None:  # wakes a read blocked in the caller's thread; shutdown, not close, is what does
+        with contextlib.suppress(OSError, TypeError):
+            socket.socket.shutdown(connection.sock, socket.SHUT_RDWR)
+
+    deadline, started_s = threading.Timer(timeout_s, cut), time.monotonic()
+    deadline.daemon = True
+    deadline.start()
+    try:
+        connection.request("POST", (parts.path or "/") + (f"?{parts.query}" if parts.query else ""), body, headers)
+        response = connection.getresponse()
+        answer = response.status, response.reason, response.read(1_048_576)
+    except (OSError, http.client.HTTPException) as error:
+        answer = OSError(str(error) or type(error).__name__)
+    finally:
+        deadline.cancel()
+        connection.close()
+    if time.monotonic() - started_s >= timeout_s:  # cut short, whatever the client made of what came
+        raise OSError(f"no whole answer within {timeout_s:.0f} s")
+    if isinstance(answer, OSError):
+        raise answer
+    return answer
 
 
 @functools.cache
@@ -1428,7 +1486,7 @@ def resolves(host: str) -> bool:
 
 def probe_connection(config: dict, server: str, timeout_s: float) -> tuple[str, str] | None:
     """Connect to one bootstrap server as the client will (TCP, TLS, API versions, SASL) and hang
-    up; None if it worked, else the kind of failure ("network" or "TLS") and what it was. Refused
+    up; None if it worked, else the kind of failure ("network", "TLS" or "OAuth") and what it was. Refused
     credentials raise AccessRefused, a failed TLS handshake ssl.SSLError: neither mends by waiting."""
     host, port = server.rsplit(":", 1)
     host = host.strip("[]")
@@ -1443,8 +1501,10 @@ def probe_connection(config: dict, server: str, timeout_s: float) -> tuple[str, 
     finally:
         connection.close()
     error = connection.closed_by
-    if isinstance(error, AccessRefused | BrokerUnavailable):  # from the OAuth token endpoint
+    if isinstance(error, AccessRefused):  # from the OAuth token endpoint
         raise error
+    if isinstance(error, BrokerUnavailable):  # the token endpoint is down, slow or garbled: it may mend
+        return error.kind, str(error)
     mechanism = config.get("sasl_mechanism")
     if isinstance(error, kafka.errors.SaslAuthenticationFailedError):
         credentials = ("KAFKA_SASL_OAUTHBEARER_CLIENT_ID and the token's audience and issuer"
@@ -1505,6 +1565,9 @@ def connect_consumer(settings: KernelSettings, tls: TlsFiles | None, stop: StopS
                                     "listener", "TLS") from None
         if time.monotonic() >= deadline:
             kind, last = failures[-1]
+            if kind == "OAuth":
+                raise BrokerUnavailable(f"{last} (tried for {settings.bootstrap_timeout_ms} ms, "
+                                        "KAFKA_BOOTSTRAP_TIMEOUT_MS)", kind)
             raise BrokerUnavailable(
                 f"no broker of KAFKA_BOOTSTRAP_SERVERS={servers} answered within {settings.bootstrap_timeout_ms} ms "
                 f"(KAFKA_BOOTSTRAP_TIMEOUT_MS) over {settings.security} (last: {last}): check the address and "
