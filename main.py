@@ -128,6 +128,7 @@ from typing import TYPE_CHECKING
 
 import dotenv
 import dotenv.parser
+import kafka.client_async
 import kafka.conn
 import kafka.errors
 import kafka.future
@@ -927,12 +928,25 @@ class HealthState:
 
     def __init__(self, settings: KernelSettings, handler_name: str = "process_message"):
         self.max_poll_interval_s = settings.max_poll_interval_ms / 1000
+        # Without a fetch or a heartbeat answered for a session timeout, the group has let the kernel go.
+        self.out_of_touch_s = settings.session_timeout_ms / 1000
         self.handler_name = handler_name  # process_message, or process_batch
         self.last_poll_s = time.monotonic()  # starting counts as progress
         self.busy_since_s: float | None = None  # start of the longest-running call of the handler
         self.joined = False  # holds an assignment (possibly empty) from the group
+        self.last_contact_s = time.monotonic()  # the last fetch that brought records, heartbeat answered, or join
         self.missing_topics: list[str] = []  # topics of KAFKA_TOPIC the broker does not know
         self.dead_letter_trouble: str | None = None  # why the last dead letter could not be published
+        self.refusal: AccessRefused | None = None  # the first refusal of the credentials since they were accepted
+        self.refused_since_s = 0.0
+
+    def refused(self, refusal: AccessRefused) -> None:
+        """A broker, or the OAuth token endpoint, refused the credentials (from the client's threads)."""
+        if self.refusal is None:
+            self.refusal, self.refused_since_s = refusal, time.monotonic()
+
+    def accepted(self) -> None:
+        self.refusal = None
 
     def alive(self) -> tuple[bool, str]:
         now = time.monotonic()
@@ -943,11 +957,17 @@ class HealthState:
         return True, "ok"
 
     def ready(self) -> tuple[bool, str]:
+        if (refusal := self.refusal) is not None:
+            return False, f"credentials refused: {refusal}"
         if self.missing_topics:
             return False, f"topic {', '.join(self.missing_topics)} does not exist"
         if self.dead_letter_trouble:
             return False, self.dead_letter_trouble
-        return (True, "ok") if self.joined else (False, "not in the group yet")
+        if not self.joined:
+            return False, "not in the group yet"
+        if (silent_s := time.monotonic() - self.last_contact_s) > self.out_of_touch_s:
+            return False, f"no fetch or heartbeat answered for {silent_s:.0f} s (KAFKA_SESSION_TIMEOUT_MS)"
+        return True, "ok"
 
 
 class HandlerTallies(prometheus_client.registry.Collector):
@@ -1381,6 +1401,38 @@ def oauth_tokens(client: OAuthClient) -> OAuthBearerTokens:
     return OAuthBearerTokens(client)
 
 
+def sasl_refusal(server: str, mechanism: str) -> AccessRefused:
+    credentials = ("KAFKA_SASL_OAUTHBEARER_CLIENT_ID and the token's audience and issuer"
+                   if mechanism == "OAUTHBEARER" else "KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD")
+    return AccessRefused(f"{server} refused the SASL {mechanism} credentials: check {credentials} (and "
+                         "KAFKA_SASL_MECHANISM: the broker may know the user under another one)", "authentication")
+
+
+class WatchedClient(kafka.client_async.KafkaClient):
+    """The consumer's and the producer's client, telling `health` when a broker (or the OAuth token
+    endpoint) refuses the credentials, and when a connection is made again. kafka-python 2.3.3 only logs
+    a refusal, as it closes the connection (BrokerConnection.close(error)), and connects again for ever:
+    a password rotated or an OAuth client revoked while the kernel runs would leave it stuck, unnoticed."""
+
+    def __init__(self, health: HealthState, **config):
+        self.health = health  # first: the client connects from its __init__
+        super().__init__(**config)
+
+    def _conn_state_change(self, node_id, sock, conn):
+        if conn.state is kafka.conn.ConnectionStates.AUTHENTICATING and "close" not in vars(conn):
+            conn.close = functools.partial(self.closing, conn, conn.close)
+        elif conn.state is kafka.conn.ConnectionStates.CONNECTED:
+            self.health.accepted()
+        super()._conn_state_change(node_id, sock, conn)
+
+    def closing(self, conn: kafka.conn.BrokerConnection, close: Callable, error=None) -> None:
+        if isinstance(error, AccessRefused):
+            self.health.refused(error)
+        elif isinstance(error, kafka.errors.SaslAuthenticationFailedError):
+            self.health.refused(sasl_refusal(f"{conn.host}:{conn.port}", conn.config["sasl_mechanism"]))
+        close(error)
+
+
 def security_config(settings: KernelSettings, tls: TlsFiles | None) -> dict:
     """Connection settings shared by the consumer and the producer."""
     config = dict(bootstrap_servers=settings.bootstrap_servers, security_protocol=settings.security_protocol)
@@ -1395,10 +1447,12 @@ def security_config(settings: KernelSettings, tls: TlsFiles | None) -> dict:
     return config
 
 
-def consumer_config(settings: KernelSettings, tls: TlsFiles | None) -> dict:
-    """kafka-python KafkaConsumer arguments; see the KafkaConsumer docstring for each."""
+def consumer_config(settings: KernelSettings, tls: TlsFiles | None, health: HealthState | None = None) -> dict:
+    """kafka-python KafkaConsumer arguments; see the KafkaConsumer docstring for each. With `health`, the
+    client tells it of refused credentials (and the producer's client, which ConsumerLoop makes alike)."""
     return dict(
         security_config(settings, tls),
+        kafka_client=functools.partial(WatchedClient, health) if health else kafka.client_async.KafkaClient,
         client_id=settings.client_id,
         group_id=settings.group_id,
         group_instance_id=settings.group_instance_id,
@@ -1507,10 +1561,7 @@ def probe_connection(config: dict, server: str, timeout_s: float) -> tuple[str, 
         return error.kind, str(error)
     mechanism = config.get("sasl_mechanism")
     if isinstance(error, kafka.errors.SaslAuthenticationFailedError):
-        credentials = ("KAFKA_SASL_OAUTHBEARER_CLIENT_ID and the token's audience and issuer"
-                       if mechanism == "OAUTHBEARER" else "KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD")
-        raise AccessRefused(f"{server} refused the SASL {mechanism} credentials: check {credentials} (and "
-                            "KAFKA_SASL_MECHANISM: the broker may know the user under another one)", "authentication")
+        raise sasl_refusal(server, mechanism)
     if isinstance(error, kafka.errors.UnsupportedSaslMechanismError):
         raise AccessRefused(f"{server} does not offer the SASL mechanism {mechanism}: {error}; check "
                             "KAFKA_SASL_MECHANISM", "authentication")
@@ -1537,11 +1588,12 @@ def with_coordinator_backoff(consumer: KafkaConsumer) -> KafkaConsumer:
     return consumer
 
 
-def connect_consumer(settings: KernelSettings, tls: TlsFiles | None, stop: StopSignal) -> KafkaConsumer | None:
+def connect_consumer(settings: KernelSettings, tls: TlsFiles | None, stop: StopSignal,
+                     health: HealthState | None = None) -> KafkaConsumer | None:
     """Create the consumer once a bootstrap server accepts a connection made as the consumer's are,
     retrying until KAFKA_BOOTSTRAP_TIMEOUT_MS; None if a stop was requested. Refused credentials and
     failed TLS end it at once: they do not mend by waiting."""
-    config, servers = consumer_config(settings, tls), ",".join(settings.bootstrap_servers)
+    config, servers = consumer_config(settings, tls, health), ",".join(settings.bootstrap_servers)
     deadline = time.monotonic() + settings.bootstrap_timeout_ms / 1000
     failures: list[tuple[str, str]] = []  # (kind, what)
     while not stop.requested:
@@ -2524,6 +2576,7 @@ class ConsumerLoop:
         # Counting and timing every message costs a little: only when /metrics is served.
         per_message = self.metrics if settings.http_port else None
         self.producer = KernelProducer(settings, tls, consumer.config["api_version"], per_message, tracing)
+        self.producer.config["kafka_client"] = consumer.config.get("kafka_client", kafka.client_async.KafkaClient)
         dead_letters = (DeadLetterTopic(settings, self.producer, self.metrics, self.health, tracing)
                         if settings.dead_letter_topic else None)
         self.failures = FailurePolicy(settings, self.ledger, dead_letters, self.metrics)
@@ -2553,6 +2606,9 @@ class ConsumerLoop:
         except MessageFailed as failure:
             kernel_log.error("%s; it stays uncommitted. Stopping", failure, exc_info=failure.__cause__)
             return EXIT_FATAL
+        except AccessRefused as refused:
+            kernel_log.error("Access refused (%s): %s", refused.kind, refused)
+            return EXIT_REFUSED
         except NoDeadLetterTopic as undeliverable:
             kernel_log.error("%s; no KERNEL_DEAD_LETTER_TOPIC is set, so it stays uncommitted. Stopping", undeliverable)
             return EXIT_NO_DEAD_LETTER_TOPIC
@@ -2608,8 +2664,19 @@ class ConsumerLoop:
             self.apply_back_pressure()
             self.poll(BUSY_POLL_TIMEOUT_MS if self.ledger.in_flight else self.poll_timeout_ms())
         self.watchdog.watch_in_flight()
+        self.check_contact()
         self.commit()
         self.watchdog.refresh_lag(self.consumer)
+
+    def check_contact(self) -> None:
+        """Count a heartbeat answered as contact (records fetched count in poll()), and stop once the
+        credentials were refused for KAFKA_SESSION_TIMEOUT_MS with none accepted since, as at start-up."""
+        health, now = self.health, time.monotonic()
+        answered_s = self.consumer._coordinator.heartbeat.last_receive  # time.time(), -inf before the first
+        health.last_contact_s = max(health.last_contact_s, now - (time.time() - answered_s))
+        if (refusal := health.refusal) is not None and now - health.refused_since_s > health.out_of_touch_s:
+            raise AccessRefused(f"{refusal}; refused for {now - health.refused_since_s:.0f} s while running "
+                                f"(KAFKA_SESSION_TIMEOUT_MS {self.settings.session_timeout_ms})", refusal.kind)
 
     def poll(self, timeout_ms: int) -> None:
         polled = self.consumer.poll(timeout_ms=timeout_ms)
@@ -2617,6 +2684,8 @@ class ConsumerLoop:
         for partition, records in polled.items():
             self.ledger.add(partition, records, now_s)
         self.health.last_poll_s = now_s
+        if polled:
+            self.health.last_contact_s = now_s
 
     def poll_timeout_ms(self) -> int:
         """Poll no longer than until the next retry, or the next batch, is due."""
@@ -2731,7 +2800,7 @@ class ConsumerLoop:
         self.size_fetches()
         self.metrics.rebalances.inc()
         self.metrics.assigned.set(len(self.ledger.partitions))
-        self.health.joined = True
+        self.health.joined, self.health.last_contact_s = True, time.monotonic()
 
     def revoked(self, partitions: set[TopicPartition]) -> None:
         """Partitions are being revoked: stop their tasks after the messages in hand (waiting at
@@ -2962,7 +3031,7 @@ def consume_until_stopped(handler: KernelHandler, settings: KernelSettings, tls:
         kernel_log.info("Serving /healthz, /readyz and /metrics on port %d", settings.http_port)
     kernel_log.info("Starting: topics=%s group=%s client=%s bootstrap=%s security=%s", ",".join(settings.topics),
                     settings.group_id, settings.client_id, ",".join(settings.bootstrap_servers), settings.security)
-    consumer = connect_consumer(settings, tls, stop)
+    consumer = connect_consumer(settings, tls, stop, health)
     if consumer is None:
         return EXIT_OK
     loop = ConsumerLoop(consumer, settings, handler, stop, tls, health, metrics, tracing)

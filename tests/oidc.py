@@ -33,6 +33,7 @@ class IdentityProvider:
     def __init__(self, clients: dict[str, str], lifetime_s: float = 3600):
         self.clients = clients  # client id -> secret
         self.lifetime_s = lifetime_s  # of the tokens it issues from now on
+        self.expires_in_s: float | None = None  # what its answers say of that lifetime; None: the truth
         self.audience = AUDIENCE  # of the tokens it issues; another one makes the broker refuse them
         self.issued: list[float] = []  # time.monotonic() of each token issued
         self.refusals = 0
@@ -88,7 +89,7 @@ class IdentityProvider:
                 provider.issued.append(time.monotonic())
                 scope = form.get("scope", [None])[0]
                 self.answer(200, {"access_token": provider.token(client_id, scope), "token_type": "Bearer",
-                                  "expires_in": int(provider.lifetime_s)})
+                                  "expires_in": int(provider.expires_in_s or provider.lifetime_s)})
 
             def basic_credentials(self) -> tuple[str, str]:
                 kind, _, encoded = self.headers.get("Authorization", "").partition(" ")

@@ -716,3 +716,18 @@ def test_a_revocation_waits_for_the_batch_in_hand_and_commits_it():
 def test_the_consumer_never_creates_a_topic():
     settings = main.load_settings({"KAFKA_BOOTSTRAP_SERVERS": "a:1"}, "test-kernel", "t")
     assert main.consumer_config(settings, None)["allow_auto_create_topics"] is False
+
+
+def test_readiness_says_when_credentials_are_refused_or_no_fetch_or_heartbeat_came_for_a_session_timeout():
+    settings = main.load_settings({"KAFKA_BOOTSTRAP_SERVERS": "a:1", "KAFKA_SESSION_TIMEOUT_MS": "6000"}, "k", "t")
+    health = main.HealthState(settings)
+    health.joined = True
+    assert health.ready() == (True, "ok")
+    health.last_contact_s -= 7
+    assert health.ready() == (False, "no fetch or heartbeat answered for 7 s (KAFKA_SESSION_TIMEOUT_MS)")
+    health.refused(main.AccessRefused("b:1 refused the SASL PLAIN credentials", "authentication"))
+    health.refused(main.AccessRefused("a later one", "authentication"))  # the first is the one told
+    assert health.ready() == (False, "credentials refused: b:1 refused the SASL PLAIN credentials")
+    health.accepted()
+    health.last_contact_s = time.monotonic()
+    assert health.ready() == (True, "ok")
