@@ -1304,6 +1304,7 @@ class OAuthBearerTokens(kafka.sasl.oauth.AbstractTokenProvider):
         self.client = client
         self.lock = threading.Lock()  # the consumer's and the producer's connections share one token
         self.current: str | None = None
+        self.stop: StopSignal | None = None  # a stop requested cuts a request short (connect_consumer sets it)
         self.refresh_at_s = self.expires_at_s = 0.0  # time.monotonic()
 
     def token(self) -> str:
@@ -1331,7 +1332,7 @@ class OAuthBearerTokens(kafka.sasl.oauth.AbstractTokenProvider):
         headers = {"Authorization": "Basic " + base64.b64encode(basic.encode()).decode(),
                    "Content-Type": "application/x-www-form-urlencoded", "Accept": "application/json"}
         status, reason, body = post_within(client.token_endpoint_url, urllib.parse.urlencode(form).encode(), headers,
-                                           TOKEN_REQUEST_TIMEOUT_S)
+                                           TOKEN_REQUEST_TIMEOUT_S, self.stop)
         if status in (400, 401, 403):
             with contextlib.suppress(Exception):  # the OAuth error code, as RFC 6749 section 5.2 names it
                 reason = f"{reason}, {json.loads(body)['error']}"
@@ -1364,21 +1365,27 @@ def jwt_expiry_s(token: str) -> float:
     return float(expiry) if isinstance(expiry, int | float) and not isinstance(expiry, bool) else math.inf
 
 
-def post_within(url: str, body: bytes, headers: dict[str, str], timeout_s: float) -> tuple[int, str, bytes]:
+def post_within(url: str, body: bytes, headers: dict[str, str], timeout_s: float,
+                stop: StopSignal | None = None) -> tuple[int, str, bytes]:
     """POST `body` to `url`: the answer's status, reason and body (up to 1 MB), all of it within `timeout_s`
-    (a socket's timeout bounds each read only: an answer trickled a byte at a time would hold on for ever),
-    else OSError. Redirects are not followed."""
+    (a socket's timeout bounds each read only: an answer trickled a byte at a time would hold on for ever)
+    and before a stop is requested, else OSError. Redirects are not followed."""
     parts = urllib.parse.urlsplit(url)
     kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-    connection = kind(parts.hostname, parts.port, timeout=timeout_s)
+    connection, started_s = kind(parts.hostname, parts.port, timeout=timeout_s), time.monotonic()
+    done, cut = threading.Event(), []  # why the request was cut short, if it was
 
-    def cut() -> None:  # wakes a read blocked in the caller's thread; shutdown, not close, is what does
-        with contextlib.suppress(OSError, TypeError):
-            socket.socket.shutdown(connection.sock, socket.SHUT_RDWR)
+    def cut_when_due() -> None:  # shutdown, not close, is what wakes a read blocked in the caller's thread
+        while not done.wait(0.1):
+            if time.monotonic() - started_s >= timeout_s:
+                cut.append(f"no whole answer within {timeout_s:.0f} s")
+            elif stop is not None and stop.requested:
+                cut.append("a stop was requested")
+            if cut:
+                with contextlib.suppress(OSError, TypeError):  # TypeError: not connected yet
+                    socket.socket.shutdown(connection.sock, socket.SHUT_RDWR)
 
-    deadline, started_s = threading.Timer(timeout_s, cut), time.monotonic()
-    deadline.daemon = True
-    deadline.start()
+    threading.Thread(target=cut_when_due, name="token-deadline", daemon=True).start()
     try:
         connection.request("POST", (parts.path or "/") + (f"?{parts.query}" if parts.query else ""), body, headers)
         response = connection.getresponse()
@@ -1386,10 +1393,10 @@ def post_within(url: str, body: bytes, headers: dict[str, str], timeout_s: float
     except (OSError, http.client.HTTPException) as error:
         answer = OSError(str(error) or type(error).__name__)
     finally:
-        deadline.cancel()
+        done.set()
         connection.close()
-    if time.monotonic() - started_s >= timeout_s:  # cut short, whatever the client made of what came
-        raise OSError(f"no whole answer within {timeout_s:.0f} s")
+    if cut:  # whatever the client made of what came before
+        raise OSError(cut[0])
     if isinstance(answer, OSError):
         raise answer
     return answer
@@ -1594,6 +1601,8 @@ def connect_consumer(settings: KernelSettings, tls: TlsFiles | None, stop: StopS
     retrying until KAFKA_BOOTSTRAP_TIMEOUT_MS; None if a stop was requested. Refused credentials and
     failed TLS end it at once: they do not mend by waiting."""
     config, servers = consumer_config(settings, tls, health), ",".join(settings.bootstrap_servers)
+    if (tokens := config.get("sasl_oauth_token_provider")) is not None:
+        tokens.stop = stop  # a SIGTERM is answered at once, not once a token endpoint's answer ends
     deadline = time.monotonic() + settings.bootstrap_timeout_ms / 1000
     failures: list[tuple[str, str]] = []  # (kind, what)
     while not stop.requested:

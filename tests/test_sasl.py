@@ -8,7 +8,9 @@ import json
 import re
 import subprocess
 import sys
+import threading
 import time
+import urllib.request
 import uuid
 
 import pytest
@@ -28,6 +30,7 @@ from confluent_kafka.admin import (
 import main
 from devtools.broker import free_port
 from tests.conftest import MAIN, OAUTH_CLIENTS, SASL_USERS, http_get, wait_committed, wait_until
+from tests.oidc import Endpoint, reply
 
 pytestmark = pytest.mark.brokers("kafka")
 
@@ -251,3 +254,41 @@ def test_a_scram_password_rotated_while_running_is_not_ready_then_exits_5(cluste
     wait_until(lambda: http_get(port, "/readyz")[0] == 200, 30, lambda: f"ready\n{kernel.log()[-3000:]}")
     set_password("after")
     refused_while_running(kernel, port, "refused the SASL SCRAM-SHA-256 credentials")
+
+
+def test_a_token_endpoint_garbled_at_start_up_is_asked_again_and_one_trickling_leaves_sigterm_answered(
+        cluster, kernels, identity_provider):
+    """In front of the identity provider: an endpoint whose first answer is a gateway's HTML page, then
+    the provider's own answers; the kernel starts. Then one that trickles its answer a byte at a time: a
+    SIGTERM while the kernel waits for it is answered at once."""
+    trickling, stop = [False], threading.Event()
+
+    def answer(handler, body: bytes) -> None:
+        if endpoint.requests == 1:
+            return reply(handler, 200, b"<html>502 Bad Gateway</html>")
+        if trickling[0]:
+            handler.wfile.write(b"HTTP/1.1 200 OK\r\n")
+            while not stop.wait(0.2):
+                handler.wfile.write(b"x")
+            return
+        request = urllib.request.Request(f"{identity_provider.url}/token", body,
+                                         {"Authorization": handler.headers["Authorization"]})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            reply(handler, response.status, response.read())
+
+    endpoint = Endpoint(answer)
+    try:
+        env = sasl_env(cluster, identity_provider, "OAUTHBEARER") | {
+            "KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL": endpoint.url}
+        kernel = kernels.start(kernels.env(cluster.create_topic(partitions=1), "garbled", tls=False, **env), script=MAIN)
+        kernel.wait_for_log("Partitions assigned", 30)
+        assert endpoint.requests >= 2 and kernel.stop() == 0
+        trickling[0] = True
+        kernel = kernels.start(kernel.env, script=MAIN)
+        wait_until(lambda: endpoint.requests >= 4, 15, "the kernel asking the trickling endpoint")
+        time.sleep(0.5)
+        started = time.monotonic()
+        assert kernel.stop() == 0 and time.monotonic() - started < 3
+    finally:
+        stop.set()
+        endpoint.close()
