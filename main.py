@@ -1344,7 +1344,10 @@ class OAuthBearerTokens(kafka.sasl.oauth.AbstractTokenProvider):
                           "KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL to the address that answers")
         if status != 200:
             raise OSError(f"HTTP {status} {reason}")
-        answer = json.loads(body)
+        try:
+            answer = json.loads(body)
+        except ValueError:
+            raise ValueError(f"its answer is not JSON: {describe_bytes(body, 80)}") from None
         if not isinstance(answer, dict) or not isinstance(answer.get("access_token"), str):
             raise ValueError("its answer holds no access_token")
         lifetime_s = answer.get("expires_in")
