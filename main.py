@@ -1422,7 +1422,8 @@ class WatchedClient(kafka.client_async.KafkaClient):
     """The consumer's and the producer's client, telling `health` when a broker (or the OAuth token
     endpoint) refuses the credentials, and when a connection is made again. kafka-python 2.3.3 only logs
     a refusal, as it closes the connection (BrokerConnection.close(error)), and connects again for ever:
-    a password rotated or an OAuth client revoked while the kernel runs would leave it stuck, unnoticed."""
+    a password rotated or an OAuth client revoked while the kernel runs would leave it stuck, unnoticed.
+    It also keeps the heartbeat thread off a connection while it authenticates (see below)."""
 
     def __init__(self, health: HealthState, **config):
         self.health = health  # first: the client connects from its __init__
@@ -1431,9 +1432,20 @@ class WatchedClient(kafka.client_async.KafkaClient):
     def _conn_state_change(self, node_id, sock, conn):
         if conn.state is kafka.conn.ConnectionStates.AUTHENTICATING and "close" not in vars(conn):
             conn.close = functools.partial(self.closing, conn, conn.close)
+            # The SaslHandshake answer's callback authenticates with blocking reads, and may run outside
+            # the client's lock (from poll()'s pending completions): the heartbeat thread's poll then reads
+            # the SaslAuthenticate answer off the socket first, and the callback waits request_timeout_ms
+            # (305 s) for it. Under the lock, no poll runs meanwhile.
+            conn._handle_sasl_handshake_response = self.locked(conn._handle_sasl_handshake_response)
         elif conn.state is kafka.conn.ConnectionStates.CONNECTED:
             self.health.accepted()
         super()._conn_state_change(node_id, sock, conn)
+
+    def locked(self, function: Callable) -> Callable:
+        def under_the_lock(*arguments):
+            with self._lock:
+                return function(*arguments)
+        return under_the_lock
 
     def closing(self, conn: kafka.conn.BrokerConnection, close: Callable, error=None) -> None:
         if isinstance(error, AccessRefused):
