@@ -111,9 +111,12 @@ import functools
 import gc
 import hashlib
 import http
+import http.client
+import ipaddress
 import itertools
 import json
 import logging
+import math
 import os
 import queue
 import random
@@ -126,14 +129,13 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections import deque, namedtuple
 from typing import TYPE_CHECKING
 
 import dotenv
 import dotenv.parser
+import kafka.client_async
 import kafka.conn
 import kafka.errors
 import kafka.future
@@ -320,7 +322,7 @@ class NoDeadLetterTopic(Exception):
 
 class BrokerUnavailable(Exception):
     """The bootstrap servers could not be reached within KAFKA_BOOTSTRAP_TIMEOUT_MS (kind "network"),
-    or TLS with them failed (kind "TLS")."""
+    TLS with them failed (kind "TLS"), or the OAuth token endpoint gave no token in that time ("OAuth")."""
 
     def __init__(self, message: str, kind: str):
         super().__init__(message)
@@ -483,6 +485,14 @@ def certificate_values(env: Mapping[str, str]) -> dict[str, str | None]:
     return certs
 
 
+def loopback(host: str) -> bool:
+    """Whether `host` is this machine: localhost, 127.0.0.0/8 or ::1."""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def oauth_client(env: Mapping[str, str]) -> OAuthClient:
     """KAFKA_SASL_OAUTHBEARER_*: the token endpoint and the client's id and secret are required."""
     values = {name: env.get(name, "").strip() for name in OAUTH_VARIABLES}
@@ -491,9 +501,15 @@ def oauth_client(env: Mapping[str, str]) -> OAuthClient:
         raise ConfigError(f"{', '.join(missing)} not set: KAFKA_SASL_MECHANISM=OAUTHBEARER gets its tokens from "
                           "an OAuth token endpoint with a client id and secret")
     url = values["KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL"]
+    if "@" in urllib.parse.urlsplit(url).netloc:  # said without the URL: it would print the secret
+        raise ConfigError("KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL holds credentials (user:secret@host): remove "
+                          "them; the client's id and secret go in KAFKA_SASL_OAUTHBEARER_CLIENT_ID and _CLIENT_SECRET")
     if not re.fullmatch(r"https?://[^/\s]+(/\S*)?", url):
-        raise ConfigError(f"KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL must be an https:// (or http://) URL, "
-                          f"got {url!r:.80}")
+        raise ConfigError(f"KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL must be an https:// URL, got {url!r:.80}")
+    if url.startswith("http://") and not loopback(urllib.parse.urlsplit(url).hostname or ""):
+        raise ConfigError(f"KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL must be an https:// URL, got {url!r:.80}: "
+                          "over http:// the client secret would cross the network in clear (allowed on a loopback "
+                          "address only)")
     extensions = []
     for item in env.get("KAFKA_SASL_OAUTHBEARER_EXTENSIONS", "").split(","):
         if item.strip():
@@ -1011,13 +1027,26 @@ class HealthState:
 
     def __init__(self, settings: KernelSettings, handler_name: str = "process_message"):
         self.max_poll_interval_s = settings.max_poll_interval_ms / 1000
+        # Without a fetch or a heartbeat answered for a session timeout, the group has let the kernel go.
+        self.out_of_touch_s = settings.session_timeout_ms / 1000
         self.handler_name = handler_name  # process_message, or process_batch
         self.last_poll_s = time.monotonic()  # starting counts as progress
         self.busy_since_s: float | None = None  # start of the longest-running call of the handler
         self.joined = False  # holds an assignment (possibly empty) from the group
+        self.last_contact_s = time.monotonic()  # the last fetch that brought records, heartbeat answered, or join
         self.missing_topics: list[str] = []  # of KAFKA_TOPIC and KERNEL_DEAD_LETTER_TOPIC, the broker does not know
         self.missing_outputs: frozenset[str] = frozenset()  # topics sent to that the broker said do not exist
         self.dead_letter_trouble: str | None = None  # why the last dead letter could not be published
+        self.refusal: AccessRefused | None = None  # the first refusal of the credentials since they were accepted
+        self.refused_since_s = 0.0
+
+    def refused(self, refusal: AccessRefused) -> None:
+        """A broker, or the OAuth token endpoint, refused the credentials (from the client's threads)."""
+        if self.refusal is None:
+            self.refusal, self.refused_since_s = refusal, time.monotonic()
+
+    def accepted(self) -> None:
+        self.refusal = None
 
     def alive(self) -> tuple[bool, str]:
         now = time.monotonic()
@@ -1028,13 +1057,19 @@ class HealthState:
         return True, "ok"
 
     def ready(self) -> tuple[bool, str]:
+        if (refusal := self.refusal) is not None:
+            return False, f"credentials refused: {refusal}"
         if self.missing_topics:
             return False, f"topic {', '.join(self.missing_topics)} does not exist"
         if self.dead_letter_trouble:
             return False, self.dead_letter_trouble
         if missing := self.missing_outputs:
             return False, f"topic {', '.join(sorted(missing))} does not exist: sends to it fail"
-        return (True, "ok") if self.joined else (False, "not in the group yet")
+        if not self.joined:
+            return False, "not in the group yet"
+        if (silent_s := time.monotonic() - self.last_contact_s) > self.out_of_touch_s:
+            return False, f"no fetch or heartbeat answered for {silent_s:.0f} s (KAFKA_SESSION_TIMEOUT_MS)"
+        return True, "ok"
 
 
 class HandlerTallies(prometheus_client.registry.Collector):
@@ -1390,6 +1425,7 @@ class OAuthBearerTokens(kafka.sasl.oauth.AbstractTokenProvider):
         self.client = client
         self.lock = threading.Lock()  # the consumer's and the producer's connections share one token
         self.current: str | None = None
+        self.stop: StopSignal | None = None  # a stop requested cuts a request short (connect_consumer sets it)
         self.refresh_at_s = self.expires_at_s = 0.0  # time.monotonic()
 
     def token(self) -> str:
@@ -1402,7 +1438,7 @@ class OAuthBearerTokens(kafka.sasl.oauth.AbstractTokenProvider):
                 except (OSError, ValueError) as error:  # unreachable, or an answer that is not a token
                     if self.current is None or now >= self.expires_at_s:
                         raise BrokerUnavailable(f"the OAuth token endpoint (KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL) "
-                                                f"gave no token: {error}", "network") from None
+                                                f"gave no token: {error}", "OAuth") from None
                     kernel_log.warning("Could not refresh the OAuth token (%s); the current one is valid for %.0f s "
                                        "more", error, self.expires_at_s - now, extra=REPEATING)
             return self.current
@@ -1416,32 +1452,128 @@ class OAuthBearerTokens(kafka.sasl.oauth.AbstractTokenProvider):
         basic = f"{urllib.parse.quote(client.client_id, safe='')}:{urllib.parse.quote(client.client_secret, safe='')}"
         headers = {"Authorization": "Basic " + base64.b64encode(basic.encode()).decode(),
                    "Content-Type": "application/x-www-form-urlencoded", "Accept": "application/json"}
-        request = urllib.request.Request(client.token_endpoint_url, urllib.parse.urlencode(form).encode(), headers)
-        try:
-            with urllib.request.urlopen(request, timeout=TOKEN_REQUEST_TIMEOUT_S) as response:
-                answer = json.load(response)
-        except urllib.error.HTTPError as error:
-            if error.code not in (400, 401, 403):
-                raise OSError(f"HTTP {error.code} {error.reason}") from None
+        status, reason, body = post_within(client.token_endpoint_url, urllib.parse.urlencode(form).encode(), headers,
+                                           TOKEN_REQUEST_TIMEOUT_S, self.stop)
+        if status in (400, 401, 403):
             with contextlib.suppress(Exception):  # the OAuth error code, as RFC 6749 section 5.2 names it
-                error.reason = f"{error.reason}, {json.load(error)['error']}"
-            raise AccessRefused(f"the OAuth token endpoint refused the client (HTTP {error.code} {error.reason}): "
+                reason = f"{reason}, {json.loads(body)['error']}"
+            raise AccessRefused(f"the OAuth token endpoint refused the client (HTTP {status} {reason}): "
                                 "check KAFKA_SASL_OAUTHBEARER_CLIENT_ID, KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET and "
-                                "KAFKA_SASL_OAUTHBEARER_SCOPE", "authentication") from None
-        except urllib.error.URLError as error:
-            raise OSError(str(error.reason)) from None
+                                "KAFKA_SASL_OAUTHBEARER_SCOPE", "authentication")
+        if 300 <= status < 400:  # followed, it would carry the client secret wherever it points
+            raise OSError(f"it redirected (HTTP {status} {reason}), and redirects are not followed: set "
+                          "KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL to the address that answers")
+        if status != 200:
+            raise OSError(f"HTTP {status} {reason}")
+        try:
+            answer = json.loads(body)
+        except ValueError:
+            raise ValueError(f"its answer is not JSON: {describe_bytes(body, 80)}") from None
         if not isinstance(answer, dict) or not isinstance(answer.get("access_token"), str):
             raise ValueError("its answer holds no access_token")
         lifetime_s = answer.get("expires_in")
         lifetime_s = float(lifetime_s) if isinstance(lifetime_s, int | float) and lifetime_s > 0 else 300.0
+        lifetime_s = min(lifetime_s, jwt_expiry_s(answer["access_token"]) - time.time())
         self.current, self.refresh_at_s, self.expires_at_s = (answer["access_token"], now + 0.8 * lifetime_s,
                                                               now + lifetime_s)
+
+
+def jwt_expiry_s(token: str) -> float:
+    """The `exp` of a token that is a JWT, in seconds since the epoch, read without checking its signature
+    (the broker does): an endpoint's expires_in may say longer. Infinity for a token that is no JWT."""
+    try:
+        payload = token.split(".")[1]
+        expiry = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["exp"]
+    except (IndexError, ValueError, KeyError, TypeError):  # binascii.Error and JSON errors are ValueErrors
+        return math.inf
+    return float(expiry) if isinstance(expiry, int | float) and not isinstance(expiry, bool) else math.inf
+
+
+def post_within(url: str, body: bytes, headers: dict[str, str], timeout_s: float,
+                stop: StopSignal | None = None) -> tuple[int, str, bytes]:
+    """POST `body` to `url`: the answer's status, reason and body (up to 1 MB), all of it within `timeout_s`
+    (a socket's timeout bounds each read only: an answer trickled a byte at a time would hold on for ever)
+    and before a stop is requested, else OSError. Redirects are not followed."""
+    parts = urllib.parse.urlsplit(url)
+    kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    connection, started_s = kind(parts.hostname, parts.port, timeout=timeout_s), time.monotonic()
+    done, cut = threading.Event(), []  # why the request was cut short, if it was
+
+    def cut_when_due() -> None:  # shutdown, not close, is what wakes a read blocked in the caller's thread
+        while not done.wait(0.1):
+            if time.monotonic() - started_s >= timeout_s:
+                cut.append(f"no whole answer within {timeout_s:.0f} s")
+            elif stop is not None and stop.requested:
+                cut.append("a stop was requested")
+            if cut:
+                with contextlib.suppress(OSError, TypeError):  # TypeError: not connected yet
+                    socket.socket.shutdown(connection.sock, socket.SHUT_RDWR)
+
+    threading.Thread(target=cut_when_due, name="token-deadline", daemon=True).start()
+    try:
+        connection.request("POST", (parts.path or "/") + (f"?{parts.query}" if parts.query else ""), body, headers)
+        response = connection.getresponse()
+        answer = response.status, response.reason, response.read(1_048_576)
+    except (OSError, http.client.HTTPException) as error:
+        answer = OSError(str(error) or type(error).__name__)
+    finally:
+        done.set()
+        connection.close()
+    if cut:  # whatever the client made of what came before
+        raise OSError(cut[0])
+    if isinstance(answer, OSError):
+        raise answer
+    return answer
 
 
 @functools.cache
 def oauth_tokens(client: OAuthClient) -> OAuthBearerTokens:
     """One token cache per OAuth client, shared by the consumer's and the producer's connections."""
     return OAuthBearerTokens(client)
+
+
+def sasl_refusal(server: str, mechanism: str) -> AccessRefused:
+    credentials = ("KAFKA_SASL_OAUTHBEARER_CLIENT_ID and the token's audience and issuer"
+                   if mechanism == "OAUTHBEARER" else "KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD")
+    return AccessRefused(f"{server} refused the SASL {mechanism} credentials: check {credentials} (and "
+                         "KAFKA_SASL_MECHANISM: the broker may know the user under another one)", "authentication")
+
+
+class WatchedClient(kafka.client_async.KafkaClient):
+    """The consumer's and the producer's client, telling `health` when a broker (or the OAuth token
+    endpoint) refuses the credentials, and when a connection is made again. kafka-python 2.3.3 only logs
+    a refusal, as it closes the connection (BrokerConnection.close(error)), and connects again for ever:
+    a password rotated or an OAuth client revoked while the kernel runs would leave it stuck, unnoticed.
+    It also keeps the heartbeat thread off a connection while it authenticates (see below)."""
+
+    def __init__(self, health: HealthState, **config):
+        self.health = health  # first: the client connects from its __init__
+        super().__init__(**config)
+
+    def _conn_state_change(self, node_id, sock, conn):
+        if conn.state is kafka.conn.ConnectionStates.AUTHENTICATING and "close" not in vars(conn):
+            conn.close = functools.partial(self.closing, conn, conn.close)
+            # The SaslHandshake answer's callback authenticates with blocking reads, and may run outside
+            # the client's lock (from poll()'s pending completions): the heartbeat thread's poll then reads
+            # the SaslAuthenticate answer off the socket first, and the callback waits request_timeout_ms
+            # (305 s) for it. Under the lock, no poll runs meanwhile.
+            conn._handle_sasl_handshake_response = self.locked(conn._handle_sasl_handshake_response)
+        elif conn.state is kafka.conn.ConnectionStates.CONNECTED:
+            self.health.accepted()
+        super()._conn_state_change(node_id, sock, conn)
+
+    def locked(self, function: Callable) -> Callable:
+        def under_the_lock(*arguments):
+            with self._lock:
+                return function(*arguments)
+        return under_the_lock
+
+    def closing(self, conn: kafka.conn.BrokerConnection, close: Callable, error=None) -> None:
+        if isinstance(error, AccessRefused):
+            self.health.refused(error)
+        elif isinstance(error, kafka.errors.SaslAuthenticationFailedError):
+            self.health.refused(sasl_refusal(f"{conn.host}:{conn.port}", conn.config["sasl_mechanism"]))
+        close(error)
 
 
 def security_config(settings: KernelSettings, tls: TlsFiles | None) -> dict:
@@ -1458,10 +1590,12 @@ def security_config(settings: KernelSettings, tls: TlsFiles | None) -> dict:
     return config
 
 
-def consumer_config(settings: KernelSettings, tls: TlsFiles | None) -> dict:
-    """kafka-python KafkaConsumer arguments; see the KafkaConsumer docstring for each."""
+def consumer_config(settings: KernelSettings, tls: TlsFiles | None, health: HealthState | None = None) -> dict:
+    """kafka-python KafkaConsumer arguments; see the KafkaConsumer docstring for each. With `health`, the
+    client tells it of refused credentials (and the producer's client, which ConsumerLoop makes alike)."""
     return dict(
         security_config(settings, tls),
+        kafka_client=functools.partial(WatchedClient, health) if health else kafka.client_async.KafkaClient,
         client_id=settings.client_id,
         group_id=settings.group_id,
         group_instance_id=settings.group_instance_id,
@@ -1553,7 +1687,7 @@ def resolves(host: str) -> bool:
 
 def probe_connection(config: dict, server: str, timeout_s: float) -> tuple[str, str] | None:
     """Connect to one bootstrap server as the client will (TCP, TLS, API versions, SASL) and hang
-    up; None if it worked, else the kind of failure ("network" or "TLS") and what it was. Refused
+    up; None if it worked, else the kind of failure ("network", "TLS" or "OAuth") and what it was. Refused
     credentials raise AccessRefused, a failed TLS handshake ssl.SSLError: neither mends by waiting."""
     host, port = server.rsplit(":", 1)
     host = host.strip("[]")
@@ -1568,14 +1702,13 @@ def probe_connection(config: dict, server: str, timeout_s: float) -> tuple[str, 
     finally:
         connection.close()
     error = connection.closed_by
-    if isinstance(error, AccessRefused | BrokerUnavailable):  # from the OAuth token endpoint
+    if isinstance(error, AccessRefused):  # from the OAuth token endpoint
         raise error
+    if isinstance(error, BrokerUnavailable):  # the token endpoint is down, slow or garbled: it may mend
+        return error.kind, str(error)
     mechanism = config.get("sasl_mechanism")
     if isinstance(error, kafka.errors.SaslAuthenticationFailedError):
-        credentials = ("KAFKA_SASL_OAUTHBEARER_CLIENT_ID and the token's audience and issuer"
-                       if mechanism == "OAUTHBEARER" else "KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD")
-        raise AccessRefused(f"{server} refused the SASL {mechanism} credentials: check {credentials} (and "
-                            "KAFKA_SASL_MECHANISM: the broker may know the user under another one)", "authentication")
+        raise sasl_refusal(server, mechanism)
     if isinstance(error, kafka.errors.UnsupportedSaslMechanismError):
         raise AccessRefused(f"{server} does not offer the SASL mechanism {mechanism}: {error}; check "
                             "KAFKA_SASL_MECHANISM", "authentication")
@@ -1711,11 +1844,14 @@ def lenient(consumer: KafkaConsumer) -> KafkaConsumer:
     return consumer
 
 
-def connect_consumer(settings: KernelSettings, tls: TlsFiles | None, stop: StopSignal) -> KafkaConsumer | None:
+def connect_consumer(settings: KernelSettings, tls: TlsFiles | None, stop: StopSignal,
+                     health: HealthState | None = None) -> KafkaConsumer | None:
     """Create the consumer once a bootstrap server accepts a connection made as the consumer's are,
     retrying until KAFKA_BOOTSTRAP_TIMEOUT_MS; None if a stop was requested. Refused credentials and
     failed TLS end it at once: they do not mend by waiting."""
-    config, servers = consumer_config(settings, tls), ",".join(settings.bootstrap_servers)
+    config, servers = consumer_config(settings, tls, health), ",".join(settings.bootstrap_servers)
+    if (tokens := config.get("sasl_oauth_token_provider")) is not None:
+        tokens.stop = stop  # a SIGTERM is answered at once, not once a token endpoint's answer ends
     deadline = time.monotonic() + settings.bootstrap_timeout_ms / 1000
     failures: list[tuple[str, str]] = []  # (kind, what)
     while not stop.requested:
@@ -1739,6 +1875,9 @@ def connect_consumer(settings: KernelSettings, tls: TlsFiles | None, stop: StopS
                                     "listener", "TLS") from None
         if time.monotonic() >= deadline:
             kind, last = failures[-1]
+            if kind == "OAuth":
+                raise BrokerUnavailable(f"{last} (tried for {settings.bootstrap_timeout_ms} ms, "
+                                        "KAFKA_BOOTSTRAP_TIMEOUT_MS)", kind)
             raise BrokerUnavailable(
                 f"no broker of KAFKA_BOOTSTRAP_SERVERS={servers} answered within {settings.bootstrap_timeout_ms} ms "
                 f"(KAFKA_BOOTSTRAP_TIMEOUT_MS) over {settings.security} (last: {last}): check the address and "
@@ -2808,6 +2947,7 @@ class ConsumerLoop:
         # Counting and timing every message costs a little: only when /metrics is served.
         per_message = self.metrics if settings.http_port else None
         self.producer = KernelProducer(settings, tls, consumer.config["api_version"], per_message, tracing, self.health)
+        self.producer.config["kafka_client"] = consumer.config.get("kafka_client", kafka.client_async.KafkaClient)
         dead_letters = (DeadLetterTopic(settings, self.producer, self.metrics, self.health, tracing)
                         if settings.dead_letter_topic else None)
         self.failures = FailurePolicy(settings, self.ledger, dead_letters, self.metrics)
@@ -2837,6 +2977,9 @@ class ConsumerLoop:
         except MessageFailed as failure:
             kernel_log.error("%s; it stays uncommitted. Stopping", failure, exc_info=failure.__cause__)
             return EXIT_FATAL
+        except AccessRefused as refused:
+            kernel_log.error("Access refused (%s): %s", refused.kind, refused)
+            return EXIT_REFUSED
         except NoDeadLetterTopic as undeliverable:
             kernel_log.error("%s; no KERNEL_DEAD_LETTER_TOPIC is set, so it stays uncommitted. Stopping%s",
                              undeliverable, undeliverable.way_on)
@@ -2899,8 +3042,19 @@ class ConsumerLoop:
             self.apply_back_pressure()
             self.poll(BUSY_POLL_TIMEOUT_MS if self.ledger.in_flight else self.poll_timeout_ms())
         self.watchdog.watch_in_flight()
+        self.check_contact()
         self.commit()
         self.watchdog.refresh_lag(self.consumer)
+
+    def check_contact(self) -> None:
+        """Count a heartbeat answered as contact (records fetched count in poll()), and stop once the
+        credentials were refused for KAFKA_SESSION_TIMEOUT_MS with none accepted since, as at start-up."""
+        health, now = self.health, time.monotonic()
+        answered_s = self.consumer._coordinator.heartbeat.last_receive  # time.time(), -inf before the first
+        health.last_contact_s = max(health.last_contact_s, now - (time.time() - answered_s))
+        if (refusal := health.refusal) is not None and now - health.refused_since_s > health.out_of_touch_s:
+            raise AccessRefused(f"{refusal}; refused for {now - health.refused_since_s:.0f} s while running "
+                                f"(KAFKA_SESSION_TIMEOUT_MS {self.settings.session_timeout_ms})", refusal.kind)
 
     def poll(self, timeout_ms: int) -> None:
         polled = self.consumer.poll(timeout_ms=timeout_ms)
@@ -2909,6 +3063,8 @@ class ConsumerLoop:
             if self.ledger.add(partition, records, now_s) > self.settings.buffer_max_bytes:
                 self.warn_too_large(records)
         self.health.last_poll_s = now_s
+        if polled:
+            self.health.last_contact_s = now_s
         if self.newcomers < len(self.ledger.partitions):
             self.newcomers *= 2
 
@@ -3062,7 +3218,7 @@ class ConsumerLoop:
         self.apply_back_pressure()  # now: this very poll fetches, once the callback returns
         self.metrics.rebalances.inc()
         self.metrics.assigned.set(len(self.ledger.partitions))
-        self.health.joined = True
+        self.health.joined, self.health.last_contact_s = True, time.monotonic()
 
     def revoked(self, partitions: set[TopicPartition]) -> None:
         """Partitions are being revoked: stop their tasks after the messages in hand (waiting at
@@ -3369,7 +3525,7 @@ def consume_until_stopped(handler: KernelHandler, settings: KernelSettings, tls:
         kernel_log.info("Serving /healthz, /readyz and /metrics on port %d", settings.http_port)
     kernel_log.info("Starting: topics=%s group=%s client=%s bootstrap=%s security=%s", ",".join(settings.topics),
                     settings.group_id, settings.client_id, ",".join(settings.bootstrap_servers), settings.security)
-    consumer = connect_consumer(settings, tls, stop)
+    consumer = connect_consumer(settings, tls, stop, health)
     if consumer is None:
         return EXIT_OK
     loop = ConsumerLoop(consumer, settings, handler, stop, tls, health, metrics, tracing)
@@ -3459,4 +3615,4 @@ check_your_part(names_of_your_part)
 
 # The machinery's digest as the template shipped it (devtools/stamp_machinery.py writes it): `check` and
 # tests/test_template.py compare it with what is above, from "# End of your kernel" on.
-MACHINERY_SHA256 = "13d98d1d971f8d1289e8fe291e41a5a16e9e22fd13e595dd99ad073b90d2befa"
+MACHINERY_SHA256 = "ecce36735fc8a47401ec849a9a61199daed125de8ae4b5441868f397427274dd"

@@ -440,6 +440,9 @@ BROKER_SETTINGS = {
     "super.users": "User:ANONYMOUS",
     # A SASL session ends when its OAuth token expires (KIP-368), as on Confluent Cloud.
     "connections.max.reauth.ms": "3600000",
+    # SCRAM-SHA-256 sessions on SASL_MTLS end after 5 s, as a broker's restart would end them: the test of a
+    # password rotated while the kernel runs uses them (and no other test).
+    "listener.name.sasl_mtls.scram-sha-256.connections.max.reauth.ms": "5000",
 }
 
 

@@ -33,6 +33,7 @@ class IdentityProvider:
     def __init__(self, clients: dict[str, str], lifetime_s: float = 3600):
         self.clients = clients  # client id -> secret
         self.lifetime_s = lifetime_s  # of the tokens it issues from now on
+        self.expires_in_s: float | None = None  # what its answers say of that lifetime; None: the truth
         self.audience = AUDIENCE  # of the tokens it issues; another one makes the broker refuse them
         self.issued: list[float] = []  # time.monotonic() of each token issued
         self.refusals = 0
@@ -88,7 +89,7 @@ class IdentityProvider:
                 provider.issued.append(time.monotonic())
                 scope = form.get("scope", [None])[0]
                 self.answer(200, {"access_token": provider.token(client_id, scope), "token_type": "Bearer",
-                                  "expires_in": int(provider.lifetime_s)})
+                                  "expires_in": int(provider.expires_in_s or provider.lifetime_s)})
 
             def basic_credentials(self) -> tuple[str, str]:
                 kind, _, encoded = self.headers.get("Authorization", "").partition(" ")
@@ -109,3 +110,38 @@ class IdentityProvider:
                 pass
 
         return Handler
+
+
+class Endpoint:
+    """Another token endpoint, for the tests of one that misbehaves: a local HTTP server answering each
+    POST with `answer(handler, body)`; it counts the requests and keeps their Authorization headers."""
+
+    def __init__(self, answer):
+        self.requests, self.authorizations = 0, []
+        endpoint = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                endpoint.requests += 1
+                endpoint.authorizations.append(self.headers.get("Authorization"))
+                answer(self, self.rfile.read(int(self.headers.get("Content-Length", 0))))
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, name="endpoint", daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/token"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def reply(handler, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+    handler.send_response(status)
+    for name, value in {"Content-Length": str(len(body)), **(headers or {})}.items():
+        handler.send_header(name, value)
+    handler.end_headers()
+    handler.wfile.write(body)

@@ -750,3 +750,18 @@ def test_the_budget_decides_how_many_partitions_fetch_at_once_and_they_take_turn
     loop.turn_ends_s = time.monotonic()
     loop.apply_back_pressure()
     assert not fetching & (set(loop.ledger.partitions) - loop.consumer.paused()), "then those that waited go first"
+
+
+def test_readiness_says_when_credentials_are_refused_or_no_fetch_or_heartbeat_came_for_a_session_timeout():
+    settings = main.load_settings({"KAFKA_BOOTSTRAP_SERVERS": "a:1", "KAFKA_SESSION_TIMEOUT_MS": "6000"}, "k", "t")
+    health = main.HealthState(settings)
+    health.joined = True
+    assert health.ready() == (True, "ok")
+    health.last_contact_s -= 7
+    assert health.ready() == (False, "no fetch or heartbeat answered for 7 s (KAFKA_SESSION_TIMEOUT_MS)")
+    health.refused(main.AccessRefused("b:1 refused the SASL PLAIN credentials", "authentication"))
+    health.refused(main.AccessRefused("a later one", "authentication"))  # the first is the one told
+    assert health.ready() == (False, "credentials refused: b:1 refused the SASL PLAIN credentials")
+    health.accepted()
+    health.last_contact_s = time.monotonic()
+    assert health.ready() == (True, "ok")

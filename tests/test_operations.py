@@ -55,6 +55,8 @@ def test_health_and_readiness_through_starting_joined_stuck_and_stopping(cluster
     assert "process_message running for" in text, "a handler stuck past the max-poll interval is not alive"
     assert docker_healthcheck(port) != 0
     wait_until(lambda: (0, 0) in processed(kernels.attempts()), 15, "the slow message")
+    # 7 s without a record fetched, more than the session timeout (6 s): heartbeats answered keep it ready
+    assert http_get(port, "/readyz") == (200, "ok\n")
     wait_until(lambda: http_get(port, "/healthz")[0] == 200, 5, "liveness to recover")
 
     cluster.produce(topic, [(0, None, b"sleep:3")])

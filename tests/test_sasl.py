@@ -4,10 +4,14 @@ OAUTHBEARER tokens that expire while the kernel runs; refused credentials and de
 line and their own exit code; and no secret in anything the kernel prints."""
 
 import base64
+import contextlib
 import json
 import re
 import subprocess
 import sys
+import threading
+import time
+import urllib.request
 import uuid
 
 import pytest
@@ -19,11 +23,15 @@ from confluent_kafka.admin import (
     AdminClient,
     ResourcePatternType,
     ResourceType,
+    ScramCredentialInfo,
+    ScramMechanism,
+    UserScramCredentialUpsertion,
 )
 
 import main
 from devtools.broker import free_port
-from tests.conftest import MAIN, OAUTH_CLIENTS, SASL_USERS, http_get, wait_committed
+from tests.conftest import MAIN, OAUTH_CLIENTS, SASL_USERS, http_get, wait_committed, wait_until
+from tests.oidc import Endpoint, reply
 
 pytestmark = pytest.mark.brokers("kafka")
 
@@ -92,9 +100,10 @@ def test_without_a_ca_the_systems_trust_store_is_used(cluster, kernels, identity
 
 def test_the_kernel_keeps_consuming_across_oauth_token_lifetimes(cluster, kernels, identity_provider):
     """Tokens live 8 s: the broker ends each session when its token expires (connections.max.reauth.ms),
-    the kernel connects again with a fresh one, and consuming and sending go on across three lifetimes."""
+    the kernel connects again with a fresh one, and consuming and sending go on across three lifetimes.
+    The endpoint says they live an hour (expires_in): the JWT's exp tells the truth."""
     source, output = cluster.create_topic(partitions=2), cluster.create_topic(partitions=2)
-    identity_provider.lifetime_s = 8
+    identity_provider.lifetime_s, identity_provider.expires_in_s = 8, 3600
     try:
         issued_before = len(identity_provider.issued)
         messages = [(i % 2, None, json.dumps({"id": f"e-{i}", "type": "t", "n": i}).encode()) for i in range(240)]
@@ -107,7 +116,7 @@ def test_the_kernel_keeps_consuming_across_oauth_token_lifetimes(cluster, kernel
         tokens = len(identity_provider.issued) - issued_before
         assert kernel.stop() == 0
     finally:
-        identity_provider.lifetime_s = 3600
+        identity_provider.lifetime_s, identity_provider.expires_in_s = 3600, None
     assert sorted(json.loads(r.value())["n"] for r in cluster.read_topic(output, 2)) == list(range(240))
     assert tokens >= 3, f"{tokens} tokens fetched in 24 s of 8 s tokens"
     assert "Traceback" not in kernel.log()
@@ -197,3 +206,91 @@ def test_no_secret_in_anything_the_kernel_prints_at_debug(cluster, kernels, iden
         leaked = [secret for secret in secrets() if secret in printed]
         assert not leaked and not tokens, f"{mechanism}: {leaked or tokens} printed"
         assert "DEBUG" in kernel.log() and checked.returncode == 0, checked.stdout
+
+
+def refused_while_running(kernel, port: int, says: str) -> None:
+    """Once the credentials are refused: /readyz answers 503 with the reason, then the kernel exits 5 (after
+    KAFKA_SESSION_TIMEOUT_MS, 6 s here), its last word one line saying why."""
+    wait_until(lambda: (answer := http_get(port, "/readyz"))[0] == 503 and "credentials refused" in answer[1]
+               and says in answer[1], 30, lambda: f"/readyz saying {says}: {http_get(port, '/readyz')}\n{kernel.log()[-3000:]}")
+    refused_s = time.monotonic()
+    assert kernel.wait(timeout_s=40) == main.EXIT_REFUSED
+    assert time.monotonic() - refused_s < 30
+    refusals = [line for line in kernel.log().splitlines() if " ERROR [" in line and "Access refused" in line]
+    assert len(refusals) == 1 and "Access refused (authentication)" in refusals[0] and says in refusals[0], kernel.log()
+    assert "while running (KAFKA_SESSION_TIMEOUT_MS 6000)" in refusals[0] and "Traceback" not in kernel.log()
+
+
+def test_an_oauth_client_revoked_while_running_is_not_ready_then_exits_5(cluster, kernels, identity_provider):
+    """Tokens of 5 s: the kernel connects again for a new one, which the endpoint refuses (HTTP 401)."""
+    topic, port = cluster.create_topic(partitions=1), free_port()
+    [(client_id, _)] = OAUTH_CLIENTS.items()
+    identity_provider.lifetime_s = 5
+    try:
+        kernel = kernels.start(kernels.env(topic, "revoked", tls=False, KERNEL_HTTP_PORT=port,
+                                           **sasl_env(cluster, identity_provider, "OAUTHBEARER")), script=MAIN)
+        wait_until(lambda: http_get(port, "/readyz")[0] == 200, 30, lambda: f"ready\n{kernel.log()[-3000:]}")
+        identity_provider.clients = {client_id: "another-secret"}
+        refused_while_running(kernel, port, "the OAuth token endpoint refused the client (HTTP 401")
+    finally:
+        identity_provider.lifetime_s, identity_provider.clients = 3600, OAUTH_CLIENTS
+
+
+def test_a_scram_password_rotated_while_running_is_not_ready_then_exits_5(cluster, kernels, identity_provider, pki):
+    """A user of its own, whose SCRAM-SHA-256 sessions on SASL_MTLS the broker ends every 5 s (conftest): once
+    its password changes, the kernel's next authentication is refused."""
+    topic, port, user = cluster.create_topic(partitions=1), free_port(), f"rotated-{uuid.uuid4().hex[:6]}"
+    admin = AdminClient({"bootstrap.servers": cluster.broker.plaintext_bootstrap})
+
+    def set_password(password: str) -> None:
+        upsert = UserScramCredentialUpsertion(user, ScramCredentialInfo(ScramMechanism.SCRAM_SHA_256, 4096),
+                                              password.encode())
+        admin.alter_user_scram_credentials([upsert])[user].result(timeout=20)
+
+    set_password("before")
+    env = sasl_env(cluster, identity_provider, "SCRAM-SHA-256", listener="SASL_MTLS") | {
+        "KAFKA_SASL_USERNAME": user, "KAFKA_SASL_PASSWORD": "before", "KERNEL_HTTP_PORT": port,
+        "KAFKA_CLIENT_CERT": pki.env["KAFKA_CLIENT_CERT"], "KAFKA_CLIENT_KEY": pki.env["KAFKA_CLIENT_KEY"]}
+    kernel = kernels.start(kernels.env(topic, "rotated", tls=False, **env), script=MAIN)
+    wait_until(lambda: http_get(port, "/readyz")[0] == 200, 30, lambda: f"ready\n{kernel.log()[-3000:]}")
+    set_password("after")
+    refused_while_running(kernel, port, "refused the SASL SCRAM-SHA-256 credentials")
+
+
+def test_a_token_endpoint_garbled_at_start_up_is_asked_again_and_one_trickling_leaves_sigterm_answered(
+        cluster, kernels, identity_provider):
+    """In front of the identity provider: an endpoint whose first answer is a gateway's HTML page, then
+    the provider's own answers; the kernel starts. Then one that trickles its answer a byte at a time: a
+    SIGTERM while the kernel waits for it is answered at once."""
+    trickling, stop = [False], threading.Event()
+
+    def answer(handler, body: bytes) -> None:
+        if endpoint.requests == 1:
+            return reply(handler, 200, b"<html>502 Bad Gateway</html>")
+        if trickling[0]:
+            with contextlib.suppress(OSError):  # until the kernel hangs up
+                handler.wfile.write(b"HTTP/1.1 200 OK\r\n")
+                while not stop.wait(0.2):
+                    handler.wfile.write(b"x")
+            return
+        request = urllib.request.Request(f"{identity_provider.url}/token", body,
+                                         {"Authorization": handler.headers["Authorization"]})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            reply(handler, response.status, response.read())
+
+    endpoint = Endpoint(answer)
+    try:
+        env = sasl_env(cluster, identity_provider, "OAUTHBEARER") | {
+            "KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL": endpoint.url}
+        kernel = kernels.start(kernels.env(cluster.create_topic(partitions=1), "garbled", tls=False, **env), script=MAIN)
+        kernel.wait_for_log("Partitions assigned", 30)
+        assert endpoint.requests >= 2 and kernel.stop() == 0
+        trickling[0], asked = True, endpoint.requests
+        kernel = kernels.start(kernel.env, script=MAIN)
+        wait_until(lambda: endpoint.requests > asked, 15, "the kernel asking the trickling endpoint")
+        time.sleep(0.5)
+        started = time.monotonic()
+        assert kernel.stop() == 0 and time.monotonic() - started < 3
+    finally:
+        stop.set()
+        endpoint.close()
