@@ -100,13 +100,11 @@ def sample_buffered_bytes(port: int, samples: list[float], done: threading.Event
             samples.append(float(found.group(1)))
 
 
-def test_partitions_of_large_messages_fetch_in_turn_within_the_byte_budget(cluster, kernels):
-    """Twenty partitions each holding one 600 KB message, with a 2 MiB budget: a fetch brings a whole
-    record batch of every partition it names, so the budget must decide how many partitions fetch at
-    once (before, each partition holding nothing fetched: all twenty, 12 MB, were held at once). Every
-    message is processed once, and kernel_buffered_bytes stays within the budget."""
-    budget, size, partitions = 2 * 2**20, 600_000, 20
-    topic, group, port = cluster.create_topic(partitions=partitions), f"memory-wide-{uuid.uuid4().hex[:6]}", free_port()
+def run_one_message_per_partition(cluster, kernels, partitions: int, size: int, budget: int):
+    """A kernel (50 ms a message) under a budget of `budget` bytes, on a topic of `partitions` holding one
+    message of `size` bytes each, until all are committed and it stopped with 0; it and its
+    kernel_buffered_bytes samples."""
+    topic, group, port = cluster.create_topic(partitions=partitions), f"memory-{uuid.uuid4().hex[:6]}", free_port()
     produced = cluster.produce(topic, [(p, None, f"m{p}|".encode().ljust(size, b"x")) for p in range(partitions)])
     kernel = kernels.start(kernels.env(topic, group, TEST_SLEEP_S=0.05, KERNEL_BUFFER_MAX_BYTES=budget,
                                        KERNEL_HTTP_PORT=port))
@@ -116,6 +114,16 @@ def test_partitions_of_large_messages_fetch_in_turn_within_the_byte_budget(clust
     wait_committed(cluster, kernel, group, topic, produced, partitions, timeout_s=60)
     done.set()
     assert kernel.stop() == 0
+    return kernel, samples
+
+
+def test_partitions_of_large_messages_fetch_in_turn_within_the_byte_budget(cluster, kernels):
+    """Twenty partitions each holding one 600 KB message, with a 2 MiB budget: a fetch brings a whole
+    record batch of every partition it names, so the budget must decide how many partitions fetch at
+    once (before, each partition holding nothing fetched: all twenty, 12 MB, were held at once). Every
+    message is processed once, and kernel_buffered_bytes stays within the budget."""
+    budget, size, partitions = 2 * 2**20, 600_000, 20
+    kernel, samples = run_one_message_per_partition(cluster, kernels, partitions, size, budget)
     attempts = Counter((a.partition, a.offset) for a in kernels.attempts())
     assert set(attempts) == {(p, 0) for p in range(partitions)} == processed(kernels.attempts())
     assert set(attempts.values()) == {1}, "a message was processed twice"
@@ -130,16 +138,7 @@ def test_a_message_larger_than_the_whole_budget_is_taken_alone(cluster, kernels)
     fetched while nothing else is held, processed, and the log says so; kernel_buffered_bytes never
     holds two of them."""
     budget, size, partitions = 2**20, 1_500_000, 6
-    topic, group, port = cluster.create_topic(partitions=partitions), f"memory-huge-{uuid.uuid4().hex[:6]}", free_port()
-    produced = cluster.produce(topic, [(p, None, f"m{p}|".encode().ljust(size, b"x")) for p in range(partitions)])
-    kernel = kernels.start(kernels.env(topic, group, TEST_SLEEP_S=0.05, KERNEL_BUFFER_MAX_BYTES=budget,
-                                       KERNEL_HTTP_PORT=port))
-    samples: list[float] = []
-    done = threading.Event()
-    threading.Thread(target=sample_buffered_bytes, args=(port, samples, done), daemon=True).start()
-    wait_committed(cluster, kernel, group, topic, produced, partitions, timeout_s=60)
-    done.set()
-    assert kernel.stop() == 0
+    kernel, samples = run_one_message_per_partition(cluster, kernels, partitions, size, budget)
     assert processed(kernels.attempts()) == {(p, 0) for p in range(partitions)}
     print(f"\n{partitions} messages of {size:,} bytes, budget {budget / 2**20:.0f} MiB: kernel_buffered_bytes peaked "
           f"at {max(samples) / 2**20:.2f} MiB over {len(samples)} samples")
