@@ -65,7 +65,7 @@ def figures(text: str | None = None) -> dict[str, dict]:
             "lines": {"kernel": [number(r["messages/s"]) for r in slow],
                       "ideal (concurrency / 0.020 s)": [number(r["ideal (concurrency / 0.020 s)"]) for r in slow]}},
         "memory": {
-            "title": "Peak RSS of the kernel (VmHWM, MB) by message size, handler and concurrency",
+            "title": "Peak RSS of the kernel (VmHWM, MB) by message size, partitions, handler and concurrency",
             "bars": [(label(r["run"]), number(r["peak RSS of the kernel process, VmHWM (MB)"]), None,
                       "before" not in r["run"]) for r in memory]},
         "scale-out": {
