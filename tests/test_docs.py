@@ -87,3 +87,44 @@ def test_claude_md_names_what_exists():
         # main.py defines it, or takes it from your part (getattr(main, "read_settings", None)), or prometheus_client has it
         assert re.search(rf'^(?:class|def) {bare}\b|^{bare} = |"{bare}"', source, re.M) or hasattr(prometheus_client, bare), (
             f"CLAUDE.md names {name}, which main.py does not define")
+
+
+def readme_commands() -> list[str]:
+    """Every `uv ...` command README.md shows, in its code blocks and in backticks, environment prefixes dropped."""
+    text = (REPO / "README.md").read_text()
+    blocks = "\n".join(re.findall(r"```bash\n(.*?)```", text, re.S))
+    lines = [line.split("  #")[0] for line in blocks.splitlines()] + re.findall(r"`([^`\n]*\buv [^`\n]*)`", text)
+    commands = []
+    for line in lines:
+        for part in line.split("&&"):
+            if found := re.search(r"\buv (?:run|sync)\b.*", part):
+                commands.append(found.group(0).strip())
+    return commands
+
+
+def test_every_command_of_the_readme_names_what_exists():
+    """What `uv run` runs exists with the options given: a script and its flags (its --help), a module of
+    examples/, a pytest marker, an extra of pyproject.toml."""
+    import subprocess
+    import sys
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    extras, markers = project["project"]["optional-dependencies"], project["tool"]["pytest"]["ini_options"]["markers"]
+    commands = readme_commands()
+    assert len(commands) >= 10 and "uv run pytest" in commands and "uv run pytest -m author" in commands, commands
+    for command in commands:
+        for extra in re.findall(r"--extra (\w+)", command):
+            assert extra in extras, f"{command}: no extra {extra}"
+        if found := re.search(r"-m (\w+)$", command) if " pytest " in f"{command} " else None:
+            assert any(marker.startswith(f"{found.group(1)}:") for marker in markers), f"{command}: no such marker"
+        if found := re.search(r"python -m (examples\.\w+)", command):
+            assert (REPO / (found.group(1).replace(".", "/") + ".py")).is_file(), command
+        if found := re.search(r"uv run ((?:devtools|bench)/\w+\.py)(.*)", command):
+            script, arguments = REPO / found.group(1), found.group(2)
+            assert script.is_file(), command
+            flags = re.findall(r"(?<!\S)(--[\w-]+)", arguments)
+            if flags:
+                usage = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True,
+                                       timeout=60, cwd=REPO).stdout
+                assert all(flag in usage for flag in flags), f"{command}: {script.name} --help shows no {flags}"
