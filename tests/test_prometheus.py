@@ -150,8 +150,9 @@ def test_each_alert_fires_in_its_scenario_none_over_a_healthy_run_and_every_pane
         traffic = cluster.produce_in_background(healthy_topic, [(i % 2, None, f"ok|{i}".encode()) for i in range(400)],
                                                 seconds=20)  # it keeps up with steady traffic meanwhile
         start("stuck", [b"false:1000000"] * 3)
-        start("dead", [b"dead"] * 100, KERNEL_DEAD_LETTER_TOPIC=f"dlt-{uuid.uuid4().hex[:6]}")
-        start("unpublished", [b"dead"] * 3, KERNEL_DEAD_LETTER_TOPIC=f"dlt-{uuid.uuid4().hex[:6]}",
+        # Dead-letter topics that exist: a kernel waits, not ready, for one that does not.
+        start("dead", [b"dead"] * 100, KERNEL_DEAD_LETTER_TOPIC=cluster.create_topic(1))
+        start("unpublished", [b"dead"] * 3, KERNEL_DEAD_LETTER_TOPIC=cluster.create_topic(1),
               KAFKA_CLIENT_ID=unpublished_client)
         backlog_topic, _ = start("backlog", [b"sleep:0.2"] * 10)
         backlog = cluster.produce_in_background(backlog_topic, [(0, None, b"sleep:0.2")] * 800, seconds=20)
