@@ -27,3 +27,13 @@ def test_the_page_shows_every_chart_and_each_is_drawn():
     assert shown == {f"bench/charts/{name}.png" for name in charts.figures()}
     for path in shown:
         assert (REPO / path).read_bytes().startswith(b"\x89PNG"), path
+
+
+def test_the_ab_script_loads_and_says_how_to_run_it():
+    """bench/ab.py (the no-op kernel against an earlier commit) imports what it uses and takes its arguments."""
+    import subprocess
+    import sys
+
+    said = subprocess.run([sys.executable, str(REPO / "bench" / "ab.py"), "--help"], capture_output=True, text=True,
+                          timeout=60)
+    assert said.returncode == 0 and "commit" in said.stdout and "--runs" in said.stdout, said.stderr

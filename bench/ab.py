@@ -1,0 +1,62 @@
+"""A/B of the no-op kernel: the work tree against an earlier commit, interleaved, in one run.
+
+    uv run bench/ab.py 9968888              # 6 pairs of 150,000 messages over 6 partitions
+    uv run bench/ab.py 9968888 --runs 10
+
+Timings drift 2x between runs on a shared machine, so both arms run against the same preloaded topic
+on one broker, in alternating order, and the medians and their ratio are what to read (with the CPU
+each spends per 1,000 messages, which drifts less than the rate). The commit is exported with
+`git archive` into a temporary folder: nothing of the work tree changes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.benchmark import HERE, preload, run_probe  # noqa: E402
+from devtools.broker import Broker  # noqa: E402
+
+MESSAGES = 150_000
+
+
+def exported(commit: str, directory: Path) -> Path:
+    """`commit` of this repository, its files written under `directory`."""
+    archive = subprocess.run(["git", "archive", commit], cwd=HERE.parent, capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(directory)], input=archive, check=True)
+    return directory
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("commit", help="the earlier commit (A); B is the work tree")
+    parser.add_argument("--runs", type=int, default=6, help="pairs of runs (default 6)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as folder, Broker() as broker:
+        arms = {args.commit: exported(args.commit, Path(folder)) / "bench" / "probe_kernel.py",
+                "work tree": HERE / "probe_kernel.py"}
+        broker.create_topic("ab", 6)
+        preload(broker.bootstrap, "ab", MESSAGES, partitions=6)
+        results: dict[str, list[dict]] = {name: [] for name in arms}
+        for run in range(args.runs):
+            for name in list(arms)[::1 if run % 2 == 0 else -1]:
+                result = run_probe(str(arms[name]), broker, "ab", MESSAGES, {})
+                results[name].append(result)
+                print(f"{name}: {result['rate']:,.0f} messages/s, {result['cpu_per_1000'] * 1000:.2f} CPU ms per "
+                      f"1,000, peak {result['rss_mb']:.0f} MB", flush=True)
+    medians = {name: (statistics.median(r["rate"] for r in runs), statistics.median(r["cpu_per_1000"] for r in runs))
+               for name, runs in results.items()}
+    for name, (rate, cpu) in medians.items():
+        print(f"median {name}: {rate:,.0f} messages/s, {cpu * 1000:.2f} CPU ms per 1,000")
+    (rate_a, cpu_a), (rate_b, cpu_b) = medians.values()
+    print(f"work tree / {args.commit}: throughput {rate_b / rate_a:.2f}, CPU per message {cpu_b / cpu_a:.2f}")
+
+
+if __name__ == "__main__":
+    main()
