@@ -151,7 +151,10 @@ def test_each_alert_fires_in_its_scenario_none_over_a_healthy_run_and_every_pane
                                                 seconds=20)  # it keeps up with steady traffic meanwhile
         start("stuck", [b"false:1000000"] * 3)
         # Dead-letter topics that exist: a kernel waits, not ready, for one that does not.
-        start("dead", [b"dead"] * 100, KERNEL_DEAD_LETTER_TOPIC=cluster.create_topic(1))
+        dead_topic, _ = start("dead", [b"dead"] * 10, KERNEL_DEAD_LETTER_TOPIC=cluster.create_topic(1))
+        # A storm goes on: dead letters spread over the window, not all of them before the first scrape
+        # (a rate needs two samples of the counter; CI once saw a kernel finish all 100 before that).
+        storm = cluster.produce_in_background(dead_topic, [(0, None, b"dead")] * 300, seconds=20)
         start("unpublished", [b"dead"] * 3, KERNEL_DEAD_LETTER_TOPIC=cluster.create_topic(1),
               KAFKA_CLIENT_ID=unpublished_client)
         backlog_topic, _ = start("backlog", [b"sleep:0.2"] * 10)
@@ -198,6 +201,7 @@ def test_each_alert_fires_in_its_scenario_none_over_a_healthy_run_and_every_pane
         for name, summary in {**prometheus.summaries, **tiny.summaries}.items():  # their templates expand
             assert "error" not in summary and "{{" not in summary and "recording-kernel" in summary, (name, summary)
         backlog.result()
+        storm.result()
         traffic.result()
     finally:
         cluster.proxy.admit_clients(f"{unpublished_client}-producer")
