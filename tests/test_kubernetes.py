@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 import main
-from tests.conftest import REPO, unavailable
+from tests.fixtures import REPO, unavailable
 
 DEPLOY = REPO / "deploy" / "kubernetes"
 VARIANTS = {"autoscaled": DEPLOY, "static-membership": DEPLOY / "static-membership"}

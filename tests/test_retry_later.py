@@ -12,7 +12,7 @@ from kafka import TopicPartition
 
 import main
 from main import Consequence, RetryLater, TaskFailure
-from tests.conftest import settings_from, wait_until
+from tests.fixtures import settings_from, wait_until
 from tests.kit import call, call_batch, make_message
 
 P0 = TopicPartition("t", 0)

@@ -13,7 +13,7 @@ from kafka.consumer.fetcher import ConsumerRecord
 from kafka.record.memory_records import MemoryRecords, MemoryRecordsBuilder
 
 import main
-from tests.conftest import processed, wait_committed, wait_until
+from tests.fixtures import processed, wait_committed, wait_until
 from tests.kit import make_message
 
 
