@@ -21,7 +21,7 @@ from psycopg.conninfo import conninfo_to_dict
 from devtools.broker import free_port
 from devtools.tls_proxy import TlsProxy
 from examples import analytics
-from tests.conftest import http_get, wait_committed, wait_until
+from tests.fixtures import http_get, wait_committed, wait_until
 from tests.kit import call_batch, make_message
 
 pytestmark = pytest.mark.both_brokers

@@ -12,7 +12,7 @@ import uuid
 import pytest
 
 from devtools.run_local import CONNECTION_SETTINGS
-from tests.conftest import MAIN, RECORDING_KERNEL, copy_repository, wait_committed
+from tests.fixtures import MAIN, RECORDING_KERNEL, copy_repository, wait_committed
 
 # What main.py reads about Kafka that is no connection setting: tuning a cluster's .env may set and a
 # local run may keep. A KAFKA_ variable of main.py in neither list fails the test below.

@@ -13,7 +13,7 @@ import pytest
 
 from devtools.broker import free_port
 from main import DeadLetter
-from tests.conftest import http_get, processed, wait_committed, wait_until
+from tests.fixtures import http_get, processed, wait_committed, wait_until
 from tests.kit import call_batch, make_message
 
 pytestmark = pytest.mark.both_brokers

@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 
 from bench import charts
-from tests.conftest import REPO
+from tests.fixtures import REPO
 
 
 def test_every_chart_finds_its_figures_in_the_tables():

@@ -8,7 +8,7 @@ from collections import defaultdict
 
 import pytest
 
-from tests.conftest import processed, wait_until
+from tests.fixtures import processed, wait_until
 
 pytestmark = pytest.mark.both_brokers
 

@@ -12,7 +12,7 @@ import pytest
 import trustme
 
 from devtools.tls_proxy import base64_lines
-from tests.conftest import MAIN
+from tests.fixtures import MAIN
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 from devtools.broker import free_port
-from tests.conftest import REPO
+from tests.fixtures import REPO
 
 
 def test_dockerfile_passes_hadolint():

@@ -3,7 +3,7 @@ README.md leads a newcomer in at most 300 lines, and the docs' links and lists a
 
 import re
 
-from tests.conftest import REPO, settings_from
+from tests.fixtures import REPO, settings_from
 
 VARIABLES = sorted(set(re.findall(r'"((?:KAFKA|KERNEL)_[A-Z_]+|LOG_[A-Z]+|PORT)"', (REPO / "main.py").read_text())))
 

@@ -25,7 +25,7 @@ from psycopg import sql
 import main
 from devtools.broker import free_port
 from examples import analytics, memory, notification, transform, triage
-from tests.conftest import MAIN, REPO, copy_repository, http_get, wait_committed, wait_until
+from tests.fixtures import MAIN, REPO, copy_repository, http_get, wait_committed, wait_until
 from tests.kit import call, call_batch, make_message
 
 BIG = json.dumps({"id": "big", "type": "t", "user_id": "u", "text": "x", "recipient": "r", "pad": "x" * 1_000_000})

@@ -15,7 +15,7 @@ import pytest
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from tests.conftest import wait_committed, wait_until
+from tests.fixtures import wait_committed, wait_until
 from tests.test_reliability import cpu_seconds
 
 pytestmark = pytest.mark.brokers("kafka-3")

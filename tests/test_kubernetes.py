@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 import main
-from tests.conftest import REPO, unavailable
+from tests.fixtures import REPO, unavailable
 
 DEPLOY = REPO / "deploy" / "kubernetes"
 VARIANTS = {"autoscaled": DEPLOY, "static-membership": DEPLOY / "static-membership"}
@@ -36,6 +36,8 @@ NPM_CI_TIMEOUT_S = 300
 MONITORING = DEPLOY / "monitoring"
 # Their schemas: the npm package @kubernetes-models/prometheus-operator, pinned in tests/prometheus_operator.
 PROMETHEUS_OPERATOR_MODELS = REPO / "tests" / "prometheus_operator"
+# Validates objects with the schemas of either package (node validate_models.mjs INSTALLED < objects.json).
+VALIDATE_MODELS = REPO / "tests" / "validate_models.mjs"
 GROUP_ANNOTATION = "clustera.io/consumer-group"
 # The kafka scaler's parameters that may come from a TriggerAuthentication (KEDA 2.18).
 KAFKA_AUTH_PARAMETERS = {"sasl", "username", "password", "keytab", "realm", "kerberosConfig", "kerberosServiceName",
@@ -238,7 +240,7 @@ def test_keda_objects_validate_against_kedas_own_schemas(keda_models):
         "ScaledObject kernel", "TriggerAuthentication kernel-kafka", "TriggerAuthentication kernel-kafka"]
     scaled = next(o for o in objects.values() if o["kind"] == "ScaledObject")
     broken = {**scaled, "spec": {**scaled["spec"], "minReplicaCount": "one"}}
-    checked = subprocess.run(["node", str(KEDA_MODELS / "validate.mjs"), str(keda_models)], capture_output=True,
+    checked = subprocess.run(["node", str(VALIDATE_MODELS), str(keda_models)], capture_output=True,
                              text=True, timeout=60, input=json.dumps([*objects.values(), broken]))
     assert checked.stderr == "", checked.stderr
     errors = checked.stdout.splitlines()
@@ -440,7 +442,7 @@ def test_monitoring_objects_validate_against_the_prometheus_operators_schemas(pr
     assert sorted(objects) == ["PodMonitor kernel", "PrometheusRule kernel"]
     monitor = objects["PodMonitor kernel"]
     broken = {**monitor, "spec": {**monitor["spec"], "podMetricsEndpoints": [{"port": 8080}]}}
-    checked = subprocess.run(["node", str(PROMETHEUS_OPERATOR_MODELS / "validate.mjs"), str(prometheus_operator_models)],
+    checked = subprocess.run(["node", str(VALIDATE_MODELS), str(prometheus_operator_models)],
                              capture_output=True, text=True, timeout=60, input=json.dumps([*objects.values(), broken]))
     assert checked.stderr == "", checked.stderr
     errors = checked.stdout.splitlines()

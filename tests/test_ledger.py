@@ -5,16 +5,16 @@ import random
 
 import pytest
 from kafka import TopicPartition
-from kafka.consumer.fetcher import ConsumerRecord
 
 import main
 from main import Consequence, TaskFailure
+from tests.kit import make_message
 
 P0, P1 = TopicPartition("t", 0), TopicPartition("t", 1)
 
 
 def record(partition: TopicPartition, offset: int, key: bytes | None = None):
-    return ConsumerRecord(partition.topic, partition.partition, None, offset, 0, 0, key, b"v", [], None, 1, 1, -1)
+    return make_message(b"v", key, topic=partition.topic, partition=partition.partition, offset=offset)
 
 
 def ledger(keyed: bool = False) -> main.Ledger:
@@ -245,8 +245,7 @@ def test_forgetting_a_revoked_partition_drops_its_lanes_and_ignores_its_task_com
 
 def test_the_memory_unfinished_records_hold_is_counted_with_them():
     book = ledger()
-    small, large = record(P0, 0), ConsumerRecord("t", 0, None, 1, 0, 0, b"k", b"x" * 10_000, [("h", b"v")], None,
-                                                 1, 10_000, 2)
+    small, large = record(P0, 0), make_message(b"x" * 10_000, b"k", topic="t", offset=1, headers=[("h", b"v")])
     book.add(P0, [small, large])
     assert book.unfinished_bytes == main.memory_cost([small, large])
     assert main.memory_cost([large]) == main.RECORD_OVERHEAD_BYTES + 1 + 10_000 + 2 + main.HEADER_OVERHEAD_BYTES
@@ -309,8 +308,7 @@ def test_bytes_counted_at_fetch_stay_equal_to_what_the_records_hold():
     Through keyed lanes, tasks of several lanes, batches, tasks that stop part way and dead letters,
     the count stays exact."""
     def sized(offset, key=None, size=100):
-        return ConsumerRecord("t", 0, None, offset, 0, 0, key, b"x" * size, [], None, -1 if key is None else len(key),
-                              size, -1)
+        return make_message(b"x" * size, key, topic="t", offset=offset)
 
     for book in (ledger(), ledger(keyed=True), several_lanes_a_task(), batches(max_messages=2, max_wait_s=0)):
         book.assign({P0})
@@ -352,9 +350,9 @@ def test_random_histories_never_commit_past_an_unfinished_message_and_count_memo
     for _ in range(150):
         action, partition = rng.random(), rng.choice([P0, P1])
         if action < 0.3 and partition in book.partitions:
-            polled = [ConsumerRecord("t", partition.partition, None, ends[partition] + i, 0, 0,
-                                     rng.choice([b"a", b"b", b"c", b"d", None]), b"v" * rng.randint(0, 50), [], None,
-                                     1, 1, -1) for i in range(rng.randint(1, 6))]
+            polled = [make_message(key=rng.choice([b"a", b"b", b"c", b"d", None]), value=b"v" * rng.randint(0, 50),
+                                   topic="t", partition=partition.partition, offset=ends[partition] + i)
+                      for i in range(rng.randint(1, 6))]
             ends[partition] += len(polled)
             book.add(partition, polled)
             held.update(((partition, r.offset), r) for r in polled)

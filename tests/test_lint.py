@@ -2,7 +2,7 @@
 
 import subprocess
 
-from tests.conftest import REPO
+from tests.fixtures import REPO
 
 
 def test_ruff_finds_nothing():

@@ -26,7 +26,7 @@ import main
 from devtools.local_state import STATE_FILE_NAME, existing_topics, find_local_run
 from devtools.messages import Message, MessageError, parse_line, read_messages
 from devtools.run_local import KernelLoadError, ask_kernel
-from tests.conftest import (
+from tests.fixtures import (
     HELLO_LINE,
     NO_DOTENV,
     REPO,

@@ -6,7 +6,7 @@ import logging
 import re
 
 import main
-from tests.conftest import processed, wait_until
+from tests.fixtures import processed, wait_until
 
 
 def log_line(logger_name: str, message: str, *args, exc_info=None, json_format: bool = False) -> str:

@@ -8,12 +8,12 @@ import time
 import prometheus_client
 import pytest
 from kafka import TopicPartition
-from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import CommitFailedError, KafkaTimeoutError
 from kafka.producer.future import FutureProduceResult, FutureRecordMetadata
 
 import main
 from main import Consequence, TaskFailure
+from tests.kit import make_message
 
 P0, P1 = TopicPartition("t", 0), TopicPartition("t", 1)
 
@@ -55,8 +55,8 @@ class FetcherConfig:
 
 
 def record(partition: TopicPartition, offset: int, key: bytes | None = b"k"):
-    return ConsumerRecord(partition.topic, partition.partition, None, offset, 1_700_000_000_000, 0, key, b"v",
-                          [("h", b"1")], None, 1, 1, -1)
+    return make_message(b"v", key, topic=partition.topic, partition=partition.partition, offset=offset,
+                        headers=[("h", b"1")], timestamp_ms=1_700_000_000_000)
 
 
 def answers(mapping):
@@ -426,8 +426,7 @@ def test_records_polled_while_keeping_membership_are_kept():
 
 
 def big_record(partition, offset, size):
-    return ConsumerRecord(partition.topic, partition.partition, None, offset, 0, 0, None, b"x" * size, [], None,
-                          -1, size, -1)
+    return make_message(b"x" * size, topic=partition.topic, partition=partition.partition, offset=offset)
 
 
 def test_a_partition_pauses_before_a_fetch_could_pass_its_share_and_resumes_below_half_of_it():
@@ -538,7 +537,7 @@ def test_a_record_the_producer_would_refuse_is_dead_lettered_adapted():
     kafka-python's producer. Dead-lettered with the header empty and the value empty."""
     loop = make_loop(answers({(0, 0): main.DeadLetter("no")}), KERNEL_DEAD_LETTER_TOPIC="dlt")
     loop.failures.dead_letters.producer = producer = CapturingProducer()
-    odd = ConsumerRecord("t", 0, None, 0, 0, 0, None, None, [("a", None), ("b", b"1")], None, -1, -1, 1)
+    odd = make_message(None, topic="t", headers=[("a", None), ("b", b"1")])
     loop.ledger.add(P0, [odd])
     settle_all(loop)
     loop.commit()

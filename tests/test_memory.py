@@ -11,7 +11,7 @@ from collections import Counter
 import pytest
 
 from devtools.broker import free_port
-from tests.conftest import http_get, processed, wait_committed
+from tests.fixtures import http_get, processed, wait_committed
 
 pytestmark = pytest.mark.both_brokers
 

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from devtools import monitoring
-from tests.conftest import REPO, unavailable
+from tests.fixtures import REPO, unavailable
 
 PROMTOOL_TESTS = REPO / "tests" / "prometheus" / "kernel-alerts.test.yaml"
 APT_HINT = "apt-get install -y prometheus (Debian's package: the server and promtool; .ci/run installs it)"

@@ -17,7 +17,7 @@ import trustme
 
 from devtools.broker import free_port
 from devtools.tls_proxy import base64_lines
-from tests.conftest import MAIN, REPO, http_get, processed, wait_committed, wait_until
+from tests.fixtures import MAIN, REPO, http_get, processed, wait_committed, wait_until
 
 pytestmark = pytest.mark.both_brokers
 

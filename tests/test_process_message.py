@@ -17,7 +17,7 @@ import pytest
 
 import main
 from devtools.messages import read_messages
-from tests.conftest import MAIN, REPO, hello_world, settings_from, wait_until
+from tests.fixtures import MAIN, REPO, hello_world, settings_from, wait_until
 from tests.kit import call, make_message
 
 SAMPLE_MESSAGES = REPO / "devtools" / "sample_messages.jsonl"  # yours: run_local.py --messages takes them too
@@ -54,9 +54,10 @@ def test_your_kernel_runs_under_its_name_and_default_topic():
 
 def test_your_kernel_end_to_end(cluster, kernels):
     """What holds for any kernel: each sample message is committed (or dead-lettered, where
-    process_message raises DeadLetter), and SIGTERM stops the kernel with 0. `cluster` is the embedded
-    broker behind mutual TLS; kernels.start runs `python main.py` with kernels.env pointing it there
-    (your kernel's own variables go to kernels.env as keyword arguments: DATABASE_URL=...)."""
+    process_message raises DeadLetter), and SIGTERM stops the kernel with 0. The fixtures are
+    tests/fixtures.py's: `cluster` is the embedded broker behind mutual TLS; kernels.start runs
+    `python main.py` with kernels.env pointing it there (your kernel's own variables go to kernels.env as
+    keyword arguments: DATABASE_URL=...)."""
     messages = read_messages(SAMPLE_MESSAGES)
     topic, dead_letters = cluster.create_topic(partitions=1), cluster.create_topic(partitions=1)
     group = f"end-to-end-{uuid.uuid4().hex[:6]}"

@@ -22,7 +22,7 @@ import yaml
 
 from devtools import monitoring
 from devtools.broker import free_port
-from tests.conftest import http_get, unavailable, wait_until
+from tests.fixtures import http_get, unavailable, wait_until
 from tests.test_monitoring import APT_HINT
 
 # Seconds instead of minutes; 1 s between scrapes and between evaluations.

@@ -5,7 +5,7 @@ from collections import Counter
 
 import pytest
 
-from tests.conftest import wait_committed, wait_until
+from tests.fixtures import wait_committed, wait_until
 
 pytestmark = pytest.mark.both_brokers
 

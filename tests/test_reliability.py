@@ -12,7 +12,7 @@ from collections import Counter
 
 import pytest
 
-from tests.conftest import REPO, check_one_owner_at_a_time, processed, wait_committed, wait_until
+from tests.fixtures import REPO, check_one_owner_at_a_time, processed, wait_committed, wait_until
 
 pytestmark = pytest.mark.both_brokers
 

@@ -6,7 +6,7 @@ import sys
 from types import SimpleNamespace
 
 import main
-from tests.conftest import REPO
+from tests.fixtures import REPO
 
 REPLAY = REPO / "devtools" / "replay_dead_letters.py"
 

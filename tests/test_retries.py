@@ -6,7 +6,7 @@ import signal
 
 import pytest
 
-from tests.conftest import wait_until
+from tests.fixtures import wait_until
 
 pytestmark = pytest.mark.both_brokers
 

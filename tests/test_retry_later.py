@@ -9,18 +9,17 @@ import time
 
 import pytest
 from kafka import TopicPartition
-from kafka.consumer.fetcher import ConsumerRecord
 
 import main
 from main import Consequence, RetryLater, TaskFailure
-from tests.conftest import settings_from, wait_until
+from tests.fixtures import settings_from, wait_until
 from tests.kit import call, call_batch, make_message
 
 P0 = TopicPartition("t", 0)
 
 
-def record(offset: int) -> ConsumerRecord:
-    return ConsumerRecord(P0.topic, P0.partition, None, offset, 0, 0, None, b"v", [], None, 1, 1, -1)
+def record(offset: int):
+    return make_message(b"v", topic=P0.topic, partition=P0.partition, offset=offset)
 
 
 @pytest.mark.parametrize("seconds, asked", [(2, 2.0), ("1.5", 1.5), (0, 0.0), (-3, -3.0), (math.inf, math.inf),

@@ -30,7 +30,7 @@ from confluent_kafka.admin import (
 
 import main
 from devtools.broker import free_port
-from tests.conftest import MAIN, OAUTH_CLIENTS, SASL_USERS, http_get, wait_committed, wait_until
+from tests.fixtures import MAIN, OAUTH_CLIENTS, SASL_USERS, http_get, wait_committed, wait_until
 from tests.oidc import Endpoint, reply
 
 pytestmark = pytest.mark.brokers("kafka")
@@ -237,8 +237,8 @@ def test_an_oauth_client_revoked_while_running_is_not_ready_then_exits_5(cluster
 
 
 def test_a_scram_password_rotated_while_running_is_not_ready_then_exits_5(cluster, kernels, identity_provider, pki):
-    """A user of its own, whose SCRAM-SHA-256 sessions on SASL_MTLS the broker ends every 5 s (conftest): once
-    its password changes, the kernel's next authentication is refused."""
+    """A user of its own, whose SCRAM-SHA-256 sessions on SASL_MTLS the broker ends every 5 s
+    (tests/fixtures.py): once its password changes, the kernel's next authentication is refused."""
     topic, port, user = cluster.create_topic(partitions=1), free_port(), f"rotated-{uuid.uuid4().hex[:6]}"
     admin = AdminClient({"bootstrap.servers": cluster.broker.plaintext_bootstrap})
 

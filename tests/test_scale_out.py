@@ -11,7 +11,7 @@ import pytest
 from confluent_kafka import ConsumerGroupState, KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient
 
-from tests.conftest import COORDINATOR_MOVING, check_one_owner_at_a_time, processed, wait_committed, wait_until
+from tests.fixtures import COORDINATOR_MOVING, check_one_owner_at_a_time, processed, wait_committed, wait_until
 from tests.test_reliability import report
 
 pytestmark = pytest.mark.brokers("kafka")

@@ -11,7 +11,7 @@ import uuid
 import pytest
 
 from devtools.broker import free_port
-from tests.conftest import REPO, http_get, wait_committed
+from tests.fixtures import REPO, http_get, wait_committed
 
 pytestmark = pytest.mark.both_brokers
 

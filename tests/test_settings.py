@@ -10,7 +10,7 @@ import pytest
 
 import main
 from main import ConfigError, decode_pem, retry_delay_ms
-from tests.conftest import settings_from
+from tests.fixtures import settings_from
 
 PEM = b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
 

@@ -18,7 +18,7 @@ import pytest
 
 import main
 from devtools.stamp_machinery import stamped
-from tests.conftest import MAIN, copy_repository, wait_committed
+from tests.fixtures import MAIN, copy_repository, wait_committed
 
 START, END = "# Your kernel", "# End of your kernel"
 # A kernel author's part, unlike the template's: another name, topic and logger (named and bound

@@ -13,7 +13,7 @@ import pytest
 import trustme
 
 from devtools.broker import free_port
-from tests.conftest import MAIN, check_client_certificate_required, processed, wait_until
+from tests.fixtures import MAIN, check_client_certificate_required, processed, wait_until
 
 pytestmark = pytest.mark.both_brokers
 

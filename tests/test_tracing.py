@@ -22,7 +22,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
 import main
 from devtools.broker import free_port
-from tests.conftest import REPO, settings_from, wait_committed
+from tests.fixtures import REPO, settings_from, wait_committed
 from tests.test_examples import write_answer
 
 CONSUMER, PRODUCER, ERROR = Span.SPAN_KIND_CONSUMER, Span.SPAN_KIND_PRODUCER, Status.STATUS_CODE_ERROR

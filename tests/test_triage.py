@@ -18,7 +18,7 @@ import pytest
 
 import main
 from examples import triage
-from tests.conftest import wait_committed, wait_until
+from tests.fixtures import wait_committed, wait_until
 from tests.kit import call, make_message
 from tests.test_examples import MALFORMED, adopted_main, dead_letters, produce_malformed, write_answer
 

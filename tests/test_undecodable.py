@@ -13,7 +13,8 @@ from kafka.consumer.fetcher import ConsumerRecord
 from kafka.record.memory_records import MemoryRecords, MemoryRecordsBuilder
 
 import main
-from tests.conftest import processed, wait_committed, wait_until
+from tests.fixtures import processed, wait_committed, wait_until
+from tests.kit import make_message
 
 
 class RawName(str):
@@ -151,14 +152,14 @@ def test_a_record_whose_structure_is_broken_makes_the_rest_of_its_batch_undecoda
 
 
 def test_an_undecodable_record_is_dead_lettered_never_handed_to_process_message():
-    record = main.UndecodableRecord("t", 0, -1, 5, -1, 0, None, None, [], None, -1, -1, -1, "why")
+    record = main.UndecodableRecord(*make_message(None, topic="t", offset=5), undecodable="why")
     calls = []
     task = main.LaneTask(TopicPartition("t", 0), [], [record])
     main.process_task(task, lambda message: calls.append(message) or True, main.StopSignal())
     assert calls == [] and task.finished == 0
     assert task.failure == main.TaskFailure(main.Consequence.DEAD_LETTER, "why", exception="CorruptRecordError")
     # With process_batch, the batch ends before it; alone, it is dead-lettered.
-    good = ConsumerRecord("t", 0, -1, 4, 0, 0, None, b"v", [], None, -1, 1, -1)
+    good = make_message(b"v", topic="t", offset=4)
     task = main.LaneTask(TopicPartition("t", 0), [], [good, record])
     main.process_batch_task(task, lambda messages: calls.append(messages) or True, main.StopSignal())
     assert calls == [[good]] and task.finished == 1 and task.failure is None

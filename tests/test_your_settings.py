@@ -11,7 +11,7 @@ import pytest
 import main
 from devtools.broker import free_port
 from main import ConfigError, setting
-from tests.conftest import REPO
+from tests.fixtures import REPO
 from tests.test_examples import adopted_main
 
 
