@@ -25,6 +25,7 @@ The machinery, in reading order:
   TLS material                   base64 certificates to private files, and back
   Health and metrics             /healthz, /readyz, /metrics (the kernel's metrics and yours)
   Tracing                        OpenTelemetry spans, when OTEL_TRACES_EXPORTER is set
+  kafka-python patches           every use of the client's internals, each with why and its test
   Connecting                     the consumer's and the producer's configuration
   Producing                      the kernel's one producer: send() and the dead-letter topic
   Processing                     worker threads calling process_message, in order per lane
@@ -1406,6 +1407,307 @@ def tracing_for(settings: KernelSettings) -> Iterator[Tracing | None]:
         tracing.flush()
 
 
+# kafka-python patches
+
+# Where the machinery reaches into kafka-python's internals (private attributes, its classes subclassed
+# or rebound), all of it here. Each says what it works around, what upstream would make it unneeded, and
+# the test that fails without it (rerun them all before upgrading: CLAUDE.md, docs/reference.md "About
+# the Kafka client"). Written for the version pyproject.toml pins; run_kernel() says so in one warning
+# line when another is installed.
+KAFKA_PYTHON_PATCHED = "2.3.3"
+
+
+def check_kafka_python_version() -> None:
+    if kafka.__version__ != KAFKA_PYTHON_PATCHED:
+        kernel_log.warning("kafka-python %s is installed, but main.py's kafka-python patches were written for %s: "
+                           "run the tests each one names before trusting them", kafka.__version__,
+                           KAFKA_PYTHON_PATCHED)
+
+
+class WatchedClient(kafka.client_async.KafkaClient):
+    """The consumer's and the producer's client, telling `health` when a broker (or the OAuth token
+    endpoint) refuses the credentials, and when a connection is made again. kafka-python 2.3.3 only logs
+    a refusal, as it closes the connection (BrokerConnection.close(error)), and connects again for ever:
+    a password rotated or an OAuth client revoked while the kernel runs would leave it stuck, unnoticed.
+    It also keeps the heartbeat thread off a connection while it authenticates (see below).
+    Unneeded once: kafka-python raises a refusal on connect (dpkp/kafka-python#2994, merged into its new
+    kafka.net layer; not tried here); for the lock, no upstream issue. Proven by: tests/test_sasl.py's
+    test_an_oauth_client_revoked_while_running_is_not_ready_then_exits_5 and
+    test_the_kernel_keeps_consuming_across_oauth_token_lifetimes."""
+
+    def __init__(self, health: HealthState, **config):
+        self.health = health  # first: the client connects from its __init__
+        super().__init__(**config)
+
+    def _conn_state_change(self, node_id, sock, conn):
+        if conn.state is kafka.conn.ConnectionStates.AUTHENTICATING and "close" not in vars(conn):
+            conn.close = functools.partial(self.closing, conn, conn.close)
+            # The SaslHandshake answer's callback authenticates with blocking reads, and may run outside
+            # the client's lock (from poll()'s pending completions): the heartbeat thread's poll then reads
+            # the SaslAuthenticate answer off the socket first, and the callback waits request_timeout_ms
+            # (305 s) for it. Under the lock, no poll runs meanwhile.
+            conn._handle_sasl_handshake_response = self.locked(conn._handle_sasl_handshake_response)
+        elif conn.state is kafka.conn.ConnectionStates.CONNECTED:
+            self.health.accepted()
+        super()._conn_state_change(node_id, sock, conn)
+
+    def locked(self, function: Callable) -> Callable:
+        def under_the_lock(*arguments):
+            with self._lock:
+                return function(*arguments)
+        return under_the_lock
+
+    def closing(self, conn: kafka.conn.BrokerConnection, close: Callable, error=None) -> None:
+        if isinstance(error, AccessRefused):
+            self.health.refused(error)
+        elif isinstance(error, kafka.errors.SaslAuthenticationFailedError):
+            self.health.refused(sasl_refusal(f"{conn.host}:{conn.port}", conn.config["sasl_mechanism"]))
+        close(error)
+
+
+class ProbeConnection(kafka.conn.BrokerConnection):
+    """One connection made as the client makes them, keeping why it was closed: kafka-python only
+    logs that, and tries again for ever, so a refused password would look like a slow broker.
+    Unneeded once: as WatchedClient. Proven by: tests/test_sasl.py's
+    test_refused_credentials_are_one_line_exit_5_and_check_says_authentication."""
+
+    closed_by: BaseException | None = None  # the error of the first close of the last attempt
+    closed_after_handshake = False  # ... when TLS was done and the broker's first answer was awaited
+
+    def close(self, error=None):
+        if error is not None and self.state is not kafka.conn.ConnectionStates.DISCONNECTED:
+            self.closed_by = error
+            self.closed_after_handshake = self._ssl_context is not None and self.state in (
+                kafka.conn.ConnectionStates.API_VERSIONS_SEND, kafka.conn.ConnectionStates.API_VERSIONS_RECV)
+        super().close(error)
+
+
+def with_coordinator_backoff(consumer: KafkaConsumer) -> KafkaConsumer:
+    """Works around a busy loop of kafka-python 2.3 while the group's coordinator is down: until the
+    controller fences the dead broker (about 9 s on Apache Kafka), the others still name it, and the
+    client marks it dead and asks again at once, some 500 times a second (since dpkp/kafka-python#2530;
+    Java's client waits retry.backoff.ms there). It now waits retry_backoff_ms (100 ms) too.
+    Unneeded once: no upstream issue (dpkp/kafka-python#2695, in 2.3.3, ended a like busy loop with no
+    request pending, not this one). Proven by: tests/test_failover.py's
+    test_leader_and_coordinator_killed_and_every_broker_restarted_loses_nothing (the CPU it may take)."""
+    coordinator = consumer._coordinator
+    mark_dead, backoff_s = coordinator.coordinator_dead, consumer.config["retry_backoff_ms"] / 1000
+
+    def coordinator_dead(error) -> None:
+        mark_dead(error)
+        if error == "Node Disconnected":  # the one kafka-python retries at once
+            time.sleep(backoff_s)
+
+    coordinator.coordinator_dead = coordinator_dead
+    return consumer
+
+
+# A record the client cannot decode, in its place among the others: never handed to the handler, only
+# dead-lettered (or the kernel stops, saying how to move past it); `undecodable` says why.
+UndecodableRecord = namedtuple("UndecodableRecord", (*ConsumerRecord._fields, "undecodable"))
+
+
+class LenientBuffer(bytearray):
+    """A record batch's bytes whose slices decode header names that are not UTF-8 with surrogates
+    (surrogateescape) instead of raising: DefaultRecordBatch._read_msg decodes them as
+    buffer[start:end].decode("utf-8")."""
+
+    def __getitem__(self, index):
+        item = super().__getitem__(index)
+        return LenientSlice(item) if isinstance(index, slice) else item
+
+
+class LenientSlice(bytearray):
+    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        return super().decode(encoding, "surrogateescape")
+
+
+def escaped_name(name: str) -> str | None:
+    """A header name read leniently, escaped (\\xff for a byte that is not UTF-8); None if it is UTF-8."""
+    try:
+        name.encode()
+    except UnicodeEncodeError:
+        return name.encode(errors="surrogateescape").decode(errors="backslashreplace")
+    return None
+
+
+def lenient_record(tp: TopicPartition, leader_epoch: int, record) -> ConsumerRecord:
+    """A record read leniently as the client would have read it; an UndecodableRecord if some of its
+    header names are not UTF-8, with them escaped and a header counting them."""
+    headers, escaped = [], 0
+    for name, data in record.headers:
+        if (escape := escaped_name(name)) is not None:
+            name, escaped = escape, escaped + 1
+        headers.append((name, data))
+    if escaped:
+        headers.append(("kernel-header-names-escaped", str(escaped).encode()))
+    key, value = record.key, record.value
+    fields = (tp.topic, tp.partition, leader_epoch, record.offset, record.timestamp, record.timestamp_type, key, value,
+              headers, record.checksum, -1 if key is None else len(key), -1 if value is None else len(value),
+              sum(len(name.encode()) + len(data or b"") for name, data in headers))
+    if not escaped:
+        return ConsumerRecord(*fields)
+    return UndecodableRecord(*fields, f"{escaped} header name(s) not UTF-8, which kafka-python cannot read "
+                             "(escaped as \\xNN in a dead letter)")
+
+
+class LenientPartitionRecords(Fetcher.PartitionRecords):
+    """Works around kafka-python 2.3.3 stopping for good at a record it cannot decode: a header name
+    that is not UTF-8 (legal on the wire: brokers do not check it, and Go clients can write one), or a
+    record batch that fails its CRC check or is otherwise corrupt, makes every poll() raise
+    CorruptRecordError at it, so no replica ever reads past it. Here the batch it failed in is read
+    again: its readable records as the client reads them, a record with header names that are not
+    UTF-8 with them escaped, and what cannot be read at all as one UndecodableRecord per offset; the
+    client then goes on with the next batch. Only after a failure: take(), once per partition and poll,
+    is where the failure surfaces, so a fetch the client reads costs nothing more per record (a wrapper
+    around _unpack_records cost 5% of a no-op kernel's throughput). (kafka-python's Fetcher makes its
+    PartitionRecords through self.PartitionRecords.) Unneeded once: no upstream issue. Proven by:
+    tests/test_undecodable.py (each of its tests)."""
+
+    def __init__(self, fetch_offset, tp, records, *arguments, **options):
+        super().__init__(fetch_offset, tp, records, *arguments, **options)
+        self.fetched = records._buffer  # the partition's fetched bytes, for a batch read again
+
+    def take(self, n=None):
+        try:
+            return super().take(n)
+        except CorruptRecordError as error:  # the records' generator has ended there: go on past the batch
+            batch, end = self.batch_at(self.fetched, self.next_fetch_offset)
+            if batch is None:
+                raise
+            rest = MemoryRecords(memoryview(self.fetched)[end:])  # those before fetch_offset are skipped, as before
+            self.record_iterator = itertools.dropwhile(self._maybe_skip_record, self.read_past(batch, rest, error))
+            return super().take(n)
+
+    def read_past(self, batch, rest: MemoryRecords, error: CorruptRecordError) -> Iterator[ConsumerRecord]:
+        """The failed batch read leniently, then the client's own reading of the batches after it (no
+        deserializers: the kernel's consumer has none)."""
+        yield from self.read_leniently(self.topic_partition, batch, error)
+        self.next_fetch_offset = batch.next_offset
+        yield from self._unpack_records(self.topic_partition, rest, None, None)
+
+    @staticmethod
+    def batch_at(fetched: bytes, offset: int) -> tuple:
+        """The record batch (of format v2) of `fetched` that holds `offset`, and where it ends; (None, 0)
+        if none does."""
+        batches, end = MemoryRecords(fetched), 0
+        with contextlib.suppress(CorruptRecordError):
+            while (batch := batches.next_batch()) is not None:
+                end += batch.size_in_bytes
+                if batch.magic >= 2 and batch.last_offset >= offset:
+                    return batch, end
+        return None, 0
+
+    def read_leniently(self, tp, batch, error: CorruptRecordError) -> Iterator[ConsumerRecord]:
+        """The records of `batch` from next_fetch_offset on, read leniently."""
+        try:
+            if self.check_crcs and not batch.validate_crc():
+                raise error
+            batch._maybe_uncompress()
+            batch._buffer = LenientBuffer(batch._buffer)
+            for record in batch:
+                if record.offset >= self.next_fetch_offset:
+                    yield lenient_record(tp, self.leader_epoch, record)
+                    self.next_fetch_offset = record.offset + 1
+        except Exception as unreadable:  # whatever the client raises on bytes it cannot read
+            reason = f"kafka-python cannot read it ({type(unreadable).__name__}: {unreadable})"
+            for offset in range(self.next_fetch_offset, batch.next_offset):
+                yield UndecodableRecord(tp.topic, tp.partition, self.leader_epoch, offset, -1, 0, None, None, [], None,
+                                        -1, -1, -1, reason)
+
+
+def lenient(consumer: KafkaConsumer) -> KafkaConsumer:
+    """`consumer` reading records it cannot decode as UndecodableRecord (LenientPartitionRecords)."""
+    consumer._fetcher.PartitionRecords = LenientPartitionRecords
+    return consumer
+
+
+def mended(client: KafkaProducer) -> KafkaProducer:
+    """Works around a kafka-python 2.3.3 bug that stops a partition's sends for good. A produce
+    request that failed on the client's side (it timed out, or its connection broke) after its
+    batch's delivery timeout (here equal to the request timeout: so after every timeout) reaches
+    Sender._fail_batch with the exception where its class is expected: "TypeError:
+    'RequestTimedOutError' object is not callable". The batch is never completed and its
+    partition never unmuted (one request in flight keeps outputs in order), so every later send
+    to it expires until the kernel restarts: a broker failover could stall a kernel for good.
+    Passing the class and its message, as a broker's errors come, lets the batch fail and the
+    partition go on. Came with PartitionResponse (dpkp/kafka-python#2661, 2.3.0). Unneeded once: 3.0,
+    which fixed it (Sender._complete_batch_with_exception). Proven by: tests/test_failover.py's
+    test_sends_go_on_after_a_produce_request_timed_out_on_a_frozen_leader."""
+    sender = client._sender
+    fail_batch = sender._fail_batch
+
+    def fail_batch_with_class(batch, response):
+        if isinstance(response.error, Exception):
+            error = response.error
+            response = response._replace(error=type(error), error_message=error.args[0] if error.args else None)
+        fail_batch(batch, response)
+
+    sender._fail_batch = fail_batch_with_class
+    return client
+
+
+def told_missing_topics(client: KafkaProducer, health: HealthState) -> KafkaProducer:
+    """kafka-python 2.3.3 waits for a topic the broker does not have (a mistyped name, where topics
+    are not created automatically) for the whole max_block_ms, asking again every retry_backoff_ms
+    (about 9 times a second), then says only "Failed to update metadata". Here the topics each
+    metadata answer calls unknown are kept (and shown by /readyz), and a send to one fails after
+    MISSING_TOPIC_WAIT_MS, saying the topic does not exist and which variable holds its name.
+    Unneeded once: dpkp/kafka-python#1467 (closed; 2.3.3 still waits max_block_ms). Proven by:
+    tests/test_examples.py's test_transform_names_an_output_topic_that_does_not_exist."""
+    metadata, update, wait = client._metadata, client._metadata.update_metadata, client._wait_on_metadata
+    unknown = kafka.errors.UnknownTopicOrPartitionError.errno
+
+    def update_metadata(answer) -> None:
+        update(answer)
+        missing = {topic[1] for topic in answer.topics if topic[0] == unknown}
+        known = {topic[1] for topic in answer.topics if topic[0] == 0}
+        health.missing_outputs = frozenset(health.missing_outputs - known | missing)
+
+    def wait_on_metadata(topic: str, max_wait_ms: int):
+        deadline_s = time.monotonic() + max_wait_ms / 1000
+        while True:
+            try:
+                return wait(topic, max(1, min(MISSING_TOPIC_WAIT_MS, int((deadline_s - time.monotonic()) * 1000))))
+            except kafka.errors.KafkaTimeoutError:
+                if topic in health.missing_outputs:
+                    raise kafka.errors.UnknownTopicOrPartitionError(
+                        f"topic {topic} does not exist{named_by(topic)}: create it, or correct the name") from None
+                if time.monotonic() >= deadline_s:
+                    raise kafka.errors.KafkaTimeoutError(
+                        f"Failed to update metadata after {max_wait_ms / 1000:.1f} secs.") from None
+
+    metadata.update_metadata, client._wait_on_metadata = update_metadata, wait_on_metadata
+    return client
+
+
+def denied_topics(consumer: KafkaConsumer, topics: list[str], timeout_ms: int) -> set[str]:
+    """Which of `topics` the broker refuses to show this client. Asked by name: a listing of all
+    topics leaves them out silently. (kafka-python 2.3 has no public call for it.) Unneeded once: no
+    upstream issue. Proven by: tests/test_sasl.py's test_denied_topic_is_one_line_and_exit_5."""
+    client = consumer._client
+    with client_logs_muted():
+        for topic in topics:
+            client.add_topic(topic)
+        client.poll(future=client.cluster.request_update(), timeout_ms=timeout_ms)
+    return set(topics) & client.cluster.unauthorized_topics
+
+
+def last_heartbeat_answered_s(consumer: KafkaConsumer) -> float:
+    """When the group's coordinator last answered a heartbeat (time.time(); -inf before the first): what
+    /readyz counts as contact while no fetch brings records. kafka-python 2.3 has no public call for it.
+    Unneeded once: no upstream issue. Proven by: tests/test_operations.py's
+    test_health_and_readiness_through_starting_joined_stuck_and_stopping (ready through 7 s without a record)."""
+    return consumer._coordinator.heartbeat.last_receive
+
+
+def set_partition_fetch_bytes(consumer: KafkaConsumer, limit: int) -> None:
+    """Change max_partition_fetch_bytes of a running consumer: kafka-python 2.3 reads it from its fetcher's
+    configuration at every fetch, and has no public way to change it. Unneeded once: no upstream issue.
+    Proven by: tests/test_memory.py's test_a_hundred_partitions_together_stay_within_the_byte_budget."""
+    consumer._fetcher.config["max_partition_fetch_bytes"] = limit
+
+
 # Connecting
 
 
@@ -1539,43 +1841,6 @@ def sasl_refusal(server: str, mechanism: str) -> AccessRefused:
                          "KAFKA_SASL_MECHANISM: the broker may know the user under another one)", "authentication")
 
 
-class WatchedClient(kafka.client_async.KafkaClient):
-    """The consumer's and the producer's client, telling `health` when a broker (or the OAuth token
-    endpoint) refuses the credentials, and when a connection is made again. kafka-python 2.3.3 only logs
-    a refusal, as it closes the connection (BrokerConnection.close(error)), and connects again for ever:
-    a password rotated or an OAuth client revoked while the kernel runs would leave it stuck, unnoticed.
-    It also keeps the heartbeat thread off a connection while it authenticates (see below)."""
-
-    def __init__(self, health: HealthState, **config):
-        self.health = health  # first: the client connects from its __init__
-        super().__init__(**config)
-
-    def _conn_state_change(self, node_id, sock, conn):
-        if conn.state is kafka.conn.ConnectionStates.AUTHENTICATING and "close" not in vars(conn):
-            conn.close = functools.partial(self.closing, conn, conn.close)
-            # The SaslHandshake answer's callback authenticates with blocking reads, and may run outside
-            # the client's lock (from poll()'s pending completions): the heartbeat thread's poll then reads
-            # the SaslAuthenticate answer off the socket first, and the callback waits request_timeout_ms
-            # (305 s) for it. Under the lock, no poll runs meanwhile.
-            conn._handle_sasl_handshake_response = self.locked(conn._handle_sasl_handshake_response)
-        elif conn.state is kafka.conn.ConnectionStates.CONNECTED:
-            self.health.accepted()
-        super()._conn_state_change(node_id, sock, conn)
-
-    def locked(self, function: Callable) -> Callable:
-        def under_the_lock(*arguments):
-            with self._lock:
-                return function(*arguments)
-        return under_the_lock
-
-    def closing(self, conn: kafka.conn.BrokerConnection, close: Callable, error=None) -> None:
-        if isinstance(error, AccessRefused):
-            self.health.refused(error)
-        elif isinstance(error, kafka.errors.SaslAuthenticationFailedError):
-            self.health.refused(sasl_refusal(f"{conn.host}:{conn.port}", conn.config["sasl_mechanism"]))
-        close(error)
-
-
 def security_config(settings: KernelSettings, tls: TlsFiles | None) -> dict:
     """Connection settings shared by the consumer and the producer."""
     config = dict(bootstrap_servers=settings.bootstrap_servers, security_protocol=settings.security_protocol)
@@ -1663,21 +1928,6 @@ def client_logs_muted() -> Iterator[None]:
             logger.disabled = False
 
 
-class ProbeConnection(kafka.conn.BrokerConnection):
-    """One connection made as the client makes them, keeping why it was closed: kafka-python only
-    logs that, and tries again for ever, so a refused password would look like a slow broker."""
-
-    closed_by: BaseException | None = None  # the error of the first close of the last attempt
-    closed_after_handshake = False  # ... when TLS was done and the broker's first answer was awaited
-
-    def close(self, error=None):
-        if error is not None and self.state is not kafka.conn.ConnectionStates.DISCONNECTED:
-            self.closed_by = error
-            self.closed_after_handshake = self._ssl_context is not None and self.state in (
-                kafka.conn.ConnectionStates.API_VERSIONS_SEND, kafka.conn.ConnectionStates.API_VERSIONS_RECV)
-        super().close(error)
-
-
 def resolves(host: str) -> bool:
     try:
         return bool(socket.getaddrinfo(host, None, type=socket.SOCK_STREAM))
@@ -1716,142 +1966,6 @@ def probe_connection(config: dict, server: str, timeout_s: float) -> tuple[str, 
         return "TLS", (f"{server} closed the connection right after the TLS handshake, unanswered: it may not accept "
                        "the client certificate (KAFKA_CLIENT_CERT, signed by a CA it trusts)")
     return "network", f"{server}: {error or 'no answer'}"
-
-
-def with_coordinator_backoff(consumer: KafkaConsumer) -> KafkaConsumer:
-    """Works around a busy loop of kafka-python 2.3 while the group's coordinator is down: until the
-    controller fences the dead broker (about 9 s on Apache Kafka), the others still name it, and the
-    client marks it dead and asks again at once, some 500 times a second (since dpkp/kafka-python#2530;
-    Java's client waits retry.backoff.ms there). It now waits retry_backoff_ms (100 ms) too."""
-    coordinator = consumer._coordinator
-    mark_dead, backoff_s = coordinator.coordinator_dead, consumer.config["retry_backoff_ms"] / 1000
-
-    def coordinator_dead(error) -> None:
-        mark_dead(error)
-        if error == "Node Disconnected":  # the one kafka-python retries at once
-            time.sleep(backoff_s)
-
-    coordinator.coordinator_dead = coordinator_dead
-    return consumer
-
-
-# A record the client cannot decode, in its place among the others: never handed to the handler, only
-# dead-lettered (or the kernel stops, saying how to move past it); `undecodable` says why.
-UndecodableRecord = namedtuple("UndecodableRecord", (*ConsumerRecord._fields, "undecodable"))
-
-
-class LenientBuffer(bytearray):
-    """A record batch's bytes whose slices decode header names that are not UTF-8 with surrogates
-    (surrogateescape) instead of raising: DefaultRecordBatch._read_msg decodes them as
-    buffer[start:end].decode("utf-8")."""
-
-    def __getitem__(self, index):
-        item = super().__getitem__(index)
-        return LenientSlice(item) if isinstance(index, slice) else item
-
-
-class LenientSlice(bytearray):
-    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
-        return super().decode(encoding, "surrogateescape")
-
-
-def escaped_name(name: str) -> str | None:
-    """A header name read leniently, escaped (\\xff for a byte that is not UTF-8); None if it is UTF-8."""
-    try:
-        name.encode()
-    except UnicodeEncodeError:
-        return name.encode(errors="surrogateescape").decode(errors="backslashreplace")
-    return None
-
-
-def lenient_record(tp: TopicPartition, leader_epoch: int, record) -> ConsumerRecord:
-    """A record read leniently as the client would have read it; an UndecodableRecord if some of its
-    header names are not UTF-8, with them escaped and a header counting them."""
-    headers, escaped = [], 0
-    for name, data in record.headers:
-        if (escape := escaped_name(name)) is not None:
-            name, escaped = escape, escaped + 1
-        headers.append((name, data))
-    if escaped:
-        headers.append(("kernel-header-names-escaped", str(escaped).encode()))
-    key, value = record.key, record.value
-    fields = (tp.topic, tp.partition, leader_epoch, record.offset, record.timestamp, record.timestamp_type, key, value,
-              headers, record.checksum, -1 if key is None else len(key), -1 if value is None else len(value),
-              sum(len(name.encode()) + len(data or b"") for name, data in headers))
-    if not escaped:
-        return ConsumerRecord(*fields)
-    return UndecodableRecord(*fields, f"{escaped} header name(s) not UTF-8, which kafka-python cannot read "
-                             "(escaped as \\xNN in a dead letter)")
-
-
-class LenientPartitionRecords(Fetcher.PartitionRecords):
-    """Works around kafka-python 2.3.3 stopping for good at a record it cannot decode: a header name
-    that is not UTF-8 (legal on the wire: brokers do not check it, and Go clients can write one), or a
-    record batch that fails its CRC check or is otherwise corrupt, makes every poll() raise
-    CorruptRecordError at it, so no replica ever reads past it. Here the batch it failed in is read
-    again: its readable records as the client reads them, a record with header names that are not
-    UTF-8 with them escaped, and what cannot be read at all as one UndecodableRecord per offset; the
-    client then goes on with the next batch. Only after a failure: take(), once per partition and poll,
-    is where the failure surfaces, so a fetch the client reads costs nothing more per record (a wrapper
-    around _unpack_records cost 5% of a no-op kernel's throughput). (kafka-python's Fetcher makes its
-    PartitionRecords through self.PartitionRecords.)"""
-
-    def __init__(self, fetch_offset, tp, records, *arguments, **options):
-        super().__init__(fetch_offset, tp, records, *arguments, **options)
-        self.fetched = records._buffer  # the partition's fetched bytes, for a batch read again
-
-    def take(self, n=None):
-        try:
-            return super().take(n)
-        except CorruptRecordError as error:  # the records' generator has ended there: go on past the batch
-            batch, end = self.batch_at(self.fetched, self.next_fetch_offset)
-            if batch is None:
-                raise
-            rest = MemoryRecords(memoryview(self.fetched)[end:])  # those before fetch_offset are skipped, as before
-            self.record_iterator = itertools.dropwhile(self._maybe_skip_record, self.read_past(batch, rest, error))
-            return super().take(n)
-
-    def read_past(self, batch, rest: MemoryRecords, error: CorruptRecordError) -> Iterator[ConsumerRecord]:
-        """The failed batch read leniently, then the client's own reading of the batches after it (no
-        deserializers: the kernel's consumer has none)."""
-        yield from self.read_leniently(self.topic_partition, batch, error)
-        self.next_fetch_offset = batch.next_offset
-        yield from self._unpack_records(self.topic_partition, rest, None, None)
-
-    @staticmethod
-    def batch_at(fetched: bytes, offset: int) -> tuple:
-        """The record batch (of format v2) of `fetched` that holds `offset`, and where it ends; (None, 0)
-        if none does."""
-        batches, end = MemoryRecords(fetched), 0
-        with contextlib.suppress(CorruptRecordError):
-            while (batch := batches.next_batch()) is not None:
-                end += batch.size_in_bytes
-                if batch.magic >= 2 and batch.last_offset >= offset:
-                    return batch, end
-        return None, 0
-
-    def read_leniently(self, tp, batch, error: CorruptRecordError) -> Iterator[ConsumerRecord]:
-        """The records of `batch` from next_fetch_offset on, read leniently."""
-        try:
-            if self.check_crcs and not batch.validate_crc():
-                raise error
-            batch._maybe_uncompress()
-            batch._buffer = LenientBuffer(batch._buffer)
-            for record in batch:
-                if record.offset >= self.next_fetch_offset:
-                    yield lenient_record(tp, self.leader_epoch, record)
-                    self.next_fetch_offset = record.offset + 1
-        except Exception as unreadable:  # whatever the client raises on bytes it cannot read
-            reason = f"kafka-python cannot read it ({type(unreadable).__name__}: {unreadable})"
-            for offset in range(self.next_fetch_offset, batch.next_offset):
-                yield UndecodableRecord(tp.topic, tp.partition, self.leader_epoch, offset, -1, 0, None, None, [], None,
-                                        -1, -1, -1, reason)
-
-
-def lenient(consumer: KafkaConsumer) -> KafkaConsumer:
-    """`consumer` reading records it cannot decode as UndecodableRecord (LenientPartitionRecords)."""
-    consumer._fetcher.PartitionRecords = LenientPartitionRecords
-    return consumer
 
 
 def connect_consumer(settings: KernelSettings, tls: TlsFiles | None, stop: StopSignal,
@@ -1968,7 +2082,7 @@ class KernelProducer:
             if self.client is None:  # the lock is taken only until the client exists
                 with self.lock:
                     if self.client is None:
-                        self.client = self.told_missing_topics(self.mended(KafkaProducer(**self.config)))
+                        self.client = told_missing_topics(mended(KafkaProducer(**self.config)), self.health)
             future = self.client.send(topic, key=key, value=value, headers=headers)
         except KafkaError as error:  # no broker, the buffer stayed full, or the topic is unknown
             future = kafka.future.Future().failure(error)
@@ -1980,62 +2094,6 @@ class KernelProducer:
     def close(self) -> None:
         if self.client is not None:
             self.client.close(timeout=self.timeout_s)
-
-    @staticmethod
-    def mended(client: KafkaProducer) -> KafkaProducer:
-        """Works around a kafka-python 2.3.3 bug that stops a partition's sends for good. A produce
-        request that failed on the client's side (it timed out, or its connection broke) after its
-        batch's delivery timeout (here equal to the request timeout: so after every timeout) reaches
-        Sender._fail_batch with the exception where its class is expected: "TypeError:
-        'RequestTimedOutError' object is not callable". The batch is never completed and its
-        partition never unmuted (one request in flight keeps outputs in order), so every later send
-        to it expires until the kernel restarts: a broker failover could stall a kernel for good.
-        Passing the class and its message, as a broker's errors come, lets the batch fail and the
-        partition go on. Came with PartitionResponse (dpkp/kafka-python#2661, 2.3.0); 3.0 fixed it
-        (Sender._complete_batch_with_exception)."""
-        sender = client._sender
-        fail_batch = sender._fail_batch
-
-        def fail_batch_with_class(batch, response):
-            if isinstance(response.error, Exception):
-                error = response.error
-                response = response._replace(error=type(error), error_message=error.args[0] if error.args else None)
-            fail_batch(batch, response)
-
-        sender._fail_batch = fail_batch_with_class
-        return client
-
-    def told_missing_topics(self, client: KafkaProducer) -> KafkaProducer:
-        """kafka-python 2.3.3 waits for a topic the broker does not have (a mistyped name, where topics
-        are not created automatically) for the whole max_block_ms, asking again every retry_backoff_ms
-        (about 9 times a second), then says only "Failed to update metadata". Here the topics each
-        metadata answer calls unknown are kept (and shown by /readyz), and a send to one fails after
-        MISSING_TOPIC_WAIT_MS, saying the topic does not exist and which variable holds its name."""
-        metadata, update, wait = client._metadata, client._metadata.update_metadata, client._wait_on_metadata
-        unknown = kafka.errors.UnknownTopicOrPartitionError.errno
-
-        def update_metadata(answer) -> None:
-            update(answer)
-            missing = {topic[1] for topic in answer.topics if topic[0] == unknown}
-            known = {topic[1] for topic in answer.topics if topic[0] == 0}
-            self.health.missing_outputs = frozenset(self.health.missing_outputs - known | missing)
-
-        def wait_on_metadata(topic: str, max_wait_ms: int):
-            deadline_s = time.monotonic() + max_wait_ms / 1000
-            while True:
-                try:
-                    return wait(topic, max(1, min(MISSING_TOPIC_WAIT_MS, int((deadline_s - time.monotonic()) * 1000))))
-                except kafka.errors.KafkaTimeoutError:
-                    if topic in self.health.missing_outputs:
-                        raise kafka.errors.UnknownTopicOrPartitionError(
-                            f"topic {topic} does not exist{named_by(topic)}: create it, or correct the name") from None
-                    if time.monotonic() >= deadline_s:
-                        raise kafka.errors.KafkaTimeoutError(
-                            f"Failed to update metadata after {max_wait_ms / 1000:.1f} secs.") from None
-
-        metadata.update_metadata, client._wait_on_metadata = update_metadata, wait_on_metadata
-        return client
-
 
 def dead_letter_headers(record, attempts: int, group_id: str, exception: str, reason: str,
                         kernel_name: str) -> list[tuple[str, bytes]]:
@@ -3024,23 +3082,13 @@ class ConsumerLoop:
             if not missing:
                 return True
             consumed = [topic for topic in missing if topic in self.settings.topics]
-            if consumed and (denied := self.denied_topics(consumed)):
+            if consumed and (denied := denied_topics(self.consumer, consumed, self.settings.commit_timeout_ms)):
                 raise kafka.errors.TopicAuthorizationFailedError(denied)
             kernel_log.warning("Topic %s does not exist (or this client may not see it): waiting for it to be created "
                                "(%s)", ", ".join(missing), ", ".join(sorted({wanted[topic] for topic in missing})),
                                extra=REPEATING)
             time.sleep(TOPIC_CHECK_INTERVAL_S)
         return False
-
-    def denied_topics(self, topics: list[str]) -> set[str]:
-        """Which of `topics` the broker refuses to show this client. Asked by name: a listing of all
-        topics leaves them out silently. (kafka-python 2.3 has no public call for it.)"""
-        client = self.consumer._client
-        with client_logs_muted():
-            for topic in topics:
-                client.add_topic(topic)
-            client.poll(future=client.cluster.request_update(), timeout_ms=self.settings.commit_timeout_ms)
-        return set(topics) & client.cluster.unauthorized_topics
 
     def run_once(self) -> None:
         self.settle_handed_back(timeout_s=0)
@@ -3060,7 +3108,7 @@ class ConsumerLoop:
         """Count a heartbeat answered as contact (records fetched count in poll()), and stop once the
         credentials were refused for KAFKA_SESSION_TIMEOUT_MS with none accepted since, as at start-up."""
         health, now = self.health, time.monotonic()
-        answered_s = self.consumer._coordinator.heartbeat.last_receive  # time.time(), -inf before the first
+        answered_s = last_heartbeat_answered_s(self.consumer)  # time.time(), -inf before the first
         health.last_contact_s = max(health.last_contact_s, now - (time.time() - answered_s))
         if (refusal := health.refusal) is not None and now - health.refused_since_s > health.out_of_touch_s:
             raise AccessRefused(f"{refusal}; refused for {now - health.refused_since_s:.0f} s while running "
@@ -3180,7 +3228,7 @@ class ConsumerLoop:
         self.share = self.settings.buffer_max_bytes / max(1, len(self.ledger.partitions))
         self.fetch_limit = max(MIN_PARTITION_FETCH_BYTES,
                                min(self.settings.max_partition_fetch_bytes, int(self.share // 4)))
-        self.consumer._fetcher.config["max_partition_fetch_bytes"] = self.fetch_limit
+        set_partition_fetch_bytes(self.consumer, self.fetch_limit)
 
     def keep_membership(self) -> None:
         """Poll with every partition paused while the workers are busy: the group sees us alive, and
@@ -3575,6 +3623,7 @@ def run_kernel(process_message: Callable | None = None, *, process_batch: Callab
     stop = StopSignal()
     stop.install()
     configure_logging(name)
+    check_kafka_python_version()
     try:
         read_dotenv(dotenv_file(os.environ))
         settings = load_settings(os.environ, name, default_topic)
@@ -3625,4 +3674,4 @@ check_your_part(names_of_your_part)
 
 # The machinery's digest as the template shipped it (devtools/stamp_machinery.py writes it): `check` and
 # tests/test_template.py compare it with what is above, from "# End of your kernel" on.
-MACHINERY_SHA256 = "294d9ed0a614673ac64070b613f52715d5f07d61530116a1df215c6537b0ebce"
+MACHINERY_SHA256 = "c88cf496f6787d81553057f551dfc8c8400ddad4ecaba0995becdbeccf9f705d"
