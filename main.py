@@ -16,23 +16,27 @@ For bulk work (database writes), define process_batch(messages) instead (docs/re
 Your own settings: define read_settings() reading each with setting("NAME", default, parse); the
 kernel calls it at start-up and in `python main.py check`, so a bad one stops it (exit 2) at once.
 
-The machinery, in reading order:
+The machinery, in reading order: first its core, which every kernel runs.
   What process_message can use   DeadLetter, RetryLater, send(), json_object(), message_id()...
   How the kernel stops           exit codes and the errors behind them
   Settings                       the environment, read and checked once; setting() for your own
   Logging                        plain or JSON lines; repeating warnings throttled
   Signals                        SIGTERM and SIGINT: finish, commit, leave
   TLS material                   base64 certificates to private files, and back
-  Health and metrics             /healthz, /readyz, /metrics (the kernel's metrics and yours)
-  Tracing                        OpenTelemetry spans, when OTEL_TRACES_EXPORTER is set
+  Health                         what /healthz and /readyz answer, and refused credentials
   kafka-python patches           every use of the client's internals, each with why and its test
   Connecting                     the consumer's and the producer's configuration
   Producing                      the kernel's one producer: send() and the dead-letter topic
   Processing                     worker threads calling process_message, in order per lane
   Bookkeeping                    lanes, retries and the offset to commit, per partition
   The consumer loop              failures, the watchdog, and the loop: poll, hand out, settle, commit
-  Checking a deployment          python main.py check
   Entry point                    run_kernel(): what python main.py (the lines just below) and the examples call
+Then the options, each importing what it needs only when it is switched on:
+  Metrics and the HTTP server    /healthz, /readyz, /metrics (the kernel's metrics and yours): KERNEL_HTTP_PORT
+  Tracing                        OpenTelemetry spans: OTEL_TRACES_EXPORTER
+  OAuth tokens                   tokens from an OAuth token endpoint: KAFKA_SASL_MECHANISM=OAUTHBEARER
+  Checking a deployment          python main.py check
+  Checking your part             at import, the names your part must define, and those it must not
 """
 
 from __future__ import annotations
@@ -98,7 +102,6 @@ def process_message(message) -> bool:
 # What the part above defines, for the check at the end of the file (none when the module is reloaded).
 names_of_your_part = None if "names_of_your_part" in globals() else {**globals()}
 
-import asyncio
 import base64
 import binascii
 import bisect
@@ -111,8 +114,6 @@ import errno
 import functools
 import gc
 import hashlib
-import http
-import http.client
 import ipaddress
 import itertools
 import json
@@ -141,9 +142,6 @@ import kafka.conn
 import kafka.errors
 import kafka.future
 import kafka.sasl.oauth
-import prometheus_client
-import prometheus_client.metrics_core
-import prometheus_client.utils
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord, Fetcher
 from kafka.errors import CommitFailedError, CorruptRecordError, KafkaError, NoBrokersAvailable
@@ -152,6 +150,7 @@ from kafka.record.memory_records import MemoryRecords
 if TYPE_CHECKING:  # names only annotations use, so that your part may bind them as it likes
     from collections.abc import Callable, Iterator, Mapping
 
+    import prometheus_client.metrics_core
     from kafka.future import Future
 
 # What process_message can use
@@ -1020,7 +1019,7 @@ def tls_files(settings: KernelSettings) -> Iterator[TlsFiles | None]:
         tls.remove()
 
 
-# Health and metrics
+# Health
 
 
 class HealthState:
@@ -1071,340 +1070,6 @@ class HealthState:
         if (silent_s := time.monotonic() - self.last_contact_s) > self.out_of_touch_s:
             return False, f"no fetch or heartbeat answered for {silent_s:.0f} s (KAFKA_SESSION_TIMEOUT_MS)"
         return True, "ok"
-
-
-class HandlerTallies(prometheus_client.registry.Collector):
-    """What the handler did, by topic, counted by each worker thread in tallies of its own, without a
-    lock (a Histogram's observe() and a Counter's inc() take one each, and cost more than the rest of
-    the kernel's work on a no-op message): the time of each call, served as kernel_processing_seconds
-    when /metrics is read, and the messages it finished, added to the kernel_messages_processed
-    counter by the loop before it commits, so that what is committed is counted (a Counter: the
-    multiprocess mode of prometheus_client, which the local runner uses, sums it over restarts)."""
-
-    BOUNDS = prometheus_client.Histogram.DEFAULT_BUCKETS  # the buckets' upper bounds, the last +Inf
-    SECONDS, PROCESSED = -2, -1  # a tally's last two slots, after its calls per bucket
-
-    def __init__(self, processed: prometheus_client.Counter):
-        self.tallies: list[dict[str, list]] = []  # a thread's: topic → calls per bucket, seconds, processed
-        self.local = threading.local()
-        self.processed = processed
-        self.added: dict[tuple[int, str], int] = {}  # (a thread's index, topic): processed added to the counter
-
-    def tally(self, topic: str) -> list:
-        """This thread's tally for `topic`, for count_call() and tally[PROCESSED] += messages."""
-        if (mine := getattr(self.local, "tallies", None)) is None:
-            mine = self.local.tallies = {}
-            self.tallies.append(mine)
-        if (tally := mine.get(topic)) is None:
-            tally = mine[topic] = [0] * len(self.BOUNDS) + [0.0, 0]
-        return tally
-
-    @classmethod
-    def count_call(cls, tally: list, seconds: float) -> None:
-        tally[bisect.bisect_left(cls.BOUNDS, seconds)] += 1  # its bucket: the first bound >= seconds
-        tally[cls.SECONDS] += seconds
-
-    def add_processed(self) -> None:
-        """Add what the workers finished since last time to the processed counter (on the loop's
-        thread, the only one that does)."""
-        for index, mine in enumerate(list(self.tallies)):
-            for topic, tally in list(mine.items()):
-                done = tally[self.PROCESSED]  # read once: the worker may count on meanwhile
-                if done != (added := self.added.get((index, topic), 0)):
-                    self.processed.labels(topic).inc(done - added)
-                    self.added[index, topic] = done
-
-    def collect(self) -> Iterator[prometheus_client.metrics_core.Metric]:
-        totals: dict[str, list] = {}  # list(): a copy, while the workers count on
-        for mine in list(self.tallies):
-            for topic, tally in list(mine.items()):
-                total = totals.get(topic)
-                totals[topic] = list(tally) if total is None else [a + b for a, b in zip(total, tally, strict=True)]
-        family = prometheus_client.metrics_core.HistogramMetricFamily(
-            "kernel_processing_seconds", "Time spent in each call of process_message or process_batch",
-            labels=["topic"])
-        for topic, total in sorted(totals.items()):
-            bounds = map(prometheus_client.utils.floatToGoString, self.BOUNDS)
-            buckets = list(zip(bounds, itertools.accumulate(total[:self.SECONDS]), strict=True))
-            family.add_metric([topic], buckets, total[self.SECONDS])
-        yield family
-
-
-class KernelMetrics:
-    """The kernel's Prometheus metrics, served at /metrics. A registry of its own, so that a test may
-    run several loops in one process; yours (prometheus_client's Counter, Gauge and Histogram made in
-    your part) go to prometheus_client's default registry, served beside it."""
-
-    def __init__(self):
-        self.registry = prometheus_client.CollectorRegistry()
-        self.children: dict[tuple, prometheus_client.Counter] = {}  # of_topic()'s
-        counter, gauge, histogram = (self.metric(kind) for kind in (
-            prometheus_client.Counter, prometheus_client.Gauge, prometheus_client.Histogram))
-        topic = ("topic",)
-        self.processed = counter("kernel_messages_processed", "Messages the handler finished", topic)
-        self.failed = counter("kernel_messages_failed", "Messages on which the handler raised", topic)
-        self.retried = counter("kernel_messages_retried", "Messages to be tried again", topic)
-        self.dead_lettered = counter("kernel_messages_dead_lettered", "Messages sent to the dead-letter topic", topic)
-        self.dead_letter_failures = counter("kernel_dead_letter_failures", "Dead letters the broker did not confirm "
-                                            "(each stays uncommitted and is tried again)")
-        self.sent = counter("kernel_messages_sent", "Messages the broker confirmed, sent with send() or dead-lettered, "
-                            "by the topic they went to", topic)
-        self.send_failures = counter("kernel_send_failures", "Messages the broker did not confirm, by the topic they "
-                                     "were for", topic)
-        self.calls = HandlerTallies(self.processed)
-        self.registry.register(self.calls)
-        self.batch_sizes = histogram("kernel_batch_size", "Messages per process_batch call", topic,
-                                     buckets=(1, 10, 100, 500, 1000, 5000))
-        self.commits = counter("kernel_commits", "Offset commits that succeeded")
-        self.commit_failures = counter("kernel_commit_failures", "Offset commits that failed")
-        self.rebalances = counter("kernel_rebalances", "Partition assignments received")
-        self.assigned = gauge("kernel_assigned_partitions", "Partitions assigned to this kernel")
-        self.lag = gauge("kernel_consumer_lag", "End offset minus committed offset", ("topic", "partition"))
-        self.ready = gauge("kernel_ready", "1 while /readyz answers 200, else 0 (an alert rule cannot ask /readyz)")
-        self.buffered_bytes = gauge("kernel_buffered_bytes", "Memory held by fetched messages not finished yet "
-                                    "(estimated; a partition pauses at its share of KERNEL_BUFFER_MAX_BYTES)")
-
-    def metric(self, kind: type) -> Callable:
-        """A maker of metrics of `kind` in this registry: name, help text, label names, options."""
-        return lambda name, text, labels=(), **options: kind(name, text, labelnames=labels, registry=self.registry,
-                                                             **options)
-
-    def of_topic(self, metric: prometheus_client.Counter, topic: str) -> prometheus_client.Counter:
-        """metric.labels(topic), asked once: labels() costs as much as the kernel's work on a message."""
-        if (child := self.children.get((metric, topic))) is None:
-            child = self.children[metric, topic] = metric.labels(topic)
-        return child
-
-
-HTTP_TIMEOUT_S = 5.0  # a client has this long to send its request, and to take the answer
-HTTP_MAX_WAITING = 256  # connections waiting for their request at once; a new one closes the oldest
-HTTP_MAX_REQUEST_BYTES = 8192  # request line and headers; a probe or a scrape needs a few hundred
-
-
-def http_answer(path: str, health: HealthState, metrics: KernelMetrics) -> tuple[int, str, bytes]:
-    """Status, content type and body for GET `path`."""
-    if path == "/metrics":  # the kernel's, then yours and the process's (prometheus_client's default registry)
-        return 200, prometheus_client.CONTENT_TYPE_LATEST, b"".join(
-            prometheus_client.generate_latest(registry) for registry in (metrics.registry, prometheus_client.REGISTRY))
-    if path in ("/healthz", "/readyz"):
-        ok, text = health.alive() if path == "/healthz" else health.ready()
-        return (200 if ok else 503), "text/plain", f"{text}\n".encode()
-    return 404, "text/plain", b"not found: try /healthz, /readyz or /metrics\n"
-
-
-def serve_http(host: str | None, port: int, health: HealthState, metrics: KernelMetrics) -> None:
-    """Serve /healthz (liveness), /readyz (readiness) and /metrics from a daemon thread: one event
-    loop, so that idle or slow clients hold no thread each, with a timeout on every connection and a
-    cap on how many may wait for their request (past it, the oldest is closed, so that a probe always
-    gets in). Whoever reaches the port cannot starve the kernel, its probes or a SIGTERM, and nothing is
-    written to stderr past the kernel's log format."""
-    loop = asyncio.new_event_loop()
-    waiting: dict[asyncio.StreamWriter, None] = {}  # connections whose request has not come yet, oldest first
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        waiting[writer] = None
-        if len(waiting) > HTTP_MAX_WAITING:
-            oldest = next(iter(waiting))
-            del waiting[oldest]
-            oldest.transport.abort()
-        try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HTTP_TIMEOUT_S)
-            waiting.pop(writer, None)
-            method, path, _ = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ", 2)
-            status, kind, body = (http_answer(path.split("?", 1)[0], health, metrics) if method == "GET"
-                                  else (405, "text/plain", b"only GET\n"))
-            reason = http.HTTPStatus(status).phrase
-            writer.write(f"HTTP/1.1 {status} {reason}\r\nContent-Type: {kind}\r\nContent-Length: {len(body)}\r\n"
-                         f"Connection: close\r\n\r\n".encode() + body)
-            writer.close()  # once all of it is sent
-            await asyncio.wait_for(writer.wait_closed(), HTTP_TIMEOUT_S)
-        except (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-            pass  # a client that went away, took too long or sent no HTTP: nothing to answer
-        finally:
-            waiting.pop(writer, None)
-            writer.transport.abort()  # whatever is left of a connection that did not end well
-
-    try:
-        loop.run_until_complete(asyncio.start_server(serve, host, port, limit=HTTP_MAX_REQUEST_BYTES))
-    except OSError as error:
-        loop.close()
-        raise ConfigError(f"KERNEL_HTTP_PORT (or PORT) {port} cannot be served on KERNEL_HTTP_HOST "
-                          f"{host or '(all addresses)'}: {error.strerror}") from None
-    threading.Thread(target=loop.run_forever, name="http", daemon=True).start()
-
-
-# Tracing
-
-TRACES_FLUSH_TIMEOUT_S = 5.0  # at shutdown, how long the spans not exported yet may take (a collector may be down)
-
-
-class Tracing:
-    """OpenTelemetry traces of what the kernel does with each message, when OTEL_TRACES_EXPORTER names
-    an exporter (the otel extra installs the SDK and OTLP over HTTP); without it nothing of OpenTelemetry
-    is imported, and nothing of this runs. Each call of process_message is a span, a child of the trace
-    context (W3C traceparent) in the message's headers; each call of process_batch one linked to its
-    messages'. Named and described as OpenTelemetry's messaging conventions say, plus kernel.attempt
-    and kernel.outcome (done, retried: False or RetryLater, dead_lettered, fatal). What send() publishes
-    and the dead letters carry the trace on. The SDK reads the other OTEL_* variables (endpoint, sampler) itself."""
-
-    def __init__(self, settings: KernelSettings):
-        try:
-            from importlib.metadata import entry_points
-
-            from opentelemetry import propagate, trace
-            from opentelemetry.sdk.resources import OTELResourceDetector, Resource
-            from opentelemetry.sdk.trace import TracerProvider
-            from opentelemetry.sdk.trace.export import BatchSpanProcessor
-        except ImportError:
-            raise ConfigError("OTEL_TRACES_EXPORTER is set but OpenTelemetry is not installed: uv sync --extra otel "
-                              '(and build the image with EXTRAS="--extra otel")') from None
-        exporters = {entry.name: entry for entry in entry_points(group="opentelemetry_traces_exporter")}
-        if unknown := [name for name in settings.traces_exporters if name not in exporters]:
-            raise ConfigError(f"OTEL_TRACES_EXPORTER names {', '.join(unknown)}, which no installed package provides "
-                              f"(installed: otlp, {', '.join(sorted(exporters))})")
-        # Named after the kernel, unless OTEL_SERVICE_NAME (or OTEL_RESOURCE_ATTRIBUTES) says otherwise.
-        resource = Resource.create({"service.name": settings.kernel_name}).merge(OTELResourceDetector().detect())
-        self.provider = TracerProvider(resource=resource, shutdown_on_exit=False)  # flush() ends it, in time
-        for name in settings.traces_exporters:
-            self.provider.add_span_processor(BatchSpanProcessor(exporters[name].load()()))
-        trace.set_tracer_provider(self.provider)  # spans the handler makes itself, or its libraries, join in
-        self.trace, self.tracer = trace, self.provider.get_tracer("clustera-kernel")
-        self.propagator = propagate.get_global_textmap()  # OTEL_PROPAGATORS: W3C traceparent and baggage
-        self.header_names = self.propagator.fields  # what it reads and writes: traceparent, tracestate, baggage
-        self.process_attributes = {"messaging.system": "kafka", "messaging.operation.type": "process",
-                         "messaging.operation.name": "process", "messaging.consumer.group.name": settings.group_id,
-                         "messaging.client.id": settings.client_id}
-        for handler in logging.getLogger().handlers:
-            handler.addFilter(self.add_trace_ids)
-
-    def context_of(self, record):
-        """The trace context the record's headers carry (none: its span starts a trace)."""
-        return self.propagator.extract({name: value.decode("latin-1") for name, value in record.headers or ()
-                                        if name in self.header_names and value})
-
-    def with_context(self, headers: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
-        """`headers` with the trace context of the span in progress, in place of one they carry (a
-        message's headers forwarded as they are carry its producer's)."""
-        context: dict[str, str] = {}
-        self.propagator.inject(context)
-        return [header for header in headers if header[0] not in self.header_names] + [
-            (name, value.encode()) for name, value in context.items()]
-
-    def traced(self, process: Callable, batch: bool) -> Callable:
-        """process_task (process_batch_task with `batch`) calling the handler in a span per call."""
-        call = self.call_batch if batch else self.call_message
-        return lambda task, handler, *rest: process(task, functools.partial(call, handler, task), *rest)
-
-    @staticmethod
-    def attempt(task: LaneTask, record) -> int:
-        """Which attempt at `record` this is: its lane keeps the count of a retried one while the task runs."""
-        for lane in task.lanes:
-            if (retry := lane.retry) is not None and retry.offset == record.offset:
-                return retry.attempts + 1
-        return 1
-
-    def call_message(self, handler: Callable, task: LaneTask, record):
-        attributes = self.process_attributes | {
-            "messaging.destination.name": record.topic, "messaging.destination.partition.id": str(record.partition),
-            "messaging.kafka.offset": record.offset, "messaging.message.body.size": len(record.value or b""),
-            "kernel.attempt": self.attempt(task, record)}
-        if record.value is None:
-            attributes["messaging.kafka.message.tombstone"] = True
-        if record.key is not None:
-            with contextlib.suppress(UnicodeDecodeError):  # a key without a text form goes without
-                attributes["messaging.kafka.message.key"] = record.key.decode()
-        with self.tracer.start_as_current_span(f"process {record.topic}", self.context_of(record),
-                                               self.trace.SpanKind.CONSUMER, attributes, record_exception=False,
-                                               set_status_on_exception=False) as span:
-            return self.call(span, handler, record)
-
-    def call_batch(self, handler: Callable, task: LaneTask, records: list):
-        first = records[0]
-        links = [self.trace.Link(context, {"messaging.kafka.offset": record.offset}) for record in records
-                 if (context := self.trace.get_current_span(self.context_of(record)).get_span_context()).is_valid]
-        attributes = self.process_attributes | {
-            "messaging.destination.name": first.topic, "messaging.destination.partition.id": str(first.partition),
-            "messaging.batch.message_count": len(records), "kernel.attempt": self.attempt(task, first)}
-        with self.tracer.start_as_current_span(f"process {first.topic}", None, self.trace.SpanKind.CONSUMER,
-                                               attributes, links, record_exception=False,
-                                               set_status_on_exception=False) as span:
-            return self.call(span, handler, records)
-
-    def call(self, span, handler: Callable, argument):
-        """handler(argument), its outcome recorded on `span`."""
-        try:
-            result = handler(argument)
-        except DeadLetter as rejection:
-            self.failed(span, "dead_lettered", str(rejection), "DeadLetter")
-            if rejection.message is not None:  # from process_batch: which message
-                span.add_event("dead letter", {"messaging.kafka.offset": rejection.message.offset})
-            raise
-        except RetryLater as later:
-            self.failed(span, "retried", f"raised RetryLater({later.seconds})", None)
-            raise
-        except BaseException as error:
-            span.record_exception(error)
-            self.failed(span, "fatal", repr(error), type(error).__qualname__)
-            raise
-        if result is True:
-            span.set_attribute("kernel.outcome", "done")
-        elif result is False:
-            self.failed(span, "retried", "returned False", None)
-        else:
-            self.failed(span, "fatal", f"returned {result!r}, not True or False", "TypeError")
-        return result
-
-    def failed(self, span, outcome: str, description: str, error_type: str | None) -> None:
-        span.set_attributes({"kernel.outcome": outcome} | ({"error.type": error_type} if error_type else {}))
-        span.set_status(self.trace.Status(self.trace.StatusCode.ERROR, description))
-
-    def dead_letter_span(self, record, topic: str, attempts: int, reason: str):
-        """A span for publishing `record` to the dead-letter topic, in its trace: the dead letter carries it."""
-        attributes = {"messaging.system": "kafka", "messaging.operation.type": "send",
-                      "messaging.operation.name": "send", "messaging.destination.name": topic,
-                      "kernel.attempt": attempts, "kernel.reason": reason}
-        return self.tracer.start_as_current_span(f"send {topic}", self.context_of(record),
-                                                 self.trace.SpanKind.PRODUCER, attributes)
-
-    def add_trace_ids(self, record: logging.LogRecord) -> bool:
-        """A log filter: a line logged within a span carries its trace_id and span_id (JSON logs show them)."""
-        context = self.trace.get_current_span().get_span_context()
-        if context.is_valid:
-            record.trace_id, record.span_id = f"{context.trace_id:032x}", f"{context.span_id:016x}"
-        return True
-
-    def flush(self) -> None:
-        """Export the spans not exported yet, waiting at most TRACES_FLUSH_TIMEOUT_S, and stop."""
-        flushing = threading.Thread(target=self.provider.shutdown, name="traces", daemon=True)
-        flushing.start()
-        flushing.join(TRACES_FLUSH_TIMEOUT_S)
-
-
-def otel_variables_in(error: Exception) -> str:
-    """The OTEL_* variables an error of OpenTelemetry's set-up is about: those whose value it quotes, or
-    that end with a setting it names (max_export_batch_size: OTEL_BSP_MAX_EXPORT_BATCH_SIZE)."""
-    text = str(error)
-    settings = {word.upper() for word in re.findall(r"[a-z]+(?:_[a-z]+)+", text)}
-    names = [name for name, value in os.environ.items() if name.startswith("OTEL_") and (
-        len(value.strip()) > 2 and value.strip() in text or any(name.endswith(setting) for setting in settings))]
-    return ", ".join(names) or "an OTEL_* variable"
-
-
-@contextlib.contextmanager
-def tracing_for(settings: KernelSettings) -> Iterator[Tracing | None]:
-    """Tracing for the life of the block, its last spans flushed however it ends; None without
-    OTEL_TRACES_EXPORTER. A setting the SDK refuses (it raises ValueError) is a configuration error."""
-    if not settings.traces_exporters:
-        yield None
-        return
-    try:
-        tracing = Tracing(settings)
-    except (ValueError, TypeError) as error:
-        raise ConfigError(f"{otel_variables_in(error)} refused by OpenTelemetry: {error}") from None
-    try:
-        yield tracing
-    finally:
-        tracing.flush()
 
 
 # kafka-python patches
@@ -1709,129 +1374,6 @@ def set_partition_fetch_bytes(consumer: KafkaConsumer, limit: int) -> None:
 
 
 # Connecting
-
-
-TOKEN_REQUEST_TIMEOUT_S = 10.0  # how long a request to the OAuth token endpoint may take
-PROBE_TIMEOUT_S = 5.0  # how long connect_consumer's test connection to one bootstrap server may take
-
-
-class OAuthBearerTokens(kafka.sasl.oauth.AbstractTokenProvider):
-    """OAUTHBEARER tokens from the OAuth client credentials grant, fetched when a connection first
-    needs one and again once 80% of a token's lifetime has passed (Kafka's own default refresh
-    window), so that no connection presents an expired token. kafka-python 2.3 cannot re-authenticate
-    an open connection (KIP-368): a broker that enforces token expiry (connections.max.reauth.ms)
-    closes it, and the client connects again with a fresh token."""
-
-    def __init__(self, client: OAuthClient):
-        super().__init__()
-        self.client = client
-        self.lock = threading.Lock()  # the consumer's and the producer's connections share one token
-        self.current: str | None = None
-        self.stop: StopSignal | None = None  # a stop requested cuts a request short (connect_consumer sets it)
-        self.refresh_at_s = self.expires_at_s = 0.0  # time.monotonic()
-
-    def token(self) -> str:
-        """A valid token; called by the client at each connection's authentication."""
-        with self.lock:
-            now = time.monotonic()
-            if self.current is None or now >= self.refresh_at_s:
-                try:
-                    self.fetch(now)
-                except (OSError, ValueError) as error:  # unreachable, or an answer that is not a token
-                    if self.current is None or now >= self.expires_at_s:
-                        raise BrokerUnavailable(f"the OAuth token endpoint (KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL) "
-                                                f"gave no token: {error}", "OAuth") from None
-                    kernel_log.warning("Could not refresh the OAuth token (%s); the current one is valid for %.0f s "
-                                       "more", error, self.expires_at_s - now, extra=REPEATING)
-            return self.current
-
-    def extensions(self) -> dict[str, str]:
-        return dict(self.client.extensions)
-
-    def fetch(self, now: float) -> None:
-        client = self.client
-        form = {"grant_type": "client_credentials"} | ({"scope": client.scope} if client.scope else {})
-        basic = f"{urllib.parse.quote(client.client_id, safe='')}:{urllib.parse.quote(client.client_secret, safe='')}"
-        headers = {"Authorization": "Basic " + base64.b64encode(basic.encode()).decode(),
-                   "Content-Type": "application/x-www-form-urlencoded", "Accept": "application/json"}
-        status, reason, body = post_within(client.token_endpoint_url, urllib.parse.urlencode(form).encode(), headers,
-                                           TOKEN_REQUEST_TIMEOUT_S, self.stop)
-        if status in (400, 401, 403):
-            with contextlib.suppress(Exception):  # the OAuth error code, as RFC 6749 section 5.2 names it
-                reason = f"{reason}, {json.loads(body)['error']}"
-            raise AccessRefused(f"the OAuth token endpoint refused the client (HTTP {status} {reason}): "
-                                "check KAFKA_SASL_OAUTHBEARER_CLIENT_ID, KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET and "
-                                "KAFKA_SASL_OAUTHBEARER_SCOPE", "authentication")
-        if 300 <= status < 400:  # followed, it would carry the client secret wherever it points
-            raise OSError(f"it redirected (HTTP {status} {reason}), and redirects are not followed: set "
-                          "KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL to the address that answers")
-        if status != 200:
-            raise OSError(f"HTTP {status} {reason}")
-        try:
-            answer = json.loads(body)
-        except ValueError:
-            raise ValueError(f"its answer is not JSON: {describe_bytes(body, 80)}") from None
-        if not isinstance(answer, dict) or not isinstance(answer.get("access_token"), str):
-            raise ValueError("its answer holds no access_token")
-        lifetime_s = answer.get("expires_in")
-        lifetime_s = float(lifetime_s) if isinstance(lifetime_s, int | float) and lifetime_s > 0 else 300.0
-        lifetime_s = min(lifetime_s, jwt_expiry_s(answer["access_token"]) - time.time())
-        self.current, self.refresh_at_s, self.expires_at_s = (answer["access_token"], now + 0.8 * lifetime_s,
-                                                              now + lifetime_s)
-
-
-def jwt_expiry_s(token: str) -> float:
-    """The `exp` of a token that is a JWT, in seconds since the epoch, read without checking its signature
-    (the broker does): an endpoint's expires_in may say longer. Infinity for a token that is no JWT."""
-    try:
-        payload = token.split(".")[1]
-        expiry = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["exp"]
-    except (IndexError, ValueError, KeyError, TypeError):  # binascii.Error and JSON errors are ValueErrors
-        return math.inf
-    return float(expiry) if isinstance(expiry, int | float) and not isinstance(expiry, bool) else math.inf
-
-
-def post_within(url: str, body: bytes, headers: dict[str, str], timeout_s: float,
-                stop: StopSignal | None = None) -> tuple[int, str, bytes]:
-    """POST `body` to `url`: the answer's status, reason and body (up to 1 MB), all of it within `timeout_s`
-    (a socket's timeout bounds each read only: an answer trickled a byte at a time would hold on for ever)
-    and before a stop is requested, else OSError. Redirects are not followed."""
-    parts = urllib.parse.urlsplit(url)
-    kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-    connection, started_s = kind(parts.hostname, parts.port, timeout=timeout_s), time.monotonic()
-    done, cut = threading.Event(), []  # why the request was cut short, if it was
-
-    def cut_when_due() -> None:  # shutdown, not close, is what wakes a read blocked in the caller's thread
-        while not done.wait(0.1):
-            if time.monotonic() - started_s >= timeout_s:
-                cut.append(f"no whole answer within {timeout_s:.0f} s")
-            elif stop is not None and stop.requested:
-                cut.append("a stop was requested")
-            if cut:
-                with contextlib.suppress(OSError, TypeError):  # TypeError: not connected yet
-                    socket.socket.shutdown(connection.sock, socket.SHUT_RDWR)
-
-    threading.Thread(target=cut_when_due, name="token-deadline", daemon=True).start()
-    try:
-        connection.request("POST", (parts.path or "/") + (f"?{parts.query}" if parts.query else ""), body, headers)
-        response = connection.getresponse()
-        answer = response.status, response.reason, response.read(1_048_576)
-    except (OSError, http.client.HTTPException) as error:
-        answer = OSError(str(error) or type(error).__name__)
-    finally:
-        done.set()
-        connection.close()
-    if cut:  # whatever the client made of what came before
-        raise OSError(cut[0])
-    if isinstance(answer, OSError):
-        raise answer
-    return answer
-
-
-@functools.cache
-def oauth_tokens(client: OAuthClient) -> OAuthBearerTokens:
-    """One token cache per OAuth client, shared by the consumer's and the producer's connections."""
-    return OAuthBearerTokens(client)
 
 
 def sasl_refusal(server: str, mechanism: str) -> AccessRefused:
@@ -3331,6 +2873,573 @@ class ConsumerLoop:
         kernel_log.info("Consumer closed")
 
 
+# Entry point
+
+
+def consume_until_stopped(handler: KernelHandler, settings: KernelSettings, tls: TlsFiles | None,
+                          stop: StopSignal, tracing: Tracing | None = None) -> int:
+    health, metrics = HealthState(settings, handler.name), KernelMetrics() if settings.http_port else Uncounted()
+    metrics.ready.set_function(lambda: health.ready()[0])  # asked at each scrape, as /readyz is
+    if settings.http_port:
+        serve_http(settings.http_host, settings.http_port, health, metrics)
+        kernel_log.info("Serving /healthz, /readyz and /metrics on port %d", settings.http_port)
+    kernel_log.info("Starting: topics=%s group=%s client=%s bootstrap=%s security=%s", ",".join(settings.topics),
+                    settings.group_id, settings.client_id, ",".join(settings.bootstrap_servers), settings.security)
+    consumer = connect_consumer(settings, tls, stop, health)
+    if consumer is None:
+        return EXIT_OK
+    loop = ConsumerLoop(consumer, settings, handler, stop, tls, health, metrics, tracing)
+    collect_garbage_less_often()
+    return loop.run()
+
+
+def collect_garbage_less_often() -> None:
+    """Every poll makes thousands of records that live until they are processed. At CPython's default
+    threshold (a collection per 700 new objects) they set off collections that go over every long-lived
+    object (the modules, the client) several times a poll: some 13% of a no-op kernel's time. What lives at
+    this point is frozen out of collections for good, and a collection waits for 10,000 new objects.
+    (Objects are still freed as soon as nothing refers to them: only cycles wait for a collection.)"""
+    gc.freeze()
+    threshold, *older = gc.get_threshold()
+    gc.set_threshold(max(threshold, 10_000), *older)
+
+
+def run_kernel(process_message: Callable | None = None, *, process_batch: Callable | None = None,
+               read_settings: Callable[[], object] | None = None, name: str, default_topic: str,
+               argv: list[str] | None = None) -> int:
+    """Run a kernel until it is stopped; its exit code. `python main.py` runs this file's own kernel
+    (the first lines of the file); an example or a test passes its own handler and names: process_message,
+    or process_batch, not both, and read_settings if it has settings of its own (called before the first
+    message: a ConfigError stops it). With the argument "check" (`python main.py check`), it checks the
+    deployment instead of consuming."""
+    if (process_message is None) == (process_batch is None):
+        raise TypeError("run_kernel() takes process_message or process_batch, one of them")
+    handler = KernelHandler(process_batch, batch=True) if process_batch else KernelHandler(process_message)
+    argv = sys.argv if argv is None else argv
+    if argv[1:] == ["check"]:
+        return check_deployment(os.environ, name, default_topic, dotenv_file(os.environ), read_settings,
+                                handler.batch)
+    if argv[1:]:
+        print(f"usage: {argv[0]} [check]", file=sys.stderr)
+        return EXIT_CONFIG
+    stop = StopSignal()
+    stop.install()
+    configure_logging(name)
+    check_kafka_python_version()
+    try:
+        read_dotenv(dotenv_file(os.environ))
+        settings = load_settings(os.environ, name, default_topic)
+        if handler.batch:
+            settings.check_batch_limit()
+        if read_settings is not None:
+            read_settings()
+        apply_log_settings(settings)
+        with tls_files(settings) as tls, tracing_for(settings) as tracing:
+            if tls is not None:
+                stop.cleanups.append(tls.remove)  # a second signal exits at once, but not leaving keys behind
+            return consume_until_stopped(handler, settings, tls, stop, tracing)
+    except ConfigError as error:
+        kernel_log.error("Configuration error: %s", error)
+        return EXIT_CONFIG
+    except AccessRefused as error:
+        kernel_log.error("Access refused (%s): %s", error.kind, error)
+        return EXIT_REFUSED
+    except BrokerUnavailable as error:
+        kernel_log.error("Cannot reach the broker (%s): %s", error.kind, error)
+        return EXIT_BROKER
+
+
+# The options: what only some kernels use, each importing what it needs only when it is switched on.
+# The core above never waits on them.
+
+# Metrics and the HTTP server
+
+
+class HandlerTallies:
+    """What the handler did, by topic, counted by each worker thread in tallies of its own, without a
+    lock (a Histogram's observe() and a Counter's inc() take one each, and cost more than the rest of
+    the kernel's work on a no-op message): the time of each call, served as kernel_processing_seconds
+    when /metrics is read, and the messages it finished, added to the kernel_messages_processed
+    counter by the loop before it commits, so that what is committed is counted (a Counter: the
+    multiprocess mode of prometheus_client, which the local runner uses, sums it over restarts)."""
+
+    # The buckets' upper bounds: prometheus_client.Histogram.DEFAULT_BUCKETS (tests/test_loop.py compares).
+    BOUNDS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, math.inf)
+    SECONDS, PROCESSED = -2, -1  # a tally's last two slots, after its calls per bucket
+
+    def __init__(self, processed: prometheus_client.Counter):
+        self.tallies: list[dict[str, list]] = []  # a thread's: topic → calls per bucket, seconds, processed
+        self.local = threading.local()
+        self.processed = processed
+        self.added: dict[tuple[int, str], int] = {}  # (a thread's index, topic): processed added to the counter
+
+    def tally(self, topic: str) -> list:
+        """This thread's tally for `topic`, for count_call() and tally[PROCESSED] += messages."""
+        if (mine := getattr(self.local, "tallies", None)) is None:
+            mine = self.local.tallies = {}
+            self.tallies.append(mine)
+        if (tally := mine.get(topic)) is None:
+            tally = mine[topic] = [0] * len(self.BOUNDS) + [0.0, 0]
+        return tally
+
+    @classmethod
+    def count_call(cls, tally: list, seconds: float) -> None:
+        tally[bisect.bisect_left(cls.BOUNDS, seconds)] += 1  # its bucket: the first bound >= seconds
+        tally[cls.SECONDS] += seconds
+
+    def add_processed(self) -> None:
+        """Add what the workers finished since last time to the processed counter (on the loop's
+        thread, the only one that does)."""
+        for index, mine in enumerate(list(self.tallies)):
+            for topic, tally in list(mine.items()):
+                done = tally[self.PROCESSED]  # read once: the worker may count on meanwhile
+                if done != (added := self.added.get((index, topic), 0)):
+                    self.processed.labels(topic).inc(done - added)
+                    self.added[index, topic] = done
+
+    def collect(self) -> Iterator[prometheus_client.metrics_core.Metric]:
+        import prometheus_client.metrics_core
+        import prometheus_client.utils
+
+        totals: dict[str, list] = {}  # list(): a copy, while the workers count on
+        for mine in list(self.tallies):
+            for topic, tally in list(mine.items()):
+                total = totals.get(topic)
+                totals[topic] = list(tally) if total is None else [a + b for a, b in zip(total, tally, strict=True)]
+        family = prometheus_client.metrics_core.HistogramMetricFamily(
+            "kernel_processing_seconds", "Time spent in each call of process_message or process_batch",
+            labels=["topic"])
+        for topic, total in sorted(totals.items()):
+            bounds = map(prometheus_client.utils.floatToGoString, self.BOUNDS)
+            buckets = list(zip(bounds, itertools.accumulate(total[:self.SECONDS]), strict=True))
+            family.add_metric([topic], buckets, total[self.SECONDS])
+        yield family
+
+
+class KernelMetrics:
+    """The kernel's Prometheus metrics, served at /metrics. A registry of its own, so that a test may
+    run several loops in one process; yours (prometheus_client's Counter, Gauge and Histogram made in
+    your part) go to prometheus_client's default registry, served beside it."""
+
+    def __init__(self):
+        import prometheus_client
+
+        self.registry = prometheus_client.CollectorRegistry()
+        self.children: dict[tuple, prometheus_client.Counter] = {}  # of_topic()'s
+        counter, gauge, histogram = (self.metric(kind) for kind in (
+            prometheus_client.Counter, prometheus_client.Gauge, prometheus_client.Histogram))
+        topic = ("topic",)
+        self.processed = counter("kernel_messages_processed", "Messages the handler finished", topic)
+        self.failed = counter("kernel_messages_failed", "Messages on which the handler raised", topic)
+        self.retried = counter("kernel_messages_retried", "Messages to be tried again", topic)
+        self.dead_lettered = counter("kernel_messages_dead_lettered", "Messages sent to the dead-letter topic", topic)
+        self.dead_letter_failures = counter("kernel_dead_letter_failures", "Dead letters the broker did not confirm "
+                                            "(each stays uncommitted and is tried again)")
+        self.sent = counter("kernel_messages_sent", "Messages the broker confirmed, sent with send() or dead-lettered, "
+                            "by the topic they went to", topic)
+        self.send_failures = counter("kernel_send_failures", "Messages the broker did not confirm, by the topic they "
+                                     "were for", topic)
+        self.calls = HandlerTallies(self.processed)
+        self.registry.register(self.calls)
+        self.batch_sizes = histogram("kernel_batch_size", "Messages per process_batch call", topic,
+                                     buckets=(1, 10, 100, 500, 1000, 5000))
+        self.commits = counter("kernel_commits", "Offset commits that succeeded")
+        self.commit_failures = counter("kernel_commit_failures", "Offset commits that failed")
+        self.rebalances = counter("kernel_rebalances", "Partition assignments received")
+        self.assigned = gauge("kernel_assigned_partitions", "Partitions assigned to this kernel")
+        self.lag = gauge("kernel_consumer_lag", "End offset minus committed offset", ("topic", "partition"))
+        self.ready = gauge("kernel_ready", "1 while /readyz answers 200, else 0 (an alert rule cannot ask /readyz)")
+        self.buffered_bytes = gauge("kernel_buffered_bytes", "Memory held by fetched messages not finished yet "
+                                    "(estimated; a partition pauses at its share of KERNEL_BUFFER_MAX_BYTES)")
+
+    def metric(self, kind: type) -> Callable:
+        """A maker of metrics of `kind` in this registry: name, help text, label names, options."""
+        return lambda name, text, labels=(), **options: kind(name, text, labelnames=labels, registry=self.registry,
+                                                             **options)
+
+    def of_topic(self, metric: prometheus_client.Counter, topic: str) -> prometheus_client.Counter:
+        """metric.labels(topic), asked once: labels() costs as much as the kernel's work on a message."""
+        if (child := self.children.get((metric, topic))) is None:
+            child = self.children[metric, topic] = metric.labels(topic)
+        return child
+
+
+class Uncounted:
+    """KernelMetrics, and each of its metrics, while no KERNEL_HTTP_PORT serves them: nothing counts, and
+    prometheus_client is not even imported. Any attribute of it, and any call (labels, inc, set...), is
+    itself again."""
+
+    def __getattr__(self, name: str) -> Uncounted:
+        return self
+
+    def __call__(self, *arguments, **options) -> Uncounted:
+        return self
+
+
+HTTP_TIMEOUT_S = 5.0  # a client has this long to send its request, and to take the answer
+HTTP_MAX_WAITING = 256  # connections waiting for their request at once; a new one closes the oldest
+HTTP_MAX_REQUEST_BYTES = 8192  # request line and headers; a probe or a scrape needs a few hundred
+
+
+def http_answer(path: str, health: HealthState, metrics: KernelMetrics) -> tuple[int, str, bytes]:
+    """Status, content type and body for GET `path`."""
+    import prometheus_client
+
+    if path == "/metrics":  # the kernel's, then yours and the process's (prometheus_client's default registry)
+        return 200, prometheus_client.CONTENT_TYPE_LATEST, b"".join(
+            prometheus_client.generate_latest(registry) for registry in (metrics.registry, prometheus_client.REGISTRY))
+    if path in ("/healthz", "/readyz"):
+        ok, text = health.alive() if path == "/healthz" else health.ready()
+        return (200 if ok else 503), "text/plain", f"{text}\n".encode()
+    return 404, "text/plain", b"not found: try /healthz, /readyz or /metrics\n"
+
+
+def serve_http(host: str | None, port: int, health: HealthState, metrics: KernelMetrics) -> None:
+    """Serve /healthz (liveness), /readyz (readiness) and /metrics from a daemon thread: one event
+    loop, so that idle or slow clients hold no thread each, with a timeout on every connection and a
+    cap on how many may wait for their request (past it, the oldest is closed, so that a probe always
+    gets in). Whoever reaches the port cannot starve the kernel, its probes or a SIGTERM, and nothing is
+    written to stderr past the kernel's log format."""
+    import asyncio
+    import http
+
+    loop = asyncio.new_event_loop()
+    waiting: dict[asyncio.StreamWriter, None] = {}  # connections whose request has not come yet, oldest first
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        waiting[writer] = None
+        if len(waiting) > HTTP_MAX_WAITING:
+            oldest = next(iter(waiting))
+            del waiting[oldest]
+            oldest.transport.abort()
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HTTP_TIMEOUT_S)
+            waiting.pop(writer, None)
+            method, path, _ = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ", 2)
+            status, kind, body = (http_answer(path.split("?", 1)[0], health, metrics) if method == "GET"
+                                  else (405, "text/plain", b"only GET\n"))
+            reason = http.HTTPStatus(status).phrase
+            writer.write(f"HTTP/1.1 {status} {reason}\r\nContent-Type: {kind}\r\nContent-Length: {len(body)}\r\n"
+                         f"Connection: close\r\n\r\n".encode() + body)
+            writer.close()  # once all of it is sent
+            await asyncio.wait_for(writer.wait_closed(), HTTP_TIMEOUT_S)
+        except (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass  # a client that went away, took too long or sent no HTTP: nothing to answer
+        finally:
+            waiting.pop(writer, None)
+            writer.transport.abort()  # whatever is left of a connection that did not end well
+
+    try:
+        loop.run_until_complete(asyncio.start_server(serve, host, port, limit=HTTP_MAX_REQUEST_BYTES))
+    except OSError as error:
+        loop.close()
+        raise ConfigError(f"KERNEL_HTTP_PORT (or PORT) {port} cannot be served on KERNEL_HTTP_HOST "
+                          f"{host or '(all addresses)'}: {error.strerror}") from None
+    threading.Thread(target=loop.run_forever, name="http", daemon=True).start()
+
+
+# Tracing
+
+TRACES_FLUSH_TIMEOUT_S = 5.0  # at shutdown, how long the spans not exported yet may take (a collector may be down)
+
+
+class Tracing:
+    """OpenTelemetry traces of what the kernel does with each message, when OTEL_TRACES_EXPORTER names
+    an exporter (the otel extra installs the SDK and OTLP over HTTP); without it nothing of OpenTelemetry
+    is imported, and nothing of this runs. Each call of process_message is a span, a child of the trace
+    context (W3C traceparent) in the message's headers; each call of process_batch one linked to its
+    messages'. Named and described as OpenTelemetry's messaging conventions say, plus kernel.attempt
+    and kernel.outcome (done, retried: False or RetryLater, dead_lettered, fatal). What send() publishes
+    and the dead letters carry the trace on. The SDK reads the other OTEL_* variables (endpoint, sampler) itself."""
+
+    def __init__(self, settings: KernelSettings):
+        try:
+            from importlib.metadata import entry_points
+
+            from opentelemetry import propagate, trace
+            from opentelemetry.sdk.resources import OTELResourceDetector, Resource
+            from opentelemetry.sdk.trace import TracerProvider
+            from opentelemetry.sdk.trace.export import BatchSpanProcessor
+        except ImportError:
+            raise ConfigError("OTEL_TRACES_EXPORTER is set but OpenTelemetry is not installed: uv sync --extra otel "
+                              '(and build the image with EXTRAS="--extra otel")') from None
+        exporters = {entry.name: entry for entry in entry_points(group="opentelemetry_traces_exporter")}
+        if unknown := [name for name in settings.traces_exporters if name not in exporters]:
+            raise ConfigError(f"OTEL_TRACES_EXPORTER names {', '.join(unknown)}, which no installed package provides "
+                              f"(installed: otlp, {', '.join(sorted(exporters))})")
+        # Named after the kernel, unless OTEL_SERVICE_NAME (or OTEL_RESOURCE_ATTRIBUTES) says otherwise.
+        resource = Resource.create({"service.name": settings.kernel_name}).merge(OTELResourceDetector().detect())
+        self.provider = TracerProvider(resource=resource, shutdown_on_exit=False)  # flush() ends it, in time
+        for name in settings.traces_exporters:
+            self.provider.add_span_processor(BatchSpanProcessor(exporters[name].load()()))
+        trace.set_tracer_provider(self.provider)  # spans the handler makes itself, or its libraries, join in
+        self.trace, self.tracer = trace, self.provider.get_tracer("clustera-kernel")
+        self.propagator = propagate.get_global_textmap()  # OTEL_PROPAGATORS: W3C traceparent and baggage
+        self.header_names = self.propagator.fields  # what it reads and writes: traceparent, tracestate, baggage
+        self.process_attributes = {"messaging.system": "kafka", "messaging.operation.type": "process",
+                         "messaging.operation.name": "process", "messaging.consumer.group.name": settings.group_id,
+                         "messaging.client.id": settings.client_id}
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(self.add_trace_ids)
+
+    def context_of(self, record):
+        """The trace context the record's headers carry (none: its span starts a trace)."""
+        return self.propagator.extract({name: value.decode("latin-1") for name, value in record.headers or ()
+                                        if name in self.header_names and value})
+
+    def with_context(self, headers: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+        """`headers` with the trace context of the span in progress, in place of one they carry (a
+        message's headers forwarded as they are carry its producer's)."""
+        context: dict[str, str] = {}
+        self.propagator.inject(context)
+        return [header for header in headers if header[0] not in self.header_names] + [
+            (name, value.encode()) for name, value in context.items()]
+
+    def traced(self, process: Callable, batch: bool) -> Callable:
+        """process_task (process_batch_task with `batch`) calling the handler in a span per call."""
+        call = self.call_batch if batch else self.call_message
+        return lambda task, handler, *rest: process(task, functools.partial(call, handler, task), *rest)
+
+    @staticmethod
+    def attempt(task: LaneTask, record) -> int:
+        """Which attempt at `record` this is: its lane keeps the count of a retried one while the task runs."""
+        for lane in task.lanes:
+            if (retry := lane.retry) is not None and retry.offset == record.offset:
+                return retry.attempts + 1
+        return 1
+
+    def call_message(self, handler: Callable, task: LaneTask, record):
+        attributes = self.process_attributes | {
+            "messaging.destination.name": record.topic, "messaging.destination.partition.id": str(record.partition),
+            "messaging.kafka.offset": record.offset, "messaging.message.body.size": len(record.value or b""),
+            "kernel.attempt": self.attempt(task, record)}
+        if record.value is None:
+            attributes["messaging.kafka.message.tombstone"] = True
+        if record.key is not None:
+            with contextlib.suppress(UnicodeDecodeError):  # a key without a text form goes without
+                attributes["messaging.kafka.message.key"] = record.key.decode()
+        with self.tracer.start_as_current_span(f"process {record.topic}", self.context_of(record),
+                                               self.trace.SpanKind.CONSUMER, attributes, record_exception=False,
+                                               set_status_on_exception=False) as span:
+            return self.call(span, handler, record)
+
+    def call_batch(self, handler: Callable, task: LaneTask, records: list):
+        first = records[0]
+        links = [self.trace.Link(context, {"messaging.kafka.offset": record.offset}) for record in records
+                 if (context := self.trace.get_current_span(self.context_of(record)).get_span_context()).is_valid]
+        attributes = self.process_attributes | {
+            "messaging.destination.name": first.topic, "messaging.destination.partition.id": str(first.partition),
+            "messaging.batch.message_count": len(records), "kernel.attempt": self.attempt(task, first)}
+        with self.tracer.start_as_current_span(f"process {first.topic}", None, self.trace.SpanKind.CONSUMER,
+                                               attributes, links, record_exception=False,
+                                               set_status_on_exception=False) as span:
+            return self.call(span, handler, records)
+
+    def call(self, span, handler: Callable, argument):
+        """handler(argument), its outcome recorded on `span`."""
+        try:
+            result = handler(argument)
+        except DeadLetter as rejection:
+            self.failed(span, "dead_lettered", str(rejection), "DeadLetter")
+            if rejection.message is not None:  # from process_batch: which message
+                span.add_event("dead letter", {"messaging.kafka.offset": rejection.message.offset})
+            raise
+        except RetryLater as later:
+            self.failed(span, "retried", f"raised RetryLater({later.seconds})", None)
+            raise
+        except BaseException as error:
+            span.record_exception(error)
+            self.failed(span, "fatal", repr(error), type(error).__qualname__)
+            raise
+        if result is True:
+            span.set_attribute("kernel.outcome", "done")
+        elif result is False:
+            self.failed(span, "retried", "returned False", None)
+        else:
+            self.failed(span, "fatal", f"returned {result!r}, not True or False", "TypeError")
+        return result
+
+    def failed(self, span, outcome: str, description: str, error_type: str | None) -> None:
+        span.set_attributes({"kernel.outcome": outcome} | ({"error.type": error_type} if error_type else {}))
+        span.set_status(self.trace.Status(self.trace.StatusCode.ERROR, description))
+
+    def dead_letter_span(self, record, topic: str, attempts: int, reason: str):
+        """A span for publishing `record` to the dead-letter topic, in its trace: the dead letter carries it."""
+        attributes = {"messaging.system": "kafka", "messaging.operation.type": "send",
+                      "messaging.operation.name": "send", "messaging.destination.name": topic,
+                      "kernel.attempt": attempts, "kernel.reason": reason}
+        return self.tracer.start_as_current_span(f"send {topic}", self.context_of(record),
+                                                 self.trace.SpanKind.PRODUCER, attributes)
+
+    def add_trace_ids(self, record: logging.LogRecord) -> bool:
+        """A log filter: a line logged within a span carries its trace_id and span_id (JSON logs show them)."""
+        context = self.trace.get_current_span().get_span_context()
+        if context.is_valid:
+            record.trace_id, record.span_id = f"{context.trace_id:032x}", f"{context.span_id:016x}"
+        return True
+
+    def flush(self) -> None:
+        """Export the spans not exported yet, waiting at most TRACES_FLUSH_TIMEOUT_S, and stop."""
+        flushing = threading.Thread(target=self.provider.shutdown, name="traces", daemon=True)
+        flushing.start()
+        flushing.join(TRACES_FLUSH_TIMEOUT_S)
+
+
+def otel_variables_in(error: Exception) -> str:
+    """The OTEL_* variables an error of OpenTelemetry's set-up is about: those whose value it quotes, or
+    that end with a setting it names (max_export_batch_size: OTEL_BSP_MAX_EXPORT_BATCH_SIZE)."""
+    text = str(error)
+    settings = {word.upper() for word in re.findall(r"[a-z]+(?:_[a-z]+)+", text)}
+    names = [name for name, value in os.environ.items() if name.startswith("OTEL_") and (
+        len(value.strip()) > 2 and value.strip() in text or any(name.endswith(setting) for setting in settings))]
+    return ", ".join(names) or "an OTEL_* variable"
+
+
+@contextlib.contextmanager
+def tracing_for(settings: KernelSettings) -> Iterator[Tracing | None]:
+    """Tracing for the life of the block, its last spans flushed however it ends; None without
+    OTEL_TRACES_EXPORTER. A setting the SDK refuses (it raises ValueError) is a configuration error."""
+    if not settings.traces_exporters:
+        yield None
+        return
+    try:
+        tracing = Tracing(settings)
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"{otel_variables_in(error)} refused by OpenTelemetry: {error}") from None
+    try:
+        yield tracing
+    finally:
+        tracing.flush()
+
+
+# OAuth tokens
+
+
+TOKEN_REQUEST_TIMEOUT_S = 10.0  # how long a request to the OAuth token endpoint may take
+PROBE_TIMEOUT_S = 5.0  # how long connect_consumer's test connection to one bootstrap server may take
+
+
+class OAuthBearerTokens(kafka.sasl.oauth.AbstractTokenProvider):
+    """OAUTHBEARER tokens from the OAuth client credentials grant, fetched when a connection first
+    needs one and again once 80% of a token's lifetime has passed (Kafka's own default refresh
+    window), so that no connection presents an expired token. kafka-python 2.3 cannot re-authenticate
+    an open connection (KIP-368): a broker that enforces token expiry (connections.max.reauth.ms)
+    closes it, and the client connects again with a fresh token."""
+
+    def __init__(self, client: OAuthClient):
+        super().__init__()
+        self.client = client
+        self.lock = threading.Lock()  # the consumer's and the producer's connections share one token
+        self.current: str | None = None
+        self.stop: StopSignal | None = None  # a stop requested cuts a request short (connect_consumer sets it)
+        self.refresh_at_s = self.expires_at_s = 0.0  # time.monotonic()
+
+    def token(self) -> str:
+        """A valid token; called by the client at each connection's authentication."""
+        with self.lock:
+            now = time.monotonic()
+            if self.current is None or now >= self.refresh_at_s:
+                try:
+                    self.fetch(now)
+                except (OSError, ValueError) as error:  # unreachable, or an answer that is not a token
+                    if self.current is None or now >= self.expires_at_s:
+                        raise BrokerUnavailable(f"the OAuth token endpoint (KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL) "
+                                                f"gave no token: {error}", "OAuth") from None
+                    kernel_log.warning("Could not refresh the OAuth token (%s); the current one is valid for %.0f s "
+                                       "more", error, self.expires_at_s - now, extra=REPEATING)
+            return self.current
+
+    def extensions(self) -> dict[str, str]:
+        return dict(self.client.extensions)
+
+    def fetch(self, now: float) -> None:
+        client = self.client
+        form = {"grant_type": "client_credentials"} | ({"scope": client.scope} if client.scope else {})
+        basic = f"{urllib.parse.quote(client.client_id, safe='')}:{urllib.parse.quote(client.client_secret, safe='')}"
+        headers = {"Authorization": "Basic " + base64.b64encode(basic.encode()).decode(),
+                   "Content-Type": "application/x-www-form-urlencoded", "Accept": "application/json"}
+        status, reason, body = post_within(client.token_endpoint_url, urllib.parse.urlencode(form).encode(), headers,
+                                           TOKEN_REQUEST_TIMEOUT_S, self.stop)
+        if status in (400, 401, 403):
+            with contextlib.suppress(Exception):  # the OAuth error code, as RFC 6749 section 5.2 names it
+                reason = f"{reason}, {json.loads(body)['error']}"
+            raise AccessRefused(f"the OAuth token endpoint refused the client (HTTP {status} {reason}): "
+                                "check KAFKA_SASL_OAUTHBEARER_CLIENT_ID, KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET and "
+                                "KAFKA_SASL_OAUTHBEARER_SCOPE", "authentication")
+        if 300 <= status < 400:  # followed, it would carry the client secret wherever it points
+            raise OSError(f"it redirected (HTTP {status} {reason}), and redirects are not followed: set "
+                          "KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL to the address that answers")
+        if status != 200:
+            raise OSError(f"HTTP {status} {reason}")
+        try:
+            answer = json.loads(body)
+        except ValueError:
+            raise ValueError(f"its answer is not JSON: {describe_bytes(body, 80)}") from None
+        if not isinstance(answer, dict) or not isinstance(answer.get("access_token"), str):
+            raise ValueError("its answer holds no access_token")
+        lifetime_s = answer.get("expires_in")
+        lifetime_s = float(lifetime_s) if isinstance(lifetime_s, int | float) and lifetime_s > 0 else 300.0
+        lifetime_s = min(lifetime_s, jwt_expiry_s(answer["access_token"]) - time.time())
+        self.current, self.refresh_at_s, self.expires_at_s = (answer["access_token"], now + 0.8 * lifetime_s,
+                                                              now + lifetime_s)
+
+
+def jwt_expiry_s(token: str) -> float:
+    """The `exp` of a token that is a JWT, in seconds since the epoch, read without checking its signature
+    (the broker does): an endpoint's expires_in may say longer. Infinity for a token that is no JWT."""
+    try:
+        payload = token.split(".")[1]
+        expiry = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["exp"]
+    except (IndexError, ValueError, KeyError, TypeError):  # binascii.Error and JSON errors are ValueErrors
+        return math.inf
+    return float(expiry) if isinstance(expiry, int | float) and not isinstance(expiry, bool) else math.inf
+
+
+def post_within(url: str, body: bytes, headers: dict[str, str], timeout_s: float,
+                stop: StopSignal | None = None) -> tuple[int, str, bytes]:
+    """POST `body` to `url`: the answer's status, reason and body (up to 1 MB), all of it within `timeout_s`
+    (a socket's timeout bounds each read only: an answer trickled a byte at a time would hold on for ever)
+    and before a stop is requested, else OSError. Redirects are not followed."""
+    import http.client
+
+    parts = urllib.parse.urlsplit(url)
+    kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    connection, started_s = kind(parts.hostname, parts.port, timeout=timeout_s), time.monotonic()
+    done, cut = threading.Event(), []  # why the request was cut short, if it was
+
+    def cut_when_due() -> None:  # shutdown, not close, is what wakes a read blocked in the caller's thread
+        while not done.wait(0.1):
+            if time.monotonic() - started_s >= timeout_s:
+                cut.append(f"no whole answer within {timeout_s:.0f} s")
+            elif stop is not None and stop.requested:
+                cut.append("a stop was requested")
+            if cut:
+                with contextlib.suppress(OSError, TypeError):  # TypeError: not connected yet
+                    socket.socket.shutdown(connection.sock, socket.SHUT_RDWR)
+
+    threading.Thread(target=cut_when_due, name="token-deadline", daemon=True).start()
+    try:
+        connection.request("POST", (parts.path or "/") + (f"?{parts.query}" if parts.query else ""), body, headers)
+        response = connection.getresponse()
+        answer = response.status, response.reason, response.read(1_048_576)
+    except (OSError, http.client.HTTPException) as error:
+        answer = OSError(str(error) or type(error).__name__)
+    finally:
+        done.set()
+        connection.close()
+    if cut:  # whatever the client made of what came before
+        raise OSError(cut[0])
+    if isinstance(answer, OSError):
+        raise answer
+    return answer
+
+
+@functools.cache
+def oauth_tokens(client: OAuthClient) -> OAuthBearerTokens:
+    """One token cache per OAuth client, shared by the consumer's and the producer's connections."""
+    return OAuthBearerTokens(client)
+
+
 # Checking a deployment
 
 
@@ -3571,80 +3680,7 @@ def check_deployment(env: Mapping[str, str], kernel_name: str, default_topic: st
     return EXIT_CHECK_FAILED if report.errors else EXIT_OK
 
 
-# Entry point
-
-
-def consume_until_stopped(handler: KernelHandler, settings: KernelSettings, tls: TlsFiles | None,
-                          stop: StopSignal, tracing: Tracing | None = None) -> int:
-    health, metrics = HealthState(settings, handler.name), KernelMetrics()
-    metrics.ready.set_function(lambda: health.ready()[0])  # asked at each scrape, as /readyz is
-    if settings.http_port:
-        serve_http(settings.http_host, settings.http_port, health, metrics)
-        kernel_log.info("Serving /healthz, /readyz and /metrics on port %d", settings.http_port)
-    kernel_log.info("Starting: topics=%s group=%s client=%s bootstrap=%s security=%s", ",".join(settings.topics),
-                    settings.group_id, settings.client_id, ",".join(settings.bootstrap_servers), settings.security)
-    consumer = connect_consumer(settings, tls, stop, health)
-    if consumer is None:
-        return EXIT_OK
-    loop = ConsumerLoop(consumer, settings, handler, stop, tls, health, metrics, tracing)
-    collect_garbage_less_often()
-    return loop.run()
-
-
-def collect_garbage_less_often() -> None:
-    """Every poll makes thousands of records that live until they are processed. At CPython's default
-    threshold (a collection per 700 new objects) they set off collections that go over every long-lived
-    object (the modules, the client) several times a poll: some 13% of a no-op kernel's time. What lives at
-    this point is frozen out of collections for good, and a collection waits for 10,000 new objects.
-    (Objects are still freed as soon as nothing refers to them: only cycles wait for a collection.)"""
-    gc.freeze()
-    threshold, *older = gc.get_threshold()
-    gc.set_threshold(max(threshold, 10_000), *older)
-
-
-def run_kernel(process_message: Callable | None = None, *, process_batch: Callable | None = None,
-               read_settings: Callable[[], object] | None = None, name: str, default_topic: str,
-               argv: list[str] | None = None) -> int:
-    """Run a kernel until it is stopped; its exit code. `python main.py` runs this file's own kernel
-    (the first lines of the file); an example or a test passes its own handler and names: process_message,
-    or process_batch, not both, and read_settings if it has settings of its own (called before the first
-    message: a ConfigError stops it). With the argument "check" (`python main.py check`), it checks the
-    deployment instead of consuming."""
-    if (process_message is None) == (process_batch is None):
-        raise TypeError("run_kernel() takes process_message or process_batch, one of them")
-    handler = KernelHandler(process_batch, batch=True) if process_batch else KernelHandler(process_message)
-    argv = sys.argv if argv is None else argv
-    if argv[1:] == ["check"]:
-        return check_deployment(os.environ, name, default_topic, dotenv_file(os.environ), read_settings,
-                                handler.batch)
-    if argv[1:]:
-        print(f"usage: {argv[0]} [check]", file=sys.stderr)
-        return EXIT_CONFIG
-    stop = StopSignal()
-    stop.install()
-    configure_logging(name)
-    check_kafka_python_version()
-    try:
-        read_dotenv(dotenv_file(os.environ))
-        settings = load_settings(os.environ, name, default_topic)
-        if handler.batch:
-            settings.check_batch_limit()
-        if read_settings is not None:
-            read_settings()
-        apply_log_settings(settings)
-        with tls_files(settings) as tls, tracing_for(settings) as tracing:
-            if tls is not None:
-                stop.cleanups.append(tls.remove)  # a second signal exits at once, but not leaving keys behind
-            return consume_until_stopped(handler, settings, tls, stop, tracing)
-    except ConfigError as error:
-        kernel_log.error("Configuration error: %s", error)
-        return EXIT_CONFIG
-    except AccessRefused as error:
-        kernel_log.error("Access refused (%s): %s", error.kind, error)
-        return EXIT_REFUSED
-    except BrokerUnavailable as error:
-        kernel_log.error("Cannot reach the broker (%s): %s", error.kind, error)
-        return EXIT_BROKER
+# Checking your part
 
 
 def check_your_part(names: dict | None) -> None:
@@ -3674,4 +3710,4 @@ check_your_part(names_of_your_part)
 
 # The machinery's digest as the template shipped it (devtools/stamp_machinery.py writes it): `check` and
 # tests/test_template.py compare it with what is above, from "# End of your kernel" on.
-MACHINERY_SHA256 = "c88cf496f6787d81553057f551dfc8c8400ddad4ecaba0995becdbeccf9f705d"
+MACHINERY_SHA256 = "dd4dd7c64a0ba0b21a2369ad3e16b33c7722b380b7bff2b773d99177bd893a23"
