@@ -16,7 +16,34 @@ For bulk work (database writes), define process_batch(messages) instead (docs/re
 Your own settings: define read_settings() reading each with setting("NAME", default, parse); the
 kernel calls it at start-up and in `python main.py check`, so a bad one stops it (exit 2) at once.
 
-The machinery, in reading order: first its core, which every kernel runs.
+Words of the machinery, each defined once, here:
+  lane            records processed strictly one after another: those of one key in a partition
+                  (KERNEL_ORDERING=key, with KERNEL_CONCURRENCY above 1), else those of a whole partition
+  task            records of one or more lanes of a partition, given to a worker thread together (LaneTask)
+  hand out        make tasks of the lanes that are ready and give them to the workers
+  in flight       a task handed out and not settled yet; a lane has at most one, which keeps its order
+  settle          take a task's outcome when its worker hands it back: done, retried, dead-lettered or fatal
+  take back       what settling starts with: the task's unfinished records go back to the head of their lanes
+  pass first      a lane's first record is dealt with without finishing: it was dead-lettered
+  finished prefix a partition's records before its first unfinished one: what may be committed
+
+The life of a message, in the core:
+  ConsumerLoop.run_once()       the loop, one turn at a time, on the main thread
+  ConsumerLoop.poll()           consumer.poll() brings records; Ledger.add() sorts them into lanes
+  ConsumerLoop.hand_out()       Ledger.start_tasks() makes tasks of the ready lanes; WorkerPool.give()
+  process_task()                on a worker thread: process_message(record) for each record of the task,
+                                one after another; what it send()s is confirmed (confirm_sends) before the
+                                record counts as finished; False or an exception ends the task (TaskFailure)
+  WorkerPool.work()             hands the task back (WorkerPool.next_back() on the loop's side)
+  ConsumerLoop.settle()         Ledger.take_back(); a failure goes to FailurePolicy.apply(): a retry after a
+                                backoff (Ledger.retry_later), or the dead-letter topic (Ledger.pass_first)
+  ConsumerLoop.commit()         Ledger.commits_due(): each partition's finished prefix, committed
+With process_batch, process_batch_task() takes the place of process_task(): one call per task.
+
+The file, in reading order:
+  Start-up                       python main.py: the .env read, this file imported as `main`, run_kernel()
+  (your part)                    from "Your kernel" to "End of your kernel"
+Then the machinery's core, which every kernel runs:
   What process_message can use   DeadLetter, RetryLater, send(), json_object(), message_id()...
   How the kernel stops           exit codes and the errors behind them
   Settings                       the environment, read and checked once; setting() for your own
@@ -30,16 +57,21 @@ The machinery, in reading order: first its core, which every kernel runs.
   Processing                     worker threads calling process_message, in order per lane
   Bookkeeping                    lanes, retries and the offset to commit, per partition
   The consumer loop              failures, the watchdog, and the loop: poll, hand out, settle, commit
-  Entry point                    run_kernel(): what python main.py (the lines just below) and the examples call
-Then the options, each importing what it needs only when it is switched on:
+  Entry point                    run_kernel(): what python main.py and the examples call
+  The options                    what only some kernels use, each importing its dependencies when switched on:
   Metrics and the HTTP server    /healthz, /readyz, /metrics (the kernel's metrics and yours): KERNEL_HTTP_PORT
   Tracing                        OpenTelemetry spans: OTEL_TRACES_EXPORTER
   OAuth tokens                   tokens from an OAuth token endpoint: KAFKA_SASL_MECHANISM=OAUTHBEARER
   Checking a deployment          python main.py check
-  Checking your part             at import, the names your part must define, and those it must not
+  Checking your part             at import: the names your part must define, and those it must not
+Each section begins with a banner of '#' lines: search for "# Settings #" to find one.
 """
 
 from __future__ import annotations
+
+###############################################################################
+# Start-up ####################################################################
+###############################################################################
 
 if __name__ == "__main__":
     # `python main.py`: read the .env beside this file (or KERNEL_DOTENV's; `none`: none) before your part
@@ -153,7 +185,9 @@ if TYPE_CHECKING:  # names only annotations use, so that your part may bind them
     import prometheus_client.metrics_core
     from kafka.future import Future
 
-# What process_message can use
+###############################################################################
+# What process_message can use ################################################
+###############################################################################
 
 
 class DeadLetter(Exception):
@@ -288,7 +322,9 @@ def describe_timestamp(timestamp_ms: int | None) -> str:
     return dt.datetime.fromtimestamp(timestamp_ms / 1000, dt.UTC).isoformat(timespec="milliseconds")
 
 
-# How the kernel stops: exit codes and the errors behind them
+###############################################################################
+# How the kernel stops ########################################################
+###############################################################################
 
 EXIT_OK = 0
 EXIT_FATAL = 1  # process_message raised, or returned something other than True or False
@@ -335,7 +371,9 @@ class AccessRefused(BrokerUnavailable):
     fix the settings or the ACLs."""
 
 
-# Settings
+###############################################################################
+# Settings ####################################################################
+###############################################################################
 
 CERT_VARIABLES = ("KAFKA_CA_CERT", "KAFKA_CLIENT_CERT", "KAFKA_CLIENT_KEY")
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
@@ -761,7 +799,9 @@ def setting(name: str, default=None, parse: Callable[[str], object] | None = Non
         raise ConfigError(f"{name}: {reason or 'not valid'}") from None
 
 
-# Logging
+###############################################################################
+# Logging #####################################################################
+###############################################################################
 
 kernel_log = logging.getLogger("kernel")  # the machinery's own; yours is named after the kernel
 REPEATED_WARNING_INTERVAL_S = 30.0  # a warning that repeats is logged at most this often
@@ -892,7 +932,9 @@ def apply_log_settings(settings: KernelSettings) -> None:
         logging.getLogger(library).setLevel(level if level == logging.DEBUG else max(logging.WARNING, level))
 
 
-# Signals
+###############################################################################
+# Signals #####################################################################
+###############################################################################
 
 
 class StopSignal:
@@ -916,7 +958,9 @@ class StopSignal:
         kernel_log.info("Received %s: stopping after the message in hand", signal.Signals(signum).name)
 
 
-# TLS material
+###############################################################################
+# TLS material ################################################################
+###############################################################################
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1019,7 +1063,9 @@ def tls_files(settings: KernelSettings) -> Iterator[TlsFiles | None]:
         tls.remove()
 
 
-# Health
+###############################################################################
+# Health ######################################################################
+###############################################################################
 
 
 class HealthState:
@@ -1072,7 +1118,9 @@ class HealthState:
         return True, "ok"
 
 
-# kafka-python patches
+###############################################################################
+# kafka-python patches ########################################################
+###############################################################################
 
 # Where the machinery reaches into kafka-python's internals (private attributes, its classes subclassed
 # or rebound), all of it here. Each says what it works around, what upstream would make it unneeded, and
@@ -1373,7 +1421,9 @@ def set_partition_fetch_bytes(consumer: KafkaConsumer, limit: int) -> None:
     consumer._fetcher.config["max_partition_fetch_bytes"] = limit
 
 
-# Connecting
+###############################################################################
+# Connecting ##################################################################
+###############################################################################
 
 
 def sasl_refusal(server: str, mechanism: str) -> AccessRefused:
@@ -1552,7 +1602,9 @@ def connect_consumer(settings: KernelSettings, tls: TlsFiles | None, stop: StopS
     return None
 
 
-# Producing
+###############################################################################
+# Producing ###################################################################
+###############################################################################
 
 
 # What no retry can deliver: a message larger than the producer's limit (KAFKA_FETCH_MAX_BYTES) or the
@@ -1721,7 +1773,9 @@ class DeadLetterTopic:
             return kafka.future.Future().failure(unexpected)
 
 
-# Processing
+###############################################################################
+# Processing ##################################################################
+###############################################################################
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2064,7 +2118,9 @@ class WorkerPool:
             self.given.put(None)
 
 
-# Bookkeeping
+###############################################################################
+# Bookkeeping #################################################################
+###############################################################################
 
 
 @dataclasses.dataclass
@@ -2378,7 +2434,9 @@ class Ledger:
             self.lanes -= len(state.lanes) if state is not None else 0
 
 
-# The consumer loop
+###############################################################################
+# The consumer loop ###########################################################
+###############################################################################
 
 POLL_TIMEOUT_MS = 1000  # bounds how long a stop request waits for poll() to return
 KEEPALIVE_INTERVAL_S = 1.0  # while every worker is busy, the group membership is renewed this often
@@ -2873,7 +2931,9 @@ class ConsumerLoop:
         kernel_log.info("Consumer closed")
 
 
-# Entry point
+###############################################################################
+# Entry point #################################################################
+###############################################################################
 
 
 def consume_until_stopped(handler: KernelHandler, settings: KernelSettings, tls: TlsFiles | None,
@@ -2949,10 +3009,15 @@ def run_kernel(process_message: Callable | None = None, *, process_batch: Callab
         return EXIT_BROKER
 
 
-# The options: what only some kernels use, each importing what it needs only when it is switched on.
-# The core above never waits on them.
+###############################################################################
+# The options #################################################################
+###############################################################################
+# What only some kernels use, each importing what it needs only once it is switched on; the core above
+# reads without them.
 
-# Metrics and the HTTP server
+###############################################################################
+# Metrics and the HTTP server #################################################
+###############################################################################
 
 
 class HandlerTallies:
@@ -3138,7 +3203,9 @@ def serve_http(host: str | None, port: int, health: HealthState, metrics: Kernel
     threading.Thread(target=loop.run_forever, name="http", daemon=True).start()
 
 
-# Tracing
+###############################################################################
+# Tracing #####################################################################
+###############################################################################
 
 TRACES_FLUSH_TIMEOUT_S = 5.0  # at shutdown, how long the spans not exported yet may take (a collector may be down)
 
@@ -3312,7 +3379,9 @@ def tracing_for(settings: KernelSettings) -> Iterator[Tracing | None]:
         tracing.flush()
 
 
-# OAuth tokens
+###############################################################################
+# OAuth tokens ################################################################
+###############################################################################
 
 
 TOKEN_REQUEST_TIMEOUT_S = 10.0  # how long a request to the OAuth token endpoint may take
@@ -3440,7 +3509,9 @@ def oauth_tokens(client: OAuthClient) -> OAuthBearerTokens:
     return OAuthBearerTokens(client)
 
 
-# Checking a deployment
+###############################################################################
+# Checking a deployment #######################################################
+###############################################################################
 
 
 CHECK_FETCH_TIMEOUT_S = 10.0  # how long `check` waits for the fetches that tell each partition's end
@@ -3680,7 +3751,9 @@ def check_deployment(env: Mapping[str, str], kernel_name: str, default_topic: st
     return EXIT_CHECK_FAILED if report.errors else EXIT_OK
 
 
-# Checking your part
+###############################################################################
+# Checking your part ##########################################################
+###############################################################################
 
 
 def check_your_part(names: dict | None) -> None:
@@ -3710,4 +3783,4 @@ check_your_part(names_of_your_part)
 
 # The machinery's digest as the template shipped it (devtools/stamp_machinery.py writes it): `check` and
 # tests/test_template.py compare it with what is above, from "# End of your kernel" on.
-MACHINERY_SHA256 = "dd4dd7c64a0ba0b21a2369ad3e16b33c7722b380b7bff2b773d99177bd893a23"
+MACHINERY_SHA256 = "6abf44ca967fd8dd1024a8d2e73a40e676e64b5d76946815aa2fc09d87613ee7"
