@@ -403,6 +403,12 @@ class RetryPolicy:
             raise ConfigError(f"KERNEL_RETRY_INITIAL_MS ({self.initial_ms}) must not exceed "
                               f"KERNEL_RETRY_MAX_MS ({self.max_ms})")
 
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> RetryPolicy:
+        return cls(parse_int(env, "KERNEL_RETRY_INITIAL_MS", 500, minimum=1),
+                   parse_int(env, "KERNEL_RETRY_MAX_MS", 30_000, minimum=1),
+                   parse_int(env, "KERNEL_MAX_ATTEMPTS", 0, minimum=0))
+
     def exhausted(self, attempts: int) -> bool:
         return 0 < self.max_attempts <= attempts
 
@@ -419,6 +425,11 @@ class BatchPolicy:
 
     max_messages: int
     max_wait_s: float  # how long the first message of a batch that is not full waits for more
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> BatchPolicy:
+        return cls(parse_int(env, "KERNEL_BATCH_MAX_MESSAGES", 1_000, minimum=1),
+                   parse_int(env, "KERNEL_BATCH_MAX_WAIT_MS", 100, minimum=0) / 1000)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -633,6 +644,11 @@ def parse_topics(env: Mapping[str, str], name: str, default: str) -> list[str]:
     return [topic_name(name, topic) for topic in parse_list(env, name, default)]
 
 
+def parse_topic(env: Mapping[str, str], name: str) -> str | None:
+    """One topic name, or None when the variable is unset."""
+    return topic_name(name, topic) if (topic := env.get(name, "").strip()) else None
+
+
 def parse_bootstrap_servers(env: Mapping[str, str]) -> list[str]:
     """KAFKA_BOOTSTRAP_SERVERS: host:port entries ([IPv6]:port too), each port a number up to 65535."""
     servers = parse_list(env, "KAFKA_BOOTSTRAP_SERVERS", default=None)
@@ -727,12 +743,17 @@ def read_dotenv(path: str | None) -> None:
     dotenv.load_dotenv(path, override=False)
 
 
-def load_settings(env: Mapping[str, str], kernel_name: str, default_topic: str) -> KernelSettings:
-    """Build the settings from environment variables; raise ConfigError naming the bad one."""
-    certs, sasl = certificate_values(env), sasl_settings(env)
+def check_metrics_folder(env: Mapping[str, str]) -> None:
+    """PROMETHEUS_MULTIPROC_DIR, when set, names a folder: prometheus_client would fail writing there."""
     if (metrics_folder := env.get("PROMETHEUS_MULTIPROC_DIR")) and not os.path.isdir(metrics_folder):
         raise ConfigError(f"PROMETHEUS_MULTIPROC_DIR names {metrics_folder!r:.80}, which is not a folder: the metrics "
                           "library would fail writing there; unset it (a kernel is one process) or create it")
+
+
+def load_settings(env: Mapping[str, str], kernel_name: str, default_topic: str) -> KernelSettings:
+    """Build the settings from environment variables; raise ConfigError naming the bad one."""
+    certs, sasl = certificate_values(env), sasl_settings(env)
+    check_metrics_folder(env)
     session_timeout_ms = parse_int(env, "KAFKA_SESSION_TIMEOUT_MS", 45_000, minimum=1_000)
     return KernelSettings(
         kernel_name=kernel_name,
@@ -761,13 +782,9 @@ def load_settings(env: Mapping[str, str], kernel_name: str, default_topic: str) 
         bootstrap_timeout_ms=parse_int(env, "KAFKA_BOOTSTRAP_TIMEOUT_MS", 30_000, minimum=1_000),
         commit_timeout_ms=parse_int(env, "KAFKA_COMMIT_TIMEOUT_MS", 10_000, minimum=100),
         produce_timeout_ms=parse_int(env, "KAFKA_PRODUCE_TIMEOUT_MS", 10_000, minimum=100),
-        retry=RetryPolicy(parse_int(env, "KERNEL_RETRY_INITIAL_MS", 500, minimum=1),
-                          parse_int(env, "KERNEL_RETRY_MAX_MS", 30_000, minimum=1),
-                          parse_int(env, "KERNEL_MAX_ATTEMPTS", 0, minimum=0)),
-        batch=BatchPolicy(parse_int(env, "KERNEL_BATCH_MAX_MESSAGES", 1_000, minimum=1),
-                          parse_int(env, "KERNEL_BATCH_MAX_WAIT_MS", 100, minimum=0) / 1000),
-        dead_letter_topic=topic_name("KERNEL_DEAD_LETTER_TOPIC", dead_letters) if (
-            dead_letters := env.get("KERNEL_DEAD_LETTER_TOPIC", "").strip()) else None,
+        retry=RetryPolicy.from_env(env),
+        batch=BatchPolicy.from_env(env),
+        dead_letter_topic=parse_topic(env, "KERNEL_DEAD_LETTER_TOPIC"),
         concurrency=parse_int(env, "KERNEL_CONCURRENCY", 1, minimum=1, maximum=MAX_CONCURRENCY),
         ordering=parse_choice(env, "KERNEL_ORDERING", "key", ("key", "partition")),
         shutdown_timeout_ms=parse_int(env, "KERNEL_SHUTDOWN_TIMEOUT_MS", 30_000, minimum=0),
@@ -3783,4 +3800,4 @@ check_your_part(names_of_your_part)
 
 # The machinery's digest as the template shipped it (devtools/stamp_machinery.py writes it): `check` and
 # tests/test_template.py compare it with what is above, from "# End of your kernel" on.
-MACHINERY_SHA256 = "6abf44ca967fd8dd1024a8d2e73a40e676e64b5d76946815aa2fc09d87613ee7"
+MACHINERY_SHA256 = "0ceac83d441c7b257d970a1aaae7fc3a917b0a76b24f9cf455f1af818a1dcc5f"
