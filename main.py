@@ -63,7 +63,8 @@ Then the machinery's core, which every kernel runs:
   Tracing                        OpenTelemetry spans: OTEL_TRACES_EXPORTER
   OAuth tokens                   tokens from an OAuth token endpoint: KAFKA_SASL_MECHANISM=OAUTHBEARER
   Checking a deployment          python main.py check
-  Checking your part             at import: the names your part must define, and those it must not
+  Checking your part             at import: the names your part must define, and those it must not (a name of
+                                 Python's own is refused earlier, before any of the machinery runs)
 Each section begins with a banner of '#' lines: search for "# Settings #" to find one.
 """
 
@@ -131,7 +132,7 @@ def process_message(message) -> bool:
 
 # End of your kernel. The template's machinery follows.
 
-# What the part above defines, for the check at the end of the file (none when the module is reloaded).
+# What the part above defines, for the checks below (none when the module is reloaded).
 names_of_your_part = None if "names_of_your_part" in globals() else {**globals()}
 
 import base64
@@ -185,6 +186,15 @@ if TYPE_CHECKING:  # names only annotations use, so that your part may bind them
     import prometheus_client.metrics_core
     from kafka.future import Future
 
+# Your part must not bind a name of Python's own (`type = "order"`): the machinery would call yours. It is
+# refused here, before any of the machinery runs, so that none of it ever meets one (and this check calls
+# Python's own through `builtins.`). The other names your part must define, or must not, are checked at the
+# end of the file (check_your_part), once the machinery's are all known.
+if names_of_your_part and (shadowed := builtins.sorted(name for name in names_of_your_part
+                                                       if name in builtins.__dict__ and not name.startswith("__"))):
+    raise builtins.ImportError(f"main.py: {', '.join(shadowed)} defined in your part of main.py is also a name of "
+                               "the template's machinery, or of Python, which would replace yours: rename yours")
+
 ###############################################################################
 # What process_message can use ################################################
 ###############################################################################
@@ -220,7 +230,7 @@ class RetryLater(Exception):
 current_call = threading.local()  # on a worker thread, during a call: .producer and .sends
 
 
-BYTES_OR_NONE = (bytes, bytearray, None.__class__)  # what send() takes as a key or a value
+BYTES_OR_NONE = (bytes, bytearray, type(None))  # what send() takes as a key or a value
 
 
 def send(topic: str, value: bytes | None, key: bytes | None = None,
@@ -3047,7 +3057,7 @@ class HandlerTallies:
 
     # The buckets' upper bounds: prometheus_client.Histogram.DEFAULT_BUCKETS (tests/test_loop.py compares).
     BOUNDS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, math.inf)
-    SECONDS, PROCESSED = -2, -1  # a tally's last two slots, after its calls per bucket
+    SECONDS, PROCESSED = len(BOUNDS), len(BOUNDS) + 1  # a tally's last two slots, after its calls per bucket
 
     def __init__(self, processed: prometheus_client.Counter):
         self.tallies: list[dict[str, list]] = []  # a thread's: topic → calls per bucket, seconds, processed
@@ -3776,8 +3786,8 @@ def check_deployment(env: Mapping[str, str], kernel_name: str, default_topic: st
 def check_your_part(names: dict | None) -> None:
     """Refuse at import what would break a kernel later and less clearly: a name the machinery needs
     missing from your part (or both handlers there), or a name your part defines (or imports) that the
-    machinery, or Python itself, also defines. The machinery's own would silently replace yours, in
-    your code too; a builtin of yours (say `type = "order"`) would replace Python's in the machinery."""
+    machinery also defines: the machinery's own would silently replace yours, in your code too. (A name of
+    Python's own was refused before the machinery ran, at its top.)"""
     if names is None:  # importlib.reload: the machinery's names of the first import are still there
         return
     handlers = [name for name in ("process_message", "process_batch") if name in names]
@@ -3788,8 +3798,8 @@ def check_your_part(names: dict | None) -> None:
         raise ImportError(f"main.py: your part must define {', '.join(missing)}")
     if len(handlers) == 2:
         raise ImportError("main.py: your part defines both process_message and process_batch: keep the one to call")
-    clashes = sorted(name for name, value in names.items() if not name.startswith("__")
-                     and (globals()[name] is not value or name in vars(builtins)))
+    clashes = sorted(name for name, value in names.items()
+                     if not name.startswith("__") and globals()[name] is not value)
     if clashes:
         raise ImportError(f"main.py: {', '.join(clashes)} defined in your part of main.py is also a name of the "
                           "template's machinery, or of Python, which would replace yours: rename yours")
@@ -3800,4 +3810,4 @@ check_your_part(names_of_your_part)
 
 # The machinery's digest as the template shipped it (devtools/stamp_machinery.py writes it): `check` and
 # tests/test_template.py compare it with what is above, from "# End of your kernel" on.
-MACHINERY_SHA256 = "0ceac83d441c7b257d970a1aaae7fc3a917b0a76b24f9cf455f1af818a1dcc5f"
+MACHINERY_SHA256 = "e01a416082d21de194693a98288c324e4fce797f6808404e8a183496b7239f2d"
