@@ -1452,6 +1452,8 @@ def set_partition_fetch_bytes(consumer: KafkaConsumer, limit: int) -> None:
 # Connecting ##################################################################
 ###############################################################################
 
+PROBE_TIMEOUT_S = 5.0  # how long connect_consumer's test connection to one bootstrap server may take
+
 
 def sasl_refusal(server: str, mechanism: str) -> AccessRefused:
     credentials = ("KAFKA_SASL_OAUTHBEARER_CLIENT_ID and the token's audience and issuer"
@@ -3412,7 +3414,6 @@ def tracing_for(settings: KernelSettings) -> Iterator[Tracing | None]:
 
 
 TOKEN_REQUEST_TIMEOUT_S = 10.0  # how long a request to the OAuth token endpoint may take
-PROBE_TIMEOUT_S = 5.0  # how long connect_consumer's test connection to one bootstrap server may take
 
 
 class OAuthBearerTokens(kafka.sasl.oauth.AbstractTokenProvider):
@@ -3810,4 +3811,4 @@ check_your_part(names_of_your_part)
 
 # The machinery's digest as the template shipped it (devtools/stamp_machinery.py writes it): `check` and
 # tests/test_template.py compare it with what is above, from "# End of your kernel" on.
-MACHINERY_SHA256 = "e01a416082d21de194693a98288c324e4fce797f6808404e8a183496b7239f2d"
+MACHINERY_SHA256 = "57779bb6676b0ab687351a68146f30e582b03d652a9e53b087cccf5ab5161fb7"
