@@ -57,7 +57,7 @@ def test_what_process_message_can_use_is_listed_alike_everywhere():
     import ast
 
     source = (REPO / "main.py").read_text()
-    section = source.split("\n# What process_message can use\n", 1)[1].split("\n# How the kernel stops", 1)[0]
+    section = source.split("\n# What process_message can use #", 1)[1].split("\n# How the kernel stops #", 1)[0]
     public = [node.name for node in ast.parse(section).body
               if isinstance(node, ast.FunctionDef | ast.ClassDef) and not node.name.startswith("_")]
     assert {"DeadLetter", "send", "json_object", "message_id", "describe_timestamp"} <= set(public)
@@ -69,6 +69,26 @@ def test_what_process_message_can_use_is_listed_alike_everywhere():
     assert re.findall(r"`(\w+(?:\(\))?)`", row.group(1)) == names, "docs/reference.md's table of sections"
     claude = (REPO / "CLAUDE.md").read_text()
     assert not [name for name in public if not re.search(rf"[`.]{name}\b", claude)], "CLAUDE.md"
+
+
+def test_the_map_the_banners_and_the_layout_table_name_the_same_sections():
+    """main.py's docstring maps the file, section by section, in order; each section begins with a banner
+    a search finds (bottle.py's three '#' lines); docs/reference.md's "How main.py is laid out" lists the
+    sections after the start-up block, in the same order."""
+    source = (REPO / "main.py").read_text()
+    rule = "#" * 79
+    banners = re.findall(rf"^{rule}\n# (.+?) #+\n{rule}$", source, re.M)
+    assert len(banners) >= 15 and len(banners) == source.count(f"{rule}\n") / 2, "every rule line in a banner"
+    assert all(len(line) == 79 for line in re.findall(r"^# .+ #+$", source, re.M)), "banners of one width"
+    map_text = main_docstring(source).split("\nThe file, in reading order:\n", 1)[1]
+    mapped = [name for name in re.findall(r"^  (\S+(?: \S+)*)  ", map_text, re.M) if not name.startswith("(")]
+    assert mapped == banners, "the map in main.py's docstring"
+    layout = (REPO / "docs/reference.md").read_text().split("## How main.py is laid out", 1)[1].split("\n## ", 1)[0]
+    assert re.findall(r"^\| ([^|*]+?) \|", layout, re.M)[2:] == banners[1:], "docs/reference.md's layout table"
+
+
+def main_docstring(source: str) -> str:
+    return source.split('"""', 2)[1]
 
 
 def test_claude_md_names_what_exists():
