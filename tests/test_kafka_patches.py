@@ -8,7 +8,7 @@ import re
 import kafka
 
 import main
-from tests.conftest import MAIN
+from tests.fixtures import MAIN
 
 
 def patches_and_the_rest() -> tuple[str, str]:
