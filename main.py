@@ -1297,10 +1297,7 @@ class Tracing:
     @staticmethod
     def attempt(task: LaneTask, record) -> int:
         """Which attempt at `record` this is: its lane keeps the count of a retried one while the task runs."""
-        for lane in task.lanes:
-            if (retry := lane.retry) is not None and retry.offset == record.offset:
-                return retry.attempts + 1
-        return 1
+        return max(lane.attempt(record.offset) for lane in task.lanes)
 
     def call_message(self, handler: Callable, task: LaneTask, record):
         attributes = self.process_attributes | {
@@ -2160,65 +2157,69 @@ class LaneTask:
     """Records of one or more lanes of a partition handed to a worker thread, processed one after
     another: each lane's in offset order, lane after lane (its part is records[lane.start:lane.end]).
 
-    The worker counts the records it finished and, if it stops before the end, says why in
-    `failure`; the loop reads both once the task comes back. The loop sets `cancelled` to have the
-    worker stop after the message in hand (a revocation, a shutdown)."""
+    The loop hands it out and the worker hands back a TaskOutcome; while it runs, the worker says
+    how far it got in `progress`, one value written whole, which the loop reads to commit and to
+    watch for slow messages. The loop sets `cancelled` to have the worker stop after the message in
+    hand (a revocation, a shutdown)."""
 
     partition: TopicPartition
     lanes: list[Lane]
     records: list
-    finished: int = 0  # records[:finished] returned True and what they sent is confirmed
-    failure: TaskFailure | None = None  # why records[finished] did not finish
-    started_s: float = 0.0  # time.monotonic() when records[finished] started
-    warned_slow: int = -1  # the `finished` index a slowness warning was logged for
+    # (finished, started_s): records[:finished] are done (returned True, what they sent confirmed), and
+    # the one in hand started at time.monotonic() started_s (0.0: none yet).
+    progress: tuple[int, float] = (0, 0.0)
+    warned_slow: int = -1  # the `finished` index a slowness warning was logged for (the loop's)
     cancelled: bool = False
-    seconds: float = 0.0  # how long process_task took over it
-
-    @property
-    def running(self) -> bool:
-        return bool(self.started_s) and self.finished < len(self.records)
 
 
-@contextlib.contextmanager
-def sends_of_calls(producer: KernelProducer | None) -> Iterator[list[Future]]:
-    """While in the block, send() on this worker thread goes to `producer`, and its futures into the
-    list yielded, for the caller to take after each call. (process_task does the same inline.)"""
-    current_call.producer, current_call.sends = producer, []
-    try:
-        yield current_call.sends
-    finally:
-        current_call.sends = None
+class TaskOutcome:
+    """What a worker did with a task, made once it is done with it, handed back whole, never changed."""
+
+    __slots__ = ("task", "finished", "failure", "seconds")  # a dataclass takes longer to make: it is once a task
+
+    def __init__(self, task: LaneTask, finished: int, failure: TaskFailure | None = None, seconds: float = 0.0):
+        self.task = task
+        self.finished = finished  # task.records[:finished] are done
+        self.failure = failure  # why records[finished] did not finish (None: all did, or it was cancelled)
+        self.seconds = seconds  # how long process_task took over it
 
 
-def call_handler(handler: Callable, argument, producer: KernelProducer | None) -> tuple[object, list[Future]]:
-    """handler(argument), process_batch(records) say, with send() going to `producer`; its result and
-    the sends it made (also kept on a DeadLetter it raises, as .sends)."""
-    with sends_of_calls(producer) as sends:
-        try:
-            return handler(argument), sends
-        except DeadLetter as rejection:
-            rejection.sends = sends
-            raise
+def start_sends(producer: KernelProducer | None) -> list[Future]:
+    """From now until current_call.sends is None again, send() on this worker thread goes to
+    `producer`, and its futures into the list returned, for the caller to take after each call. (Not
+    a context manager: that costs a microsecond a task, and with many keys a task can be a message or two.)"""
+    sends = current_call.sends = []
+    current_call.producer = producer
+    return sends
 
 
-def process_record(handler: Callable, record) -> TaskFailure | None:
-    """Call process_message on one record: None if it returned True, else why not."""
-    try:
-        result = handler(record)
-    except BaseException as error:
-        return failure_raised(record, error)
-    return None if result is True else failure_returned(record, result)
-
-
-def failure_raised(record, error: BaseException) -> TaskFailure:
-    """What happens to a record whose process_message raised `error`: dead-lettered for DeadLetter,
-    retried for RetryLater; for anything else (SystemExit and KeyboardInterrupt too) the kernel stops
-    with exit code 1."""
+def failure_raised(handler_name: str, records: list, error: BaseException) -> TaskFailure:
+    """What happens to `records` when the handler raised `error` on them: dead-lettered for
+    DeadLetter, retried for RetryLater; for anything else (SystemExit and KeyboardInterrupt too) the
+    kernel stops with exit code 1."""
     if isinstance(error, DeadLetter):
-        return TaskFailure(Consequence.DEAD_LETTER, str(error) or "process_message raised DeadLetter")
+        return TaskFailure(Consequence.DEAD_LETTER, str(error) or f"{handler_name} raised DeadLetter",
+                           batch=1 if handler_name == "process_batch" else None)
     if isinstance(error, RetryLater):
-        return TaskFailure(Consequence.RETRY, str(error) or "process_message raised RetryLater", delay_s=error.seconds)
-    raise MessageFailed("process_message", [record]) from error
+        return TaskFailure(Consequence.RETRY, str(error) or f"{handler_name} raised RetryLater",
+                           batch=len(records) if handler_name == "process_batch" else None, delay_s=error.seconds)
+    return fatal(handler_name, records, error)
+
+
+def failure_returned(handler_name: str, records: list, result) -> TaskFailure:
+    """What happens to `records` when the handler returned `result`, which is not True."""
+    if result is False:
+        return TaskFailure(Consequence.RETRY, f"{handler_name} returned False",
+                           batch=len(records) if handler_name == "process_batch" else None)
+    return fatal(handler_name, records, TypeError(f"{handler_name} must return True or False, got {result!r}"))
+
+
+def fatal(handler_name: str, records: list, error: BaseException) -> TaskFailure:
+    """The kernel stops (exit 1) with MessageFailed, caused by `error`, which the handler raised on
+    `records` or which says what it returned instead of True or False."""
+    failed = MessageFailed(handler_name, records)
+    failed.__cause__ = error  # as `raise failed from error` would
+    return TaskFailure(Consequence.FATAL, str(failed), failed)
 
 
 def undecodable(record: UndecodableRecord, batch: int | None = None) -> TaskFailure:
@@ -2226,59 +2227,12 @@ def undecodable(record: UndecodableRecord, batch: int | None = None) -> TaskFail
     return TaskFailure(Consequence.DEAD_LETTER, record.undecodable, batch=batch, exception="CorruptRecordError")
 
 
-def failure_returned(record, result) -> TaskFailure:
-    """What happens to a record whose process_message returned `result`, which is not True."""
-    if result is False:
-        return TaskFailure(Consequence.RETRY, "process_message returned False")
-    raise MessageFailed("process_message", [record]) from TypeError(
-        f"process_message must return True or False, got {result!r}")
-
-
-@dataclasses.dataclass(frozen=True)
-class BatchOutcome:
-    done: int  # how many of the records, from the first, count as done once `sends` are confirmed
-    sends: list[Future]
-    failure: TaskFailure | None = None  # what happens to records[done:]
-
-
-def process_as_batch(handler: Callable, records: list, producer: KernelProducer | None) -> BatchOutcome:
-    """Call process_batch on `records`: True, all done; False (or RetryLater), the batch is tried again
-    as it is; DeadLetter naming one of them, those before it are done and it is dead-lettered."""
-    try:  # a list of its own: a handler that filters or sorts it in place changes nothing of the kernel's
-        result, sends = call_handler(handler, list(records), producer)
-    except DeadLetter as rejection:
-        index = next((i for i, record in enumerate(records) if record is rejection.message), None)
-        if index is None:
-            raise MessageFailed("process_batch", records) from TypeError(
-                "DeadLetter from process_batch must name one of its messages: DeadLetter(reason, message=messages[i])")
-        reason = str(rejection) or "process_batch raised DeadLetter"
-        return BatchOutcome(index, rejection.sends, TaskFailure(Consequence.DEAD_LETTER, reason, batch=1))
-    except RetryLater as later:
-        return BatchOutcome(0, [], TaskFailure(Consequence.RETRY, str(later) or "process_batch raised RetryLater",
-                                               batch=len(records), delay_s=later.seconds))
-    except BaseException as error:
-        raise MessageFailed("process_batch", records) from error
-    if result is True:
-        return BatchOutcome(len(records), sends)
-    if result is False:
-        return BatchOutcome(0, [], TaskFailure(Consequence.RETRY, "process_batch returned False", batch=len(records)))
-    raise MessageFailed("process_batch", records) from TypeError(
-        f"process_batch must return True or False, got {result!r}")
-
-
-def first_delivery_error(sends: list[Future], timeout_s: float) -> KafkaError | None:
-    """Wait up to `timeout_s` in all for the broker to confirm `sends`; the first error, if any."""
-    deadline_s = time.monotonic() + timeout_s
-    for future in sends:
-        if (error := delivery_error(future, max(0.0, deadline_s - time.monotonic()))) is not None:
-            return error
-    return None
-
-
-def confirm_sends(task: LaneTask, unconfirmed: deque, timeout_s: float) -> None:
-    """Advance task.finished over the records whose sends the broker confirmed, in order; with a
-    zero timeout only as far as confirmations have already arrived. A failed send stops the advance
-    at its record, which is then tried again: its outputs may be sent twice, never lost."""
+def confirm_sends(task: LaneTask, unconfirmed: deque, finished: int,
+                  timeout_s: float) -> tuple[int, TaskFailure | None]:
+    """Advance `finished` over the records whose sends the broker confirmed, in order; with a zero
+    timeout only as far as confirmations have already arrived, else waiting, each step published in
+    task.progress for the loop to commit. A failed send stops the advance at its record, which is then
+    tried again (the failure returned): its outputs may be sent twice, never lost."""
     deadline_s = time.monotonic() + timeout_s if timeout_s else 0.0
     while unconfirmed:
         for future in unconfirmed[0]:  # once per message sent: checked inline, waited for only when it must
@@ -2287,75 +2241,73 @@ def confirm_sends(task: LaneTask, unconfirmed: deque, timeout_s: float) -> None:
             elif timeout_s:
                 error = delivery_error(future, max(0.0, deadline_s - time.monotonic()))
             else:
-                return
+                return finished, None
             if error is not None:
-                undelivered(task, task.records[task.finished:task.finished + 1], error, "process_message", None)
                 unconfirmed.clear()
-                return
+                return finished, undelivered(task.records[finished:finished + 1], error, "process_message", None)
         unconfirmed.popleft()
-        task.finished += 1
+        finished += 1
+        if timeout_s:
+            task.progress = (finished, task.progress[1])
+    return finished, None
 
 
-def undelivered(task: LaneTask, records: list, error: KafkaError, handler_name: str, batch: int | None) -> None:
+def undelivered(records: list, error: KafkaError, handler_name: str, batch: int | None) -> TaskFailure:
     """What `records` sent was not confirmed: they are processed again (together, as a batch of
     `batch`, with process_batch), after a backoff; or, when what they sent is too large ever to be
     delivered, dead-lettered saying so."""
     if isinstance(error, SIZE_ERRORS):
-        task.failure = TaskFailure(Consequence.DEAD_LETTER, f"a message it sent is too large to be delivered "
-                                   f"({error!r}): raise the topic's max.message.bytes or KAFKA_FETCH_MAX_BYTES (the "
-                                   "producer's limit), or send less", batch=batch)
-        return
-    task.failure = TaskFailure(Consequence.RETRY, f"a message it sent was not delivered ({error!r})", batch=batch)
+        return TaskFailure(Consequence.DEAD_LETTER, f"a message it sent is too large to be delivered ({error!r}): "
+                           "raise the topic's max.message.bytes or KAFKA_FETCH_MAX_BYTES (the producer's limit), or "
+                           "send less", batch=batch)
     kernel_log.warning("A message %s sent for %s was not delivered (%r); it is processed again", handler_name,
                        batch_coordinates(records), error, extra=log_fields(records[0]) | REPEATING)
+    return TaskFailure(Consequence.RETRY, f"a message it sent was not delivered ({error!r})", batch=batch)
 
 
 def process_task(task: LaneTask, handler: Callable, stop: StopSignal, producer: KernelProducer | None = None,
-                 metrics: KernelMetrics | None = None) -> None:
-    """Call the handler on each record of `task` until one is not done (on a worker thread).
-
-    A record counts as finished once the broker has confirmed what its call sent; the confirmations
-    are collected without waiting as the records go by, and waited for when the task ends. This is
-    the kernel's innermost loop: what it does per message, every kernel pays for, so it calls the
-    handler itself (process_record's rules, its slow paths shared) and looks up nothing twice."""
+                 metrics: KernelMetrics | None = None) -> TaskOutcome:
+    """Call process_message on each record of `task` until one is not done (on a worker thread, and in
+    tests/kit.py's call()); what came of it. A record counts as finished once the broker confirmed what
+    its call sent: collected without waiting as the records go by, waited for when the task ends. The
+    kernel's innermost loop: what it does per message, every kernel pays for, so it looks up nothing twice."""
     if metrics is not None:
         handler = measured(handler, metrics.calls.tally(task.partition.topic))
     unconfirmed: deque[list[Future]] = deque()  # sends of the records after records[finished] that returned True
-    monotonic = time.monotonic
-    # sends_of_calls() inlined: a context manager costs a microsecond, and with many keys a task can be a
-    # message or two.
-    sends: list[Future] = []
-    current_call.producer, current_call.sends = producer, sends
+    monotonic, finished, failure = time.monotonic, 0, None
+    sends = start_sends(producer)
     began_s = monotonic()
     try:
         for record in task.records:
             if task.cancelled or stop.requested:
-                return
-            task.started_s = monotonic()
+                break
+            task.progress = (finished, monotonic())
             if type(record) is UndecodableRecord:
-                task.failure = undecodable(record)
-                return
+                failure = undecodable(record)
+                break
             try:
                 result = handler(record)
             except BaseException as error:
-                task.failure = failure_raised(record, error)
-                return
+                failure = failure_raised("process_message", [record], error)
+                break
             if result is not True:  # what it sent is not awaited: it is retried or dead-lettered anyway
-                task.failure = failure_returned(record, result)
-                return
+                failure = failure_returned("process_message", [record], result)
+                break
             if sends or unconfirmed:  # it sent something, or an earlier record's sends are unconfirmed
                 unconfirmed.append(sends.copy())
                 sends.clear()
-                confirm_sends(task, unconfirmed, timeout_s=0)
-                if task.failure:
-                    return
+                finished, failure = confirm_sends(task, unconfirmed, finished, timeout_s=0)
+                if failure:
+                    break
             else:
-                task.finished += 1
+                finished += 1
     finally:
         current_call.sends = None
-        if unconfirmed:
-            confirm_sends(task, unconfirmed, timeout_s=producer.timeout_s if producer else 0)
-        task.seconds = monotonic() - began_s
+    if unconfirmed:  # a send of an earlier record that failed comes first, before any failure but a fatal one
+        finished, unsent = confirm_sends(task, unconfirmed, finished, producer.timeout_s if producer else 0)
+        if unsent and not (failure and failure.consequence is Consequence.FATAL):
+            failure = unsent
+    return TaskOutcome(task, finished, failure, monotonic() - began_s)
 
 
 def measured(handler: Callable, tally: list) -> Callable:
@@ -2377,41 +2329,75 @@ def measured(handler: Callable, tally: list) -> Callable:
 
 
 def process_batch_task(task: LaneTask, handler: Callable, stop: StopSignal, producer: KernelProducer | None = None,
-                       metrics: KernelMetrics | None = None) -> None:
-    """Call process_batch on the task's records, once (on a worker thread). Those it says are done
-    count as finished once the broker has confirmed what the call sent."""
+                       metrics: KernelMetrics | None = None) -> TaskOutcome:
+    """Call process_batch on the task's records, once (on a worker thread); what came of it. Those it
+    says are done count as finished once the broker has confirmed what the call sent. The one path of
+    a batch: the workers take it, and tests/kit.py's call_batch() too."""
     if task.cancelled or stop.requested:
-        return
-    task.started_s = time.monotonic()
+        return TaskOutcome(task, 0)
+    started_s = time.monotonic()
+    task.progress = (0, started_s)
     # A record the client could not decode ends the batch before it; alone, it is dead-lettered.
     records = next((task.records[:i] for i, record in enumerate(task.records) if type(record) is UndecodableRecord),
                    task.records)
     if not records:
-        task.failure = undecodable(task.records[0], batch=1)
-        return
+        return TaskOutcome(task, 0, undecodable(task.records[0], batch=1))
     try:
-        outcome = process_as_batch(handler, records, producer)
+        done, sends, failure = process_as_batch(handler, records, producer)
     finally:
         if metrics is not None:
-            HandlerTallies.count_call(metrics.calls.tally(task.partition.topic), time.monotonic() - task.started_s)
-    error = first_delivery_error(outcome.sends, producer.timeout_s if producer else 0)
+            HandlerTallies.count_call(metrics.calls.tally(task.partition.topic), time.monotonic() - started_s)
+    error = first_delivery_error(sends, producer.timeout_s if producer else 0)
     if error is not None:
-        undelivered(task, records, error, "process_batch", len(records))
-        return
-    task.finished, task.failure = outcome.done, outcome.failure
+        return TaskOutcome(task, 0, undelivered(records, error, "process_batch", len(records)))
     if metrics is not None:
-        metrics.calls.tally(task.partition.topic)[HandlerTallies.PROCESSED] += outcome.done
+        metrics.calls.tally(task.partition.topic)[HandlerTallies.PROCESSED] += done
         metrics.batch_sizes.labels(task.partition.topic).observe(len(records))
+    return TaskOutcome(task, done, failure)
+
+
+def process_as_batch(handler: Callable, records: list,
+                     producer: KernelProducer | None) -> tuple[int, list[Future], TaskFailure | None]:
+    """Call process_batch on `records`: how many of them, from the first, count as done once the
+    sends it made (also returned) are confirmed, and what happens to the others. True, all done;
+    False (or RetryLater), the batch is tried again as it is; DeadLetter naming one of them, those
+    before it are done and it is dead-lettered."""
+    sends = start_sends(producer)
+    try:  # a list of its own: a handler that filters or sorts it in place changes nothing of the kernel's
+        result = handler(list(records))
+    except BaseException as error:
+        if not isinstance(error, DeadLetter):
+            return 0, [], failure_raised("process_batch", records, error)
+        index = next((i for i, record in enumerate(records) if record is error.message), None)
+        if index is None:
+            return 0, [], fatal("process_batch", records, TypeError(
+                "DeadLetter from process_batch must name one of its messages: DeadLetter(reason, message=messages[i])"))
+        return index, sends, failure_raised("process_batch", records, error)
+    finally:
+        current_call.sends = None
+    if result is True:
+        return len(records), sends, None
+    return 0, [], failure_returned("process_batch", records, result)
+
+
+def first_delivery_error(sends: list[Future], timeout_s: float) -> KafkaError | None:
+    """Wait up to `timeout_s` in all for the broker to confirm `sends`; the first error, if any."""
+    deadline_s = time.monotonic() + timeout_s
+    for future in sends:
+        if (error := delivery_error(future, max(0.0, deadline_s - time.monotonic()))) is not None:
+            return error
+    return None
 
 
 class WorkerPool:
-    """KERNEL_CONCURRENCY threads that process the tasks they are given and hand them back."""
+    """KERNEL_CONCURRENCY threads that process the tasks they are given and hand back what came of
+    each, a TaskOutcome, through one queue: the one point where a task passes back to the loop."""
 
-    def __init__(self, count: int, name: str, process: Callable[[LaneTask], None]):
+    def __init__(self, count: int, name: str, process: Callable[[LaneTask], TaskOutcome]):
         self.count = count
         self.given: queue.SimpleQueue[LaneTask | None] = queue.SimpleQueue()  # None stops a worker
-        self.handed_back: queue.SimpleQueue[LaneTask] = queue.SimpleQueue()
-        self.held: deque[LaneTask] = deque()  # handed back while the loop waited for others; taken first
+        self.handed_back: queue.SimpleQueue[TaskOutcome] = queue.SimpleQueue()
+        self.held: deque[TaskOutcome] = deque()  # handed back while the loop waited for others; taken first
         for number in range(count):
             try:
                 threading.Thread(target=self.work, args=(process,), daemon=True, name=f"{name}-{number}").start()
@@ -2419,19 +2405,18 @@ class WorkerPool:
                 raise ConfigError(f"KERNEL_CONCURRENCY={count}: worker thread {number + 1} could not start ({error}): "
                                   "lower it, or raise the container's memory (or thread) limit") from None
 
-    def work(self, process: Callable[[LaneTask], None]) -> None:
+    def work(self, process: Callable[[LaneTask], TaskOutcome]) -> None:
         while (task := self.given.get()) is not None:
             try:
-                process(task)
-            except BaseException as error:  # reported to the loop, which stops the kernel
-                task.failure = TaskFailure(Consequence.FATAL, str(error), error)
-            finally:
-                self.handed_back.put(task)
+                outcome = process(task)
+            except BaseException as error:  # a fault of the kernel's own: reported to the loop, which stops
+                outcome = TaskOutcome(task, task.progress[0], TaskFailure(Consequence.FATAL, str(error), error))
+            self.handed_back.put(outcome)
 
     def give(self, task: LaneTask) -> None:
         self.given.put(task)
 
-    def next_back(self, timeout_s: float) -> LaneTask | None:
+    def next_back(self, timeout_s: float) -> TaskOutcome | None:
         """The next task handed back, waiting up to `timeout_s` for one; None if none came."""
         if self.held:
             return self.held.popleft()
@@ -2440,23 +2425,23 @@ class WorkerPool:
         except queue.Empty:
             return None
 
-    def wait_for(self, tasks: set[LaneTask], deadline_s: float) -> list[LaneTask]:
-        """Wait until `tasks` are handed back or the deadline passes; those that came back. Other
-        tasks handed back meanwhile are held for next_back."""
+    def wait_for(self, tasks: set[LaneTask], deadline_s: float) -> list[TaskOutcome]:
+        """Wait until `tasks` are handed back or the deadline passes; what came of those that came
+        back. Other tasks handed back meanwhile are held for next_back."""
         waiting = set(tasks)
-        back = [task for task in self.held if task in waiting]
-        self.held = deque(task for task in self.held if task not in waiting)
-        waiting.difference_update(back)
+        back = [outcome for outcome in self.held if outcome.task in waiting]
+        self.held = deque(outcome for outcome in self.held if outcome.task not in waiting)
+        waiting.difference_update(outcome.task for outcome in back)
         while waiting and (timeout_s := deadline_s - time.monotonic()) > 0:
             try:
-                task = self.handed_back.get(timeout=timeout_s)
+                outcome = self.handed_back.get(timeout=timeout_s)
             except queue.Empty:
                 break
-            if task in waiting:
-                waiting.discard(task)
-                back.append(task)
+            if outcome.task in waiting:
+                waiting.discard(outcome.task)
+                back.append(outcome)
             else:
-                self.held.append(task)
+                self.held.append(outcome)
         return back
 
     def stop(self) -> None:
@@ -2493,10 +2478,11 @@ class Lane:
     start: int = 0  # while in flight, its records are task.records[start:end]
     end: int = 0
 
-    def attempts_made(self) -> int:
-        """How many attempts records[0] has had, counting the one that just failed."""
+    def attempt(self, offset: int) -> int:
+        """Which attempt at its record at `offset` this is, or was if it just failed: a retried record's
+        count goes on, any other's is 1."""
         retry = self.retry
-        return retry.attempts + 1 if retry is not None and retry.offset == self.records[0].offset else 1
+        return retry.attempts + 1 if retry is not None and retry.offset == offset else 1
 
 
 RECORD_OVERHEAD_BYTES = 350  # what a fetched record holds besides its key, value and headers (tracemalloc)
@@ -2542,8 +2528,7 @@ class PartitionState:
         idle = []
         for lane in self.active:  # each lane's first unfinished: its task's, else its first waiting
             task = lane.task
-            # task.finished read once: its worker may move it on meanwhile
-            if task is not None and (finished := task.finished) < lane.end:
+            if task is not None and (finished := task.progress[0]) < lane.end:
                 offset = task.records[finished if finished > lane.start else lane.start].offset
             elif lane.records:
                 offset = lane.records[0].offset
@@ -2701,23 +2686,24 @@ class Ledger:
             return None
         return min((lane.waiting_since_s + self.batch.max_wait_s for lane in self.ready), default=None)
 
-    def take_back(self, task: LaneTask) -> Lane | None:
+    def take_back(self, outcome: TaskOutcome) -> Lane | None:
         """A task came back: its finished records are done, the others go back to the head of their
         lanes. The lane of the first record not finished is returned, for its failure to be applied and
         then requeued; the task's other lanes are requeued here. None if every record finished, or if
         the partition was revoked meanwhile."""
+        task, finished = outcome.task, outcome.finished
         self.in_flight.discard(task)
         for lane in task.lanes:
             lane.task = None
         # What its messages took: those it finished, and the one that failed. (One cancelled before it
         # started, by a revocation, says nothing of the handler.)
-        if task.seconds and (attempted := task.finished + (task.failure is not None)):
-            self.message_s += (task.seconds / attempted - self.message_s) / 8
+        if outcome.seconds and (attempted := finished + (outcome.failure is not None)):
+            self.message_s += (outcome.seconds / attempted - self.message_s) / 8
         first = task.lanes[0]
         state = self.partitions.get(task.partition)
         if state is None or state.lanes.get(first.key) is not first:
             return None
-        finished, unfinished_lane = task.finished, None
+        unfinished_lane = None
         state.let_go(finished, memory_cost(task.records if finished == len(task.records) else task.records[:finished]))
         for lane in task.lanes:
             if finished > lane.start and lane.retry is not None:  # the retried message succeeded
@@ -2807,7 +2793,7 @@ class FailurePolicy:
         """The lane's first record (with process_batch, its first failure.batch records) failed:
         dead-letter it (each of them), or schedule the next attempt."""
         failed = list(itertools.islice(lane.records, failure.batch or 1))
-        attempts, reason = lane.attempts_made(), failure.reason
+        attempts, reason = lane.attempt(failed[0].offset), failure.reason
         dead = failure.consequence is Consequence.DEAD_LETTER
         if not dead and self.retry.exhausted(attempts):
             reason, dead = f"{reason} on all {attempts} attempts (KERNEL_MAX_ATTEMPTS)", True
@@ -2859,18 +2845,17 @@ class Watchdog:
         if now - self.last_slow_check_s < KEEPALIVE_INTERVAL_S:
             return
         self.last_slow_check_s = now
-        running = [task for task in self.ledger.in_flight if task.running]
-        self.health.busy_since_s = min((task.started_s for task in running), default=None)
-        for task in running:
-            finished = task.finished  # read once: its worker may move it on meanwhile
-            if (finished < len(task.records) and task.warned_slow != finished
-                    and now - task.started_s > self.max_poll_interval_ms / 2000):
+        running = [(task, finished, started_s) for task in self.ledger.in_flight
+                   for finished, started_s in (task.progress,) if started_s and finished < len(task.records)]
+        self.health.busy_since_s = min((started_s for _, _, started_s in running), default=None)
+        for task, finished, started_s in running:
+            if task.warned_slow != finished and now - started_s > self.max_poll_interval_ms / 2000:
                 task.warned_slow = finished
                 in_hand = task.records[finished:] if self.handler.batch else [task.records[finished]]
                 kernel_log.warning(
                     "%s has been running for %.0f s on %s: a rebalance waits for it at most "
                     "KAFKA_MAX_POLL_INTERVAL_MS (%d ms) before the group moves its partitions on", self.handler.name,
-                    now - task.started_s, batch_coordinates(in_hand), self.max_poll_interval_ms,
+                    now - started_s, batch_coordinates(in_hand), self.max_poll_interval_ms,
                     extra=log_fields(in_hand[0]),
                 )
 
@@ -3099,21 +3084,21 @@ class ConsumerLoop:
 
     def settle_handed_back(self, timeout_s: float) -> bool:
         """Settle the tasks the workers handed back, waiting up to `timeout_s` for the first."""
-        task = self.workers.next_back(timeout_s)
-        if task is None:
+        outcome = self.workers.next_back(timeout_s)
+        if outcome is None:
             return False
-        while task is not None:
-            self.settle(task)
-            task = self.workers.next_back(0)
+        while outcome is not None:
+            self.settle(outcome)
+            outcome = self.workers.next_back(0)
         return True
 
-    def settle(self, task: LaneTask) -> None:
-        """Take a task's progress; a fatal failure stops the kernel, any other is retried or
+    def settle(self, outcome: TaskOutcome) -> None:
+        """Take what a task finished; a fatal failure stops the kernel, any other is retried or
         dead-lettered."""
-        lane = self.ledger.take_back(task)
-        failure = task.failure
+        lane = self.ledger.take_back(outcome)
+        failure = outcome.failure
         if failure is not None and failure.consequence is Consequence.FATAL:
-            self.metrics.failed.labels(task.partition.topic).inc()
+            self.metrics.failed.labels(outcome.task.partition.topic).inc()
             raise failure.error
         if lane is None:
             return
@@ -3246,22 +3231,22 @@ class ConsumerLoop:
         self.waiting = {tp: None for tp in self.waiting if tp not in partitions}
         self.metrics.assigned.set(len(self.ledger.partitions))
 
-    def recall(self, tasks: set[LaneTask], timeout_s: float) -> list[LaneTask]:
+    def recall(self, tasks: set[LaneTask], timeout_s: float) -> list[TaskOutcome]:
         """Have `tasks` stop after the message in hand, wait up to `timeout_s` for them, and take
-        back what they finished; those that failed fatally meanwhile."""
+        back what they finished; what came of those that failed fatally meanwhile."""
         for task in tasks:
             task.cancelled = True
         back = self.workers.wait_for(tasks, time.monotonic() + timeout_s)
-        for task in back:
-            self.ledger.take_back(task)
-        return [task for task in back if task.failure and task.failure.consequence is Consequence.FATAL]
+        for outcome in back:
+            self.ledger.take_back(outcome)
+        return [outcome for outcome in back if outcome.failure and outcome.failure.consequence is Consequence.FATAL]
 
     def drain(self) -> None:
         """At shutdown: have the workers stop after the messages in hand, waiting at most
         KERNEL_SHUTDOWN_TIMEOUT_MS, and take their progress."""
-        for task in self.recall(set(self.ledger.in_flight), self.settings.shutdown_timeout_ms / 1000):
-            self.metrics.failed.labels(task.partition.topic).inc()
-            error = task.failure.error
+        for outcome in self.recall(set(self.ledger.in_flight), self.settings.shutdown_timeout_ms / 1000):
+            self.metrics.failed.labels(outcome.task.partition.topic).inc()
+            error = outcome.failure.error
             kernel_log.error("%s while stopping; it stays uncommitted", error, exc_info=error.__cause__ or error)
             self.failed_while_stopping = True
         if self.ledger.in_flight:
@@ -3625,4 +3610,4 @@ check_your_part(names_of_your_part)
 
 # The machinery's digest as the template shipped it (devtools/stamp_machinery.py writes it): `check` and
 # tests/test_template.py compare it with what is above, from "# End of your kernel" on.
-MACHINERY_SHA256 = "294d9ed0a614673ac64070b613f52715d5f07d61530116a1df215c6537b0ebce"
+MACHINERY_SHA256 = "2b512575cdccc20a9cdb4f1038fb81dd923e3abbf687e28e73027fc1bd8bb169"

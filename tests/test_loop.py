@@ -91,8 +91,8 @@ def task_of(records):
 
 def test_process_task_counts_finished_messages_and_stops_at_false():
     task = task_of([record(P0, 5), record(P0, 6), record(P0, 7)])
-    main.process_task(task, answers({(0, 6): False}), main.StopSignal())
-    assert (task.finished, task.failure) == (1, TaskFailure(Consequence.RETRY, "process_message returned False"))
+    outcome = main.process_task(task, answers({(0, 6): False}), main.StopSignal())
+    assert (outcome.finished, outcome.failure) == (1, TaskFailure(Consequence.RETRY, "process_message returned False"))
 
 
 def test_process_task_stops_after_the_message_in_hand():
@@ -103,8 +103,7 @@ def test_process_task_stops_after_the_message_in_hand():
         return True
 
     task = task_of([record(P0, 0), record(P0, 1)])
-    main.process_task(task, stop_after_first, stop)
-    assert task.finished == 1
+    assert main.process_task(task, stop_after_first, stop).finished == 1
 
 
 def test_handler_tallies_add_up_what_each_worker_thread_counted_as_a_histogram_and_a_counter_would():
@@ -163,14 +162,14 @@ def test_what_the_loop_commits_is_on_the_processed_counter_first():
 
 def test_the_watchdog_reads_a_tasks_progress_once_while_its_worker_moves_it():
     """The watchdog looks at tasks while workers run them: one that finishes between two reads of
-    task.finished must not send it past the end of the task's records."""
+    task.progress must not send it past the end of the task's records."""
 
-    class Finishing(main.LaneTask):  # running when the watchdog first looks, finished after
-        reads = iter([0] + [1] * 10)
-        finished = property(lambda self: next(self.reads), lambda self, value: None)
+    class Finishing(main.LaneTask):  # running (long: worth a warning) when the watchdog first looks, finished after
+        reads = iter([(0, 1.0)] + [(1, 1.0)] * 10)
+        progress = property(lambda self: next(self.reads), lambda self, value: None)
 
     loop = make_loop()
-    task = Finishing(P0, [main.Lane(P0, None)], [record(P0, 0)], started_s=1.0)  # long ago: worth a warning
+    task = Finishing(P0, [main.Lane(P0, None)], [record(P0, 0)])
     loop.ledger.in_flight.add(task)
     loop.watchdog.watch_in_flight()
 
@@ -332,34 +331,36 @@ def forward(message):
 
 def test_a_message_counts_as_done_only_once_what_it_sent_is_confirmed():
     producer = PendingProducer()
-    task = task_of([record(P0, 5), record(P0, 6)])
-    worker = threading.Thread(target=main.process_task, args=(task, forward, main.StopSignal(), producer))
+    task, outcomes = task_of([record(P0, 5), record(P0, 6)]), []
+    worker = threading.Thread(target=lambda: outcomes.append(main.process_task(task, forward, main.StopSignal(),
+                                                                               producer)))
     producer.timeout_s = 5
     worker.start()
     wait_for(lambda: len(producer.futures) == 2)
-    assert task.finished == 0, "nothing may be committed while its output could still be lost"
+    assert task.progress[0] == 0, "nothing may be committed while its output could still be lost"
     producer.futures[0][2].success((0, -1, None))
-    wait_for(lambda: task.finished == 1)
+    wait_for(lambda: task.progress[0] == 1)
     producer.futures[1][2].success((1, -1, None))
     worker.join(timeout=5)
-    assert (task.finished, task.failure) == (2, None)
+    assert (outcomes[0].finished, outcomes[0].failure) == (2, None)
 
 
 def test_an_undelivered_send_stops_the_task_at_its_message_to_be_tried_again():
     producer = PendingProducer()
-    task = task_of([record(P0, 5), record(P0, 6), record(P0, 7)])
-    worker = threading.Thread(target=main.process_task, args=(task, forward, main.StopSignal(), producer))
+    task, outcomes = task_of([record(P0, 5), record(P0, 6), record(P0, 7)]), []
+    worker = threading.Thread(target=lambda: outcomes.append(main.process_task(task, forward, main.StopSignal(),
+                                                                               producer)))
     producer.timeout_s = 5
     worker.start()
     wait_for(lambda: len(producer.futures) == 3)
     producer.futures[1][2].failure(KafkaTimeoutError("no broker"))
     producer.futures[0][2].success((0, -1, None))
     worker.join(timeout=10)
-    assert (task.finished, task.failure) == (1, TaskFailure(
+    assert (outcomes[0].finished, outcomes[0].failure) == (1, TaskFailure(
         Consequence.RETRY, "a message it sent was not delivered (KafkaTimeoutError('no broker'))"))
 
-    unconfirmed = task_of([record(P0, 5)])
-    main.process_task(unconfirmed, forward, main.StopSignal(), PendingProducer())  # never confirmed: 0.2 s timeout
+    # never confirmed: 0.2 s timeout
+    unconfirmed = main.process_task(task_of([record(P0, 5)]), forward, main.StopSignal(), PendingProducer())
     assert unconfirmed.finished == 0 and "KafkaTimeoutError" in unconfirmed.failure.reason
 
 
@@ -442,8 +443,7 @@ def test_a_partition_pauses_before_a_fetch_could_pass_its_share_and_resumes_belo
     assert loop.consumer.paused() == {P0}, "450 KB: the next fetch could pass the share; the other partition goes on"
     for still_paused in (True, False):  # 350 KB held, then 100 KB: at most half the share
         [task] = loop.ledger.start_tasks(0)
-        task.finished = 1
-        if (lane := loop.ledger.take_back(task)) is not None:  # some went back
+        if (lane := loop.ledger.take_back(main.TaskOutcome(task, 1))) is not None:  # some went back
             loop.ledger.requeue(lane)
         loop.apply_back_pressure()
         assert loop.consumer.paused() == ({P0} if still_paused else set())
@@ -517,7 +517,8 @@ def test_send_refuses_what_is_not_a_topic_or_bytes_saying_which_and_sends_the_re
         def send(self, topic, key, value, headers):
             return (topic, key, value, headers)
 
-    with main.sends_of_calls(Sent()) as sends:
+    sends = main.start_sends(Sent())
+    try:
         for arguments, refusal in [(("", b"v"), "topic must be a topic name, got ''"),
                                    (("out", "text"), "value must be bytes or None, got str: encode it first"),
                                    (("out", b"v", 7), "key must be bytes or None, got int"),
@@ -529,6 +530,8 @@ def test_send_refuses_what_is_not_a_topic_or_bytes_saying_which_and_sends_the_re
         main.send("out", bytearray(b"v"), key=b"k")
         main.send("out", None, headers=[("h", None)])
         assert sends == [("out", b"k", bytearray(b"v"), []), ("out", None, b"", [("h", b"")])]
+    finally:
+        main.current_call.sends = None
     with pytest.raises(RuntimeError, match=r"send\(\) works inside process_message"):
         main.send("out", b"v")
 
@@ -581,10 +584,11 @@ def test_a_task_handed_back_while_the_loop_waits_for_another_is_held_then_found(
     workers.give(second)
     wait_for(lambda: workers.handed_back.qsize() == 1)  # back before anyone waits for it
     workers.give(first)
-    assert workers.wait_for({first}, time.monotonic() + 5) == [first]
-    assert list(workers.held) == [second]
+    assert [outcome.task for outcome in workers.wait_for({first}, time.monotonic() + 5)] == [first]
+    assert [outcome.task for outcome in workers.held] == [second]
     started = time.monotonic()
-    assert workers.wait_for({second}, time.monotonic() + 5) == [second], "found among the held ones"
+    assert [outcome.task for outcome in workers.wait_for({second}, time.monotonic() + 5)] == [second], \
+        "found among the held ones"
     assert time.monotonic() - started < 0.5 and not workers.held
     workers.stop()
 
@@ -599,7 +603,7 @@ def test_revocation_finds_the_task_it_waits_for_among_those_already_handed_back(
     release.set()
     wait_for(lambda: loop.workers.handed_back.qsize() == 2)
     main.RebalanceListener(loop).on_partitions_revoked([P1])
-    assert len(loop.workers.held) == 1 and loop.workers.held[0].partition == P0
+    assert len(loop.workers.held) == 1 and loop.workers.held[0].task.partition == P0
     assert loop.consumer.commits() == [{P1: 1}]
     settle_all(loop)
     loop.commit()
