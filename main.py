@@ -2907,6 +2907,180 @@ class RebalanceListener(ConsumerRebalanceListener):
             kernel_log.info("No partitions assigned (the group has more members than partitions)")
 
 
+class FetchBudget:
+    """Back-pressure: which assigned partitions fetch. A partition stops fetching with two polls' worth
+    of records unfinished, or when its next fetch could take it past its share of KERNEL_BUFFER_MAX_BYTES
+    (the budget divided among the assigned partitions); it goes on once it holds half of that. So a
+    partition whose messages wait for a retry never holds up the others. And the budget decides how many
+    fetch at once: a fetch brings at least one whole record batch of each partition it names, however
+    large (KIP-74; Tansu ignores the partition's fetch size too), so each partition that fetches reserves
+    what its next fetch could bring (as much as its last poll did, or the largest any did while it brought
+    nothing yet), and one whose fetch does not fit in what is left waits its turn, paused. Partitions that
+    brought nothing yet join 1, 2, 4... a poll, their sizes unknown. With nothing held, the first in turn
+    fetches whatever its size: a record larger than the whole budget is taken alone."""
+
+    def __init__(self, consumer: KafkaConsumer, settings: KernelSettings, ledger: Ledger, metrics: KernelMetrics):
+        self.consumer = consumer
+        self.settings = settings
+        self.ledger = ledger
+        self.metrics = metrics
+        self.paused: set[TopicPartition] = set()  # by back-pressure
+        self.waiting: dict[TopicPartition, None] = {}  # paused until their next fetch fits in the budget
+        self.newcomers = 1  # how many partitions that brought nothing yet may fetch at once
+        self.turn_ends_s = 0.0  # when the partitions waiting for the budget go first
+        self.size_fetches()  # .share and .fetch_limit, again at each assignment
+
+    def apply(self) -> None:
+        """Pause the partitions that are full or wait for the budget, resume the others."""
+        partitions, budget = self.ledger.partitions, self.settings.buffer_max_bytes
+        left = budget - self.ledger.unfinished_bytes
+        largest = max(self.fetch_limit, max((state.fetched_bytes for state in partitions.values()), default=0))
+        newcomers = self.newcomers
+        # A turn lasts FETCH_TURN_S: fetching partitions keep their places until it ends, so that a fetch
+        # in flight is not thrown away (kafka-python drops what comes for a paused partition).
+        if self.waiting and time.monotonic() >= self.turn_ends_s:
+            self.turn_ends_s, fetching = time.monotonic() + FETCH_TURN_S, ()
+        else:
+            fetching = (tp for tp in partitions if tp not in self.paused)
+        now_full, waiting = set(), {}
+        for tp in dict.fromkeys(itertools.chain(fetching, self.waiting, partitions)):
+            state = partitions[tp]
+            if self.full(tp, state):
+                now_full.add(tp)
+                continue
+            next_fetch = max(self.fetch_limit, state.fetched_bytes) if state.fetched_bytes else largest
+            if waiting or (next_fetch > left and left < budget) or (not state.fetched_bytes and not newcomers):
+                waiting[tp] = None  # in the order they started waiting: the first goes first
+                continue
+            left -= next_fetch
+            newcomers -= not state.fetched_bytes
+        now_full.update(waiting)
+        self.waiting = waiting
+        if now_full - self.paused:
+            self.consumer.pause(*(now_full - self.paused))
+        if self.paused - now_full:
+            self.consumer.resume(*(self.paused - now_full))
+        self.paused = now_full
+        self.metrics.buffered_bytes.set(self.ledger.unfinished_bytes)
+
+    def full(self, tp: TopicPartition, state: PartitionState) -> bool:
+        """Too much unfinished to fetch more: past the limits while fetching, or above half of them once paused."""
+        records = 2 * self.settings.max_poll_records
+        if tp in self.paused and tp not in self.waiting:
+            return state.unfinished >= records / 2 or state.unfinished_bytes > self.share / 2
+        return state.unfinished >= records or (
+            state.unfinished_bytes > 0 and state.unfinished_bytes + self.fetch_limit > self.share)
+
+    def size_fetches(self) -> None:
+        """Each partition's share of KERNEL_BUFFER_MAX_BYTES, and what one fetch may bring of it: a
+        quarter of the share, at most KAFKA_MAX_PARTITION_FETCH_BYTES, at least MIN_PARTITION_FETCH_BYTES.
+        With many partitions, full-size fetches of every one of them would overrun the budget before
+        back-pressure could pause any. (kafka-python 2.3 reads the size from its fetcher's configuration
+        at every fetch, and has no public way to change it.)"""
+        self.share = self.settings.buffer_max_bytes / max(1, len(self.ledger.partitions))
+        self.fetch_limit = max(MIN_PARTITION_FETCH_BYTES,
+                               min(self.settings.max_partition_fetch_bytes, int(self.share // 4)))
+        self.consumer._fetcher.config["max_partition_fetch_bytes"] = self.fetch_limit
+
+    def assigned(self) -> None:
+        self.size_fetches()
+        self.newcomers = 1
+        self.apply()  # now: this very poll fetches, once the callback returns
+
+    def polled(self) -> None:
+        if self.newcomers < len(self.ledger.partitions):
+            self.newcomers *= 2
+
+    def revoked(self, partitions: set[TopicPartition]) -> None:
+        self.size_fetches()
+        self.paused -= partitions
+        self.waiting = {tp: None for tp in self.waiting if tp not in partitions}
+
+
+def exit_code_for(error: Exception, settings: KernelSettings) -> int:
+    """What stops the loop, logged, and the exit code it means."""
+    if isinstance(error, MessageFailed):
+        kernel_log.error("%s; it stays uncommitted. Stopping", error, exc_info=error.__cause__)
+        return EXIT_FATAL
+    if isinstance(error, AccessRefused):
+        kernel_log.error("Access refused (%s): %s", error.kind, error)
+        return EXIT_REFUSED
+    if isinstance(error, NoDeadLetterTopic):
+        kernel_log.error("%s; no KERNEL_DEAD_LETTER_TOPIC is set, so it stays uncommitted. Stopping%s",
+                         error, error.way_on)
+        return EXIT_NO_DEAD_LETTER_TOPIC
+    if isinstance(error, kafka.errors.InvalidSessionTimeoutError):
+        kernel_log.error("Configuration error: the broker refused KAFKA_SESSION_TIMEOUT_MS (%d): it must lie "
+                         "within the broker's group.min.session.timeout.ms and group.max.session.timeout.ms (6000 "
+                         "and 1800000 by default)", settings.session_timeout_ms)
+        return EXIT_CONFIG
+    if isinstance(error, (kafka.errors.GroupAuthorizationFailedError, kafka.errors.TopicAuthorizationFailedError)):
+        kernel_log.error("Access refused (authorization): the broker denied %s (%s): grant this kernel's principal "
+                         "READ on them (and DESCRIBE on the group)",
+                         f"the group {settings.group_id}" if isinstance(
+                             error, kafka.errors.GroupAuthorizationFailedError) else
+                         f"the topics {', '.join(settings.topics)}", type(error).__name__)
+        return EXIT_REFUSED
+    kernel_log.error("Unrecoverable Kafka error; stopping", exc_info=error)
+    return EXIT_BROKER
+
+
+def denied_topics(consumer: KafkaConsumer, topics: list[str], timeout_ms: int) -> set[str]:
+    """Which of `topics` the broker refuses to show this client. Asked by name: a listing of all
+    topics leaves them out silently. (kafka-python 2.3 has no public call for it.)"""
+    client = consumer._client
+    with client_logs_muted():
+        for topic in topics:
+            client.add_topic(topic)
+        client.poll(future=client.cluster.request_update(), timeout_ms=timeout_ms)
+    return set(topics) & client.cluster.unauthorized_topics
+
+
+def wait_for_topics(consumer: KafkaConsumer, settings: KernelSettings, stop: StopSignal, health: HealthState) -> bool:
+    """Wait until every topic of KAFKA_TOPIC exists, and KERNEL_DEAD_LETTER_TOPIC, saying which does
+    not: kafka-python 2.3.3 never assigns a subscribed topic that is created later, and a dead-letter
+    topic missing would be found only when a message needs it. False if a stop came first."""
+    wanted = {topic: "KAFKA_TOPIC" for topic in settings.topics}
+    if settings.dead_letter_topic:
+        wanted[settings.dead_letter_topic] = "KERNEL_DEAD_LETTER_TOPIC"
+    while not stop.requested:
+        missing = [topic for topic in wanted if not consumer.partitions_for_topic(topic)]
+        health.missing_topics = missing
+        health.last_poll_s = time.monotonic()  # waiting is not being stuck
+        if not missing:
+            return True
+        consumed = [topic for topic in missing if topic in settings.topics]
+        if consumed and (denied := denied_topics(consumer, consumed, settings.commit_timeout_ms)):
+            raise kafka.errors.TopicAuthorizationFailedError(denied)
+        kernel_log.warning("Topic %s does not exist (or this client may not see it): waiting for it to be created "
+                           "(%s)", ", ".join(missing), ", ".join(sorted({wanted[topic] for topic in missing})),
+                           extra=REPEATING)
+        time.sleep(TOPIC_CHECK_INTERVAL_S)
+    return False
+
+
+def commit_offsets(consumer: KafkaConsumer, offsets: dict[TopicPartition, int], timeout_ms: int,
+                   metrics: KernelMetrics) -> bool:
+    """Commit `offsets`, synchronously; False, with a warning, if the broker did not take them."""
+    try:
+        consumer.commit({tp: OffsetAndMetadata(offset, "", -1) for tp, offset in offsets.items()},
+                        timeout_ms=timeout_ms)
+    except CommitFailedError:
+        # The group rebalanced: the partitions' next owners re-read from the last successful
+        # commit (at-least-once); on_partitions_revoked forgets the ones we lost.
+        metrics.commit_failures.inc()
+        kernel_log.warning("Commit failed because the group rebalanced; the new owners re-read from the last "
+                           "commit", extra=REPEATING)
+        return False
+    except KafkaError as error:
+        metrics.commit_failures.inc()
+        kernel_log.warning("Commit failed (%s); finished offsets are kept and committed later",
+                           type(error).__name__, extra=REPEATING)
+        return False
+    metrics.commits.inc()
+    return True
+
+
 class ConsumerLoop:
     """Polls, has the workers process each lane's records in order, commits the finished prefixes.
 
@@ -2930,11 +3104,7 @@ class ConsumerLoop:
         self.metrics = metrics or KernelMetrics()
         keyed = settings.ordering == "key" and settings.concurrency > 1 and not handler.batch
         self.ledger = Ledger(keyed, settings.batch if handler.batch else None, settings.concurrency)
-        self.paused: set[TopicPartition] = set()  # by back-pressure
-        self.waiting: dict[TopicPartition, None] = {}  # paused until their next fetch fits in the budget
-        self.newcomers = 1  # how many partitions that brought nothing yet may fetch at once
-        self.turn_ends_s = 0.0  # when the partitions waiting for the budget go first
-        self.size_fetches()  # .share and .fetch_limit, again at each assignment
+        self.budget = FetchBudget(consumer, settings, self.ledger, self.metrics)
         self.failed_while_stopping = False  # process_message raised on a message in hand at shutdown
         # One poll's worth, and enough to keep every worker busy, is buffered before polling pauses.
         self.buffer_limit = max(settings.max_poll_records, 4 * settings.concurrency)
@@ -2963,69 +3133,14 @@ class ConsumerLoop:
 
     def process_until_stopped(self) -> int:
         try:
-            if self.wait_for_topics():
+            if wait_for_topics(self.consumer, self.settings, self.stop, self.health):
                 self.consumer.subscribe(self.settings.topics, listener=RebalanceListener(self))
             while not self.stop.requested:
                 self.run_once()
             kernel_log.info("Stop requested: finishing")
             return EXIT_OK
-        except MessageFailed as failure:
-            kernel_log.error("%s; it stays uncommitted. Stopping", failure, exc_info=failure.__cause__)
-            return EXIT_FATAL
-        except AccessRefused as refused:
-            kernel_log.error("Access refused (%s): %s", refused.kind, refused)
-            return EXIT_REFUSED
-        except NoDeadLetterTopic as undeliverable:
-            kernel_log.error("%s; no KERNEL_DEAD_LETTER_TOPIC is set, so it stays uncommitted. Stopping%s",
-                             undeliverable, undeliverable.way_on)
-            return EXIT_NO_DEAD_LETTER_TOPIC
-        except kafka.errors.InvalidSessionTimeoutError:
-            kernel_log.error("Configuration error: the broker refused KAFKA_SESSION_TIMEOUT_MS (%d): it must lie "
-                             "within the broker's group.min.session.timeout.ms and group.max.session.timeout.ms (6000 "
-                             "and 1800000 by default)", self.settings.session_timeout_ms)
-            return EXIT_CONFIG
-        except (kafka.errors.GroupAuthorizationFailedError, kafka.errors.TopicAuthorizationFailedError) as denied:
-            kernel_log.error("Access refused (authorization): the broker denied %s (%s): grant this kernel's principal "
-                             "READ on them (and DESCRIBE on the group)",
-                             f"the group {self.settings.group_id}" if isinstance(
-                                 denied, kafka.errors.GroupAuthorizationFailedError) else
-                             f"the topics {', '.join(self.settings.topics)}", type(denied).__name__)
-            return EXIT_REFUSED
-        except KafkaError:
-            kernel_log.exception("Unrecoverable Kafka error; stopping")
-            return EXIT_BROKER
-
-    def wait_for_topics(self) -> bool:
-        """Wait until every topic of KAFKA_TOPIC exists, and KERNEL_DEAD_LETTER_TOPIC, saying which does
-        not: kafka-python 2.3.3 never assigns a subscribed topic that is created later, and a dead-letter
-        topic missing would be found only when a message needs it. False if a stop came first."""
-        wanted = {topic: "KAFKA_TOPIC" for topic in self.settings.topics}
-        if self.settings.dead_letter_topic:
-            wanted[self.settings.dead_letter_topic] = "KERNEL_DEAD_LETTER_TOPIC"
-        while not self.stop.requested:
-            missing = [topic for topic in wanted if not self.consumer.partitions_for_topic(topic)]
-            self.health.missing_topics = missing
-            self.health.last_poll_s = time.monotonic()  # waiting is not being stuck
-            if not missing:
-                return True
-            consumed = [topic for topic in missing if topic in self.settings.topics]
-            if consumed and (denied := self.denied_topics(consumed)):
-                raise kafka.errors.TopicAuthorizationFailedError(denied)
-            kernel_log.warning("Topic %s does not exist (or this client may not see it): waiting for it to be created "
-                               "(%s)", ", ".join(missing), ", ".join(sorted({wanted[topic] for topic in missing})),
-                               extra=REPEATING)
-            time.sleep(TOPIC_CHECK_INTERVAL_S)
-        return False
-
-    def denied_topics(self, topics: list[str]) -> set[str]:
-        """Which of `topics` the broker refuses to show this client. Asked by name: a listing of all
-        topics leaves them out silently. (kafka-python 2.3 has no public call for it.)"""
-        client = self.consumer._client
-        with client_logs_muted():
-            for topic in topics:
-                client.add_topic(topic)
-            client.poll(future=client.cluster.request_update(), timeout_ms=self.settings.commit_timeout_ms)
-        return set(topics) & client.cluster.unauthorized_topics
+        except (MessageFailed, AccessRefused, NoDeadLetterTopic, KafkaError) as error:
+            return exit_code_for(error, self.settings)
 
     def run_once(self) -> None:
         self.settle_handed_back(timeout_s=0)
@@ -3034,7 +3149,7 @@ class ConsumerLoop:
             if not self.settle_handed_back(timeout_s=min(KEEPALIVE_INTERVAL_S, self.poll_timeout_ms() / 1000)):
                 self.keep_membership()
         else:
-            self.apply_back_pressure()
+            self.budget.apply()
             self.poll(BUSY_POLL_TIMEOUT_MS if self.ledger.in_flight else self.poll_timeout_ms())
         self.watchdog.watch_in_flight()
         self.check_contact()
@@ -3060,8 +3175,7 @@ class ConsumerLoop:
         self.health.last_poll_s = now_s
         if polled:
             self.health.last_contact_s = now_s
-        if self.newcomers < len(self.ledger.partitions):
-            self.newcomers *= 2
+        self.budget.polled()
 
     def warn_too_large(self, records: list) -> None:
         largest = max(records, key=lambda record: memory_cost((record,)))
@@ -3106,67 +3220,6 @@ class ConsumerLoop:
             self.failures.apply(lane, failure)
         self.ledger.requeue(lane)
 
-    def apply_back_pressure(self) -> None:
-        """Stop fetching for a partition with two polls' worth of records unfinished, or whose next
-        fetch could take it past its share of KERNEL_BUFFER_MAX_BYTES (the budget divided among the
-        assigned partitions); go on once it holds half of that. So a partition whose messages wait for a
-        retry never holds up the others. And the budget decides how many fetch at once: a fetch brings
-        at least one whole record batch of each partition it names, however large (KIP-74; Tansu ignores
-        the partition's fetch size too), so each partition that fetches reserves what its next fetch
-        could bring (as much as its last poll did, or the largest any did while it brought nothing yet),
-        and one whose fetch does not fit in what is left waits its turn, paused. Partitions that brought
-        nothing yet join 1, 2, 4... a poll, their sizes unknown. With nothing held, the first in turn
-        fetches whatever its size: a record larger than the whole budget is taken alone."""
-        partitions, records = self.ledger.partitions, 2 * self.settings.max_poll_records
-        budget = self.settings.buffer_max_bytes
-        left = budget - self.ledger.unfinished_bytes
-        largest = max(self.fetch_limit, max((state.fetched_bytes for state in partitions.values()), default=0))
-        newcomers = self.newcomers
-
-        def full(tp: TopicPartition, state: PartitionState) -> bool:
-            if tp in self.paused and tp not in self.waiting:
-                return state.unfinished >= records / 2 or state.unfinished_bytes > self.share / 2
-            return state.unfinished >= records or (
-                state.unfinished_bytes > 0 and state.unfinished_bytes + self.fetch_limit > self.share)
-
-        # A turn lasts FETCH_TURN_S: fetching partitions keep their places until it ends, so that a fetch
-        # in flight is not thrown away (kafka-python drops what comes for a paused partition).
-        if self.waiting and time.monotonic() >= self.turn_ends_s:
-            self.turn_ends_s, fetching = time.monotonic() + FETCH_TURN_S, ()
-        else:
-            fetching = (tp for tp in partitions if tp not in self.paused)
-        now_full, waiting = set(), {}
-        for tp in dict.fromkeys(itertools.chain(fetching, self.waiting, partitions)):
-            state = partitions[tp]
-            if full(tp, state):
-                now_full.add(tp)
-                continue
-            next_fetch = max(self.fetch_limit, state.fetched_bytes) if state.fetched_bytes else largest
-            if waiting or (next_fetch > left and left < budget) or (not state.fetched_bytes and not newcomers):
-                waiting[tp] = None  # in the order they started waiting: the first goes first
-                continue
-            left -= next_fetch
-            newcomers -= not state.fetched_bytes
-        now_full.update(waiting)
-        self.waiting = waiting
-        if now_full - self.paused:
-            self.consumer.pause(*(now_full - self.paused))
-        if self.paused - now_full:
-            self.consumer.resume(*(self.paused - now_full))
-        self.paused = now_full
-        self.metrics.buffered_bytes.set(self.ledger.unfinished_bytes)
-
-    def size_fetches(self) -> None:
-        """Each partition's share of KERNEL_BUFFER_MAX_BYTES, and what one fetch may bring of it: a
-        quarter of the share, at most KAFKA_MAX_PARTITION_FETCH_BYTES, at least MIN_PARTITION_FETCH_BYTES.
-        With many partitions, full-size fetches of every one of them would overrun the budget before
-        back-pressure could pause any. (kafka-python 2.3 reads the size from its fetcher's configuration
-        at every fetch, and has no public way to change it.)"""
-        self.share = self.settings.buffer_max_bytes / max(1, len(self.ledger.partitions))
-        self.fetch_limit = max(MIN_PARTITION_FETCH_BYTES,
-                               min(self.settings.max_partition_fetch_bytes, int(self.share // 4)))
-        self.consumer._fetcher.config["max_partition_fetch_bytes"] = self.fetch_limit
-
     def keep_membership(self) -> None:
         """Poll with every partition paused while the workers are busy: the group sees us alive, and
         a rebalance runs its callbacks here. Records can still come back, of partitions that very
@@ -3187,30 +3240,13 @@ class ConsumerLoop:
         if not offsets:
             return
         self.last_commit_s = now
-        try:
-            self.consumer.commit({tp: OffsetAndMetadata(offset, "", -1) for tp, offset in offsets.items()},
-                                 timeout_ms=self.settings.commit_timeout_ms)
-        except CommitFailedError:
-            # The group rebalanced: the partitions' next owners re-read from the last successful
-            # commit (at-least-once); on_partitions_revoked forgets the ones we lost.
-            self.metrics.commit_failures.inc()
-            kernel_log.warning("Commit failed because the group rebalanced; the new owners re-read from the last "
-                               "commit", extra=REPEATING)
-            return
-        except KafkaError as error:
-            self.metrics.commit_failures.inc()
-            kernel_log.warning("Commit failed (%s); finished offsets are kept and committed later",
-                               type(error).__name__, extra=REPEATING)
-            return
-        self.metrics.commits.inc()
-        self.ledger.mark_committed(offsets)
-        kernel_log.debug("Committed %s", format_partitions(offsets, offsets))
+        if commit_offsets(self.consumer, offsets, self.settings.commit_timeout_ms, self.metrics):
+            self.ledger.mark_committed(offsets)
+            kernel_log.debug("Committed %s", format_partitions(offsets, offsets))
 
     def assigned(self, partitions: set[TopicPartition]) -> None:
         self.ledger.assign(partitions)
-        self.size_fetches()
-        self.newcomers = 1
-        self.apply_back_pressure()  # now: this very poll fetches, once the callback returns
+        self.budget.assigned()
         self.metrics.rebalances.inc()
         self.metrics.assigned.set(len(self.ledger.partitions))
         self.health.joined, self.health.last_contact_s = True, time.monotonic()
@@ -3226,9 +3262,7 @@ class ConsumerLoop:
         self.health.joined = False
         self.watchdog.forget(partitions)
         self.ledger.forget(partitions)
-        self.size_fetches()
-        self.paused -= partitions
-        self.waiting = {tp: None for tp in self.waiting if tp not in partitions}
+        self.budget.revoked(partitions)
         self.metrics.assigned.set(len(self.ledger.partitions))
 
     def recall(self, tasks: set[LaneTask], timeout_s: float) -> list[TaskOutcome]:
@@ -3610,4 +3644,4 @@ check_your_part(names_of_your_part)
 
 # The machinery's digest as the template shipped it (devtools/stamp_machinery.py writes it): `check` and
 # tests/test_template.py compare it with what is above, from "# End of your kernel" on.
-MACHINERY_SHA256 = "2b512575cdccc20a9cdb4f1038fb81dd923e3abbf687e28e73027fc1bd8bb169"
+MACHINERY_SHA256 = "3ee4f1926295782f1ecd9a16b1943c8423520bbbab543d487225ef42c87299a8"

@@ -243,10 +243,10 @@ def test_exhausted_attempts_without_a_dead_letter_topic_stop_the_kernel():
 def test_back_pressure_pauses_a_partition_with_two_polls_unfinished_and_resumes_below_one():
     loop = make_loop()
     loop.ledger.add(P0, [record(P0, offset) for offset in range(8)])
-    loop.apply_back_pressure()
+    loop.budget.apply()
     assert loop.consumer.paused() == {P0}
     settle_all(loop)
-    loop.apply_back_pressure()
+    loop.budget.apply()
     assert loop.consumer.paused() == set()
 
 
@@ -433,37 +433,37 @@ def big_record(partition, offset, size):
 
 def test_a_partition_pauses_before_a_fetch_could_pass_its_share_and_resumes_below_half_of_it():
     loop = make_loop(KERNEL_BUFFER_MAX_BYTES=str(1_000_000), KAFKA_MAX_POLL_RECORDS="100")  # 500 KB a partition
-    assert loop.fetch_limit == 125_000 and loop.consumer._fetcher.config["max_partition_fetch_bytes"] == 125_000
+    assert loop.budget.fetch_limit == 125_000 and loop.consumer._fetcher.config["max_partition_fetch_bytes"] == 125_000
     loop.ledger.add(P0, [big_record(P0, 0, 100_000)])  # two polls: the last brought 250 KB, what the
     loop.ledger.add(P0, [big_record(P0, 1, 250_000)])  # next fetch of each partition could bring
-    loop.apply_back_pressure()
+    loop.budget.apply()
     assert loop.consumer.paused() == set(), "350 KB of a 500 KB share: a fetch of 125 KB fits"
     loop.ledger.add(P0, [big_record(P0, 2, 100_000)])
-    loop.apply_back_pressure()
+    loop.budget.apply()
     assert loop.consumer.paused() == {P0}, "450 KB: the next fetch could pass the share; the other partition goes on"
     for still_paused in (True, False):  # 350 KB held, then 100 KB: at most half the share
         [task] = loop.ledger.start_tasks(0)
         if (lane := loop.ledger.take_back(main.TaskOutcome(task, 1))) is not None:  # some went back
             loop.ledger.requeue(lane)
-        loop.apply_back_pressure()
+        loop.budget.apply()
         assert loop.consumer.paused() == ({P0} if still_paused else set())
     assert loop.metrics.buffered_bytes._value.get() == loop.ledger.unfinished_bytes
 
 
 def test_fetches_shrink_with_the_share_as_partitions_come_and_go_but_never_stop():
     loop = make_loop(KERNEL_BUFFER_MAX_BYTES=str(64 * 2**20))
-    assert loop.fetch_limit == 2**20, "two partitions of a 64 MiB budget: KAFKA_MAX_PARTITION_FETCH_BYTES"
+    assert loop.budget.fetch_limit == 2**20, "two partitions of a 64 MiB budget: KAFKA_MAX_PARTITION_FETCH_BYTES"
     many = {TopicPartition("t", p) for p in range(2, 2000)}
     loop.assigned(many)
-    assert loop.fetch_limit == main.MIN_PARTITION_FETCH_BYTES, "2,000 partitions: 34 KB each, fetched 16 KiB at a time"
+    assert loop.budget.fetch_limit == main.MIN_PARTITION_FETCH_BYTES, "2,000 partitions: 34 KB each, fetched 16 KiB at a time"
     assert loop.consumer._fetcher.config["max_partition_fetch_bytes"] == main.MIN_PARTITION_FETCH_BYTES
     tp = TopicPartition("t", 7)
     loop.ledger.add(tp, [big_record(tp, 0, 100_000)])  # one batch larger than the share: it still came
-    loop.apply_back_pressure()
+    loop.budget.apply()
     fetching = set(loop.ledger.partitions) - loop.consumer.paused()
     assert tp not in fetching and len(fetching) == 1, "one at a time while the others have brought nothing yet"
     loop.revoked(many)
-    assert loop.fetch_limit == 2**20
+    assert loop.budget.fetch_limit == 2**20
 
 
 def test_a_partition_waiting_for_a_retry_never_holds_up_the_others():
@@ -471,24 +471,24 @@ def test_a_partition_waiting_for_a_retry_never_holds_up_the_others():
     loop.ledger.add(P0, [big_record(P0, offset, 200_000) for offset in range(3)])  # 600 KB behind a retry
     loop.ledger.add(P1, [big_record(P1, 0, 10_000)])  # P1's fetches are small
     settle_all(loop)
-    loop.apply_back_pressure()
+    loop.budget.apply()
     assert loop.ledger.unfinished_bytes > 500_000 and loop.consumer.paused() == {P0}
 
 
 def test_a_message_larger_than_the_whole_budget_is_processed_alone():
     loop = make_loop(KERNEL_BUFFER_MAX_BYTES=str(100_000))
     loop.ledger.add(P1, [big_record(P1, 0, 1_000_000)])
-    loop.apply_back_pressure()
+    loop.budget.apply()
     assert loop.consumer.paused() == {P0, P1}, "the others wait while it is held"
     settle_all(loop)
-    loop.apply_back_pressure()
+    loop.budget.apply()
     loop.commit()
     assert loop.consumer.commits() == [{P1: 1}]
     assert loop.consumer.paused() == {P1}, "P0 waited first; P1's next fetch could be as large again: it waits its turn"
     loop.ledger.add(P0, [big_record(P0, 0, 1_000)])
     settle_all(loop)
-    loop.turn_ends_s = time.monotonic()
-    loop.apply_back_pressure()
+    loop.budget.turn_ends_s = time.monotonic()
+    loop.budget.apply()
     assert loop.consumer.paused() == {P0}, "at the end of P0's turn P1 goes, alone"
 
 
@@ -739,20 +739,20 @@ def test_the_budget_decides_how_many_partitions_fetch_at_once_and_they_take_turn
     assert len(loop.consumer.paused()) == 1, "partitions that brought nothing yet join one at a time at first"
     loop.consumer.poll = lambda timeout_ms: {}
     loop.poll(0)
-    loop.apply_back_pressure()
+    loop.budget.apply()
     assert loop.consumer.paused() == set(), "then two"
     many = [TopicPartition("t", p) for p in range(2, 10)]
     loop.assigned(set(many))
     for tp in [P0, P1, *many]:  # every partition's last poll brought 300 KB, now finished
         loop.ledger.add(tp, [big_record(tp, 0, 300_000)])
     settle_all(loop)
-    loop.apply_back_pressure()
+    loop.budget.apply()
     fetching = set(loop.ledger.partitions) - loop.consumer.paused()
     assert len(fetching) == 3, "three fetches of 300 KB fit in 1 MB"
-    loop.apply_back_pressure()
+    loop.budget.apply()
     assert set(loop.ledger.partitions) - loop.consumer.paused() == fetching, "they keep their places for a turn"
-    loop.turn_ends_s = time.monotonic()
-    loop.apply_back_pressure()
+    loop.budget.turn_ends_s = time.monotonic()
+    loop.budget.apply()
     assert not fetching & (set(loop.ledger.partitions) - loop.consumer.paused()), "then those that waited go first"
 
 
