@@ -2127,11 +2127,11 @@ class KernelHandler:
     on runs of one partition's messages."""
 
     function: Callable
-    batch: bool = False
+    takes_batches: bool = False  # process_batch
 
     @property
     def name(self) -> str:
-        return "process_batch" if self.batch else "process_message"
+        return "process_batch" if self.takes_batches else "process_message"
 
 
 class Consequence(enum.Enum):
@@ -2147,7 +2147,7 @@ class TaskFailure:
     consequence: Consequence
     reason: str
     error: BaseException | None = None  # what stops the kernel, for Consequence.FATAL
-    batch: int | None = None  # process_batch: how many records from the failed one go together
+    batch_size: int | None = None  # process_batch: how many records from the failed one go together
     exception: str = "DeadLetter"  # for Consequence.DEAD_LETTER: what the dead letter says it was
     delay_s: float | None = None  # RetryLater: the wait it asked for (None: the backoff)
 
@@ -2199,10 +2199,10 @@ def failure_raised(handler_name: str, records: list, error: BaseException) -> Ta
     kernel stops with exit code 1."""
     if isinstance(error, DeadLetter):
         return TaskFailure(Consequence.DEAD_LETTER, str(error) or f"{handler_name} raised DeadLetter",
-                           batch=1 if handler_name == "process_batch" else None)
+                           batch_size=1 if handler_name == "process_batch" else None)
     if isinstance(error, RetryLater):
         return TaskFailure(Consequence.RETRY, str(error) or f"{handler_name} raised RetryLater",
-                           batch=len(records) if handler_name == "process_batch" else None, delay_s=error.seconds)
+                           batch_size=len(records) if handler_name == "process_batch" else None, delay_s=error.seconds)
     return fatal(handler_name, records, error)
 
 
@@ -2210,7 +2210,7 @@ def failure_returned(handler_name: str, records: list, result) -> TaskFailure:
     """What happens to `records` when the handler returned `result`, which is not True."""
     if result is False:
         return TaskFailure(Consequence.RETRY, f"{handler_name} returned False",
-                           batch=len(records) if handler_name == "process_batch" else None)
+                           batch_size=len(records) if handler_name == "process_batch" else None)
     return fatal(handler_name, records, TypeError(f"{handler_name} must return True or False, got {result!r}"))
 
 
@@ -2222,9 +2222,10 @@ def fatal(handler_name: str, records: list, error: BaseException) -> TaskFailure
     return TaskFailure(Consequence.FATAL, str(failed), failed)
 
 
-def undecodable(record: UndecodableRecord, batch: int | None = None) -> TaskFailure:
+def undecodable(record: UndecodableRecord, batch_size: int | None = None) -> TaskFailure:
     """A record the client could not decode: dead-lettered, never handed to the handler."""
-    return TaskFailure(Consequence.DEAD_LETTER, record.undecodable, batch=batch, exception="CorruptRecordError")
+    return TaskFailure(Consequence.DEAD_LETTER, record.undecodable, batch_size=batch_size,
+                       exception="CorruptRecordError")
 
 
 def confirm_sends(task: LaneTask, unconfirmed: deque, finished: int,
@@ -2252,17 +2253,18 @@ def confirm_sends(task: LaneTask, unconfirmed: deque, finished: int,
     return finished, None
 
 
-def undelivered(records: list, error: KafkaError, handler_name: str, batch: int | None) -> TaskFailure:
+def undelivered(records: list, error: KafkaError, handler_name: str, batch_size: int | None) -> TaskFailure:
     """What `records` sent was not confirmed: they are processed again (together, as a batch of
-    `batch`, with process_batch), after a backoff; or, when what they sent is too large ever to be
+    `batch_size`, with process_batch), after a backoff; or, when what they sent is too large ever to be
     delivered, dead-lettered saying so."""
     if isinstance(error, SIZE_ERRORS):
         return TaskFailure(Consequence.DEAD_LETTER, f"a message it sent is too large to be delivered ({error!r}): "
                            "raise the topic's max.message.bytes or KAFKA_FETCH_MAX_BYTES (the producer's limit), or "
-                           "send less", batch=batch)
+                           "send less", batch_size=batch_size)
     kernel_log.warning("A message %s sent for %s was not delivered (%r); it is processed again", handler_name,
                        batch_coordinates(records), error, extra=log_fields(records[0]) | REPEATING)
-    return TaskFailure(Consequence.RETRY, f"a message it sent was not delivered ({error!r})", batch=batch)
+    return TaskFailure(Consequence.RETRY, f"a message it sent was not delivered ({error!r})",
+                       batch_size=batch_size)
 
 
 def process_task(task: LaneTask, handler: Callable, stop: StopSignal, producer: KernelProducer | None = None,
@@ -2341,7 +2343,7 @@ def process_batch_task(task: LaneTask, handler: Callable, stop: StopSignal, prod
     records = next((task.records[:i] for i, record in enumerate(task.records) if type(record) is UndecodableRecord),
                    task.records)
     if not records:
-        return TaskOutcome(task, 0, undecodable(task.records[0], batch=1))
+        return TaskOutcome(task, 0, undecodable(task.records[0], batch_size=1))
     try:
         done, sends, failure = process_as_batch(handler, records, producer)
     finally:
@@ -2397,7 +2399,7 @@ class WorkerPool:
         self.count = count
         self.given: queue.SimpleQueue[LaneTask | None] = queue.SimpleQueue()  # None stops a worker
         self.handed_back: queue.SimpleQueue[TaskOutcome] = queue.SimpleQueue()
-        self.held: deque[TaskOutcome] = deque()  # handed back while the loop waited for others; taken first
+        self.back_early: deque[TaskOutcome] = deque()  # handed back while the loop waited for others; taken first
         for number in range(count):
             try:
                 threading.Thread(target=self.work, args=(process,), daemon=True, name=f"{name}-{number}").start()
@@ -2418,8 +2420,8 @@ class WorkerPool:
 
     def next_back(self, timeout_s: float) -> TaskOutcome | None:
         """The next task handed back, waiting up to `timeout_s` for one; None if none came."""
-        if self.held:
-            return self.held.popleft()
+        if self.back_early:
+            return self.back_early.popleft()
         try:
             return self.handed_back.get(timeout=timeout_s) if timeout_s > 0 else self.handed_back.get_nowait()
         except queue.Empty:
@@ -2427,10 +2429,10 @@ class WorkerPool:
 
     def wait_for(self, tasks: set[LaneTask], deadline_s: float) -> list[TaskOutcome]:
         """Wait until `tasks` are handed back or the deadline passes; what came of those that came
-        back. Other tasks handed back meanwhile are held for next_back."""
+        back. Other tasks handed back meanwhile are kept in back_early, for next_back."""
         waiting = set(tasks)
-        back = [outcome for outcome in self.held if outcome.task in waiting]
-        self.held = deque(outcome for outcome in self.held if outcome.task not in waiting)
+        back = [outcome for outcome in self.back_early if outcome.task in waiting]
+        self.back_early = deque(outcome for outcome in self.back_early if outcome.task not in waiting)
         waiting.difference_update(outcome.task for outcome in back)
         while waiting and (timeout_s := deadline_s - time.monotonic()) > 0:
             try:
@@ -2441,7 +2443,7 @@ class WorkerPool:
                 waiting.discard(outcome.task)
                 back.append(outcome)
             else:
-                self.held.append(outcome)
+                self.back_early.append(outcome)
         return back
 
     def stop(self) -> None:
@@ -2459,7 +2461,7 @@ class PendingRetry:
     offset: int
     attempts: int  # made so far
     due_s: float  # time.monotonic() of the next attempt
-    batch: int | None = None  # process_batch: the records tried again together, from the first
+    batch_size: int | None = None  # process_batch: the records tried again together, from the first
 
 
 @dataclasses.dataclass(eq=False, slots=True)
@@ -2514,11 +2516,11 @@ class PartitionState:
     fetched_end: int | None = None  # offset after the last fetched record
     committed: int | None = None  # the last offset this kernel committed
 
-    def hold(self, count: int, nbytes: int) -> None:
+    def add_unfinished(self, count: int, nbytes: int) -> None:
         self.unfinished += count
         self.unfinished_bytes += nbytes
 
-    def let_go(self, count: int, nbytes: int) -> None:
+    def drop_unfinished(self, count: int, nbytes: int) -> None:
         self.unfinished -= count
         self.unfinished_bytes -= nbytes
 
@@ -2548,7 +2550,7 @@ class PartitionState:
 # this many lanes in all, or twice as many as hold something.
 IDLE_LANES_KEPT = 8192
 # While the handler is quick (recent tasks took under QUICK_MESSAGE_S a message), a task takes several
-# lanes when more than TASKS_PER_WORKER are ready per worker: a task costs the loop a few microseconds,
+# lanes when more than TASKS_PER_WORKER are queued per worker: a task costs the loop a few microseconds,
 # as much as a no-op message, and a poll can bring hundreds of keys. A message then holds up only the
 # lanes after it in its task, and by little; a failed one hands them back. A slower handler gains
 # nothing from it: its tasks take one lane each, so a slow message holds up no other key.
@@ -2563,13 +2565,13 @@ class Ledger:
     Pure bookkeeping: no consumer, no threads, and the time comes from the caller, so a unit test
     drives it directly. Each count is kept in one place, the partition's state."""
 
-    def __init__(self, keyed: bool, batch: BatchPolicy | None = None, workers: int = 1):
+    def __init__(self, keyed: bool, batch_policy: BatchPolicy | None = None, workers: int = 1):
         self.keyed = keyed  # one lane per key (KERNEL_ORDERING=key above concurrency 1), else per partition
-        self.batch = batch  # process_batch: tasks of up to batch.max_messages, after waiting for more
-        self.tasks_wanted = TASKS_PER_WORKER * workers  # more lanes ready than this: several lanes a task
+        self.batch_policy = batch_policy  # process_batch: tasks of up to its max_messages, after waiting for more
+        self.tasks_wanted = TASKS_PER_WORKER * workers  # more lanes queued than this: several lanes a task
         self.message_s = QUICK_MESSAGE_S  # what a message took lately (a moving average over tasks)
         self.partitions: dict[TopicPartition, PartitionState] = {}  # the assigned ones
-        self.ready: dict[Lane, None] = {}  # lanes with records and nothing in flight or waiting, in order
+        self.queued: dict[Lane, None] = {}  # lanes with records and nothing in flight or waiting, in order
         self.retrying: set[Lane] = set()  # lanes waiting for a retry to be due
         self.in_flight: set[LaneTask] = set()
         self.lanes = 0  # in all the partitions
@@ -2596,26 +2598,26 @@ class Ledger:
         if state.fetched_end is None:  # where the group's committed offset (or the reset) put us
             state.committed = records[0].offset
         state.fetched_end = records[-1].offset + 1
-        # A lane that held nothing becomes ready for a task, and active. (One that holds some is ready
+        # A lane that held nothing is queued for a task, and active. (One that holds some is queued
         # already, or in flight, or waits for a retry.)
-        lanes, ready, active = state.lanes, self.ready, state.active
+        lanes, queued, active = state.lanes, self.queued, state.active
         if self.keyed:  # one record at a time, inline: a poll brings hundreds of keys of a few records each
             for record in records:
                 if (lane := lanes.get(record.key)) is None:
                     lane = self.new_lane(partition, state, record.key)
                 if not lane.records and lane.task is None:
-                    ready[lane] = active[lane] = None
+                    queued[lane] = active[lane] = None
                 lane.records.append(record)
         else:
             if (lane := lanes.get(None)) is None:
                 lane = self.new_lane(partition, state, None)
             if not lane.records and lane.task is None:
-                ready[lane] = active[lane] = None
+                queued[lane] = active[lane] = None
             lane.records += records
             if lane.waiting_since_s is None:
                 lane.waiting_since_s = now_s
         state.fetched_bytes = memory_cost(records)
-        state.hold(len(records), state.fetched_bytes)
+        state.add_unfinished(len(records), state.fetched_bytes)
         return state.fetched_bytes
 
     def new_lane(self, partition: TopicPartition, state: PartitionState, key: bytes | None) -> Lane:
@@ -2635,18 +2637,18 @@ class Ledger:
         self.lanes_kept = max(IDLE_LANES_KEPT, 2 * self.lanes)
 
     def start_tasks(self, now_s: float) -> list[LaneTask]:
-        """Tasks for the lanes that are ready (with process_batch, whose batch is full or has waited
+        """Tasks for the lanes that are queued (with process_batch, whose batch is full or has waited
         long enough), or whose retry is due by `now_s`; now in flight. A task takes one lane, or with
-        more than TASKS_PER_WORKER ready per worker while the handler is quick, several lanes of a
+        more than TASKS_PER_WORKER queued per worker while the handler is quick, several lanes of a
         partition, lane after lane."""
         for lane in [lane for lane in self.retrying if lane.retry.due_s <= now_s]:
             self.retrying.discard(lane)
-            self.ready[lane] = None
-        if self.batch is not None:
+            self.queued[lane] = None
+        if self.batch_policy is not None:
             return self.start_batches(now_s)
         tasks, task = [], None
-        lanes_per_task = -(-len(self.ready) // self.tasks_wanted) if self.message_s < QUICK_MESSAGE_S else 1
-        for lane in self.ready:
+        lanes_per_task = -(-len(self.queued) // self.tasks_wanted) if self.message_s < QUICK_MESSAGE_S else 1
+        for lane in self.queued:
             if task is None or len(task.lanes) == lanes_per_task or lane.partition != task.partition:
                 task = LaneTask(lane.partition, [], [])
                 tasks.append(task)
@@ -2656,21 +2658,21 @@ class Ledger:
             lane.end = len(task.records)
             lane.records = []
         self.in_flight.update(tasks)
-        self.ready.clear()
+        self.queued.clear()
         return tasks
 
     def start_batches(self, now_s: float) -> list[LaneTask]:
-        """With process_batch: a task of up to batch.max_messages records for each ready lane whose
-        batch is full or has waited batch.max_wait_s, and of a retried batch's records again."""
-        tasks = []
-        for lane in list(self.ready):
+        """With process_batch: a task of up to batch_policy.max_messages records for each queued lane
+        whose batch is full or has waited batch_policy.max_wait_s, and of a retried batch's records again."""
+        tasks, policy = [], self.batch_policy
+        for lane in list(self.queued):
             if lane.retry is not None:  # the same batch again
-                size = lane.retry.batch
-            elif len(lane.records) >= self.batch.max_messages or now_s >= lane.waiting_since_s + self.batch.max_wait_s:
-                size = min(len(lane.records), self.batch.max_messages)
+                size = lane.retry.batch_size
+            elif len(lane.records) >= policy.max_messages or now_s >= lane.waiting_since_s + policy.max_wait_s:
+                size = min(len(lane.records), policy.max_messages)
             else:
                 continue  # not full, and may wait for more
-            del self.ready[lane]
+            del self.queued[lane]
             records = lane.records[:size]
             del lane.records[:size]
             lane.task, lane.start, lane.end = LaneTask(lane.partition, [lane], records), 0, size
@@ -2682,9 +2684,9 @@ class Ledger:
 
     def next_batch_due_s(self) -> float | None:
         """When the oldest batch that is not full has waited long enough to be handed out."""
-        if self.batch is None:
+        if self.batch_policy is None:
             return None
-        return min((lane.waiting_since_s + self.batch.max_wait_s for lane in self.ready), default=None)
+        return min((lane.waiting_since_s + self.batch_policy.max_wait_s for lane in self.queued), default=None)
 
     def take_back(self, outcome: TaskOutcome) -> Lane | None:
         """A task came back: its finished records are done, the others go back to the head of their
@@ -2704,7 +2706,8 @@ class Ledger:
         if state is None or state.lanes.get(first.key) is not first:
             return None
         unfinished_lane = None
-        state.let_go(finished, memory_cost(task.records if finished == len(task.records) else task.records[:finished]))
+        state.drop_unfinished(finished, memory_cost(task.records if finished == len(task.records)
+                                                    else task.records[:finished]))
         for lane in task.lanes:
             if finished > lane.start and lane.retry is not None:  # the retried message succeeded
                 lane.retry = None
@@ -2717,19 +2720,19 @@ class Ledger:
             self.requeue(lane)
         return unfinished_lane
 
-    def retry_later(self, lane: Lane, attempts: int, due_s: float, batch: int | None = None) -> None:
-        lane.retry = PendingRetry(lane.records[0].offset, attempts, due_s, batch)
+    def retry_later(self, lane: Lane, attempts: int, due_s: float, batch_size: int | None = None) -> None:
+        lane.retry = PendingRetry(lane.records[0].offset, attempts, due_s, batch_size)
         self.retrying.add(lane)
 
     def pass_first(self, lane: Lane) -> None:
         """The lane's first record is dealt with without finishing (it was dead-lettered)."""
-        self.partitions[lane.partition].let_go(1, memory_cost((lane.records.pop(0),)))
+        self.partitions[lane.partition].drop_unfinished(1, memory_cost((lane.records.pop(0),)))
         lane.retry = None
 
     def requeue(self, lane: Lane) -> None:
-        """The lane has nothing in flight: ready if it has records and no retry pending."""
+        """The lane has nothing in flight: queued if it has records and no retry pending."""
         if lane.records and lane not in self.retrying:
-            self.ready[lane] = None
+            self.queued[lane] = None
         elif not lane.records:  # idle, kept for its key: as a new lane
             lane.waiting_since_s = None
 
@@ -2759,7 +2762,7 @@ class Ledger:
         for partition in partitions:
             state = self.partitions.pop(partition, None)
             for lane in state.lanes.values() if state is not None else ():
-                self.ready.pop(lane, None)
+                self.queued.pop(lane, None)
                 self.retrying.discard(lane)
             self.lanes -= len(state.lanes) if state is not None else 0
 
@@ -2790,9 +2793,9 @@ class FailurePolicy:
         self.metrics = metrics
 
     def apply(self, lane: Lane, failure: TaskFailure) -> None:
-        """The lane's first record (with process_batch, its first failure.batch records) failed:
+        """The lane's first record (with process_batch, its first failure.batch_size records) failed:
         dead-letter it (each of them), or schedule the next attempt."""
-        failed = list(itertools.islice(lane.records, failure.batch or 1))
+        failed = list(itertools.islice(lane.records, failure.batch_size or 1))
         attempts, reason = lane.attempt(failed[0].offset), failure.reason
         dead = failure.consequence is Consequence.DEAD_LETTER
         if not dead and self.retry.exhausted(attempts):
@@ -2810,8 +2813,9 @@ class FailurePolicy:
             failed, reason = failed[published:], f"it could not be dead-lettered ({error!r})"
         self.metrics.retried.labels(failed[0].topic).inc(len(failed))
         delay_s = self.retry.delay_s(attempts, failure.delay_s)
-        batch = None if failure.batch is None else len(failed)  # with process_batch: what is tried again together
-        self.ledger.retry_later(lane, attempts, time.monotonic() + delay_s, batch)
+        # with process_batch: what is tried again together
+        batch_size = None if failure.batch_size is None else len(failed)
+        self.ledger.retry_later(lane, attempts, time.monotonic() + delay_s, batch_size)
         capped = (f" (RetryLater asked for {failure.delay_s:.1f} s: capped at KERNEL_RETRY_MAX_MS)"
                   if failure.delay_s is not None and failure.delay_s > delay_s else "")
         kernel_log.warning("%s for %s (attempt %d); retrying in %.1f s%s", reason, batch_coordinates(failed), attempts,
@@ -2832,8 +2836,8 @@ class Watchdog:
     seconds, each partition's lag."""
 
     def __init__(self, settings: KernelSettings, ledger: Ledger, health: HealthState, metrics: KernelMetrics,
-                 handler: KernelHandler):
-        self.handler = handler
+                 kernel_handler: KernelHandler):
+        self.kernel_handler = kernel_handler
         self.max_poll_interval_ms = settings.max_poll_interval_ms
         self.ledger = ledger
         self.health = health
@@ -2851,10 +2855,11 @@ class Watchdog:
         for task, finished, started_s in running:
             if task.warned_slow != finished and now - started_s > self.max_poll_interval_ms / 2000:
                 task.warned_slow = finished
-                in_hand = task.records[finished:] if self.handler.batch else [task.records[finished]]
+                in_hand = task.records[finished:] if self.kernel_handler.takes_batches else [task.records[finished]]
                 kernel_log.warning(
                     "%s has been running for %.0f s on %s: a rebalance waits for it at most "
-                    "KAFKA_MAX_POLL_INTERVAL_MS (%d ms) before the group moves its partitions on", self.handler.name,
+                    "KAFKA_MAX_POLL_INTERVAL_MS (%d ms) before the group moves its partitions on",
+                    self.kernel_handler.name,
                     now - started_s, batch_coordinates(in_hand), self.max_poll_interval_ms,
                     extra=log_fields(in_hand[0]),
                 )
@@ -3093,17 +3098,18 @@ class ConsumerLoop:
     memory.
     """
 
-    def __init__(self, consumer: KafkaConsumer, settings: KernelSettings, handler: KernelHandler, stop: StopSignal,
-                 tls: TlsFiles | None = None, health: HealthState | None = None, metrics: KernelMetrics | None = None,
-                 tracing: Tracing | None = None):
+    def __init__(self, consumer: KafkaConsumer, settings: KernelSettings, kernel_handler: KernelHandler,
+                 stop: StopSignal, tls: TlsFiles | None = None, health: HealthState | None = None,
+                 metrics: KernelMetrics | None = None, tracing: Tracing | None = None):
         self.consumer = consumer
         self.settings = settings
         self.stop = stop
-        self.handler = handler
-        self.health = health or HealthState(settings, handler.name)
+        self.kernel_handler = kernel_handler
+        self.health = health or HealthState(settings, kernel_handler.name)
         self.metrics = metrics or KernelMetrics()
-        keyed = settings.ordering == "key" and settings.concurrency > 1 and not handler.batch
-        self.ledger = Ledger(keyed, settings.batch if handler.batch else None, settings.concurrency)
+        takes_batches = kernel_handler.takes_batches
+        keyed = settings.ordering == "key" and settings.concurrency > 1 and not takes_batches
+        self.ledger = Ledger(keyed, settings.batch if takes_batches else None, settings.concurrency)
         self.budget = FetchBudget(consumer, settings, self.ledger, self.metrics)
         self.failed_while_stopping = False  # process_message raised on a message in hand at shutdown
         # One poll's worth, and enough to keep every worker busy, is buffered before polling pauses.
@@ -3116,12 +3122,13 @@ class ConsumerLoop:
         dead_letters = (DeadLetterTopic(settings, self.producer, self.metrics, self.health, tracing)
                         if settings.dead_letter_topic else None)
         self.failures = FailurePolicy(settings, self.ledger, dead_letters, self.metrics)
-        self.watchdog = Watchdog(settings, self.ledger, self.health, self.metrics, handler)
-        process = process_batch_task if handler.batch else process_task
+        self.watchdog = Watchdog(settings, self.ledger, self.health, self.metrics, kernel_handler)
+        process = process_batch_task if takes_batches else process_task
         if tracing is not None:  # chosen once: without tracing, the workers call the handler as it is
-            process = tracing.traced(process, handler.batch)
-        self.workers = WorkerPool(settings.concurrency, handler.name,
-                                  lambda task: process(task, handler.function, stop, self.producer, per_message))
+            process = tracing.traced(process, takes_batches)
+        handler = kernel_handler.function
+        self.workers = WorkerPool(settings.concurrency, kernel_handler.name,
+                                  lambda task: process(task, handler, stop, self.producer, per_message))
 
     def run(self) -> int:
         """Consume until stopped, or until a failure stops the kernel; the exit code."""
@@ -3198,8 +3205,7 @@ class ConsumerLoop:
 
     def settle_handed_back(self, timeout_s: float) -> bool:
         """Settle the tasks the workers handed back, waiting up to `timeout_s` for the first."""
-        outcome = self.workers.next_back(timeout_s)
-        if outcome is None:
+        if (outcome := self.workers.next_back(timeout_s)) is None:
             return False
         while outcome is not None:
             self.settle(outcome)
@@ -3257,7 +3263,7 @@ class ConsumerLoop:
         and forget them; the next owner starts from that commit, retries included."""
         failed = self.recall(self.ledger.tasks_of(partitions), self.settings.max_poll_interval_ms / 1000)
         # kafka-python swallows what this callback raises: the loop settles these once poll() returns.
-        self.workers.held.extend(failed)
+        self.workers.back_early.extend(failed)
         self.commit(partitions, force=True)
         self.health.joined = False
         self.watchdog.forget(partitions)
@@ -3284,16 +3290,16 @@ class ConsumerLoop:
             kernel_log.error("%s while stopping; it stays uncommitted", error, exc_info=error.__cause__ or error)
             self.failed_while_stopping = True
         if self.ledger.in_flight:
-            kernel_log.warning("%d %s still in %s after KERNEL_SHUTDOWN_TIMEOUT_MS: left uncommitted, to be "
-                               "processed again", len(self.ledger.in_flight),
-                               "batch(es)" if self.handler.batch else "message(s)", self.handler.name)
+            kernel_log.warning("%d %s still in %s after KERNEL_SHUTDOWN_TIMEOUT_MS: left uncommitted, to be processed "
+                               "again", len(self.ledger.in_flight), "batch(es)" if self.kernel_handler.takes_batches
+                               else "message(s)", self.kernel_handler.name)
 
     def close(self) -> None:
         """Finish: drain, commit what finished, stop the workers and the producer, leave the group."""
         self.health.joined = False
         self.drain()
         self.commit(force=True)
-        if uncommitted := self.ledger.commits_due():  # the last word on it: a repeated warning may be held back
+        if uncommitted := self.ledger.commits_due():  # the last word on it: a repeated warning may be throttled
             kernel_log.error("Could not commit before stopping: what finished before %s is processed again by the "
                              "partitions' next owner", format_partitions(uncommitted, uncommitted))
         self.workers.stop()
@@ -3583,11 +3589,11 @@ def run_kernel(process_message: Callable | None = None, *, process_batch: Callab
     deployment instead of consuming."""
     if (process_message is None) == (process_batch is None):
         raise TypeError("run_kernel() takes process_message or process_batch, one of them")
-    handler = KernelHandler(process_batch, batch=True) if process_batch else KernelHandler(process_message)
+    handler = KernelHandler(process_batch, takes_batches=True) if process_batch else KernelHandler(process_message)
     argv = sys.argv if argv is None else argv
     if argv[1:] == ["check"]:
         return check_deployment(os.environ, name, default_topic, dotenv_file(os.environ), read_settings,
-                                handler.batch)
+                                handler.takes_batches)
     if argv[1:]:
         print(f"usage: {argv[0]} [check]", file=sys.stderr)
         return EXIT_CONFIG
@@ -3597,7 +3603,7 @@ def run_kernel(process_message: Callable | None = None, *, process_batch: Callab
     try:
         read_dotenv(dotenv_file(os.environ))
         settings = load_settings(os.environ, name, default_topic)
-        if handler.batch:
+        if handler.takes_batches:
             settings.check_batch_limit()
         if read_settings is not None:
             read_settings()
@@ -3644,4 +3650,4 @@ check_your_part(names_of_your_part)
 
 # The machinery's digest as the template shipped it (devtools/stamp_machinery.py writes it): `check` and
 # tests/test_template.py compare it with what is above, from "# End of your kernel" on.
-MACHINERY_SHA256 = "3ee4f1926295782f1ecd9a16b1943c8423520bbbab543d487225ef42c87299a8"
+MACHINERY_SHA256 = "76b5de21a7b61d3f6137dca911b2616a8f2c71fd462da7bea57a809f643f1b1b"

@@ -130,7 +130,7 @@ def test_a_task_of_several_lanes_commits_below_each_lanes_first_unfinished_and_h
     lane = back(book, task, finished=3, failure=TaskFailure(Consequence.RETRY, "False"))
     assert lane.key == b"b" and [r.offset for r in lane.records] == [4], "b's unfinished one, for its retry"
     c = book.partitions[P0].lanes[b"c"]
-    assert [r.offset for r in c.records] == [2, 5] and c in book.ready, "the lanes after it go back, ready at once"
+    assert [r.offset for r in c.records] == [2, 5] and c in book.queued, "the lanes after it go back, queued at once"
     assert book.unfinished == 3 and book.commits_due() == {P0: 2}
     book.retry_later(lane, attempts=1, due_s=10)
     book.requeue(lane)
@@ -256,7 +256,7 @@ def test_the_memory_unfinished_records_hold_is_counted_with_them():
 
 
 def batches(max_messages=3, max_wait_s=1.0) -> main.Ledger:
-    book = main.Ledger(keyed=False, batch=main.BatchPolicy(max_messages, max_wait_s))
+    book = main.Ledger(keyed=False, batch_policy=main.BatchPolicy(max_messages, max_wait_s))
     book.assign({P0, P1})
     return book
 
@@ -282,13 +282,13 @@ def test_a_retried_batch_is_the_same_batch_and_what_follows_a_dead_letter_goes_i
     book = batches(max_messages=2)
     book.add(P0, [record(P0, offset) for offset in range(5)], now_s=0)
     [task] = book.start_tasks(0)
-    lane = back(book, task, finished=0, failure=TaskFailure(Consequence.RETRY, "False", batch=2))
-    book.retry_later(lane, attempts=1, due_s=5, batch=2)
+    lane = back(book, task, finished=0, failure=TaskFailure(Consequence.RETRY, "False", batch_size=2))
+    book.retry_later(lane, attempts=1, due_s=5, batch_size=2)
     book.requeue(lane)
     book.add(P0, [record(P0, 5)], now_s=1)
     [task] = book.start_tasks(now_s=5)
     assert [r.offset for r in task.records] == [0, 1], "the same two, however many are waiting"
-    lane = back(book, task, finished=1, failure=TaskFailure(Consequence.DEAD_LETTER, "bad", batch=1))
+    lane = back(book, task, finished=1, failure=TaskFailure(Consequence.DEAD_LETTER, "bad", batch_size=1))
     book.pass_first(lane)  # offset 1, dead-lettered
     book.requeue(lane)
     assert book.commits_due() == {P0: 2}

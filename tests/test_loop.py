@@ -585,11 +585,11 @@ def test_a_task_handed_back_while_the_loop_waits_for_another_is_held_then_found(
     wait_for(lambda: workers.handed_back.qsize() == 1)  # back before anyone waits for it
     workers.give(first)
     assert [outcome.task for outcome in workers.wait_for({first}, time.monotonic() + 5)] == [first]
-    assert [outcome.task for outcome in workers.held] == [second]
+    assert [outcome.task for outcome in workers.back_early] == [second]
     started = time.monotonic()
     assert [outcome.task for outcome in workers.wait_for({second}, time.monotonic() + 5)] == [second], \
-        "found among the held ones"
-    assert time.monotonic() - started < 0.5 and not workers.held
+        "found among those back early"
+    assert time.monotonic() - started < 0.5 and not workers.back_early
     workers.stop()
 
 
@@ -603,7 +603,7 @@ def test_revocation_finds_the_task_it_waits_for_among_those_already_handed_back(
     release.set()
     wait_for(lambda: loop.workers.handed_back.qsize() == 2)
     main.RebalanceListener(loop).on_partitions_revoked([P1])
-    assert len(loop.workers.held) == 1 and loop.workers.held[0].task.partition == P0
+    assert len(loop.workers.back_early) == 1 and loop.workers.back_early[0].task.partition == P0
     assert loop.consumer.commits() == [{P1: 1}]
     settle_all(loop)
     loop.commit()
@@ -655,7 +655,7 @@ def test_a_fatal_failure_while_stopping_is_logged_and_makes_the_exit_code_1(capl
 def make_batch_loop(handler, **env):
     settings = main.load_settings({"KAFKA_BOOTSTRAP_SERVERS": "a:1", "KERNEL_BATCH_MAX_WAIT_MS": "0", **env},
                                   "test-kernel", "t")
-    loop = main.ConsumerLoop(RecordingConsumer(), settings, main.KernelHandler(handler, batch=True), main.StopSignal())
+    loop = main.ConsumerLoop(RecordingConsumer(), settings, main.KernelHandler(handler, takes_batches=True), main.StopSignal())
     loop.assigned({P0, P1})
     return loop
 
@@ -697,7 +697,7 @@ def test_a_batch_whose_dead_letters_are_only_partly_published_keeps_the_rest():
     assert loop.settle_handed_back(timeout_s=5)
     loop.commit()
     lane = loop.ledger.partitions[P0].lanes[None]
-    assert [r.offset for r in lane.records] == [1, 2] and lane.retry.batch == 2
+    assert [r.offset for r in lane.records] == [1, 2] and lane.retry.batch_size == 2
     assert loop.consumer.commits() == [{P0: 1}] and loop.metrics.dead_lettered.labels("t")._value.get() == 1
 
 
