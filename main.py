@@ -2849,8 +2849,11 @@ class Watchdog:
         if now - self.last_slow_check_s < KEEPALIVE_INTERVAL_S:
             return
         self.last_slow_check_s = now
-        running = [(task, finished, started_s) for task in self.ledger.in_flight
-                   for finished, started_s in (task.progress,) if started_s and finished < len(task.records)]
+        running = []  # (task, finished, started_s) of those with a message in hand
+        for task in self.ledger.in_flight:
+            finished, started_s = task.progress
+            if started_s and finished < len(task.records):
+                running.append((task, finished, started_s))
         self.health.busy_since_s = min((started_s for _, _, started_s in running), default=None)
         for task, finished, started_s in running:
             if task.warned_slow != finished and now - started_s > self.max_poll_interval_ms / 2000:
@@ -2859,8 +2862,7 @@ class Watchdog:
                 kernel_log.warning(
                     "%s has been running for %.0f s on %s: a rebalance waits for it at most "
                     "KAFKA_MAX_POLL_INTERVAL_MS (%d ms) before the group moves its partitions on",
-                    self.kernel_handler.name,
-                    now - started_s, batch_coordinates(in_hand), self.max_poll_interval_ms,
+                    self.kernel_handler.name, now - started_s, batch_coordinates(in_hand), self.max_poll_interval_ms,
                     extra=log_fields(in_hand[0]),
                 )
 
@@ -3650,4 +3652,4 @@ check_your_part(names_of_your_part)
 
 # The machinery's digest as the template shipped it (devtools/stamp_machinery.py writes it): `check` and
 # tests/test_template.py compare it with what is above, from "# End of your kernel" on.
-MACHINERY_SHA256 = "76b5de21a7b61d3f6137dca911b2616a8f2c71fd462da7bea57a809f643f1b1b"
+MACHINERY_SHA256 = "5b2f4e46cfeafda7b11b6c69279575464b52bccefac829182362c32c4a51aa8f"
