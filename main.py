@@ -2193,6 +2193,14 @@ def start_sends(producer: KernelProducer | None) -> list[Future]:
     return sends
 
 
+def fatal_failure(handler_name: str, records: list, error: BaseException) -> TaskFailure:
+    """The kernel stops (exit 1) with MessageFailed, caused by `error`, which the handler raised on
+    `records` or which says what it returned instead of True or False."""
+    failed = MessageFailed(handler_name, records)
+    failed.__cause__ = error  # as `raise failed from error` would
+    return TaskFailure(Consequence.FATAL, str(failed), failed)
+
+
 def failure_raised(handler_name: str, records: list, error: BaseException) -> TaskFailure:
     """What happens to `records` when the handler raised `error` on them: dead-lettered for
     DeadLetter, retried for RetryLater; for anything else (SystemExit and KeyboardInterrupt too) the
@@ -2203,7 +2211,7 @@ def failure_raised(handler_name: str, records: list, error: BaseException) -> Ta
     if isinstance(error, RetryLater):
         return TaskFailure(Consequence.RETRY, str(error) or f"{handler_name} raised RetryLater",
                            batch_size=len(records) if handler_name == "process_batch" else None, delay_s=error.seconds)
-    return fatal(handler_name, records, error)
+    return fatal_failure(handler_name, records, error)
 
 
 def failure_returned(handler_name: str, records: list, result) -> TaskFailure:
@@ -2211,15 +2219,7 @@ def failure_returned(handler_name: str, records: list, result) -> TaskFailure:
     if result is False:
         return TaskFailure(Consequence.RETRY, f"{handler_name} returned False",
                            batch_size=len(records) if handler_name == "process_batch" else None)
-    return fatal(handler_name, records, TypeError(f"{handler_name} must return True or False, got {result!r}"))
-
-
-def fatal(handler_name: str, records: list, error: BaseException) -> TaskFailure:
-    """The kernel stops (exit 1) with MessageFailed, caused by `error`, which the handler raised on
-    `records` or which says what it returned instead of True or False."""
-    failed = MessageFailed(handler_name, records)
-    failed.__cause__ = error  # as `raise failed from error` would
-    return TaskFailure(Consequence.FATAL, str(failed), failed)
+    return fatal_failure(handler_name, records, TypeError(f"{handler_name} must return True or False, got {result!r}"))
 
 
 def undecodable(record: UndecodableRecord, batch_size: int | None = None) -> TaskFailure:
@@ -2372,7 +2372,7 @@ def process_as_batch(handler: Callable, records: list,
             return 0, [], failure_raised("process_batch", records, error)
         index = next((i for i, record in enumerate(records) if record is error.message), None)
         if index is None:
-            return 0, [], fatal("process_batch", records, TypeError(
+            return 0, [], fatal_failure("process_batch", records, TypeError(
                 "DeadLetter from process_batch must name one of its messages: DeadLetter(reason, message=messages[i])"))
         return index, sends, failure_raised("process_batch", records, error)
     finally:
@@ -3652,4 +3652,4 @@ check_your_part(names_of_your_part)
 
 # The machinery's digest as the template shipped it (devtools/stamp_machinery.py writes it): `check` and
 # tests/test_template.py compare it with what is above, from "# End of your kernel" on.
-MACHINERY_SHA256 = "5b2f4e46cfeafda7b11b6c69279575464b52bccefac829182362c32c4a51aa8f"
+MACHINERY_SHA256 = "8ddf93e8ec7c67adf2dff58de853646ca6559d82f09d8dd6db9eed71c784ef56"
