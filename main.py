@@ -1813,11 +1813,11 @@ class KernelHandler:
     on runs of one partition's messages."""
 
     function: Callable
-    batch: bool = False
+    takes_batches: bool = False  # process_batch
 
     @property
     def name(self) -> str:
-        return "process_batch" if self.batch else "process_message"
+        return "process_batch" if self.takes_batches else "process_message"
 
 
 class Consequence(enum.Enum):
@@ -1833,7 +1833,7 @@ class TaskFailure:
     consequence: Consequence
     reason: str
     error: BaseException | None = None  # what stops the kernel, for Consequence.FATAL
-    batch: int | None = None  # process_batch: how many records from the failed one go together
+    batch_size: int | None = None  # process_batch: how many records from the failed one go together
     exception: str = "DeadLetter"  # for Consequence.DEAD_LETTER: what the dead letter says it was
     delay_s: float | None = None  # RetryLater: the wait it asked for (None: the backoff)
 
@@ -1843,125 +1843,83 @@ class LaneTask:
     """Records of one or more lanes of a partition handed to a worker thread, processed one after
     another: each lane's in offset order, lane after lane (its part is records[lane.start:lane.end]).
 
-    The worker counts the records it finished and, if it stops before the end, says why in
-    `failure`; the loop reads both once the task comes back. The loop sets `cancelled` to have the
-    worker stop after the message in hand (a revocation, a shutdown)."""
+    The loop hands it out and the worker hands back a TaskOutcome; while it runs, the worker says
+    how far it got in `progress`, one value written whole, which the loop reads to commit and to
+    watch for slow messages. The loop sets `cancelled` to have the worker stop after the message in
+    hand (a revocation, a shutdown)."""
 
     partition: TopicPartition
     lanes: list[Lane]
     records: list
-    finished: int = 0  # records[:finished] returned True and what they sent is confirmed
-    failure: TaskFailure | None = None  # why records[finished] did not finish
-    started_s: float = 0.0  # time.monotonic() when records[finished] started
-    warned_slow: int = -1  # the `finished` index a slowness warning was logged for
+    # (finished, started_s): records[:finished] are done (returned True, what they sent confirmed), and
+    # the one in hand started at time.monotonic() started_s (0.0: none yet).
+    progress: tuple[int, float] = (0, 0.0)
+    warned_slow: int = -1  # the `finished` index a slowness warning was logged for (the loop's)
     cancelled: bool = False
-    seconds: float = 0.0  # how long process_task took over it
-
-    @property
-    def running(self) -> bool:
-        return bool(self.started_s) and self.finished < len(self.records)
 
 
-@contextlib.contextmanager
-def sends_of_calls(producer: KernelProducer | None) -> Iterator[list[Future]]:
-    """While in the block, send() on this worker thread goes to `producer`, and its futures into the
-    list yielded, for the caller to take after each call. (process_task does the same inline.)"""
-    current_call.producer, current_call.sends = producer, []
-    try:
-        yield current_call.sends
-    finally:
-        current_call.sends = None
+class TaskOutcome:
+    """What a worker did with a task, made once it is done with it, handed back whole, never changed."""
+
+    __slots__ = ("task", "finished", "failure", "seconds")  # a dataclass takes longer to make: it is once a task
+
+    def __init__(self, task: LaneTask, finished: int, failure: TaskFailure | None = None, seconds: float = 0.0):
+        self.task = task
+        self.finished = finished  # task.records[:finished] are done
+        self.failure = failure  # why records[finished] did not finish (None: all did, or it was cancelled)
+        self.seconds = seconds  # how long process_task took over it
 
 
-def call_handler(handler: Callable, argument, producer: KernelProducer | None) -> tuple[object, list[Future]]:
-    """handler(argument), process_batch(records) say, with send() going to `producer`; its result and
-    the sends it made (also kept on a DeadLetter it raises, as .sends)."""
-    with sends_of_calls(producer) as sends:
-        try:
-            return handler(argument), sends
-        except DeadLetter as rejection:
-            rejection.sends = sends
-            raise
+def start_sends(producer: KernelProducer | None) -> list[Future]:
+    """From now until current_call.sends is None again, send() on this worker thread goes to
+    `producer`, and its futures into the list returned, for the caller to take after each call. (Not
+    a context manager: that costs a microsecond a task, and with many keys a task can be a message or two.)"""
+    sends = current_call.sends = []
+    current_call.producer = producer
+    return sends
 
 
-def process_record(handler: Callable, record) -> TaskFailure | None:
-    """Call process_message on one record: None if it returned True, else why not."""
-    try:
-        result = handler(record)
-    except BaseException as error:
-        return failure_raised(record, error)
-    return None if result is True else failure_returned(record, result)
+def fatal_failure(handler_name: str, records: list, error: BaseException) -> TaskFailure:
+    """The kernel stops (exit 1) with MessageFailed, caused by `error`, which the handler raised on
+    `records` or which says what it returned instead of True or False."""
+    failed = MessageFailed(handler_name, records)
+    failed.__cause__ = error  # as `raise failed from error` would
+    return TaskFailure(Consequence.FATAL, str(failed), failed)
 
 
-def failure_raised(record, error: BaseException) -> TaskFailure:
-    """What happens to a record whose process_message raised `error`: dead-lettered for DeadLetter,
-    retried for RetryLater; for anything else (SystemExit and KeyboardInterrupt too) the kernel stops
-    with exit code 1."""
+def failure_raised(handler_name: str, records: list, error: BaseException) -> TaskFailure:
+    """What happens to `records` when the handler raised `error` on them: dead-lettered for
+    DeadLetter, retried for RetryLater; for anything else (SystemExit and KeyboardInterrupt too) the
+    kernel stops with exit code 1."""
     if isinstance(error, DeadLetter):
-        return TaskFailure(Consequence.DEAD_LETTER, str(error) or "process_message raised DeadLetter")
+        return TaskFailure(Consequence.DEAD_LETTER, str(error) or f"{handler_name} raised DeadLetter",
+                           batch_size=1 if handler_name == "process_batch" else None)
     if isinstance(error, RetryLater):
-        return TaskFailure(Consequence.RETRY, str(error) or "process_message raised RetryLater", delay_s=error.seconds)
-    raise MessageFailed("process_message", [record]) from error
+        return TaskFailure(Consequence.RETRY, str(error) or f"{handler_name} raised RetryLater",
+                           batch_size=len(records) if handler_name == "process_batch" else None, delay_s=error.seconds)
+    return fatal_failure(handler_name, records, error)
 
 
-def undecodable(record: UndecodableRecord, batch: int | None = None) -> TaskFailure:
+def failure_returned(handler_name: str, records: list, result) -> TaskFailure:
+    """What happens to `records` when the handler returned `result`, which is not True."""
+    if result is False:
+        return TaskFailure(Consequence.RETRY, f"{handler_name} returned False",
+                           batch_size=len(records) if handler_name == "process_batch" else None)
+    return fatal_failure(handler_name, records, TypeError(f"{handler_name} must return True or False, got {result!r}"))
+
+
+def undecodable(record: UndecodableRecord, batch_size: int | None = None) -> TaskFailure:
     """A record the client could not decode: dead-lettered, never handed to the handler."""
-    return TaskFailure(Consequence.DEAD_LETTER, record.undecodable, batch=batch, exception="CorruptRecordError")
+    return TaskFailure(Consequence.DEAD_LETTER, record.undecodable, batch_size=batch_size,
+                       exception="CorruptRecordError")
 
 
-def failure_returned(record, result) -> TaskFailure:
-    """What happens to a record whose process_message returned `result`, which is not True."""
-    if result is False:
-        return TaskFailure(Consequence.RETRY, "process_message returned False")
-    raise MessageFailed("process_message", [record]) from TypeError(
-        f"process_message must return True or False, got {result!r}")
-
-
-@dataclasses.dataclass(frozen=True)
-class BatchOutcome:
-    done: int  # how many of the records, from the first, count as done once `sends` are confirmed
-    sends: list[Future]
-    failure: TaskFailure | None = None  # what happens to records[done:]
-
-
-def process_as_batch(handler: Callable, records: list, producer: KernelProducer | None) -> BatchOutcome:
-    """Call process_batch on `records`: True, all done; False (or RetryLater), the batch is tried again
-    as it is; DeadLetter naming one of them, those before it are done and it is dead-lettered."""
-    try:  # a list of its own: a handler that filters or sorts it in place changes nothing of the kernel's
-        result, sends = call_handler(handler, list(records), producer)
-    except DeadLetter as rejection:
-        index = next((i for i, record in enumerate(records) if record is rejection.message), None)
-        if index is None:
-            raise MessageFailed("process_batch", records) from TypeError(
-                "DeadLetter from process_batch must name one of its messages: DeadLetter(reason, message=messages[i])")
-        reason = str(rejection) or "process_batch raised DeadLetter"
-        return BatchOutcome(index, rejection.sends, TaskFailure(Consequence.DEAD_LETTER, reason, batch=1))
-    except RetryLater as later:
-        return BatchOutcome(0, [], TaskFailure(Consequence.RETRY, str(later) or "process_batch raised RetryLater",
-                                               batch=len(records), delay_s=later.seconds))
-    except BaseException as error:
-        raise MessageFailed("process_batch", records) from error
-    if result is True:
-        return BatchOutcome(len(records), sends)
-    if result is False:
-        return BatchOutcome(0, [], TaskFailure(Consequence.RETRY, "process_batch returned False", batch=len(records)))
-    raise MessageFailed("process_batch", records) from TypeError(
-        f"process_batch must return True or False, got {result!r}")
-
-
-def first_delivery_error(sends: list[Future], timeout_s: float) -> KafkaError | None:
-    """Wait up to `timeout_s` in all for the broker to confirm `sends`; the first error, if any."""
-    deadline_s = time.monotonic() + timeout_s
-    for future in sends:
-        if (error := delivery_error(future, max(0.0, deadline_s - time.monotonic()))) is not None:
-            return error
-    return None
-
-
-def confirm_sends(task: LaneTask, unconfirmed: deque, timeout_s: float) -> None:
-    """Advance task.finished over the records whose sends the broker confirmed, in order; with a
-    zero timeout only as far as confirmations have already arrived. A failed send stops the advance
-    at its record, which is then tried again: its outputs may be sent twice, never lost."""
+def confirm_sends(task: LaneTask, unconfirmed: deque, finished: int,
+                  timeout_s: float) -> tuple[int, TaskFailure | None]:
+    """Advance `finished` over the records whose sends the broker confirmed, in order; with a zero
+    timeout only as far as confirmations have already arrived, else waiting, each step published in
+    task.progress for the loop to commit. A failed send stops the advance at its record, which is then
+    tried again (the failure returned): its outputs may be sent twice, never lost."""
     deadline_s = time.monotonic() + timeout_s if timeout_s else 0.0
     while unconfirmed:
         for future in unconfirmed[0]:  # once per message sent: checked inline, waited for only when it must
@@ -1970,75 +1928,74 @@ def confirm_sends(task: LaneTask, unconfirmed: deque, timeout_s: float) -> None:
             elif timeout_s:
                 error = delivery_error(future, max(0.0, deadline_s - time.monotonic()))
             else:
-                return
+                return finished, None
             if error is not None:
-                undelivered(task, task.records[task.finished:task.finished + 1], error, "process_message", None)
                 unconfirmed.clear()
-                return
+                return finished, undelivered(task.records[finished:finished + 1], error, "process_message", None)
         unconfirmed.popleft()
-        task.finished += 1
+        finished += 1
+        if timeout_s:
+            task.progress = (finished, task.progress[1])
+    return finished, None
 
 
-def undelivered(task: LaneTask, records: list, error: KafkaError, handler_name: str, batch: int | None) -> None:
+def undelivered(records: list, error: KafkaError, handler_name: str, batch_size: int | None) -> TaskFailure:
     """What `records` sent was not confirmed: they are processed again (together, as a batch of
-    `batch`, with process_batch), after a backoff; or, when what they sent is too large ever to be
+    `batch_size`, with process_batch), after a backoff; or, when what they sent is too large ever to be
     delivered, dead-lettered saying so."""
     if isinstance(error, SIZE_ERRORS):
-        task.failure = TaskFailure(Consequence.DEAD_LETTER, f"a message it sent is too large to be delivered "
-                                   f"({error!r}): raise the topic's max.message.bytes or KAFKA_FETCH_MAX_BYTES (the "
-                                   "producer's limit), or send less", batch=batch)
-        return
-    task.failure = TaskFailure(Consequence.RETRY, f"a message it sent was not delivered ({error!r})", batch=batch)
+        return TaskFailure(Consequence.DEAD_LETTER, f"a message it sent is too large to be delivered ({error!r}): "
+                           "raise the topic's max.message.bytes or KAFKA_FETCH_MAX_BYTES (the producer's limit), or "
+                           "send less", batch_size=batch_size)
     kernel_log.warning("A message %s sent for %s was not delivered (%r); it is processed again", handler_name,
                        batch_coordinates(records), error, extra=log_fields(records[0]) | REPEATING)
+    return TaskFailure(Consequence.RETRY, f"a message it sent was not delivered ({error!r})",
+                       batch_size=batch_size)
 
 
 def process_task(task: LaneTask, handler: Callable, stop: StopSignal, producer: KernelProducer | None = None,
-                 metrics: KernelMetrics | None = None) -> None:
-    """Call the handler on each record of `task` until one is not done (on a worker thread).
-
-    A record counts as finished once the broker has confirmed what its call sent; the confirmations
-    are collected without waiting as the records go by, and waited for when the task ends. This is
-    the kernel's innermost loop: what it does per message, every kernel pays for, so it calls the
-    handler itself (process_record's rules, its slow paths shared) and looks up nothing twice."""
+                 metrics: KernelMetrics | None = None) -> TaskOutcome:
+    """Call process_message on each record of `task` until one is not done (on a worker thread, and in
+    tests/kit.py's call()); what came of it. A record counts as finished once the broker confirmed what
+    its call sent: collected without waiting as the records go by, waited for when the task ends. The
+    kernel's innermost loop: what it does per message, every kernel pays for, so it looks up nothing twice."""
     if metrics is not None:
         handler = measured(handler, metrics.calls.tally(task.partition.topic))
     unconfirmed: deque[list[Future]] = deque()  # sends of the records after records[finished] that returned True
-    monotonic = time.monotonic
-    # sends_of_calls() inlined: a context manager costs a microsecond, and with many keys a task can be a
-    # message or two.
-    sends: list[Future] = []
-    current_call.producer, current_call.sends = producer, sends
+    monotonic, finished, failure = time.monotonic, 0, None
+    sends = start_sends(producer)
     began_s = monotonic()
     try:
         for record in task.records:
             if task.cancelled or stop.requested:
-                return
-            task.started_s = monotonic()
+                break
+            task.progress = (finished, monotonic())
             if type(record) is UndecodableRecord:
-                task.failure = undecodable(record)
-                return
+                failure = undecodable(record)
+                break
             try:
                 result = handler(record)
             except BaseException as error:
-                task.failure = failure_raised(record, error)
-                return
+                failure = failure_raised("process_message", [record], error)
+                break
             if result is not True:  # what it sent is not awaited: it is retried or dead-lettered anyway
-                task.failure = failure_returned(record, result)
-                return
+                failure = failure_returned("process_message", [record], result)
+                break
             if sends or unconfirmed:  # it sent something, or an earlier record's sends are unconfirmed
                 unconfirmed.append(sends.copy())
                 sends.clear()
-                confirm_sends(task, unconfirmed, timeout_s=0)
-                if task.failure:
-                    return
+                finished, failure = confirm_sends(task, unconfirmed, finished, timeout_s=0)
+                if failure:
+                    break
             else:
-                task.finished += 1
+                finished += 1
     finally:
         current_call.sends = None
-        if unconfirmed:
-            confirm_sends(task, unconfirmed, timeout_s=producer.timeout_s if producer else 0)
-        task.seconds = monotonic() - began_s
+    if unconfirmed:  # a send of an earlier record that failed comes first, before any failure but a fatal one
+        finished, unsent = confirm_sends(task, unconfirmed, finished, producer.timeout_s if producer else 0)
+        if unsent and not (failure and failure.consequence is Consequence.FATAL):
+            failure = unsent
+    return TaskOutcome(task, finished, failure, monotonic() - began_s)
 
 
 def measured(handler: Callable, tally: list) -> Callable:
@@ -2060,41 +2017,75 @@ def measured(handler: Callable, tally: list) -> Callable:
 
 
 def process_batch_task(task: LaneTask, handler: Callable, stop: StopSignal, producer: KernelProducer | None = None,
-                       metrics: KernelMetrics | None = None) -> None:
-    """Call process_batch on the task's records, once (on a worker thread). Those it says are done
-    count as finished once the broker has confirmed what the call sent."""
+                       metrics: KernelMetrics | None = None) -> TaskOutcome:
+    """Call process_batch on the task's records, once (on a worker thread); what came of it. Those it
+    says are done count as finished once the broker has confirmed what the call sent. The one path of
+    a batch: the workers take it, and tests/kit.py's call_batch() too."""
     if task.cancelled or stop.requested:
-        return
-    task.started_s = time.monotonic()
+        return TaskOutcome(task, 0)
+    started_s = time.monotonic()
+    task.progress = (0, started_s)
     # A record the client could not decode ends the batch before it; alone, it is dead-lettered.
     records = next((task.records[:i] for i, record in enumerate(task.records) if type(record) is UndecodableRecord),
                    task.records)
     if not records:
-        task.failure = undecodable(task.records[0], batch=1)
-        return
+        return TaskOutcome(task, 0, undecodable(task.records[0], batch_size=1))
     try:
-        outcome = process_as_batch(handler, records, producer)
+        done, sends, failure = process_as_batch(handler, records, producer)
     finally:
         if metrics is not None:
-            HandlerTallies.count_call(metrics.calls.tally(task.partition.topic), time.monotonic() - task.started_s)
-    error = first_delivery_error(outcome.sends, producer.timeout_s if producer else 0)
+            HandlerTallies.count_call(metrics.calls.tally(task.partition.topic), time.monotonic() - started_s)
+    error = first_delivery_error(sends, producer.timeout_s if producer else 0)
     if error is not None:
-        undelivered(task, records, error, "process_batch", len(records))
-        return
-    task.finished, task.failure = outcome.done, outcome.failure
+        return TaskOutcome(task, 0, undelivered(records, error, "process_batch", len(records)))
     if metrics is not None:
-        metrics.calls.tally(task.partition.topic)[HandlerTallies.PROCESSED] += outcome.done
+        metrics.calls.tally(task.partition.topic)[HandlerTallies.PROCESSED] += done
         metrics.batch_sizes.labels(task.partition.topic).observe(len(records))
+    return TaskOutcome(task, done, failure)
+
+
+def process_as_batch(handler: Callable, records: list,
+                     producer: KernelProducer | None) -> tuple[int, list[Future], TaskFailure | None]:
+    """Call process_batch on `records`: how many of them, from the first, count as done once the
+    sends it made (also returned) are confirmed, and what happens to the others. True, all done;
+    False (or RetryLater), the batch is tried again as it is; DeadLetter naming one of them, those
+    before it are done and it is dead-lettered."""
+    sends = start_sends(producer)
+    try:  # a list of its own: a handler that filters or sorts it in place changes nothing of the kernel's
+        result = handler(list(records))
+    except BaseException as error:
+        if not isinstance(error, DeadLetter):
+            return 0, [], failure_raised("process_batch", records, error)
+        index = next((i for i, record in enumerate(records) if record is error.message), None)
+        if index is None:
+            return 0, [], fatal_failure("process_batch", records, TypeError(
+                "DeadLetter from process_batch must name one of its messages: DeadLetter(reason, message=messages[i])"))
+        return index, sends, failure_raised("process_batch", records, error)
+    finally:
+        current_call.sends = None
+    if result is True:
+        return len(records), sends, None
+    return 0, [], failure_returned("process_batch", records, result)
+
+
+def first_delivery_error(sends: list[Future], timeout_s: float) -> KafkaError | None:
+    """Wait up to `timeout_s` in all for the broker to confirm `sends`; the first error, if any."""
+    deadline_s = time.monotonic() + timeout_s
+    for future in sends:
+        if (error := delivery_error(future, max(0.0, deadline_s - time.monotonic()))) is not None:
+            return error
+    return None
 
 
 class WorkerPool:
-    """KERNEL_CONCURRENCY threads that process the tasks they are given and hand them back."""
+    """KERNEL_CONCURRENCY threads that process the tasks they are given and hand back what came of
+    each, a TaskOutcome, through one queue: the one point where a task passes back to the loop."""
 
-    def __init__(self, count: int, name: str, process: Callable[[LaneTask], None]):
+    def __init__(self, count: int, name: str, process: Callable[[LaneTask], TaskOutcome]):
         self.count = count
         self.given: queue.SimpleQueue[LaneTask | None] = queue.SimpleQueue()  # None stops a worker
-        self.handed_back: queue.SimpleQueue[LaneTask] = queue.SimpleQueue()
-        self.held: deque[LaneTask] = deque()  # handed back while the loop waited for others; taken first
+        self.handed_back: queue.SimpleQueue[TaskOutcome] = queue.SimpleQueue()
+        self.back_early: deque[TaskOutcome] = deque()  # handed back while the loop waited for others; taken first
         for number in range(count):
             try:
                 threading.Thread(target=self.work, args=(process,), daemon=True, name=f"{name}-{number}").start()
@@ -2102,44 +2093,43 @@ class WorkerPool:
                 raise ConfigError(f"KERNEL_CONCURRENCY={count}: worker thread {number + 1} could not start ({error}): "
                                   "lower it, or raise the container's memory (or thread) limit") from None
 
-    def work(self, process: Callable[[LaneTask], None]) -> None:
+    def work(self, process: Callable[[LaneTask], TaskOutcome]) -> None:
         while (task := self.given.get()) is not None:
             try:
-                process(task)
-            except BaseException as error:  # reported to the loop, which stops the kernel
-                task.failure = TaskFailure(Consequence.FATAL, str(error), error)
-            finally:
-                self.handed_back.put(task)
+                outcome = process(task)
+            except BaseException as error:  # a fault of the kernel's own: reported to the loop, which stops
+                outcome = TaskOutcome(task, task.progress[0], TaskFailure(Consequence.FATAL, str(error), error))
+            self.handed_back.put(outcome)
 
     def give(self, task: LaneTask) -> None:
         self.given.put(task)
 
-    def next_back(self, timeout_s: float) -> LaneTask | None:
+    def next_back(self, timeout_s: float) -> TaskOutcome | None:
         """The next task handed back, waiting up to `timeout_s` for one; None if none came."""
-        if self.held:
-            return self.held.popleft()
+        if self.back_early:
+            return self.back_early.popleft()
         try:
             return self.handed_back.get(timeout=timeout_s) if timeout_s > 0 else self.handed_back.get_nowait()
         except queue.Empty:
             return None
 
-    def wait_for(self, tasks: set[LaneTask], deadline_s: float) -> list[LaneTask]:
-        """Wait until `tasks` are handed back or the deadline passes; those that came back. Other
-        tasks handed back meanwhile are held for next_back."""
+    def wait_for(self, tasks: set[LaneTask], deadline_s: float) -> list[TaskOutcome]:
+        """Wait until `tasks` are handed back or the deadline passes; what came of those that came
+        back. Other tasks handed back meanwhile are kept in back_early, for next_back."""
         waiting = set(tasks)
-        back = [task for task in self.held if task in waiting]
-        self.held = deque(task for task in self.held if task not in waiting)
-        waiting.difference_update(back)
+        back = [outcome for outcome in self.back_early if outcome.task in waiting]
+        self.back_early = deque(outcome for outcome in self.back_early if outcome.task not in waiting)
+        waiting.difference_update(outcome.task for outcome in back)
         while waiting and (timeout_s := deadline_s - time.monotonic()) > 0:
             try:
-                task = self.handed_back.get(timeout=timeout_s)
+                outcome = self.handed_back.get(timeout=timeout_s)
             except queue.Empty:
                 break
-            if task in waiting:
-                waiting.discard(task)
-                back.append(task)
+            if outcome.task in waiting:
+                waiting.discard(outcome.task)
+                back.append(outcome)
             else:
-                self.held.append(task)
+                self.back_early.append(outcome)
         return back
 
     def stop(self) -> None:
@@ -2159,7 +2149,7 @@ class PendingRetry:
     offset: int
     attempts: int  # made so far
     due_s: float  # time.monotonic() of the next attempt
-    batch: int | None = None  # process_batch: the records tried again together, from the first
+    batch_size: int | None = None  # process_batch: the records tried again together, from the first
 
 
 @dataclasses.dataclass(eq=False, slots=True)
@@ -2178,10 +2168,11 @@ class Lane:
     start: int = 0  # while in flight, its records are task.records[start:end]
     end: int = 0
 
-    def attempts_made(self) -> int:
-        """How many attempts records[0] has had, counting the one that just failed."""
+    def attempt(self, offset: int) -> int:
+        """Which attempt at its record at `offset` this is, or was if it just failed: a retried record's
+        count goes on, any other's is 1."""
         retry = self.retry
-        return retry.attempts + 1 if retry is not None and retry.offset == self.records[0].offset else 1
+        return retry.attempts + 1 if retry is not None and retry.offset == offset else 1
 
 
 RECORD_OVERHEAD_BYTES = 350  # what a fetched record holds besides its key, value and headers (tracemalloc)
@@ -2213,11 +2204,11 @@ class PartitionState:
     fetched_end: int | None = None  # offset after the last fetched record
     committed: int | None = None  # the last offset this kernel committed
 
-    def hold(self, count: int, nbytes: int) -> None:
+    def add_unfinished(self, count: int, nbytes: int) -> None:
         self.unfinished += count
         self.unfinished_bytes += nbytes
 
-    def let_go(self, count: int, nbytes: int) -> None:
+    def drop_unfinished(self, count: int, nbytes: int) -> None:
         self.unfinished -= count
         self.unfinished_bytes -= nbytes
 
@@ -2227,8 +2218,7 @@ class PartitionState:
         idle = []
         for lane in self.active:  # each lane's first unfinished: its task's, else its first waiting
             task = lane.task
-            # task.finished read once: its worker may move it on meanwhile
-            if task is not None and (finished := task.finished) < lane.end:
+            if task is not None and (finished := task.progress[0]) < lane.end:
                 offset = task.records[finished if finished > lane.start else lane.start].offset
             elif lane.records:
                 offset = lane.records[0].offset
@@ -2248,7 +2238,7 @@ class PartitionState:
 # this many lanes in all, or twice as many as hold something.
 IDLE_LANES_KEPT = 8192
 # While the handler is quick (recent tasks took under QUICK_MESSAGE_S a message), a task takes several
-# lanes when more than TASKS_PER_WORKER are ready per worker: a task costs the loop a few microseconds,
+# lanes when more than TASKS_PER_WORKER are queued per worker: a task costs the loop a few microseconds,
 # as much as a no-op message, and a poll can bring hundreds of keys. A message then holds up only the
 # lanes after it in its task, and by little; a failed one hands them back. A slower handler gains
 # nothing from it: its tasks take one lane each, so a slow message holds up no other key.
@@ -2263,13 +2253,13 @@ class Ledger:
     Pure bookkeeping: no consumer, no threads, and the time comes from the caller, so a unit test
     drives it directly. Each count is kept in one place, the partition's state."""
 
-    def __init__(self, keyed: bool, batch: BatchPolicy | None = None, workers: int = 1):
+    def __init__(self, keyed: bool, batch_policy: BatchPolicy | None = None, workers: int = 1):
         self.keyed = keyed  # one lane per key (KERNEL_ORDERING=key above concurrency 1), else per partition
-        self.batch = batch  # process_batch: tasks of up to batch.max_messages, after waiting for more
-        self.tasks_wanted = TASKS_PER_WORKER * workers  # more lanes ready than this: several lanes a task
+        self.batch_policy = batch_policy  # process_batch: tasks of up to its max_messages, after waiting for more
+        self.tasks_wanted = TASKS_PER_WORKER * workers  # more lanes queued than this: several lanes a task
         self.message_s = QUICK_MESSAGE_S  # what a message took lately (a moving average over tasks)
         self.partitions: dict[TopicPartition, PartitionState] = {}  # the assigned ones
-        self.ready: dict[Lane, None] = {}  # lanes with records and nothing in flight or waiting, in order
+        self.queued: dict[Lane, None] = {}  # lanes with records and nothing in flight or waiting, in order
         self.retrying: set[Lane] = set()  # lanes waiting for a retry to be due
         self.in_flight: set[LaneTask] = set()
         self.lanes = 0  # in all the partitions
@@ -2296,26 +2286,26 @@ class Ledger:
         if state.fetched_end is None:  # where the group's committed offset (or the reset) put us
             state.committed = records[0].offset
         state.fetched_end = records[-1].offset + 1
-        # A lane that held nothing becomes ready for a task, and active. (One that holds some is ready
+        # A lane that held nothing is queued for a task, and active. (One that holds some is queued
         # already, or in flight, or waits for a retry.)
-        lanes, ready, active = state.lanes, self.ready, state.active
+        lanes, queued, active = state.lanes, self.queued, state.active
         if self.keyed:  # one record at a time, inline: a poll brings hundreds of keys of a few records each
             for record in records:
                 if (lane := lanes.get(record.key)) is None:
                     lane = self.new_lane(partition, state, record.key)
                 if not lane.records and lane.task is None:
-                    ready[lane] = active[lane] = None
+                    queued[lane] = active[lane] = None
                 lane.records.append(record)
         else:
             if (lane := lanes.get(None)) is None:
                 lane = self.new_lane(partition, state, None)
             if not lane.records and lane.task is None:
-                ready[lane] = active[lane] = None
+                queued[lane] = active[lane] = None
             lane.records += records
             if lane.waiting_since_s is None:
                 lane.waiting_since_s = now_s
         state.fetched_bytes = memory_cost(records)
-        state.hold(len(records), state.fetched_bytes)
+        state.add_unfinished(len(records), state.fetched_bytes)
         return state.fetched_bytes
 
     def new_lane(self, partition: TopicPartition, state: PartitionState, key: bytes | None) -> Lane:
@@ -2335,18 +2325,18 @@ class Ledger:
         self.lanes_kept = max(IDLE_LANES_KEPT, 2 * self.lanes)
 
     def start_tasks(self, now_s: float) -> list[LaneTask]:
-        """Tasks for the lanes that are ready (with process_batch, whose batch is full or has waited
+        """Tasks for the lanes that are queued (with process_batch, whose batch is full or has waited
         long enough), or whose retry is due by `now_s`; now in flight. A task takes one lane, or with
-        more than TASKS_PER_WORKER ready per worker while the handler is quick, several lanes of a
+        more than TASKS_PER_WORKER queued per worker while the handler is quick, several lanes of a
         partition, lane after lane."""
         for lane in [lane for lane in self.retrying if lane.retry.due_s <= now_s]:
             self.retrying.discard(lane)
-            self.ready[lane] = None
-        if self.batch is not None:
+            self.queued[lane] = None
+        if self.batch_policy is not None:
             return self.start_batches(now_s)
         tasks, task = [], None
-        lanes_per_task = -(-len(self.ready) // self.tasks_wanted) if self.message_s < QUICK_MESSAGE_S else 1
-        for lane in self.ready:
+        lanes_per_task = -(-len(self.queued) // self.tasks_wanted) if self.message_s < QUICK_MESSAGE_S else 1
+        for lane in self.queued:
             if task is None or len(task.lanes) == lanes_per_task or lane.partition != task.partition:
                 task = LaneTask(lane.partition, [], [])
                 tasks.append(task)
@@ -2356,21 +2346,21 @@ class Ledger:
             lane.end = len(task.records)
             lane.records = []
         self.in_flight.update(tasks)
-        self.ready.clear()
+        self.queued.clear()
         return tasks
 
     def start_batches(self, now_s: float) -> list[LaneTask]:
-        """With process_batch: a task of up to batch.max_messages records for each ready lane whose
-        batch is full or has waited batch.max_wait_s, and of a retried batch's records again."""
-        tasks = []
-        for lane in list(self.ready):
+        """With process_batch: a task of up to batch_policy.max_messages records for each queued lane
+        whose batch is full or has waited batch_policy.max_wait_s, and of a retried batch's records again."""
+        tasks, policy = [], self.batch_policy
+        for lane in list(self.queued):
             if lane.retry is not None:  # the same batch again
-                size = lane.retry.batch
-            elif len(lane.records) >= self.batch.max_messages or now_s >= lane.waiting_since_s + self.batch.max_wait_s:
-                size = min(len(lane.records), self.batch.max_messages)
+                size = lane.retry.batch_size
+            elif len(lane.records) >= policy.max_messages or now_s >= lane.waiting_since_s + policy.max_wait_s:
+                size = min(len(lane.records), policy.max_messages)
             else:
                 continue  # not full, and may wait for more
-            del self.ready[lane]
+            del self.queued[lane]
             records = lane.records[:size]
             del lane.records[:size]
             lane.task, lane.start, lane.end = LaneTask(lane.partition, [lane], records), 0, size
@@ -2382,28 +2372,30 @@ class Ledger:
 
     def next_batch_due_s(self) -> float | None:
         """When the oldest batch that is not full has waited long enough to be handed out."""
-        if self.batch is None:
+        if self.batch_policy is None:
             return None
-        return min((lane.waiting_since_s + self.batch.max_wait_s for lane in self.ready), default=None)
+        return min((lane.waiting_since_s + self.batch_policy.max_wait_s for lane in self.queued), default=None)
 
-    def take_back(self, task: LaneTask) -> Lane | None:
+    def take_back(self, outcome: TaskOutcome) -> Lane | None:
         """A task came back: its finished records are done, the others go back to the head of their
         lanes. The lane of the first record not finished is returned, for its failure to be applied and
         then requeued; the task's other lanes are requeued here. None if every record finished, or if
         the partition was revoked meanwhile."""
+        task, finished = outcome.task, outcome.finished
         self.in_flight.discard(task)
         for lane in task.lanes:
             lane.task = None
         # What its messages took: those it finished, and the one that failed. (One cancelled before it
         # started, by a revocation, says nothing of the handler.)
-        if task.seconds and (attempted := task.finished + (task.failure is not None)):
-            self.message_s += (task.seconds / attempted - self.message_s) / 8
+        if outcome.seconds and (attempted := finished + (outcome.failure is not None)):
+            self.message_s += (outcome.seconds / attempted - self.message_s) / 8
         first = task.lanes[0]
         state = self.partitions.get(task.partition)
         if state is None or state.lanes.get(first.key) is not first:
             return None
-        finished, unfinished_lane = task.finished, None
-        state.let_go(finished, memory_cost(task.records if finished == len(task.records) else task.records[:finished]))
+        unfinished_lane = None
+        state.drop_unfinished(finished, memory_cost(task.records if finished == len(task.records)
+                                                    else task.records[:finished]))
         for lane in task.lanes:
             if finished > lane.start and lane.retry is not None:  # the retried message succeeded
                 lane.retry = None
@@ -2416,19 +2408,19 @@ class Ledger:
             self.requeue(lane)
         return unfinished_lane
 
-    def retry_later(self, lane: Lane, attempts: int, due_s: float, batch: int | None = None) -> None:
-        lane.retry = PendingRetry(lane.records[0].offset, attempts, due_s, batch)
+    def retry_later(self, lane: Lane, attempts: int, due_s: float, batch_size: int | None = None) -> None:
+        lane.retry = PendingRetry(lane.records[0].offset, attempts, due_s, batch_size)
         self.retrying.add(lane)
 
     def pass_first(self, lane: Lane) -> None:
         """The lane's first record is dealt with without finishing (it was dead-lettered)."""
-        self.partitions[lane.partition].let_go(1, memory_cost((lane.records.pop(0),)))
+        self.partitions[lane.partition].drop_unfinished(1, memory_cost((lane.records.pop(0),)))
         lane.retry = None
 
     def requeue(self, lane: Lane) -> None:
-        """The lane has nothing in flight: ready if it has records and no retry pending."""
+        """The lane has nothing in flight: queued if it has records and no retry pending."""
         if lane.records and lane not in self.retrying:
-            self.ready[lane] = None
+            self.queued[lane] = None
         elif not lane.records:  # idle, kept for its key: as a new lane
             lane.waiting_since_s = None
 
@@ -2458,7 +2450,7 @@ class Ledger:
         for partition in partitions:
             state = self.partitions.pop(partition, None)
             for lane in state.lanes.values() if state is not None else ():
-                self.ready.pop(lane, None)
+                self.queued.pop(lane, None)
                 self.retrying.discard(lane)
             self.lanes -= len(state.lanes) if state is not None else 0
 
@@ -2491,10 +2483,10 @@ class FailurePolicy:
         self.metrics = metrics
 
     def apply(self, lane: Lane, failure: TaskFailure) -> None:
-        """The lane's first record (with process_batch, its first failure.batch records) failed:
+        """The lane's first record (with process_batch, its first failure.batch_size records) failed:
         dead-letter it (each of them), or schedule the next attempt."""
-        failed = list(itertools.islice(lane.records, failure.batch or 1))
-        attempts, reason = lane.attempts_made(), failure.reason
+        failed = list(itertools.islice(lane.records, failure.batch_size or 1))
+        attempts, reason = lane.attempt(failed[0].offset), failure.reason
         dead = failure.consequence is Consequence.DEAD_LETTER
         if not dead and self.retry.exhausted(attempts):
             reason, dead = f"{reason} on all {attempts} attempts (KERNEL_MAX_ATTEMPTS)", True
@@ -2511,8 +2503,9 @@ class FailurePolicy:
             failed, reason = failed[published:], f"it could not be dead-lettered ({error!r})"
         self.metrics.retried.labels(failed[0].topic).inc(len(failed))
         delay_s = self.retry.delay_s(attempts, failure.delay_s)
-        batch = None if failure.batch is None else len(failed)  # with process_batch: what is tried again together
-        self.ledger.retry_later(lane, attempts, time.monotonic() + delay_s, batch)
+        # with process_batch: what is tried again together
+        batch_size = None if failure.batch_size is None else len(failed)
+        self.ledger.retry_later(lane, attempts, time.monotonic() + delay_s, batch_size)
         capped = (f" (RetryLater asked for {failure.delay_s:.1f} s: capped at KERNEL_RETRY_MAX_MS)"
                   if failure.delay_s is not None and failure.delay_s > delay_s else "")
         kernel_log.warning("%s for %s (attempt %d); retrying in %.1f s%s", reason, batch_coordinates(failed), attempts,
@@ -2533,8 +2526,8 @@ class Watchdog:
     seconds, each partition's lag."""
 
     def __init__(self, settings: KernelSettings, ledger: Ledger, health: HealthState, metrics: KernelMetrics,
-                 handler: KernelHandler):
-        self.handler = handler
+                 kernel_handler: KernelHandler):
+        self.kernel_handler = kernel_handler
         self.max_poll_interval_ms = settings.max_poll_interval_ms
         self.ledger = ledger
         self.health = health
@@ -2546,18 +2539,20 @@ class Watchdog:
         if now - self.last_slow_check_s < KEEPALIVE_INTERVAL_S:
             return
         self.last_slow_check_s = now
-        running = [task for task in self.ledger.in_flight if task.running]
-        self.health.busy_since_s = min((task.started_s for task in running), default=None)
-        for task in running:
-            finished = task.finished  # read once: its worker may move it on meanwhile
-            if (finished < len(task.records) and task.warned_slow != finished
-                    and now - task.started_s > self.max_poll_interval_ms / 2000):
+        running = []  # (task, finished, started_s) of those with a message in hand
+        for task in self.ledger.in_flight:
+            finished, started_s = task.progress
+            if started_s and finished < len(task.records):
+                running.append((task, finished, started_s))
+        self.health.busy_since_s = min((started_s for _, _, started_s in running), default=None)
+        for task, finished, started_s in running:
+            if task.warned_slow != finished and now - started_s > self.max_poll_interval_ms / 2000:
                 task.warned_slow = finished
-                in_hand = task.records[finished:] if self.handler.batch else [task.records[finished]]
+                in_hand = task.records[finished:] if self.kernel_handler.takes_batches else [task.records[finished]]
                 kernel_log.warning(
                     "%s has been running for %.0f s on %s: a rebalance waits for it at most "
-                    "KAFKA_MAX_POLL_INTERVAL_MS (%d ms) before the group moves its partitions on", self.handler.name,
-                    now - task.started_s, batch_coordinates(in_hand), self.max_poll_interval_ms,
+                    "KAFKA_MAX_POLL_INTERVAL_MS (%d ms) before the group moves its partitions on",
+                    self.kernel_handler.name, now - started_s, batch_coordinates(in_hand), self.max_poll_interval_ms,
                     extra=log_fields(in_hand[0]),
                 )
 
@@ -2609,6 +2604,168 @@ class RebalanceListener(ConsumerRebalanceListener):
             kernel_log.info("No partitions assigned (the group has more members than partitions)")
 
 
+class FetchBudget:
+    """Back-pressure: which assigned partitions fetch. A partition stops fetching with two polls' worth
+    of records unfinished, or when its next fetch could take it past its share of KERNEL_BUFFER_MAX_BYTES
+    (the budget divided among the assigned partitions); it goes on once it holds half of that. So a
+    partition whose messages wait for a retry never holds up the others. And the budget decides how many
+    fetch at once: a fetch brings at least one whole record batch of each partition it names, however
+    large (KIP-74; Tansu ignores the partition's fetch size too), so each partition that fetches reserves
+    what its next fetch could bring (as much as its last poll did, or the largest any did while it brought
+    nothing yet), and one whose fetch does not fit in what is left waits its turn, paused. Partitions that
+    brought nothing yet join 1, 2, 4... a poll, their sizes unknown. With nothing held, the first in turn
+    fetches whatever its size: a record larger than the whole budget is taken alone."""
+
+    def __init__(self, consumer: KafkaConsumer, settings: KernelSettings, ledger: Ledger, metrics: KernelMetrics):
+        self.consumer = consumer
+        self.settings = settings
+        self.ledger = ledger
+        self.metrics = metrics
+        self.paused: set[TopicPartition] = set()  # by back-pressure
+        self.waiting: dict[TopicPartition, None] = {}  # paused until their next fetch fits in the budget
+        self.newcomers = 1  # how many partitions that brought nothing yet may fetch at once
+        self.turn_ends_s = 0.0  # when the partitions waiting for the budget go first
+        self.size_fetches()  # .share and .fetch_limit, again at each assignment
+
+    def apply(self) -> None:
+        """Pause the partitions that are full or wait for the budget, resume the others."""
+        partitions, budget = self.ledger.partitions, self.settings.buffer_max_bytes
+        left = budget - self.ledger.unfinished_bytes
+        largest = max(self.fetch_limit, max((state.fetched_bytes for state in partitions.values()), default=0))
+        newcomers = self.newcomers
+        # A turn lasts FETCH_TURN_S: fetching partitions keep their places until it ends, so that a fetch
+        # in flight is not thrown away (kafka-python drops what comes for a paused partition).
+        if self.waiting and time.monotonic() >= self.turn_ends_s:
+            self.turn_ends_s, fetching = time.monotonic() + FETCH_TURN_S, ()
+        else:
+            fetching = (tp for tp in partitions if tp not in self.paused)
+        now_full, waiting = set(), {}
+        for tp in dict.fromkeys(itertools.chain(fetching, self.waiting, partitions)):
+            state = partitions[tp]
+            if self.full(tp, state):
+                now_full.add(tp)
+                continue
+            next_fetch = max(self.fetch_limit, state.fetched_bytes) if state.fetched_bytes else largest
+            if waiting or (next_fetch > left and left < budget) or (not state.fetched_bytes and not newcomers):
+                waiting[tp] = None  # in the order they started waiting: the first goes first
+                continue
+            left -= next_fetch
+            newcomers -= not state.fetched_bytes
+        now_full.update(waiting)
+        self.waiting = waiting
+        if now_full - self.paused:
+            self.consumer.pause(*(now_full - self.paused))
+        if self.paused - now_full:
+            self.consumer.resume(*(self.paused - now_full))
+        self.paused = now_full
+        self.metrics.buffered_bytes.set(self.ledger.unfinished_bytes)
+
+    def full(self, tp: TopicPartition, state: PartitionState) -> bool:
+        """Too much unfinished to fetch more: past the limits while fetching, or above half of them once paused."""
+        records = 2 * self.settings.max_poll_records
+        if tp in self.paused and tp not in self.waiting:
+            return state.unfinished >= records / 2 or state.unfinished_bytes > self.share / 2
+        return state.unfinished >= records or (
+            state.unfinished_bytes > 0 and state.unfinished_bytes + self.fetch_limit > self.share)
+
+    def size_fetches(self) -> None:
+        """Each partition's share of KERNEL_BUFFER_MAX_BYTES, and what one fetch may bring of it: a
+        quarter of the share, at most KAFKA_MAX_PARTITION_FETCH_BYTES, at least MIN_PARTITION_FETCH_BYTES.
+        With many partitions, full-size fetches of every one of them would overrun the budget before
+        back-pressure could pause any."""
+        self.share = self.settings.buffer_max_bytes / max(1, len(self.ledger.partitions))
+        self.fetch_limit = max(MIN_PARTITION_FETCH_BYTES,
+                               min(self.settings.max_partition_fetch_bytes, int(self.share // 4)))
+        set_partition_fetch_bytes(self.consumer, self.fetch_limit)
+
+    def assigned(self) -> None:
+        self.size_fetches()
+        self.newcomers = 1
+        self.apply()  # now: this very poll fetches, once the callback returns
+
+    def polled(self) -> None:
+        if self.newcomers < len(self.ledger.partitions):
+            self.newcomers *= 2
+
+    def revoked(self, partitions: set[TopicPartition]) -> None:
+        self.size_fetches()
+        self.paused -= partitions
+        self.waiting = {tp: None for tp in self.waiting if tp not in partitions}
+
+
+def exit_code_for(error: Exception, settings: KernelSettings) -> int:
+    """What stops the loop, logged, and the exit code it means."""
+    if isinstance(error, MessageFailed):
+        kernel_log.error("%s; it stays uncommitted. Stopping", error, exc_info=error.__cause__)
+        return EXIT_FATAL
+    if isinstance(error, AccessRefused):
+        kernel_log.error("Access refused (%s): %s", error.kind, error)
+        return EXIT_REFUSED
+    if isinstance(error, NoDeadLetterTopic):
+        kernel_log.error("%s; no KERNEL_DEAD_LETTER_TOPIC is set, so it stays uncommitted. Stopping%s",
+                         error, error.way_on)
+        return EXIT_NO_DEAD_LETTER_TOPIC
+    if isinstance(error, kafka.errors.InvalidSessionTimeoutError):
+        kernel_log.error("Configuration error: the broker refused KAFKA_SESSION_TIMEOUT_MS (%d): it must lie "
+                         "within the broker's group.min.session.timeout.ms and group.max.session.timeout.ms (6000 "
+                         "and 1800000 by default)", settings.session_timeout_ms)
+        return EXIT_CONFIG
+    if isinstance(error, (kafka.errors.GroupAuthorizationFailedError, kafka.errors.TopicAuthorizationFailedError)):
+        kernel_log.error("Access refused (authorization): the broker denied %s (%s): grant this kernel's principal "
+                         "READ on them (and DESCRIBE on the group)",
+                         f"the group {settings.group_id}" if isinstance(
+                             error, kafka.errors.GroupAuthorizationFailedError) else
+                         f"the topics {', '.join(settings.topics)}", type(error).__name__)
+        return EXIT_REFUSED
+    kernel_log.error("Unrecoverable Kafka error; stopping", exc_info=error)
+    return EXIT_BROKER
+
+
+def wait_for_topics(consumer: KafkaConsumer, settings: KernelSettings, stop: StopSignal, health: HealthState) -> bool:
+    """Wait until every topic of KAFKA_TOPIC exists, and KERNEL_DEAD_LETTER_TOPIC, saying which does
+    not: kafka-python 2.3.3 never assigns a subscribed topic that is created later, and a dead-letter
+    topic missing would be found only when a message needs it. False if a stop came first."""
+    wanted = {topic: "KAFKA_TOPIC" for topic in settings.topics}
+    if settings.dead_letter_topic:
+        wanted[settings.dead_letter_topic] = "KERNEL_DEAD_LETTER_TOPIC"
+    while not stop.requested:
+        missing = [topic for topic in wanted if not consumer.partitions_for_topic(topic)]
+        health.missing_topics = missing
+        health.last_poll_s = time.monotonic()  # waiting is not being stuck
+        if not missing:
+            return True
+        consumed = [topic for topic in missing if topic in settings.topics]
+        if consumed and (denied := denied_topics(consumer, consumed, settings.commit_timeout_ms)):
+            raise kafka.errors.TopicAuthorizationFailedError(denied)
+        kernel_log.warning("Topic %s does not exist (or this client may not see it): waiting for it to be created "
+                           "(%s)", ", ".join(missing), ", ".join(sorted({wanted[topic] for topic in missing})),
+                           extra=REPEATING)
+        time.sleep(TOPIC_CHECK_INTERVAL_S)
+    return False
+
+
+def commit_offsets(consumer: KafkaConsumer, offsets: dict[TopicPartition, int], timeout_ms: int,
+                   metrics: KernelMetrics) -> bool:
+    """Commit `offsets`, synchronously; False, with a warning, if the broker did not take them."""
+    try:
+        consumer.commit({tp: OffsetAndMetadata(offset, "", -1) for tp, offset in offsets.items()},
+                        timeout_ms=timeout_ms)
+    except CommitFailedError:
+        # The group rebalanced: the partitions' next owners re-read from the last successful
+        # commit (at-least-once); on_partitions_revoked forgets the ones we lost.
+        metrics.commit_failures.inc()
+        kernel_log.warning("Commit failed because the group rebalanced; the new owners re-read from the last "
+                           "commit", extra=REPEATING)
+        return False
+    except KafkaError as error:
+        metrics.commit_failures.inc()
+        kernel_log.warning("Commit failed (%s); finished offsets are kept and committed later",
+                           type(error).__name__, extra=REPEATING)
+        return False
+    metrics.commits.inc()
+    return True
+
+
 class ConsumerLoop:
     """Polls, has the workers process each lane's records in order, commits the finished prefixes.
 
@@ -2621,22 +2778,19 @@ class ConsumerLoop:
     memory.
     """
 
-    def __init__(self, consumer: KafkaConsumer, settings: KernelSettings, handler: KernelHandler, stop: StopSignal,
-                 tls: TlsFiles | None = None, health: HealthState | None = None, metrics: KernelMetrics | None = None,
-                 tracing: Tracing | None = None):
+    def __init__(self, consumer: KafkaConsumer, settings: KernelSettings, kernel_handler: KernelHandler,
+                 stop: StopSignal, tls: TlsFiles | None = None, health: HealthState | None = None,
+                 metrics: KernelMetrics | None = None, tracing: Tracing | None = None):
         self.consumer = consumer
         self.settings = settings
         self.stop = stop
-        self.handler = handler
-        self.health = health or HealthState(settings, handler.name)
+        self.kernel_handler = kernel_handler
+        self.health = health or HealthState(settings, kernel_handler.name)
         self.metrics = metrics or KernelMetrics()
-        keyed = settings.ordering == "key" and settings.concurrency > 1 and not handler.batch
-        self.ledger = Ledger(keyed, settings.batch if handler.batch else None, settings.concurrency)
-        self.paused: set[TopicPartition] = set()  # by back-pressure
-        self.waiting: dict[TopicPartition, None] = {}  # paused until their next fetch fits in the budget
-        self.newcomers = 1  # how many partitions that brought nothing yet may fetch at once
-        self.turn_ends_s = 0.0  # when the partitions waiting for the budget go first
-        self.size_fetches()  # .share and .fetch_limit, again at each assignment
+        takes_batches = kernel_handler.takes_batches
+        keyed = settings.ordering == "key" and settings.concurrency > 1 and not takes_batches
+        self.ledger = Ledger(keyed, settings.batch if takes_batches else None, settings.concurrency)
+        self.budget = FetchBudget(consumer, settings, self.ledger, self.metrics)
         self.failed_while_stopping = False  # process_message raised on a message in hand at shutdown
         # One poll's worth, and enough to keep every worker busy, is buffered before polling pauses.
         self.buffer_limit = max(settings.max_poll_records, 4 * settings.concurrency)
@@ -2648,12 +2802,13 @@ class ConsumerLoop:
         dead_letters = (DeadLetterTopic(settings, self.producer, self.metrics, self.health, tracing)
                         if settings.dead_letter_topic else None)
         self.failures = FailurePolicy(settings, self.ledger, dead_letters, self.metrics)
-        self.watchdog = Watchdog(settings, self.ledger, self.health, self.metrics, handler)
-        process = process_batch_task if handler.batch else process_task
+        self.watchdog = Watchdog(settings, self.ledger, self.health, self.metrics, kernel_handler)
+        process = process_batch_task if takes_batches else process_task
         if tracing is not None:  # chosen once: without tracing, the workers call the handler as it is
-            process = tracing.traced(process, handler.batch)
-        self.workers = WorkerPool(settings.concurrency, handler.name,
-                                  lambda task: process(task, handler.function, stop, self.producer, per_message))
+            process = tracing.traced(process, takes_batches)
+        handler = kernel_handler.function
+        self.workers = WorkerPool(settings.concurrency, kernel_handler.name,
+                                  lambda task: process(task, handler, stop, self.producer, per_message))
 
     def run(self) -> int:
         """Consume until stopped, or until a failure stops the kernel; the exit code."""
@@ -2665,59 +2820,14 @@ class ConsumerLoop:
 
     def process_until_stopped(self) -> int:
         try:
-            if self.wait_for_topics():
+            if wait_for_topics(self.consumer, self.settings, self.stop, self.health):
                 self.consumer.subscribe(self.settings.topics, listener=RebalanceListener(self))
             while not self.stop.requested:
                 self.run_once()
             kernel_log.info("Stop requested: finishing")
             return EXIT_OK
-        except MessageFailed as failure:
-            kernel_log.error("%s; it stays uncommitted. Stopping", failure, exc_info=failure.__cause__)
-            return EXIT_FATAL
-        except AccessRefused as refused:
-            kernel_log.error("Access refused (%s): %s", refused.kind, refused)
-            return EXIT_REFUSED
-        except NoDeadLetterTopic as undeliverable:
-            kernel_log.error("%s; no KERNEL_DEAD_LETTER_TOPIC is set, so it stays uncommitted. Stopping%s",
-                             undeliverable, undeliverable.way_on)
-            return EXIT_NO_DEAD_LETTER_TOPIC
-        except kafka.errors.InvalidSessionTimeoutError:
-            kernel_log.error("Configuration error: the broker refused KAFKA_SESSION_TIMEOUT_MS (%d): it must lie "
-                             "within the broker's group.min.session.timeout.ms and group.max.session.timeout.ms (6000 "
-                             "and 1800000 by default)", self.settings.session_timeout_ms)
-            return EXIT_CONFIG
-        except (kafka.errors.GroupAuthorizationFailedError, kafka.errors.TopicAuthorizationFailedError) as denied:
-            kernel_log.error("Access refused (authorization): the broker denied %s (%s): grant this kernel's principal "
-                             "READ on them (and DESCRIBE on the group)",
-                             f"the group {self.settings.group_id}" if isinstance(
-                                 denied, kafka.errors.GroupAuthorizationFailedError) else
-                             f"the topics {', '.join(self.settings.topics)}", type(denied).__name__)
-            return EXIT_REFUSED
-        except KafkaError:
-            kernel_log.exception("Unrecoverable Kafka error; stopping")
-            return EXIT_BROKER
-
-    def wait_for_topics(self) -> bool:
-        """Wait until every topic of KAFKA_TOPIC exists, and KERNEL_DEAD_LETTER_TOPIC, saying which does
-        not: kafka-python 2.3.3 never assigns a subscribed topic that is created later, and a dead-letter
-        topic missing would be found only when a message needs it. False if a stop came first."""
-        wanted = {topic: "KAFKA_TOPIC" for topic in self.settings.topics}
-        if self.settings.dead_letter_topic:
-            wanted[self.settings.dead_letter_topic] = "KERNEL_DEAD_LETTER_TOPIC"
-        while not self.stop.requested:
-            missing = [topic for topic in wanted if not self.consumer.partitions_for_topic(topic)]
-            self.health.missing_topics = missing
-            self.health.last_poll_s = time.monotonic()  # waiting is not being stuck
-            if not missing:
-                return True
-            consumed = [topic for topic in missing if topic in self.settings.topics]
-            if consumed and (denied := denied_topics(self.consumer, consumed, self.settings.commit_timeout_ms)):
-                raise kafka.errors.TopicAuthorizationFailedError(denied)
-            kernel_log.warning("Topic %s does not exist (or this client may not see it): waiting for it to be created "
-                               "(%s)", ", ".join(missing), ", ".join(sorted({wanted[topic] for topic in missing})),
-                               extra=REPEATING)
-            time.sleep(TOPIC_CHECK_INTERVAL_S)
-        return False
+        except (MessageFailed, AccessRefused, NoDeadLetterTopic, KafkaError) as error:
+            return exit_code_for(error, self.settings)
 
     def run_once(self) -> None:
         self.settle_handed_back(timeout_s=0)
@@ -2726,7 +2836,7 @@ class ConsumerLoop:
             if not self.settle_handed_back(timeout_s=min(KEEPALIVE_INTERVAL_S, self.poll_timeout_ms() / 1000)):
                 self.keep_membership()
         else:
-            self.apply_back_pressure()
+            self.budget.apply()
             self.poll(BUSY_POLL_TIMEOUT_MS if self.ledger.in_flight else self.poll_timeout_ms())
         self.watchdog.watch_in_flight()
         self.check_contact()
@@ -2752,8 +2862,7 @@ class ConsumerLoop:
         self.health.last_poll_s = now_s
         if polled:
             self.health.last_contact_s = now_s
-        if self.newcomers < len(self.ledger.partitions):
-            self.newcomers *= 2
+        self.budget.polled()
 
     def warn_too_large(self, records: list) -> None:
         largest = max(records, key=lambda record: memory_cost((record,)))
@@ -2776,88 +2885,26 @@ class ConsumerLoop:
 
     def settle_handed_back(self, timeout_s: float) -> bool:
         """Settle the tasks the workers handed back, waiting up to `timeout_s` for the first."""
-        task = self.workers.next_back(timeout_s)
-        if task is None:
+        if (outcome := self.workers.next_back(timeout_s)) is None:
             return False
-        while task is not None:
-            self.settle(task)
-            task = self.workers.next_back(0)
+        while outcome is not None:
+            self.settle(outcome)
+            outcome = self.workers.next_back(0)
         return True
 
-    def settle(self, task: LaneTask) -> None:
-        """Take a task's progress; a fatal failure stops the kernel, any other is retried or
+    def settle(self, outcome: TaskOutcome) -> None:
+        """Take what a task finished; a fatal failure stops the kernel, any other is retried or
         dead-lettered."""
-        lane = self.ledger.take_back(task)
-        failure = task.failure
+        lane = self.ledger.take_back(outcome)
+        failure = outcome.failure
         if failure is not None and failure.consequence is Consequence.FATAL:
-            self.metrics.failed.labels(task.partition.topic).inc()
+            self.metrics.failed.labels(outcome.task.partition.topic).inc()
             raise failure.error
         if lane is None:
             return
         if failure is not None and not self.stop.requested:
             self.failures.apply(lane, failure)
         self.ledger.requeue(lane)
-
-    def apply_back_pressure(self) -> None:
-        """Stop fetching for a partition with two polls' worth of records unfinished, or whose next
-        fetch could take it past its share of KERNEL_BUFFER_MAX_BYTES (the budget divided among the
-        assigned partitions); go on once it holds half of that. So a partition whose messages wait for a
-        retry never holds up the others. And the budget decides how many fetch at once: a fetch brings
-        at least one whole record batch of each partition it names, however large (KIP-74; Tansu ignores
-        the partition's fetch size too), so each partition that fetches reserves what its next fetch
-        could bring (as much as its last poll did, or the largest any did while it brought nothing yet),
-        and one whose fetch does not fit in what is left waits its turn, paused. Partitions that brought
-        nothing yet join 1, 2, 4... a poll, their sizes unknown. With nothing held, the first in turn
-        fetches whatever its size: a record larger than the whole budget is taken alone."""
-        partitions, records = self.ledger.partitions, 2 * self.settings.max_poll_records
-        budget = self.settings.buffer_max_bytes
-        left = budget - self.ledger.unfinished_bytes
-        largest = max(self.fetch_limit, max((state.fetched_bytes for state in partitions.values()), default=0))
-        newcomers = self.newcomers
-
-        def full(tp: TopicPartition, state: PartitionState) -> bool:
-            if tp in self.paused and tp not in self.waiting:
-                return state.unfinished >= records / 2 or state.unfinished_bytes > self.share / 2
-            return state.unfinished >= records or (
-                state.unfinished_bytes > 0 and state.unfinished_bytes + self.fetch_limit > self.share)
-
-        # A turn lasts FETCH_TURN_S: fetching partitions keep their places until it ends, so that a fetch
-        # in flight is not thrown away (kafka-python drops what comes for a paused partition).
-        if self.waiting and time.monotonic() >= self.turn_ends_s:
-            self.turn_ends_s, fetching = time.monotonic() + FETCH_TURN_S, ()
-        else:
-            fetching = (tp for tp in partitions if tp not in self.paused)
-        now_full, waiting = set(), {}
-        for tp in dict.fromkeys(itertools.chain(fetching, self.waiting, partitions)):
-            state = partitions[tp]
-            if full(tp, state):
-                now_full.add(tp)
-                continue
-            next_fetch = max(self.fetch_limit, state.fetched_bytes) if state.fetched_bytes else largest
-            if waiting or (next_fetch > left and left < budget) or (not state.fetched_bytes and not newcomers):
-                waiting[tp] = None  # in the order they started waiting: the first goes first
-                continue
-            left -= next_fetch
-            newcomers -= not state.fetched_bytes
-        now_full.update(waiting)
-        self.waiting = waiting
-        if now_full - self.paused:
-            self.consumer.pause(*(now_full - self.paused))
-        if self.paused - now_full:
-            self.consumer.resume(*(self.paused - now_full))
-        self.paused = now_full
-        self.metrics.buffered_bytes.set(self.ledger.unfinished_bytes)
-
-    def size_fetches(self) -> None:
-        """Each partition's share of KERNEL_BUFFER_MAX_BYTES, and what one fetch may bring of it: a
-        quarter of the share, at most KAFKA_MAX_PARTITION_FETCH_BYTES, at least MIN_PARTITION_FETCH_BYTES.
-        With many partitions, full-size fetches of every one of them would overrun the budget before
-        back-pressure could pause any. (kafka-python 2.3 reads the size from its fetcher's configuration
-        at every fetch, and has no public way to change it.)"""
-        self.share = self.settings.buffer_max_bytes / max(1, len(self.ledger.partitions))
-        self.fetch_limit = max(MIN_PARTITION_FETCH_BYTES,
-                               min(self.settings.max_partition_fetch_bytes, int(self.share // 4)))
-        set_partition_fetch_bytes(self.consumer, self.fetch_limit)
 
     def keep_membership(self) -> None:
         """Poll with every partition paused while the workers are busy: the group sees us alive, and
@@ -2879,30 +2926,13 @@ class ConsumerLoop:
         if not offsets:
             return
         self.last_commit_s = now
-        try:
-            self.consumer.commit({tp: OffsetAndMetadata(offset, "", -1) for tp, offset in offsets.items()},
-                                 timeout_ms=self.settings.commit_timeout_ms)
-        except CommitFailedError:
-            # The group rebalanced: the partitions' next owners re-read from the last successful
-            # commit (at-least-once); on_partitions_revoked forgets the ones we lost.
-            self.metrics.commit_failures.inc()
-            kernel_log.warning("Commit failed because the group rebalanced; the new owners re-read from the last "
-                               "commit", extra=REPEATING)
-            return
-        except KafkaError as error:
-            self.metrics.commit_failures.inc()
-            kernel_log.warning("Commit failed (%s); finished offsets are kept and committed later",
-                               type(error).__name__, extra=REPEATING)
-            return
-        self.metrics.commits.inc()
-        self.ledger.mark_committed(offsets)
-        kernel_log.debug("Committed %s", format_partitions(offsets, offsets))
+        if commit_offsets(self.consumer, offsets, self.settings.commit_timeout_ms, self.metrics):
+            self.ledger.mark_committed(offsets)
+            kernel_log.debug("Committed %s", format_partitions(offsets, offsets))
 
     def assigned(self, partitions: set[TopicPartition]) -> None:
         self.ledger.assign(partitions)
-        self.size_fetches()
-        self.newcomers = 1
-        self.apply_back_pressure()  # now: this very poll fetches, once the callback returns
+        self.budget.assigned()
         self.metrics.rebalances.inc()
         self.metrics.assigned.set(len(self.ledger.partitions))
         self.health.joined, self.health.last_contact_s = True, time.monotonic()
@@ -2913,45 +2943,43 @@ class ConsumerLoop:
         and forget them; the next owner starts from that commit, retries included."""
         failed = self.recall(self.ledger.tasks_of(partitions), self.settings.max_poll_interval_ms / 1000)
         # kafka-python swallows what this callback raises: the loop settles these once poll() returns.
-        self.workers.held.extend(failed)
+        self.workers.back_early.extend(failed)
         self.commit(partitions, force=True)
         self.health.joined = False
         self.watchdog.forget(partitions)
         self.ledger.forget(partitions)
-        self.size_fetches()
-        self.paused -= partitions
-        self.waiting = {tp: None for tp in self.waiting if tp not in partitions}
+        self.budget.revoked(partitions)
         self.metrics.assigned.set(len(self.ledger.partitions))
 
-    def recall(self, tasks: set[LaneTask], timeout_s: float) -> list[LaneTask]:
+    def recall(self, tasks: set[LaneTask], timeout_s: float) -> list[TaskOutcome]:
         """Have `tasks` stop after the message in hand, wait up to `timeout_s` for them, and take
-        back what they finished; those that failed fatally meanwhile."""
+        back what they finished; what came of those that failed fatally meanwhile."""
         for task in tasks:
             task.cancelled = True
         back = self.workers.wait_for(tasks, time.monotonic() + timeout_s)
-        for task in back:
-            self.ledger.take_back(task)
-        return [task for task in back if task.failure and task.failure.consequence is Consequence.FATAL]
+        for outcome in back:
+            self.ledger.take_back(outcome)
+        return [outcome for outcome in back if outcome.failure and outcome.failure.consequence is Consequence.FATAL]
 
     def drain(self) -> None:
         """At shutdown: have the workers stop after the messages in hand, waiting at most
         KERNEL_SHUTDOWN_TIMEOUT_MS, and take their progress."""
-        for task in self.recall(set(self.ledger.in_flight), self.settings.shutdown_timeout_ms / 1000):
-            self.metrics.failed.labels(task.partition.topic).inc()
-            error = task.failure.error
+        for outcome in self.recall(set(self.ledger.in_flight), self.settings.shutdown_timeout_ms / 1000):
+            self.metrics.failed.labels(outcome.task.partition.topic).inc()
+            error = outcome.failure.error
             kernel_log.error("%s while stopping; it stays uncommitted", error, exc_info=error.__cause__ or error)
             self.failed_while_stopping = True
         if self.ledger.in_flight:
-            kernel_log.warning("%d %s still in %s after KERNEL_SHUTDOWN_TIMEOUT_MS: left uncommitted, to be "
-                               "processed again", len(self.ledger.in_flight),
-                               "batch(es)" if self.handler.batch else "message(s)", self.handler.name)
+            kernel_log.warning("%d %s still in %s after KERNEL_SHUTDOWN_TIMEOUT_MS: left uncommitted, to be processed "
+                               "again", len(self.ledger.in_flight), "batch(es)" if self.kernel_handler.takes_batches
+                               else "message(s)", self.kernel_handler.name)
 
     def close(self) -> None:
         """Finish: drain, commit what finished, stop the workers and the producer, leave the group."""
         self.health.joined = False
         self.drain()
         self.commit(force=True)
-        if uncommitted := self.ledger.commits_due():  # the last word on it: a repeated warning may be held back
+        if uncommitted := self.ledger.commits_due():  # the last word on it: a repeated warning may be throttled
             kernel_log.error("Could not commit before stopping: what finished before %s is processed again by the "
                              "partitions' next owner", format_partitions(uncommitted, uncommitted))
         self.workers.stop()
@@ -3003,11 +3031,11 @@ def run_kernel(process_message: Callable | None = None, *, process_batch: Callab
     deployment instead of consuming."""
     if (process_message is None) == (process_batch is None):
         raise TypeError("run_kernel() takes process_message or process_batch, one of them")
-    handler = KernelHandler(process_batch, batch=True) if process_batch else KernelHandler(process_message)
+    handler = KernelHandler(process_batch, takes_batches=True) if process_batch else KernelHandler(process_message)
     argv = sys.argv if argv is None else argv
     if argv[1:] == ["check"]:
         return check_deployment(os.environ, name, default_topic, dotenv_file(os.environ), read_settings,
-                                handler.batch)
+                                handler.takes_batches)
     if argv[1:]:
         print(f"usage: {argv[0]} [check]", file=sys.stderr)
         return EXIT_CONFIG
@@ -3018,7 +3046,7 @@ def run_kernel(process_message: Callable | None = None, *, process_batch: Callab
     try:
         read_dotenv(dotenv_file(os.environ))
         settings = load_settings(os.environ, name, default_topic)
-        if handler.batch:
+        if handler.takes_batches:
             settings.check_batch_limit()
         if read_settings is not None:
             read_settings()
@@ -3299,10 +3327,7 @@ class Tracing:
     @staticmethod
     def attempt(task: LaneTask, record) -> int:
         """Which attempt at `record` this is: its lane keeps the count of a retried one while the task runs."""
-        for lane in task.lanes:
-            if (retry := lane.retry) is not None and retry.offset == record.offset:
-                return retry.attempts + 1
-        return 1
+        return max(lane.attempt(record.offset) for lane in task.lanes)
 
     def call_message(self, handler: Callable, task: LaneTask, record):
         attributes = self.process_attributes | {
@@ -3811,4 +3836,4 @@ check_your_part(names_of_your_part)
 
 # The machinery's digest as the template shipped it (devtools/stamp_machinery.py writes it): `check` and
 # tests/test_template.py compare it with what is above, from "# End of your kernel" on.
-MACHINERY_SHA256 = "57779bb6676b0ab687351a68146f30e582b03d652a9e53b087cccf5ab5161fb7"
+MACHINERY_SHA256 = "e02664acb0905e393c63da6a15c72d3c178c9d083825ee20f7db6180c843141b"

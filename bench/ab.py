@@ -2,6 +2,7 @@
 
     uv run bench/ab.py 9968888              # 6 pairs of 150,000 messages over 6 partitions
     uv run bench/ab.py 9968888 --runs 10
+    uv run bench/ab.py 9968888 --concurrency 8   # both arms at KERNEL_CONCURRENCY=8 (key order)
 
 Timings drift 2x between runs on a shared machine, so both arms run against the same preloaded topic
 on one broker, in alternating order, and the medians and their ratio are what to read (with the CPU
@@ -37,7 +38,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("commit", help="the earlier commit (A); B is the work tree")
     parser.add_argument("--runs", type=int, default=6, help="pairs of runs (default 6)")
+    parser.add_argument("--concurrency", type=int, help="KERNEL_CONCURRENCY of both arms (default: the kernel's, 1)")
     args = parser.parse_args()
+    env = {} if args.concurrency is None else {"KERNEL_CONCURRENCY": str(args.concurrency)}
     with tempfile.TemporaryDirectory() as folder, Broker() as broker:
         arms = {args.commit: exported(args.commit, Path(folder)) / "bench" / "probe_kernel.py",
                 "work tree": HERE / "probe_kernel.py"}
@@ -46,7 +49,7 @@ def main() -> None:
         results: dict[str, list[dict]] = {name: [] for name in arms}
         for run in range(args.runs):
             for name in list(arms)[::1 if run % 2 == 0 else -1]:
-                result = run_probe(str(arms[name]), broker, "ab", MESSAGES, {})
+                result = run_probe(str(arms[name]), broker, "ab", MESSAGES, env)
                 results[name].append(result)
                 print(f"{name}: {result['rate']:,.0f} messages/s, {result['cpu_per_1000'] * 1000:.2f} CPU ms per "
                       f"1,000, peak {result['rss_mb']:.0f} MB", flush=True)

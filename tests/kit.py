@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from kafka import TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.future import Future
 
@@ -84,6 +85,8 @@ def make_message(value: bytes | str | dict | list | None = b"", key: bytes | str
 class CapturedProducer:
     """Stands in for the kernel's producer: every send is recorded and confirmed at once."""
 
+    timeout_s = 0.0  # how long the kernel waits for a confirmation: none is awaited
+
     def __init__(self):
         self.sent: list[Sent] = []
 
@@ -102,18 +105,17 @@ class BatchOutcome:
 
 
 def call(message: ConsumerRecord, handler: Callable[[Any], bool] | None = None) -> Outcome:
-    """Run `handler` (default: main.process_message) on `message` as a kernel worker would, with the
-    kernel's own rules for what its result means (main.process_record)."""
+    """Run `handler` (default: main.process_message) on `message` as a kernel worker does: through
+    main.process_task, the kernel's own path of a message, in a task of its own."""
     producer = CapturedProducer()
-    try:
-        with main.sends_of_calls(producer):
-            failure = main.process_record(handler or main.process_message, message)
-    except main.MessageFailed as stopped:  # the kernel would stop: the handler's exception, or a wrong result
-        raise stopped.__cause__ from None
-    if failure is not None:
-        dead_letter = failure.reason if failure.consequence is main.Consequence.DEAD_LETTER else None
-        return Outcome(None if dead_letter else False, producer.sent, dead_letter, failure.delay_s)
-    return Outcome(True, producer.sent)
+    task = main.LaneTask(TopicPartition(message.topic, message.partition), [], [message])
+    failure = main.process_task(task, handler or main.process_message, main.StopSignal(), producer).failure
+    if failure is None:
+        return Outcome(True, producer.sent)
+    if failure.consequence is main.Consequence.FATAL:  # the kernel would stop: the handler's exception, or a wrong result
+        raise failure.error.__cause__ from None
+    dead_letter = failure.reason if failure.consequence is main.Consequence.DEAD_LETTER else None
+    return Outcome(None if dead_letter else False, producer.sent, dead_letter, failure.delay_s)
 
 
 def call_batch(messages: list[ConsumerRecord], handler: Callable[[list], bool] | None = None) -> BatchOutcome:
@@ -123,12 +125,11 @@ def call_batch(messages: list[ConsumerRecord], handler: Callable[[list], bool] |
     if handler is None:
         raise TypeError("call_batch() needs a handler: main.py defines no process_batch")
     producer = CapturedProducer()
-    try:
-        outcome = main.process_as_batch(handler, list(messages), producer)
-    except main.MessageFailed as failure:  # the kernel would stop
-        raise failure.__cause__ from None
-    if outcome.failure is None:
-        return BatchOutcome(True, outcome.done, producer.sent)
-    if outcome.failure.consequence is main.Consequence.DEAD_LETTER:
-        return BatchOutcome(None, outcome.done, producer.sent, (messages[outcome.done], outcome.failure.reason))
-    return BatchOutcome(False, 0, producer.sent, retry_after=outcome.failure.delay_s)
+    done, _, failure = main.process_as_batch(handler, list(messages), producer)
+    if failure is None:
+        return BatchOutcome(True, done, producer.sent)
+    if failure.consequence is main.Consequence.FATAL:  # the kernel would stop
+        raise failure.error.__cause__ from None
+    if failure.consequence is main.Consequence.DEAD_LETTER:
+        return BatchOutcome(None, done, producer.sent, (messages[done], failure.reason))
+    return BatchOutcome(False, 0, producer.sent, retry_after=failure.delay_s)

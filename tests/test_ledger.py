@@ -1,5 +1,5 @@
 """Unit tests of the Ledger, the kernel's pure bookkeeping: no broker, no threads, no clock. The test
-plays the workers' part by setting how far each task got."""
+plays the workers' part by saying how far each task got (its progress, and the TaskOutcome it hands back)."""
 
 import random
 
@@ -31,22 +31,22 @@ def several_lanes_a_task() -> main.Ledger:
     return book
 
 
-def back(book: main.Ledger, task: main.LaneTask, finished: int, failure: TaskFailure | None = None) -> main.Lane | None:
-    """The task comes back having finished `finished` records."""
-    task.finished, task.failure = finished, failure
-    return book.take_back(task)
+def back(book: main.Ledger, task: main.LaneTask, finished: int, failure: TaskFailure | None = None,
+         seconds: float = 0.0) -> main.Lane | None:
+    """The task comes back having finished `finished` records (in `seconds`)."""
+    return book.take_back(main.TaskOutcome(task, finished, failure, seconds))
 
 
 def test_the_commit_never_passes_an_unfinished_message():
     state = main.PartitionState(fetched_end=10)
     slow, fast = main.Lane(P0, b"slow"), main.Lane(P0, b"fast")
-    slow.task = main.LaneTask(P0, [slow], [record(P0, 4), record(P0, 7)], finished=1)  # 4 done, 7 in process_message
+    slow.task = main.LaneTask(P0, [slow], [record(P0, 4), record(P0, 7)], progress=(1, 1.0))  # 4 done, 7 in process_message
     slow.end = 2
     fast.records.extend([record(P0, 9)])
     state.lanes = {b"slow": slow, b"fast": fast}
     state.active = dict.fromkeys(state.lanes.values())
     assert state.next_commit() == 7
-    slow.task.finished = 2
+    slow.task.progress = (2, 1.0)
     assert state.next_commit() == 9
     fast.records.clear()
     assert state.next_commit() == 10
@@ -54,11 +54,11 @@ def test_the_commit_never_passes_an_unfinished_message():
 
 def test_the_commit_reads_a_tasks_progress_once_while_its_worker_moves_it():
     """The loop computes the commit while workers run: a task's last record may finish between two
-    reads of task.finished, which must not send the loop past the end of the task's records."""
+    reads of task.progress, which must not send the loop past the end of the task's records."""
 
-    class Finishing(main.LaneTask):  # `finished` as the loop sees it: 1 of 2, then 2 of 2
-        reads = iter([1, 2, 2, 2])
-        finished = property(lambda self: next(self.reads), lambda self, value: None)
+    class Finishing(main.LaneTask):  # `progress` as the loop sees it: 1 of 2, then 2 of 2
+        reads = iter([(1, 1.0), (2, 1.0), (2, 1.0), (2, 1.0)])
+        progress = property(lambda self: next(self.reads), lambda self, value: None)
 
     lane = main.Lane(P0, None)
     lane.task, lane.end = Finishing(P0, [lane], [record(P0, 4), record(P0, 5)]), 2
@@ -101,8 +101,7 @@ def test_a_task_takes_several_lanes_only_while_the_handler_is_quick():
         book.add(P0, [record(P0, offset, b"k%d" % (offset % 10)) for offset in range(start, start + 20)])
         tasks = book.start_tasks(0)
         for task in tasks:
-            task.seconds = message_s * len(task.records)
-            back(book, task, finished=len(task.records))
+            back(book, task, finished=len(task.records), seconds=message_s * len(task.records))
         return len(tasks)
 
     assert tasks_for_ten_keys(0.00001) == 10, "nothing seen yet: a lane a task"
@@ -116,8 +115,7 @@ def test_tasks_that_come_back_unstarted_say_nothing_of_the_handlers_pace():
     book.message_s = 0.05  # a 50 ms handler
     book.add(P1, [record(P1, offset, b"k%d" % offset) for offset in range(200)])
     for task in book.start_tasks(0):  # revoked while they waited for a worker
-        task.seconds = 0.000002
-        back(book, task, finished=0)
+        back(book, task, finished=0, seconds=0.000002)
     book.add(P0, [record(P0, offset, b"k%d" % offset) for offset in range(20)])
     assert len(book.start_tasks(0)) == 20, "still slow: a lane a task"
 
@@ -127,12 +125,12 @@ def test_a_task_of_several_lanes_commits_below_each_lanes_first_unfinished_and_h
     book.add(P0, [record(P0, offset, key) for offset, key in enumerate([b"a", b"b", b"c", b"a", b"b", b"c"])])
     [task] = book.start_tasks(0)
     assert [r.offset for r in task.records] == [0, 3, 1, 4, 2, 5], "a's, then b's, then c's"
-    task.finished = 3  # a's both and b's first; b's second (4) in hand, c's not started
+    task.progress = (3, 1.0)  # a's both and b's first; b's second (4) in hand, c's not started
     assert book.commits_due() == {P0: 2}, "c's first (2) is unfinished, though later in the task"
     lane = back(book, task, finished=3, failure=TaskFailure(Consequence.RETRY, "False"))
     assert lane.key == b"b" and [r.offset for r in lane.records] == [4], "b's unfinished one, for its retry"
     c = book.partitions[P0].lanes[b"c"]
-    assert [r.offset for r in c.records] == [2, 5] and c in book.ready, "the lanes after it go back, ready at once"
+    assert [r.offset for r in c.records] == [2, 5] and c in book.queued, "the lanes after it go back, queued at once"
     assert book.unfinished == 3 and book.commits_due() == {P0: 2}
     book.retry_later(lane, attempts=1, due_s=10)
     book.requeue(lane)
@@ -202,7 +200,7 @@ def test_a_retry_is_handed_out_when_due_and_not_before():
     book.add(P0, [record(P0, 0), record(P0, 1)])
     [task] = book.start_tasks(0)
     lane = back(book, task, finished=0, failure=TaskFailure(Consequence.RETRY, "False"))
-    assert lane.attempts_made() == 1
+    assert lane.attempt(lane.records[0].offset) == 1
     book.retry_later(lane, attempts=1, due_s=10)
     book.requeue(lane)
     book.add(P0, [record(P0, 2)])  # more records for a waiting lane: still waiting
@@ -210,7 +208,7 @@ def test_a_retry_is_handed_out_when_due_and_not_before():
     [task] = book.start_tasks(now_s=10)
     assert [r.offset for r in task.records] == [0, 1, 2]
     lane = back(book, task, finished=0, failure=TaskFailure(Consequence.RETRY, "False"))
-    assert lane.attempts_made() == 2, "the second attempt on the same offset"
+    assert lane.attempt(lane.records[0].offset) == 2, "the second attempt on the same offset"
     book.retry_later(lane, attempts=2, due_s=20)
     book.requeue(lane)
     [task] = book.start_tasks(now_s=20)
@@ -257,7 +255,7 @@ def test_the_memory_unfinished_records_hold_is_counted_with_them():
 
 
 def batches(max_messages=3, max_wait_s=1.0) -> main.Ledger:
-    book = main.Ledger(keyed=False, batch=main.BatchPolicy(max_messages, max_wait_s))
+    book = main.Ledger(keyed=False, batch_policy=main.BatchPolicy(max_messages, max_wait_s))
     book.assign({P0, P1})
     return book
 
@@ -283,13 +281,13 @@ def test_a_retried_batch_is_the_same_batch_and_what_follows_a_dead_letter_goes_i
     book = batches(max_messages=2)
     book.add(P0, [record(P0, offset) for offset in range(5)], now_s=0)
     [task] = book.start_tasks(0)
-    lane = back(book, task, finished=0, failure=TaskFailure(Consequence.RETRY, "False", batch=2))
-    book.retry_later(lane, attempts=1, due_s=5, batch=2)
+    lane = back(book, task, finished=0, failure=TaskFailure(Consequence.RETRY, "False", batch_size=2))
+    book.retry_later(lane, attempts=1, due_s=5, batch_size=2)
     book.requeue(lane)
     book.add(P0, [record(P0, 5)], now_s=1)
     [task] = book.start_tasks(now_s=5)
     assert [r.offset for r in task.records] == [0, 1], "the same two, however many are waiting"
-    lane = back(book, task, finished=1, failure=TaskFailure(Consequence.DEAD_LETTER, "bad", batch=1))
+    lane = back(book, task, finished=1, failure=TaskFailure(Consequence.DEAD_LETTER, "bad", batch_size=1))
     book.pass_first(lane)  # offset 1, dead-lettered
     book.requeue(lane)
     assert book.commits_due() == {P0: 2}
@@ -377,8 +375,9 @@ def test_random_histories_never_commit_past_an_unfinished_message_and_count_memo
                 elif failure is not None:
                     failed = (task.partition, lane.records[0].offset)
                     failures[failed] = failures.get(failed, 0) + 1
-                    assert lane.attempts_made() == failures[failed], "attempts are counted per message"
-                    book.retry_later(lane, lane.attempts_made(), now + rng.choice([0.0, 1.0]))
+                    attempts = lane.attempt(lane.records[0].offset)
+                    assert attempts == failures[failed], "attempts are counted per message"
+                    book.retry_later(lane, attempts, now + rng.choice([0.0, 1.0]))
                 book.requeue(lane)
         elif action < 0.95:
             now += 0.5

@@ -91,8 +91,8 @@ def task_of(records):
 
 def test_process_task_counts_finished_messages_and_stops_at_false():
     task = task_of([record(P0, 5), record(P0, 6), record(P0, 7)])
-    main.process_task(task, answers({(0, 6): False}), main.StopSignal())
-    assert (task.finished, task.failure) == (1, TaskFailure(Consequence.RETRY, "process_message returned False"))
+    outcome = main.process_task(task, answers({(0, 6): False}), main.StopSignal())
+    assert (outcome.finished, outcome.failure) == (1, TaskFailure(Consequence.RETRY, "process_message returned False"))
 
 
 def test_process_task_stops_after_the_message_in_hand():
@@ -103,8 +103,7 @@ def test_process_task_stops_after_the_message_in_hand():
         return True
 
     task = task_of([record(P0, 0), record(P0, 1)])
-    main.process_task(task, stop_after_first, stop)
-    assert task.finished == 1
+    assert main.process_task(task, stop_after_first, stop).finished == 1
 
 
 def test_handler_tallies_add_up_what_each_worker_thread_counted_as_a_histogram_and_a_counter_would():
@@ -163,14 +162,14 @@ def test_what_the_loop_commits_is_on_the_processed_counter_first():
 
 def test_the_watchdog_reads_a_tasks_progress_once_while_its_worker_moves_it():
     """The watchdog looks at tasks while workers run them: one that finishes between two reads of
-    task.finished must not send it past the end of the task's records."""
+    task.progress must not send it past the end of the task's records."""
 
-    class Finishing(main.LaneTask):  # running when the watchdog first looks, finished after
-        reads = iter([0] + [1] * 10)
-        finished = property(lambda self: next(self.reads), lambda self, value: None)
+    class Finishing(main.LaneTask):  # running (long: worth a warning) when the watchdog first looks, finished after
+        reads = iter([(0, 1.0)] + [(1, 1.0)] * 10)
+        progress = property(lambda self: next(self.reads), lambda self, value: None)
 
     loop = make_loop()
-    task = Finishing(P0, [main.Lane(P0, None)], [record(P0, 0)], started_s=1.0)  # long ago: worth a warning
+    task = Finishing(P0, [main.Lane(P0, None)], [record(P0, 0)])
     loop.ledger.in_flight.add(task)
     loop.watchdog.watch_in_flight()
 
@@ -244,10 +243,10 @@ def test_exhausted_attempts_without_a_dead_letter_topic_stop_the_kernel():
 def test_back_pressure_pauses_a_partition_with_two_polls_unfinished_and_resumes_below_one():
     loop = make_loop()
     loop.ledger.add(P0, [record(P0, offset) for offset in range(8)])
-    loop.apply_back_pressure()
+    loop.budget.apply()
     assert loop.consumer.paused() == {P0}
     settle_all(loop)
-    loop.apply_back_pressure()
+    loop.budget.apply()
     assert loop.consumer.paused() == set()
 
 
@@ -332,34 +331,36 @@ def forward(message):
 
 def test_a_message_counts_as_done_only_once_what_it_sent_is_confirmed():
     producer = PendingProducer()
-    task = task_of([record(P0, 5), record(P0, 6)])
-    worker = threading.Thread(target=main.process_task, args=(task, forward, main.StopSignal(), producer))
+    task, outcomes = task_of([record(P0, 5), record(P0, 6)]), []
+    worker = threading.Thread(target=lambda: outcomes.append(main.process_task(task, forward, main.StopSignal(),
+                                                                               producer)))
     producer.timeout_s = 5
     worker.start()
     wait_for(lambda: len(producer.futures) == 2)
-    assert task.finished == 0, "nothing may be committed while its output could still be lost"
+    assert task.progress[0] == 0, "nothing may be committed while its output could still be lost"
     producer.futures[0][2].success((0, -1, None))
-    wait_for(lambda: task.finished == 1)
+    wait_for(lambda: task.progress[0] == 1)
     producer.futures[1][2].success((1, -1, None))
     worker.join(timeout=5)
-    assert (task.finished, task.failure) == (2, None)
+    assert (outcomes[0].finished, outcomes[0].failure) == (2, None)
 
 
 def test_an_undelivered_send_stops_the_task_at_its_message_to_be_tried_again():
     producer = PendingProducer()
-    task = task_of([record(P0, 5), record(P0, 6), record(P0, 7)])
-    worker = threading.Thread(target=main.process_task, args=(task, forward, main.StopSignal(), producer))
+    task, outcomes = task_of([record(P0, 5), record(P0, 6), record(P0, 7)]), []
+    worker = threading.Thread(target=lambda: outcomes.append(main.process_task(task, forward, main.StopSignal(),
+                                                                               producer)))
     producer.timeout_s = 5
     worker.start()
     wait_for(lambda: len(producer.futures) == 3)
     producer.futures[1][2].failure(KafkaTimeoutError("no broker"))
     producer.futures[0][2].success((0, -1, None))
     worker.join(timeout=10)
-    assert (task.finished, task.failure) == (1, TaskFailure(
+    assert (outcomes[0].finished, outcomes[0].failure) == (1, TaskFailure(
         Consequence.RETRY, "a message it sent was not delivered (KafkaTimeoutError('no broker'))"))
 
-    unconfirmed = task_of([record(P0, 5)])
-    main.process_task(unconfirmed, forward, main.StopSignal(), PendingProducer())  # never confirmed: 0.2 s timeout
+    # never confirmed: 0.2 s timeout
+    unconfirmed = main.process_task(task_of([record(P0, 5)]), forward, main.StopSignal(), PendingProducer())
     assert unconfirmed.finished == 0 and "KafkaTimeoutError" in unconfirmed.failure.reason
 
 
@@ -431,38 +432,37 @@ def big_record(partition, offset, size):
 
 def test_a_partition_pauses_before_a_fetch_could_pass_its_share_and_resumes_below_half_of_it():
     loop = make_loop(KERNEL_BUFFER_MAX_BYTES=str(1_000_000), KAFKA_MAX_POLL_RECORDS="100")  # 500 KB a partition
-    assert loop.fetch_limit == 125_000 and loop.consumer._fetcher.config["max_partition_fetch_bytes"] == 125_000
+    assert loop.budget.fetch_limit == 125_000 and loop.consumer._fetcher.config["max_partition_fetch_bytes"] == 125_000
     loop.ledger.add(P0, [big_record(P0, 0, 100_000)])  # two polls: the last brought 250 KB, what the
     loop.ledger.add(P0, [big_record(P0, 1, 250_000)])  # next fetch of each partition could bring
-    loop.apply_back_pressure()
+    loop.budget.apply()
     assert loop.consumer.paused() == set(), "350 KB of a 500 KB share: a fetch of 125 KB fits"
     loop.ledger.add(P0, [big_record(P0, 2, 100_000)])
-    loop.apply_back_pressure()
+    loop.budget.apply()
     assert loop.consumer.paused() == {P0}, "450 KB: the next fetch could pass the share; the other partition goes on"
     for still_paused in (True, False):  # 350 KB held, then 100 KB: at most half the share
         [task] = loop.ledger.start_tasks(0)
-        task.finished = 1
-        if (lane := loop.ledger.take_back(task)) is not None:  # some went back
+        if (lane := loop.ledger.take_back(main.TaskOutcome(task, 1))) is not None:  # some went back
             loop.ledger.requeue(lane)
-        loop.apply_back_pressure()
+        loop.budget.apply()
         assert loop.consumer.paused() == ({P0} if still_paused else set())
     assert loop.metrics.buffered_bytes._value.get() == loop.ledger.unfinished_bytes
 
 
 def test_fetches_shrink_with_the_share_as_partitions_come_and_go_but_never_stop():
     loop = make_loop(KERNEL_BUFFER_MAX_BYTES=str(64 * 2**20))
-    assert loop.fetch_limit == 2**20, "two partitions of a 64 MiB budget: KAFKA_MAX_PARTITION_FETCH_BYTES"
+    assert loop.budget.fetch_limit == 2**20, "two partitions of a 64 MiB budget: KAFKA_MAX_PARTITION_FETCH_BYTES"
     many = {TopicPartition("t", p) for p in range(2, 2000)}
     loop.assigned(many)
-    assert loop.fetch_limit == main.MIN_PARTITION_FETCH_BYTES, "2,000 partitions: 34 KB each, fetched 16 KiB at a time"
+    assert loop.budget.fetch_limit == main.MIN_PARTITION_FETCH_BYTES, "2,000 partitions: 34 KB each, fetched 16 KiB at a time"
     assert loop.consumer._fetcher.config["max_partition_fetch_bytes"] == main.MIN_PARTITION_FETCH_BYTES
     tp = TopicPartition("t", 7)
     loop.ledger.add(tp, [big_record(tp, 0, 100_000)])  # one batch larger than the share: it still came
-    loop.apply_back_pressure()
+    loop.budget.apply()
     fetching = set(loop.ledger.partitions) - loop.consumer.paused()
     assert tp not in fetching and len(fetching) == 1, "one at a time while the others have brought nothing yet"
     loop.revoked(many)
-    assert loop.fetch_limit == 2**20
+    assert loop.budget.fetch_limit == 2**20
 
 
 def test_a_partition_waiting_for_a_retry_never_holds_up_the_others():
@@ -470,24 +470,24 @@ def test_a_partition_waiting_for_a_retry_never_holds_up_the_others():
     loop.ledger.add(P0, [big_record(P0, offset, 200_000) for offset in range(3)])  # 600 KB behind a retry
     loop.ledger.add(P1, [big_record(P1, 0, 10_000)])  # P1's fetches are small
     settle_all(loop)
-    loop.apply_back_pressure()
+    loop.budget.apply()
     assert loop.ledger.unfinished_bytes > 500_000 and loop.consumer.paused() == {P0}
 
 
 def test_a_message_larger_than_the_whole_budget_is_processed_alone():
     loop = make_loop(KERNEL_BUFFER_MAX_BYTES=str(100_000))
     loop.ledger.add(P1, [big_record(P1, 0, 1_000_000)])
-    loop.apply_back_pressure()
+    loop.budget.apply()
     assert loop.consumer.paused() == {P0, P1}, "the others wait while it is held"
     settle_all(loop)
-    loop.apply_back_pressure()
+    loop.budget.apply()
     loop.commit()
     assert loop.consumer.commits() == [{P1: 1}]
     assert loop.consumer.paused() == {P1}, "P0 waited first; P1's next fetch could be as large again: it waits its turn"
     loop.ledger.add(P0, [big_record(P0, 0, 1_000)])
     settle_all(loop)
-    loop.turn_ends_s = time.monotonic()
-    loop.apply_back_pressure()
+    loop.budget.turn_ends_s = time.monotonic()
+    loop.budget.apply()
     assert loop.consumer.paused() == {P0}, "at the end of P0's turn P1 goes, alone"
 
 
@@ -516,7 +516,8 @@ def test_send_refuses_what_is_not_a_topic_or_bytes_saying_which_and_sends_the_re
         def send(self, topic, key, value, headers):
             return (topic, key, value, headers)
 
-    with main.sends_of_calls(Sent()) as sends:
+    sends = main.start_sends(Sent())
+    try:
         for arguments, refusal in [(("", b"v"), "topic must be a topic name, got ''"),
                                    (("out", "text"), "value must be bytes or None, got str: encode it first"),
                                    (("out", b"v", 7), "key must be bytes or None, got int"),
@@ -528,6 +529,8 @@ def test_send_refuses_what_is_not_a_topic_or_bytes_saying_which_and_sends_the_re
         main.send("out", bytearray(b"v"), key=b"k")
         main.send("out", None, headers=[("h", None)])
         assert sends == [("out", b"k", bytearray(b"v"), []), ("out", None, b"", [("h", b"")])]
+    finally:
+        main.current_call.sends = None
     with pytest.raises(RuntimeError, match=r"send\(\) works inside process_message"):
         main.send("out", b"v")
 
@@ -580,11 +583,12 @@ def test_a_task_handed_back_while_the_loop_waits_for_another_is_held_then_found(
     workers.give(second)
     wait_for(lambda: workers.handed_back.qsize() == 1)  # back before anyone waits for it
     workers.give(first)
-    assert workers.wait_for({first}, time.monotonic() + 5) == [first]
-    assert list(workers.held) == [second]
+    assert [outcome.task for outcome in workers.wait_for({first}, time.monotonic() + 5)] == [first]
+    assert [outcome.task for outcome in workers.back_early] == [second]
     started = time.monotonic()
-    assert workers.wait_for({second}, time.monotonic() + 5) == [second], "found among the held ones"
-    assert time.monotonic() - started < 0.5 and not workers.held
+    assert [outcome.task for outcome in workers.wait_for({second}, time.monotonic() + 5)] == [second], \
+        "found among those back early"
+    assert time.monotonic() - started < 0.5 and not workers.back_early
     workers.stop()
 
 
@@ -598,7 +602,7 @@ def test_revocation_finds_the_task_it_waits_for_among_those_already_handed_back(
     release.set()
     wait_for(lambda: loop.workers.handed_back.qsize() == 2)
     main.RebalanceListener(loop).on_partitions_revoked([P1])
-    assert len(loop.workers.held) == 1 and loop.workers.held[0].partition == P0
+    assert len(loop.workers.back_early) == 1 and loop.workers.back_early[0].task.partition == P0
     assert loop.consumer.commits() == [{P1: 1}]
     settle_all(loop)
     loop.commit()
@@ -650,7 +654,7 @@ def test_a_fatal_failure_while_stopping_is_logged_and_makes_the_exit_code_1(capl
 def make_batch_loop(handler, **env):
     settings = main.load_settings({"KAFKA_BOOTSTRAP_SERVERS": "a:1", "KERNEL_BATCH_MAX_WAIT_MS": "0", **env},
                                   "test-kernel", "t")
-    loop = main.ConsumerLoop(RecordingConsumer(), settings, main.KernelHandler(handler, batch=True), main.StopSignal())
+    loop = main.ConsumerLoop(RecordingConsumer(), settings, main.KernelHandler(handler, takes_batches=True), main.StopSignal())
     loop.assigned({P0, P1})
     return loop
 
@@ -692,7 +696,7 @@ def test_a_batch_whose_dead_letters_are_only_partly_published_keeps_the_rest():
     assert loop.settle_handed_back(timeout_s=5)
     loop.commit()
     lane = loop.ledger.partitions[P0].lanes[None]
-    assert [r.offset for r in lane.records] == [1, 2] and lane.retry.batch == 2
+    assert [r.offset for r in lane.records] == [1, 2] and lane.retry.batch_size == 2
     assert loop.consumer.commits() == [{P0: 1}] and loop.metrics.dead_lettered.labels("t")._value.get() == 1
 
 
@@ -734,20 +738,20 @@ def test_the_budget_decides_how_many_partitions_fetch_at_once_and_they_take_turn
     assert len(loop.consumer.paused()) == 1, "partitions that brought nothing yet join one at a time at first"
     loop.consumer.poll = lambda timeout_ms: {}
     loop.poll(0)
-    loop.apply_back_pressure()
+    loop.budget.apply()
     assert loop.consumer.paused() == set(), "then two"
     many = [TopicPartition("t", p) for p in range(2, 10)]
     loop.assigned(set(many))
     for tp in [P0, P1, *many]:  # every partition's last poll brought 300 KB, now finished
         loop.ledger.add(tp, [big_record(tp, 0, 300_000)])
     settle_all(loop)
-    loop.apply_back_pressure()
+    loop.budget.apply()
     fetching = set(loop.ledger.partitions) - loop.consumer.paused()
     assert len(fetching) == 3, "three fetches of 300 KB fit in 1 MB"
-    loop.apply_back_pressure()
+    loop.budget.apply()
     assert set(loop.ledger.partitions) - loop.consumer.paused() == fetching, "they keep their places for a turn"
-    loop.turn_ends_s = time.monotonic()
-    loop.apply_back_pressure()
+    loop.budget.turn_ends_s = time.monotonic()
+    loop.budget.apply()
     assert not fetching & (set(loop.ledger.partitions) - loop.consumer.paused()), "then those that waited go first"
 
 

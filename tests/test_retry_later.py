@@ -46,8 +46,7 @@ def failure_policy(max_attempts: int = 0, max_ms: int = 30_000) -> tuple[main.Fa
 def fail_first(book: main.Ledger, failure: TaskFailure, now_s: float | None = None) -> main.Lane:
     """The partition's next task comes back with `failure` at its first record: that record's lane."""
     [task] = book.start_tasks(time.monotonic() if now_s is None else now_s)
-    task.failure = failure
-    return book.take_back(task)
+    return book.take_back(main.TaskOutcome(task, 0, failure))
 
 
 def test_a_retry_later_waits_what_it_asked_for_capped_and_says_so(caplog):

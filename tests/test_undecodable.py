@@ -154,15 +154,15 @@ def test_a_record_whose_structure_is_broken_makes_the_rest_of_its_batch_undecoda
 def test_an_undecodable_record_is_dead_lettered_never_handed_to_process_message():
     record = main.UndecodableRecord(*make_message(None, topic="t", offset=5), undecodable="why")
     calls = []
-    task = main.LaneTask(TopicPartition("t", 0), [], [record])
-    main.process_task(task, lambda message: calls.append(message) or True, main.StopSignal())
-    assert calls == [] and task.finished == 0
-    assert task.failure == main.TaskFailure(main.Consequence.DEAD_LETTER, "why", exception="CorruptRecordError")
+    outcome = main.process_task(main.LaneTask(TopicPartition("t", 0), [], [record]),
+                                lambda message: calls.append(message) or True, main.StopSignal())
+    assert calls == [] and outcome.finished == 0
+    assert outcome.failure == main.TaskFailure(main.Consequence.DEAD_LETTER, "why", exception="CorruptRecordError")
     # With process_batch, the batch ends before it; alone, it is dead-lettered.
     good = make_message(b"v", topic="t", offset=4)
-    task = main.LaneTask(TopicPartition("t", 0), [], [good, record])
-    main.process_batch_task(task, lambda messages: calls.append(messages) or True, main.StopSignal())
-    assert calls == [[good]] and task.finished == 1 and task.failure is None
-    task = main.LaneTask(TopicPartition("t", 0), [], [record, good])
-    main.process_batch_task(task, lambda messages: calls.append(messages) or True, main.StopSignal())
-    assert calls == [[good]] and task.finished == 0 and task.failure.exception == "CorruptRecordError"
+    outcome = main.process_batch_task(main.LaneTask(TopicPartition("t", 0), [], [good, record]),
+                                      lambda messages: calls.append(messages) or True, main.StopSignal())
+    assert calls == [[good]] and outcome.finished == 1 and outcome.failure is None
+    outcome = main.process_batch_task(main.LaneTask(TopicPartition("t", 0), [], [record, good]),
+                                      lambda messages: calls.append(messages) or True, main.StopSignal())
+    assert calls == [[good]] and outcome.finished == 0 and outcome.failure.exception == "CorruptRecordError"
