@@ -34,7 +34,8 @@ The life of a message, in the core:
   process_task()                on a worker thread: process_message(record) for each record of the task,
                                 one after another; what it send()s is confirmed (confirm_sends) before the
                                 record counts as finished; False or an exception ends the task (TaskFailure)
-  WorkerPool.work()             hands the task back (WorkerPool.next_back() on the loop's side)
+  WorkerPool.work()             hands the task's outcome back whole (TaskOutcome), through a queue that
+                                the loop reads with WorkerPool.next_back()
   ConsumerLoop.settle()         Ledger.take_back(); a failure goes to FailurePolicy.apply(): a retry after a
                                 backoff (Ledger.retry_later), or the dead-letter topic (Ledger.pass_first)
   ConsumerLoop.commit()         Ledger.commits_due(): each partition's finished prefix, committed

@@ -91,6 +91,19 @@ def main_docstring(source: str) -> str:
     return source.split('"""', 2)[1]
 
 
+def test_the_life_of_a_message_names_what_exists():
+    """Every function and class the docstring's "life of a message" names is one main.py defines: a
+    rename in the loop must not leave a reviewer following a name that is gone."""
+    import main
+
+    life = main_docstring((REPO / "main.py").read_text()).split("The life of a message", 1)[1].split("\nThe file,")[0]
+    named = set(re.findall(r"\b([A-Z]\w+\.\w+|[a-z_]+_[a-z_]+)\(\)", life)) | set(re.findall(r"\(([A-Z]\w+|[a-z]+_\w+)\)", life))
+    assert {"process_task", "ConsumerLoop.settle", "Ledger.commits_due", "TaskOutcome"} <= named
+    missing = [name for name in sorted(named) if not hasattr(getattr(main, name.split(".")[0], None), name.split(".")[-1])
+               and not hasattr(main, name)]
+    assert not missing, f"main.py's life of a message names what main.py does not define: {missing}"
+
+
 def test_claude_md_names_what_exists():
     import prometheus_client  # whose Counter, Gauge and Histogram CLAUDE.md tells a kernel to use
 
