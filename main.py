@@ -493,7 +493,7 @@ class KernelSettings:
     commit_timeout_ms: int
     produce_timeout_ms: int
     retry: RetryPolicy
-    batch: BatchPolicy  # used with process_batch
+    batch_policy: BatchPolicy  # used with process_batch
     dead_letter_topic: str | None
     concurrency: int
     ordering: str  # "key" or "partition"
@@ -526,8 +526,8 @@ class KernelSettings:
 
     def check_batch_limit(self) -> None:
         """With process_batch: a batch larger than a partition ever buffers would never be full."""
-        if self.batch.max_messages > 2 * self.max_poll_records:
-            raise ConfigError(f"KERNEL_BATCH_MAX_MESSAGES ({self.batch.max_messages}) must not exceed twice "
+        if self.batch_policy.max_messages > 2 * self.max_poll_records:
+            raise ConfigError(f"KERNEL_BATCH_MAX_MESSAGES ({self.batch_policy.max_messages}) must not exceed twice "
                               f"KAFKA_MAX_POLL_RECORDS ({self.max_poll_records}): a partition stops fetching there, "
                               "so a batch would never be full")
 
@@ -794,7 +794,7 @@ def load_settings(env: Mapping[str, str], kernel_name: str, default_topic: str) 
         commit_timeout_ms=parse_int(env, "KAFKA_COMMIT_TIMEOUT_MS", 10_000, minimum=100),
         produce_timeout_ms=parse_int(env, "KAFKA_PRODUCE_TIMEOUT_MS", 10_000, minimum=100),
         retry=RetryPolicy.from_env(env),
-        batch=BatchPolicy.from_env(env),
+        batch_policy=BatchPolicy.from_env(env),
         dead_letter_topic=parse_topic(env, "KERNEL_DEAD_LETTER_TOPIC"),
         concurrency=parse_int(env, "KERNEL_CONCURRENCY", 1, minimum=1, maximum=MAX_CONCURRENCY),
         ordering=parse_choice(env, "KERNEL_ORDERING", "key", ("key", "partition")),
@@ -939,11 +939,11 @@ QUIET_LIBRARIES = ("kafka", "httpx", "httpcore", "anthropic", "psycopg", "urllib
 
 def configure_logging(kernel_name: str) -> None:
     """Plain lines at INFO to stderr, until the settings say otherwise (apply_log_settings)."""
-    handler = logging.StreamHandler()
-    handler.setFormatter(PlainFormatter(kernel_name))
-    handler.addFilter(bounded_log_line)
-    handler.addFilter(RepeatFilter())
-    logging.getLogger().addHandler(handler)
+    stream = logging.StreamHandler()
+    stream.setFormatter(PlainFormatter(kernel_name))
+    stream.addFilter(bounded_log_line)
+    stream.addFilter(RepeatFilter())
+    logging.getLogger().addHandler(stream)
     logging.getLogger().setLevel(logging.INFO)
 
 
@@ -951,8 +951,8 @@ def apply_log_settings(settings: KernelSettings) -> None:
     root = logging.getLogger()
     root.setLevel(settings.log_level)
     formatter = (JsonFormatter if settings.log_format == "json" else PlainFormatter)(settings.kernel_name)
-    for handler in root.handlers:
-        handler.setFormatter(formatter)
+    for log_handler in root.handlers:
+        log_handler.setFormatter(formatter)
     # The Kafka client logs every connection step at INFO, and the libraries of the extras each request
     # (httpx a line per call): their warnings and errors still show, the rest with LOG_LEVEL=DEBUG.
     level = logging.getLevelName(settings.log_level)
@@ -2790,7 +2790,7 @@ class ConsumerLoop:
         self.metrics = metrics or KernelMetrics()
         takes_batches = kernel_handler.takes_batches
         keyed = settings.ordering == "key" and settings.concurrency > 1 and not takes_batches
-        self.ledger = Ledger(keyed, settings.batch if takes_batches else None, settings.concurrency)
+        self.ledger = Ledger(keyed, settings.batch_policy if takes_batches else None, settings.concurrency)
         self.budget = FetchBudget(consumer, settings, self.ledger, self.metrics)
         self.failed_while_stopping = False  # process_message raised on a message in hand at shutdown
         # One poll's worth, and enough to keep every worker busy, is buffered before polling pauses.
@@ -2994,9 +2994,9 @@ class ConsumerLoop:
 ###############################################################################
 
 
-def consume_until_stopped(handler: KernelHandler, settings: KernelSettings, tls: TlsFiles | None,
+def consume_until_stopped(kernel_handler: KernelHandler, settings: KernelSettings, tls: TlsFiles | None,
                           stop: StopSignal, tracing: Tracing | None = None) -> int:
-    health, metrics = HealthState(settings, handler.name), KernelMetrics() if settings.http_port else Uncounted()
+    health, metrics = HealthState(settings, kernel_handler.name), KernelMetrics() if settings.http_port else Uncounted()
     metrics.ready.set_function(lambda: health.ready()[0])  # asked at each scrape, as /readyz is
     if settings.http_port:
         serve_http(settings.http_host, settings.http_port, health, metrics)
@@ -3006,7 +3006,7 @@ def consume_until_stopped(handler: KernelHandler, settings: KernelSettings, tls:
     consumer = connect_consumer(settings, tls, stop, health)
     if consumer is None:
         return EXIT_OK
-    loop = ConsumerLoop(consumer, settings, handler, stop, tls, health, metrics, tracing)
+    loop = ConsumerLoop(consumer, settings, kernel_handler, stop, tls, health, metrics, tracing)
     collect_garbage_less_often()
     return loop.run()
 
@@ -3032,11 +3032,12 @@ def run_kernel(process_message: Callable | None = None, *, process_batch: Callab
     deployment instead of consuming."""
     if (process_message is None) == (process_batch is None):
         raise TypeError("run_kernel() takes process_message or process_batch, one of them")
-    handler = KernelHandler(process_batch, takes_batches=True) if process_batch else KernelHandler(process_message)
+    kernel_handler = (KernelHandler(process_batch, takes_batches=True) if process_batch
+                      else KernelHandler(process_message))
     argv = sys.argv if argv is None else argv
     if argv[1:] == ["check"]:
         return check_deployment(os.environ, name, default_topic, dotenv_file(os.environ), read_settings,
-                                handler.takes_batches)
+                                kernel_handler.takes_batches)
     if argv[1:]:
         print(f"usage: {argv[0]} [check]", file=sys.stderr)
         return EXIT_CONFIG
@@ -3047,7 +3048,7 @@ def run_kernel(process_message: Callable | None = None, *, process_batch: Callab
     try:
         read_dotenv(dotenv_file(os.environ))
         settings = load_settings(os.environ, name, default_topic)
-        if handler.takes_batches:
+        if kernel_handler.takes_batches:
             settings.check_batch_limit()
         if read_settings is not None:
             read_settings()
@@ -3055,7 +3056,7 @@ def run_kernel(process_message: Callable | None = None, *, process_batch: Callab
         with tls_files(settings) as tls, tracing_for(settings) as tracing:
             if tls is not None:
                 stop.cleanups.append(tls.remove)  # a second signal exits at once, but not leaving keys behind
-            return consume_until_stopped(handler, settings, tls, stop, tracing)
+            return consume_until_stopped(kernel_handler, settings, tls, stop, tracing)
     except ConfigError as error:
         kernel_log.error("Configuration error: %s", error)
         return EXIT_CONFIG
@@ -3304,8 +3305,8 @@ class Tracing:
         self.process_attributes = {"messaging.system": "kafka", "messaging.operation.type": "process",
                          "messaging.operation.name": "process", "messaging.consumer.group.name": settings.group_id,
                          "messaging.client.id": settings.client_id}
-        for handler in logging.getLogger().handlers:
-            handler.addFilter(self.add_trace_ids)
+        for log_handler in logging.getLogger().handlers:
+            log_handler.addFilter(self.add_trace_ids)
 
     def context_of(self, record):
         """The trace context the record's headers carry (none: its span starts a trace)."""
@@ -3320,9 +3321,9 @@ class Tracing:
         return [header for header in headers if header[0] not in self.header_names] + [
             (name, value.encode()) for name, value in context.items()]
 
-    def traced(self, process: Callable, batch: bool) -> Callable:
-        """process_task (process_batch_task with `batch`) calling the handler in a span per call."""
-        call = self.call_batch if batch else self.call_message
+    def traced(self, process: Callable, takes_batches: bool) -> Callable:
+        """process_task (process_batch_task with `takes_batches`) calling the handler in a span per call."""
+        call = self.call_batch if takes_batches else self.call_message
         return lambda task, handler, *rest: process(task, functools.partial(call, handler, task), *rest)
 
     @staticmethod
@@ -3768,9 +3769,9 @@ def machinery_report(path: str = __file__) -> tuple[str, str]:
 
 def check_deployment(env: Mapping[str, str], kernel_name: str, default_topic: str,
                      dotenv_path: str | None = None, read_settings: Callable[[], object] | None = None,
-                     batch: bool = False) -> int:
+                     takes_batches: bool = False) -> int:
     """Validate settings (after reading the .env at `dotenv_path` into the environment; the kernel's own
-    with `read_settings`; with `batch`, for process_batch) as start-up does, tracing's set-up too,
+    with `read_settings`; with `takes_batches`, for process_batch) as start-up does, tracing's set-up too,
     certificates and the connection, consuming nothing. Exit code 0 when nothing is wrong, 1 when
     something is, 2 for a configuration error."""
     report = CheckReport()
@@ -3779,7 +3780,7 @@ def check_deployment(env: Mapping[str, str], kernel_name: str, default_topic: st
         if dotenv_path is not None:
             read_dotenv(dotenv_path)
         settings = load_settings(env, kernel_name, default_topic)
-        if batch:
+        if takes_batches:
             settings.check_batch_limit()
         with tracing_for(settings):  # what the SDK refuses; its exporters are stopped again at once
             pass
@@ -3837,4 +3838,4 @@ check_your_part(names_of_your_part)
 
 # The machinery's digest as the template shipped it (devtools/stamp_machinery.py writes it): `check` and
 # tests/test_template.py compare it with what is above, from "# End of your kernel" on.
-MACHINERY_SHA256 = "e02664acb0905e393c63da6a15c72d3c178c9d083825ee20f7db6180c843141b"
+MACHINERY_SHA256 = "0279fcb72552cdca4fe35926ea9913275b8c1c5fee372b5cfbdd19ad19ad3a08"
