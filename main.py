@@ -867,24 +867,24 @@ def log_fields(record) -> dict:
 
 class RepeatFilter(logging.Filter):
     """Lets a repeating warning through at most once per REPEATED_WARNING_INTERVAL_S, saying how
-    many were held back: the Kafka client's own, OpenTelemetry's, and ours logged with extra=REPEATING.
+    many were left out: the Kafka client's own, OpenTelemetry's, and ours logged with extra=REPEATING.
     During a broker (or trace collector) outage they would otherwise repeat on every reconnect or poll."""
 
     def __init__(self):
         super().__init__()
-        self.seen: dict[tuple[str, str], tuple[float, int]] = {}  # (logger, template): (last, held)
+        self.seen: dict[tuple[str, str], tuple[float, int]] = {}  # (logger, template): (last, left out)
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not (record.name.split(".", 1)[0] in ("kafka", "opentelemetry") or getattr(record, "repeating", False)):
             return True
         key, now = (record.name, str(record.msg)), time.monotonic()
-        last_s, held = self.seen.get(key, (-REPEATED_WARNING_INTERVAL_S, 0))
+        last_s, left_out = self.seen.get(key, (-REPEATED_WARNING_INTERVAL_S, 0))
         if now - last_s < REPEATED_WARNING_INTERVAL_S:
-            self.seen[key] = (last_s, held + 1)
+            self.seen[key] = (last_s, left_out + 1)
             return False
         self.seen[key] = (now, 0)
-        if held:
-            record.msg = f"{record.msg} [{held} more like this in the last {now - last_s:.0f} s]"
+        if left_out:
+            record.msg = f"{record.msg} [{left_out} more like this in the last {now - last_s:.0f} s]"
         return True
 
 
@@ -3838,4 +3838,4 @@ check_your_part(names_of_your_part)
 
 # The machinery's digest as the template shipped it (devtools/stamp_machinery.py writes it): `check` and
 # tests/test_template.py compare it with what is above, from "# End of your kernel" on.
-MACHINERY_SHA256 = "0279fcb72552cdca4fe35926ea9913275b8c1c5fee372b5cfbdd19ad19ad3a08"
+MACHINERY_SHA256 = "501cabaf3c8daddc15b0c2b3746bdfdab741f9c0c61b935f023681294fb10d8d"
