@@ -2057,8 +2057,15 @@ def librdkafka_config(settings: KernelSettings) -> dict:
         "topic.metadata.propagation.max.ms": MISSING_TOPIC_WAIT_MS,
         # The largest message sent: what the kernel fetches at most (librdkafka takes up to 1,000,000,000).
         "message.max.bytes": min(settings.fetch_max_bytes, 1_000_000_000),
+        # A task's sends, and each dead letter, are awaited before the kernel goes on: a batch lingering for more
+        # would only lengthen that wait (under load, batches still fill while requests are in flight).
+        "linger.ms": 0,
     }
-    if settings.uses_tls:  # without KAFKA_CA_CERT librdkafka trusts the system's CAs (it probes their usual places)
+    if settings.uses_tls and settings.ca_cert is None:  # the system's CAs, as Python's ssl (kafka-python) finds them
+        paths = ssl.get_default_verify_paths()  # SSL_CERT_FILE and SSL_CERT_DIR too
+        if paths.cafile or paths.capath:
+            config["ssl.ca.location"] = paths.cafile or paths.capath
+    if settings.uses_tls:
         for key, name, value, block in (
                 ("ssl.ca.pem", "KAFKA_CA_CERT", settings.ca_cert, "CERTIFICATE"),
                 ("ssl.certificate.pem", "KAFKA_CLIENT_CERT", settings.client_cert, "CERTIFICATE"),
@@ -2163,11 +2170,8 @@ class LibrdkafkaProducer:
         """Queue a message; broker trouble shows in the returned future, never as an exception here."""
         if self.tracing is not None:
             headers = self.tracing.with_context(headers)
-        if self.client is None:  # the lock is taken only until the client exists
-            with self.lock:
-                if self.client is None:
-                    self.client = self.new_client(self.config)
-                    threading.Thread(target=self.serve_events, name="producer-deliveries", daemon=True).start()
+        if self.client is None:
+            self.connect()
         future = Delivery(self)
         if (metrics := self.metrics) is not None:
             future.add_callback(lambda _: metrics.of_topic(metrics.sent, topic).inc())
@@ -2185,6 +2189,12 @@ class LibrdkafkaProducer:
             except self.refused as error:  # a message over message.max.bytes (KAFKA_FETCH_MAX_BYTES), say
                 future.failure(kafka_python_error(error.args[0], topic))
             return future
+
+    def connect(self) -> None:
+        with self.lock:  # taken only until the client exists
+            if self.client is None:
+                self.client = self.new_client(self.config)
+                threading.Thread(target=self.serve_events, name="producer-deliveries", daemon=True).start()
 
     def serve_events(self) -> None:
         while not self.closing:
@@ -2207,13 +2217,16 @@ class LibrdkafkaProducer:
     def probe(self, timeout_s: float) -> str | None:
         """For `check`: connect as send() does and ask for the cluster's metadata; None if it answered, else why not."""
         errors = []
-        client = self.new_client(self.config | {"error_cb": errors.append})
+        self.config["error_cb"] = errors.append  # served, as OAuth token requests are, by the poll thread
+        self.connect()
         try:
-            client.list_topics(timeout=timeout_s)
+            self.client.list_topics(timeout=timeout_s)
             return None
         except self.refused as error:
-            client.poll(0)  # serves the errors that say why
+            time.sleep(PRODUCER_POLL_S)  # the errors that say why, served
             return (errors[-1] if errors else error.args[0]).str()
+        finally:
+            self.closing = True
 
     def close(self) -> None:
         """Flush what is still queued, within KERNEL_SHUTDOWN_TIMEOUT_MS, and stop the poll thread."""
@@ -3826,4 +3839,4 @@ check_your_part(names_of_your_part)
 
 # The machinery's digest as the template shipped it (devtools/stamp_machinery.py writes it): `check` and
 # tests/test_template.py compare it with what is above, from "# End of your kernel" on.
-MACHINERY_SHA256 = "65d59796a61794f4b4be248f0dda391dd7d2128406c490bdeecd1356ae31f451"
+MACHINERY_SHA256 = "ba97e4f6c38df083f7f15495d5871ba1da8ef5549aed6848c0c106541baa2f3f"

@@ -4,6 +4,7 @@ output the broker never got keeps its input uncommitted (and retried) instead of
 import json
 import logging
 import re
+import ssl
 import subprocess
 import sys
 import time
@@ -226,10 +227,12 @@ def test_the_librdkafka_producer_takes_the_kernels_settings_with_certificates_as
         "bootstrap.servers": "a:1,b:2", "security.protocol": "SASL_SSL", "client.id": "c-producer", "acks": "all",
         "enable.idempotence": True, "partitioner": "murmur2_random", "message.timeout.ms": 2500,
         "request.timeout.ms": 2500, "topic.metadata.propagation.max.ms": main.MISSING_TOPIC_WAIT_MS,
-        "message.max.bytes": 32768, "ssl.endpoint.identification.algorithm": "none", "sasl.mechanism": "SCRAM-SHA-512",
-        "sasl.username": "u", "sasl.password": "secret-7"}
+        "message.max.bytes": 32768, "linger.ms": 0, "ssl.endpoint.identification.algorithm": "none",
+        "sasl.mechanism": "SCRAM-SHA-512", "sasl.username": "u", "sasl.password": "secret-7"}
     system_store = main.librdkafka_config(settings_from({"KAFKA_BOOTSTRAP_SERVERS": "a:1", "KAFKA_SECURITY_PROTOCOL": "SSL"}))
-    assert not [name for name in system_store if name.startswith("ssl.")], "without KAFKA_CA_CERT: the system's CAs"
+    paths = ssl.get_default_verify_paths()
+    assert [(name, value) for name, value in system_store.items() if name.startswith("ssl.")] == [
+        ("ssl.ca.location", paths.cafile or paths.capath)], "without KAFKA_CA_CERT: the system's CAs, as Python's ssl has them"
 
 
 def test_librdkafkas_lines_go_through_the_kernels_logging_without_secrets(caplog, capfd):
