@@ -2061,11 +2061,10 @@ def librdkafka_config(settings: KernelSettings) -> dict:
         # would only lengthen that wait (under load, batches still fill while requests are in flight).
         "linger.ms": 0,
     }
-    if settings.uses_tls and settings.ca_cert is None:  # the system's CAs, as Python's ssl (kafka-python) finds them
-        paths = ssl.get_default_verify_paths()  # SSL_CERT_FILE and SSL_CERT_DIR too
-        if paths.cafile or paths.capath:
-            config["ssl.ca.location"] = paths.cafile or paths.capath
     if settings.uses_tls:
+        paths = ssl.get_default_verify_paths()  # without KAFKA_CA_CERT: the system's CAs, where Python's ssl has them
+        if settings.ca_cert is None and (paths.cafile or paths.capath):  # (SSL_CERT_FILE too), as kafka-python does
+            config["ssl.ca.location"] = paths.cafile or paths.capath
         for key, name, value, block in (
                 ("ssl.ca.pem", "KAFKA_CA_CERT", settings.ca_cert, "CERTIFICATE"),
                 ("ssl.certificate.pem", "KAFKA_CLIENT_CERT", settings.client_cert, "CERTIFICATE"),
@@ -2081,27 +2080,36 @@ def librdkafka_config(settings: KernelSettings) -> dict:
     return config
 
 
-class Delivery(kafka.future.Future):
-    """A send through librdkafka as kafka-python's producer returns one (is_done, exception, callbacks):
-    settled by its delivery report, on the producer's poll thread."""
+class Delivery:
+    """A send through librdkafka as the kernel awaits one: is_done and exception, and get(timeout) as
+    kafka-python's futures have them. Settled by its delivery report, on the producer's poll thread,
+    which counts it for /metrics."""
+
+    __slots__ = ("producer", "is_done", "exception")
 
     def __init__(self, producer: LibrdkafkaProducer):
-        super().__init__()
-        self.producer = producer
+        self.producer, self.is_done, self.exception = producer, False, None
 
     def report(self, error, message) -> None:
-        """librdkafka's delivery report (confluent_kafka.KafkaError or None, and the message)."""
+        """librdkafka's delivery report: confluent_kafka.KafkaError or None, and the message."""
+        health = self.producer.health
         if error is None:
-            if self.producer.health.missing_outputs:  # the topic may exist now (/readyz)
-                self.producer.health.missing_outputs -= {message.topic()}
-            self.success(None)
+            if health.missing_outputs:  # the topic may exist now (/readyz)
+                health.missing_outputs -= {message.topic()}
+            self.settle(None, message.topic())
             return
-        topic = message.topic()
         if error.code() in (error._UNKNOWN_TOPIC, error.UNKNOWN_TOPIC_OR_PART):
-            self.producer.health.missing_outputs |= {topic}
-        self.failure(kafka_python_error(error, topic))
+            health.missing_outputs |= {message.topic()}
+        self.settle(kafka_python_error(error, message.topic()), message.topic())
 
-    def get(self, timeout: float):
+    def settle(self, error: KafkaError | None, topic: str) -> Delivery:
+        self.exception = error  # before is_done: a worker reads is_done, then exception, with no lock
+        self.is_done = True
+        if (metrics := self.producer.metrics) is not None:
+            metrics.of_topic(metrics.sent if error is None else metrics.send_failures, topic).inc()
+        return self
+
+    def get(self, timeout: float) -> None:
         """Wait up to `timeout` seconds for the delivery report, as FutureRecordMetadata.get does."""
         with self.producer.settled:
             self.producer.settled.wait_for(lambda: self.is_done, timeout)
@@ -2109,7 +2117,6 @@ class Delivery(kafka.future.Future):
             raise kafka.errors.KafkaTimeoutError(f"Timeout after waiting for {timeout} secs.")
         if self.exception is not None:
             raise self.exception
-        return self.value
 
 
 def kafka_python_error(error, topic: str) -> KafkaError:
@@ -2142,8 +2149,8 @@ PRODUCER_POLL_S = 0.1  # how long the poll thread waits for an event before it l
 class LibrdkafkaProducer:
     """The kernel's one producer through confluent-kafka (librdkafka), as KernelProducer is through
     kafka-python, with its interface: send() returns a future (a Delivery), close() flushes. One
-    thread serves the delivery reports (and log lines, errors and OAuth token requests), however many
-    messages are in flight. Created on first use from whichever thread needs it first."""
+    thread serves the delivery reports (and log lines and OAuth token requests), however many
+    messages are in flight. Its client is created on first use, from whichever thread needs it first."""
 
     def __init__(self, settings: KernelSettings, metrics: KernelMetrics | None = None,
                  tracing: Tracing | None = None, health: HealthState | None = None):
@@ -2173,21 +2180,19 @@ class LibrdkafkaProducer:
         if self.client is None:
             self.connect()
         future = Delivery(self)
-        if (metrics := self.metrics) is not None:
-            future.add_callback(lambda _: metrics.of_topic(metrics.sent, topic).inc())
-            future.add_errback(lambda _: metrics.of_topic(metrics.send_failures, topic).inc())
-        deadline_s = time.monotonic() + self.timeout_s
+        deadline_s = None
         while True:
             try:
                 self.client.produce(topic, value, key, headers=headers or None, on_delivery=future.report)
             except BufferError:  # the queue is full: wait for room as kafka-python's send() does, as long as a send may
+                deadline_s = deadline_s or time.monotonic() + self.timeout_s
                 if time.monotonic() < deadline_s:
                     with self.settled:
                         self.settled.wait(PRODUCER_POLL_S)
                     continue
-                future.failure(kafka.errors.KafkaTimeoutError("the producer's queue stayed full"))
+                future.settle(kafka.errors.KafkaTimeoutError("the producer's queue stayed full"), topic)
             except self.refused as error:  # a message over message.max.bytes (KAFKA_FETCH_MAX_BYTES), say
-                future.failure(kafka_python_error(error.args[0], topic))
+                future.settle(kafka_python_error(error.args[0], topic), topic)
             return future
 
     def connect(self) -> None:
@@ -3839,4 +3844,4 @@ check_your_part(names_of_your_part)
 
 # The machinery's digest as the template shipped it (devtools/stamp_machinery.py writes it): `check` and
 # tests/test_template.py compare it with what is above, from "# End of your kernel" on.
-MACHINERY_SHA256 = "ba97e4f6c38df083f7f15495d5871ba1da8ef5549aed6848c0c106541baa2f3f"
+MACHINERY_SHA256 = "48aa9db06f97dc775bd96a18032164559ef9039c93ada9d6e57e554e6cc12568"
