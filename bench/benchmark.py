@@ -35,6 +35,7 @@ HERE = Path(__file__).resolve().parent
 MESSAGES = 200_000
 PARTITIONS = 6
 KEYS = 1_000
+DEAD_LETTERS = 10_000  # of the messages, when every one is dead-lettered (each awaited, in turn: a slow path)
 REPEATS = 5
 HANDLER_SLEEP_S = 0.020
 # Messages per concurrency level for the 20 ms handler: about six seconds of ideal work each.
@@ -153,7 +154,7 @@ def main() -> None:
             for producer, suffix in (("confluent-kafka", ""), ("kafka-python", "_kafka_python")):
                 runs["kernel_forward" + suffix].append(run_probe("probe_kernel.py", broker, "bench", MESSAGES, {
                     "BENCH_FORWARD": "bench-out", "KERNEL_PRODUCER": producer}))
-                runs["kernel_dead_letter" + suffix].append(run_probe("probe_kernel.py", broker, "bench", MESSAGES, {
+                runs["kernel_dead_letter" + suffix].append(run_probe("probe_kernel.py", broker, "bench", DEAD_LETTERS, {
                     "BENCH_DEAD_LETTER": "1", "KERNEL_DEAD_LETTER_TOPIC": "bench-dlt", "KERNEL_PRODUCER": producer}))
             runs["quix_forward"].append(run_probe("probe_quix.py", broker, "bench", MESSAGES,
                                                   {"BENCH_FORWARD": "bench-out"}))
@@ -185,7 +186,8 @@ def main() -> None:
          "kernel_forward"),
         ("**kernel**: the same, `KERNEL_PRODUCER=kafka-python`", "kernel_forward_kafka_python"),
         ("peer: Quix Streams application, at-least-once, `to_topic` each message", "quix_forward"),
-        ("**kernel**: `DeadLetter` raised for every message, default settings", "kernel_dead_letter"),
+        (f"**kernel**: `DeadLetter` raised for every message (the first {DEAD_LETTERS:,}), default settings",
+         "kernel_dead_letter"),
         ("**kernel**: the same, `KERNEL_PRODUCER=kafka-python`", "kernel_dead_letter_kafka_python"),
     ]
     forward_rows = [(name, median_run(runs[key]), spread(runs[key]),
