@@ -492,6 +492,7 @@ class KernelSettings:
     bootstrap_timeout_ms: int
     commit_timeout_ms: int
     produce_timeout_ms: int
+    producer: str  # KERNEL_PRODUCER: "confluent-kafka" (librdkafka's) or "kafka-python"
     retry: RetryPolicy
     batch_policy: BatchPolicy  # used with process_batch
     dead_letter_topic: str | None
@@ -793,6 +794,7 @@ def load_settings(env: Mapping[str, str], kernel_name: str, default_topic: str) 
         bootstrap_timeout_ms=parse_int(env, "KAFKA_BOOTSTRAP_TIMEOUT_MS", 30_000, minimum=1_000),
         commit_timeout_ms=parse_int(env, "KAFKA_COMMIT_TIMEOUT_MS", 10_000, minimum=100),
         produce_timeout_ms=parse_int(env, "KAFKA_PRODUCE_TIMEOUT_MS", 10_000, minimum=100),
+        producer=parse_choice(env, "KERNEL_PRODUCER", "confluent-kafka", ("confluent-kafka", "kafka-python")),
         retry=RetryPolicy.from_env(env),
         batch_policy=BatchPolicy.from_env(env),
         dead_letter_topic=parse_topic(env, "KERNEL_DEAD_LETTER_TOPIC"),
@@ -934,7 +936,7 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-QUIET_LIBRARIES = ("kafka", "httpx", "httpcore", "anthropic", "psycopg", "urllib3", "opentelemetry")
+QUIET_LIBRARIES = ("kafka", "librdkafka", "httpx", "httpcore", "anthropic", "psycopg", "urllib3", "opentelemetry")
 
 
 def configure_logging(kernel_name: str) -> None:
@@ -1718,6 +1720,218 @@ class KernelProducer:
     def close(self) -> None:
         if self.client is not None:
             self.client.close(timeout=self.timeout_s)
+
+def librdkafka_config(settings: KernelSettings) -> dict:
+    """confluent-kafka Producer settings (librdkafka's CONFIGURATION.md names) from the kernel's: the same
+    broker, TLS and SASL as the consumer's; certificates as PEM text, so that no key is written to disk."""
+    config = {
+        "bootstrap.servers": ",".join(settings.bootstrap_servers),
+        "security.protocol": settings.security_protocol,
+        "client.id": f"{settings.client_id}-producer",
+        "acks": "all",  # a send is confirmed once every in-sync replica has it
+        # A retried request is never written twice nor after a later one: outputs keep their inputs' order per key.
+        "enable.idempotence": True,
+        "partitioner": "murmur2_random",  # a key's partition as Java's clients and kafka-python choose it
+        # The producer gives up on a message when the kernel does (see producer_config).
+        "message.timeout.ms": settings.produce_timeout_ms,
+        "request.timeout.ms": settings.produce_timeout_ms,
+        # A topic the broker says does not exist fails its sends after this long (UNKNOWN_TOPIC), not the timeout.
+        "topic.metadata.propagation.max.ms": MISSING_TOPIC_WAIT_MS,
+        # The largest message sent: what the kernel fetches at most (librdkafka takes up to 1,000,000,000).
+        "message.max.bytes": min(settings.fetch_max_bytes, 1_000_000_000),
+        # A task's sends, and each dead letter, are awaited before the kernel goes on: a batch lingering for more
+        # would only lengthen that wait (under load, batches still fill while requests are in flight).
+        "linger.ms": 0,
+    }
+    if settings.uses_tls:
+        paths = ssl.get_default_verify_paths()  # without KAFKA_CA_CERT: the system's CAs, where Python's ssl has them
+        if settings.ca_cert is None and (paths.cafile or paths.capath):  # (SSL_CERT_FILE too), as kafka-python does
+            config["ssl.ca.location"] = paths.cafile or paths.capath
+        for key, name, value, block in (
+                ("ssl.ca.pem", "KAFKA_CA_CERT", settings.ca_cert, "CERTIFICATE"),
+                ("ssl.certificate.pem", "KAFKA_CLIENT_CERT", settings.client_cert, "CERTIFICATE"),
+                ("ssl.key.pem", "KAFKA_CLIENT_KEY", settings.client_key, "PRIVATE KEY")):
+            if value is not None:
+                config[key] = decode_pem(name, value, block).decode()
+        if not settings.ssl_check_hostname:
+            config["ssl.endpoint.identification.algorithm"] = "none"
+    if (sasl := settings.sasl) is not None:
+        config["sasl.mechanism"] = sasl.mechanism
+        if sasl.oauth is None:
+            config.update({"sasl.username": sasl.username, "sasl.password": sasl.password})
+    return config
+
+
+class Delivery:
+    """A send through librdkafka as the kernel awaits one: is_done and exception, and get(timeout) as
+    kafka-python's futures have them. Settled by its delivery report, on the producer's poll thread,
+    which counts it for /metrics."""
+
+    __slots__ = ("producer", "is_done", "exception")
+
+    def __init__(self, producer: LibrdkafkaProducer):
+        self.producer, self.is_done, self.exception = producer, False, None
+
+    def report(self, error, message) -> None:
+        """librdkafka's delivery report: confluent_kafka.KafkaError or None, and the message."""
+        health = self.producer.health
+        if error is None:
+            if health.missing_outputs:  # the topic may exist now (/readyz)
+                health.missing_outputs -= {message.topic()}
+            self.settle(None, message.topic())
+            return
+        if error.code() in (error._UNKNOWN_TOPIC, error.UNKNOWN_TOPIC_OR_PART):
+            health.missing_outputs |= {message.topic()}
+        self.settle(kafka_python_error(error, message.topic()), message.topic())
+
+    def settle(self, error: KafkaError | None, topic: str) -> Delivery:
+        self.exception = error  # before is_done: a worker reads is_done, then exception, with no lock
+        self.is_done = True
+        if (metrics := self.producer.metrics) is not None:
+            metrics.of_topic(metrics.sent if error is None else metrics.send_failures, topic).inc()
+        return self
+
+    def get(self, timeout: float) -> None:
+        """Wait up to `timeout` seconds for the delivery report, as FutureRecordMetadata.get does."""
+        with self.producer.settled:
+            self.producer.settled.wait_for(lambda: self.is_done, timeout)
+        if not self.is_done:
+            raise kafka.errors.KafkaTimeoutError(f"Timeout after waiting for {timeout} secs.")
+        if self.exception is not None:
+            raise self.exception
+
+
+def kafka_python_error(error, topic: str) -> KafkaError:
+    """librdkafka's error as kafka-python's producer would have raised it: the failure paths (SIZE_ERRORS,
+    retries) and the lines that name them are the same with either producer."""
+    code = error.code()
+    if code in (error._UNKNOWN_TOPIC, error.UNKNOWN_TOPIC_OR_PART):
+        return kafka.errors.UnknownTopicOrPartitionError(
+            f"topic {topic} does not exist{named_by(topic)}: create it, or correct the name")
+    if code == error._MSG_TIMED_OUT:
+        return kafka.errors.KafkaTimeoutError(f"not confirmed within the delivery timeout ({error.str()})")
+    return (kafka.errors.for_code(code) if code > 0 else KafkaError)(error.str())
+
+
+class LibrdkafkaLog:
+    """librdkafka's log lines (served on the producer's poll thread) as the kernel's own, under the logger
+    "librdkafka": formatted, throttled and cut as the others, JSON under LOG_FORMAT=json, never on stderr."""
+
+    logger = logging.getLogger("librdkafka")
+
+    def log(self, level: int, _format: str, facility: str, _client: str, text: str) -> None:
+        # Throttled per facility; a warning at most: what fails for good, the kernel's own lines say (a send not
+        # delivered), while librdkafka logs every lost connection as an error, and connects again.
+        self.logger.log(min(level, logging.WARNING), f"{facility}: %s", text, extra=REPEATING)
+
+
+PRODUCER_POLL_S = 0.1  # how long the poll thread waits for an event before it looks for a stop
+
+
+class LibrdkafkaProducer:
+    """The kernel's one producer through confluent-kafka (librdkafka), as KernelProducer is through
+    kafka-python, with its interface: send() returns a future (a Delivery), close() flushes. One
+    thread serves the delivery reports (and log lines and OAuth token requests), however many
+    messages are in flight. Its client is created on first use, from whichever thread needs it first."""
+
+    def __init__(self, settings: KernelSettings, metrics: KernelMetrics | None = None,
+                 tracing: Tracing | None = None, health: HealthState | None = None):
+        try:  # imported here, so that KERNEL_PRODUCER=kafka-python runs where confluent-kafka has no wheel
+            import confluent_kafka
+        except ImportError:
+            raise ConfigError("KERNEL_PRODUCER=confluent-kafka (the default) needs the confluent-kafka package: "
+                              "install it, or set KERNEL_PRODUCER=kafka-python") from None
+        self.config = librdkafka_config(settings) | {"logger": LibrdkafkaLog()}  # errors are logged too: no error_cb
+        if settings.sasl is not None and settings.sasl.oauth is not None:
+            self.config["oauth_cb"] = functools.partial(self.oauth_token, oauth_tokens(settings.sasl.oauth))
+        self.new_client, self.refused = confluent_kafka.Producer, confluent_kafka.KafkaException
+        self.metrics = metrics  # counts confirmed and failed sends when set
+        self.tracing = tracing  # puts the trace context into what it sends, when set
+        self.health = health or HealthState(settings)  # /readyz names a topic sent to that does not exist
+        self.client = None
+        self.lock = threading.Lock()
+        self.settled = threading.Condition()  # notified once delivery reports were served
+        self.closing = False
+        self.timeout_s = settings.produce_timeout_ms / 1000
+        self.shutdown_timeout_s = settings.shutdown_timeout_ms / 1000
+
+    def send(self, topic: str, key: bytes | None, value: bytes | None, headers: list) -> Delivery:
+        """Queue a message; broker trouble shows in the returned future, never as an exception here."""
+        if self.tracing is not None:
+            headers = self.tracing.with_context(headers)
+        if self.client is None:
+            self.connect()
+        future = Delivery(self)
+        deadline_s = None
+        while True:
+            try:
+                self.client.produce(topic, value, key, headers=headers or None, on_delivery=future.report)
+            except BufferError:  # the queue is full: wait for room as kafka-python's send() does, as long as a send may
+                deadline_s = deadline_s or time.monotonic() + self.timeout_s
+                if time.monotonic() < deadline_s:
+                    with self.settled:
+                        self.settled.wait(PRODUCER_POLL_S)
+                    continue
+                future.settle(kafka.errors.KafkaTimeoutError("the producer's queue stayed full"), topic)
+            except self.refused as error:  # a message over message.max.bytes (KAFKA_FETCH_MAX_BYTES), say
+                future.settle(kafka_python_error(error.args[0], topic), topic)
+            return future
+
+    def connect(self) -> None:
+        with self.lock:  # taken only until the client exists
+            if self.client is None:
+                self.client = self.new_client(self.config)
+                threading.Thread(target=self.serve_events, name="producer-deliveries", daemon=True).start()
+
+    def serve_events(self) -> None:
+        while not self.closing:
+            try:
+                served = self.client.poll(PRODUCER_POLL_S)
+            except self.refused as fatal:  # confluent-kafka raises librdkafka's fatal errors here
+                kernel_log.error("The producer failed: %s", fatal.args[0].str(), extra=REPEATING)
+                served = 1
+            if served:
+                with self.settled:
+                    self.settled.notify_all()
+
+    @staticmethod
+    def oauth_token(tokens: OAuthBearerTokens, _config: str) -> tuple[str, float, str, dict[str, str]]:
+        """The token librdkafka asks for, from the consumer's provider: the token, its expiry in seconds
+        since the epoch, the principal and the SASL extensions."""
+        token = tokens.token()
+        return token, time.time() + tokens.expires_at_s - time.monotonic(), tokens.client.client_id, tokens.extensions()
+
+    def probe(self, timeout_s: float) -> str | None:
+        """For `check`: connect as send() does and ask for the cluster's metadata; None if it answered, else why not."""
+        errors = []
+        self.config["error_cb"] = errors.append  # served, as OAuth token requests are, by the poll thread
+        self.connect()
+        try:
+            self.client.list_topics(timeout=timeout_s)
+            return None
+        except self.refused as error:
+            time.sleep(PRODUCER_POLL_S)  # the errors that say why, served
+            return (errors[-1] if errors else error.args[0]).str()
+        finally:
+            self.closing = True
+
+    def close(self) -> None:
+        """Flush what is still queued, within KERNEL_SHUTDOWN_TIMEOUT_MS, and stop the poll thread."""
+        self.closing = True
+        if self.client is not None:
+            self.client.flush(self.shutdown_timeout_s)
+
+
+def kernel_producer(settings: KernelSettings, tls: TlsFiles | None, consumer_config: dict,
+                    metrics: KernelMetrics | None = None, tracing: Tracing | None = None,
+                    health: HealthState | None = None) -> KernelProducer | LibrdkafkaProducer:
+    """The producer KERNEL_PRODUCER names; kafka-python's made as the consumer was (its version, its watched client)."""
+    if settings.producer == "confluent-kafka":
+        return LibrdkafkaProducer(settings, metrics, tracing, health)
+    producer = KernelProducer(settings, tls, consumer_config["api_version"], metrics, tracing, health)
+    producer.config["kafka_client"] = consumer_config.get("kafka_client", kafka.client_async.KafkaClient)
+    return producer
+
 
 def dead_letter_headers(record, attempts: int, group_id: str, exception: str, reason: str,
                         kernel_name: str) -> list[tuple[str, bytes]]:
@@ -2798,8 +3012,7 @@ class ConsumerLoop:
         self.last_commit_s = 0.0
         # Counting and timing every message costs a little: only when /metrics is served.
         per_message = self.metrics if settings.http_port else None
-        self.producer = KernelProducer(settings, tls, consumer.config["api_version"], per_message, tracing, self.health)
-        self.producer.config["kafka_client"] = consumer.config.get("kafka_client", kafka.client_async.KafkaClient)
+        self.producer = kernel_producer(settings, tls, consumer.config, per_message, tracing, self.health)
         dead_letters = (DeadLetterTopic(settings, self.producer, self.metrics, self.health, tracing)
                         if settings.dead_letter_topic else None)
         self.failures = FailurePolicy(settings, self.ledger, dead_letters, self.metrics)
@@ -3001,8 +3214,9 @@ def consume_until_stopped(kernel_handler: KernelHandler, settings: KernelSetting
     if settings.http_port:
         serve_http(settings.http_host, settings.http_port, health, metrics)
         kernel_log.info("Serving /healthz, /readyz and /metrics on port %d", settings.http_port)
-    kernel_log.info("Starting: topics=%s group=%s client=%s bootstrap=%s security=%s", ",".join(settings.topics),
-                    settings.group_id, settings.client_id, ",".join(settings.bootstrap_servers), settings.security)
+    kernel_log.info("Starting: topics=%s group=%s client=%s bootstrap=%s security=%s producer=%s",
+                    ",".join(settings.topics), settings.group_id, settings.client_id,
+                    ",".join(settings.bootstrap_servers), settings.security, settings.producer)
     consumer = connect_consumer(settings, tls, stop, health)
     if consumer is None:
         return EXIT_OK
@@ -3743,6 +3957,11 @@ def check_broker(settings: KernelSettings, tls: TlsFiles | None, report: CheckRe
                                 "create it, or correct KERNEL_DEAD_LETTER_TOPIC (the kernel waits for it at start)")
         elif dead_letters:
             report.say("ok", f"dead-letter topic {dead_letters} exists")
+        if settings.producer == "confluent-kafka":  # kafka-python's producer connects as the consumer did
+            if failure := LibrdkafkaProducer(settings).probe(CHECK_FETCH_TIMEOUT_S):
+                report.say("error", f"the producer (confluent-kafka) could not connect: {failure}")
+            else:
+                report.say("ok", "the producer (confluent-kafka) connected")
     finally:
         consumer.close(autocommit=False)
 
@@ -3838,4 +4057,4 @@ check_your_part(names_of_your_part)
 
 # The machinery's digest as the template shipped it (devtools/stamp_machinery.py writes it): `check` and
 # tests/test_template.py compare it with what is above, from "# End of your kernel" on.
-MACHINERY_SHA256 = "501cabaf3c8daddc15b0c2b3746bdfdab741f9c0c61b935f023681294fb10d8d"
+MACHINERY_SHA256 = "c41f863bd9da055622efdbd7ca4e4f1981c6e1e174c40d68acff18af6a427d18"

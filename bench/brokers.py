@@ -1,11 +1,12 @@
-"""The no-op kernel and the raw loop on both brokers of the tests, side by side, in one run.
+"""The no-op kernel and the raw loop on both brokers of the tests, side by side, in one run; and forwarding.
 
-    uv run bench/brokers.py          # prints the table
-    uv run bench/brokers.py --write  # also writes it into BENCHMARKS.md
+    uv run --group bench bench/brokers.py          # prints the tables
+    uv run --group bench bench/brokers.py --write  # also writes them into BENCHMARKS.md
 
 Each broker (Tansu, and one Apache Kafka 4.4 node) gets the same 200,000 messages of 100 bytes over 6
 partitions, PLAINTEXT; then the raw kafka-python loop (the kernel's packages, 2,000 records a poll)
-and the kernel with a no-op process_message each run REPEATS times, interleaved across the brokers.
+and the kernel with a no-op process_message each run REPEATS times, interleaved across the brokers; so
+do the kernel forwarding each message (send(), with each producer) and Quix Streams doing the same.
 """
 
 from __future__ import annotations
@@ -26,6 +27,11 @@ from devtools.apache_kafka import KAFKA_VERSION, KafkaCluster  # noqa: E402
 from devtools.broker import Broker  # noqa: E402
 
 REPEATS = 5
+FORWARDING = [  # (case, probe, its environment): each message sent on to bench-out
+    ("confluent-kafka", "probe_kernel.py", {"BENCH_FORWARD": "bench-out"}),
+    ("kafka-python", "probe_kernel.py", {"BENCH_FORWARD": "bench-out", "KERNEL_PRODUCER": "kafka-python"}),
+    ("Quix Streams", "probe_quix.py", {"BENCH_FORWARD": "bench-out"}),
+]
 
 
 def main() -> None:
@@ -42,6 +48,7 @@ def main() -> None:
     try:
         for broker in brokers.values():
             broker.create_topic("bench", PARTITIONS)
+            broker.create_topic("bench-out", PARTITIONS)
             preload(broker.bootstrap, "bench", MESSAGES)
         runs: dict[tuple[str, str], list[dict]] = {}
         for _ in range(REPEATS):
@@ -50,6 +57,8 @@ def main() -> None:
                     run_probe("probe_raw.py", broker, "bench", MESSAGES, {"BENCH_TUNED": json.dumps(RAW_TUNED)}))
                 runs.setdefault((name, "kernel"), []).append(
                     run_probe("probe_kernel.py", broker, "bench", MESSAGES, {}))
+                for case, script, env in FORWARDING:
+                    runs.setdefault((name, case), []).append(run_probe(script, broker, "bench", MESSAGES, env))
     finally:
         tansu.stop()
         kafka.stop()
@@ -63,7 +72,7 @@ def render(brokers, runs, tansu_start_s: float, kafka_start_s: float) -> str:
     lines = [
         f"Machine: {os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}. "
         f"{MESSAGES:,} messages of 100 bytes over {PARTITIONS} partitions, PLAINTEXT, median of {REPEATS} "
-        "interleaved runs (`uv run bench/brokers.py`):",
+        "interleaved runs (`uv run --group bench bench/brokers.py`):",
         "",
         "| broker | raw loop, 2,000 records a poll (messages/s) | no-op kernel (messages/s) | kernel / raw "
         "| kernel CPU s per 1,000 messages |",
@@ -75,7 +84,18 @@ def render(brokers, runs, tansu_start_s: float, kafka_start_s: float) -> str:
         lines.append(f"| {name} | {raw['rate']:,.0f} | {kernel['rate']:,.0f} ({spread}) | "
                      f"{kernel['rate'] / raw['rate']:.2f} | {kernel['cpu_per_1000']:.3f} |")
     lines += ["", f"Broker start (command to ready): Tansu {tansu_start_s:.1f} s, Apache Kafka one node "
-                  f"{kafka_start_s:.1f} s (storage format included)."]
+                  f"{kafka_start_s:.1f} s (storage format included).", "",
+              "Forwarding each message to another topic of 6 partitions (committed once its output is confirmed), "
+              "messages/s and CPU µs a message, medians of the same runs:", "",
+              "| broker | kernel, confluent-kafka's producer | kernel, `KERNEL_PRODUCER=kafka-python` | Quix Streams, "
+              "`to_topic` | kernel / Quix | kernel / its no-op rate |",
+              "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for name in brokers:
+        cells = [median_run(runs[(name, case)]) for case, _, _ in FORWARDING]
+        kernel, quix = cells[0]["rate"], cells[2]["rate"]
+        lines.append(f"| {name} | " + " | ".join(f"{cell['rate']:,.0f} ({cell['cpu_per_1000'] * 1000:.1f} µs)"
+                                               for cell in cells)
+                     + f" | {kernel / quix:.2f} | {kernel / median_run(runs[(name, 'kernel')])['rate']:.2f} |")
     return "\n".join(lines)
 
 

@@ -2,7 +2,8 @@
 
 Counts calls; when $BENCH_COUNT messages are done, writes timings and resource use as JSON to
 $BENCH_OUT. Sleeps $BENCH_SLEEP_S per message (0: a no-op handler); with $BENCH_FORWARD, send()s
-each message to that topic (the kernel commits it once the broker confirmed the send). With
+each message to that topic (the kernel commits it once the broker confirmed the send); with
+$BENCH_DEAD_LETTER, raises DeadLetter for each (KERNEL_DEAD_LETTER_TOPIC is where they go). With
 $BENCH_RECORD, appends "pid time_ns" to that file for each message done instead, for runs of several
 replicas sharing the messages (bench/scale_out.py).
 """
@@ -25,6 +26,7 @@ RECORD = os.open(os.environ["BENCH_RECORD"], os.O_WRONLY | os.O_CREAT | os.O_APP
     "BENCH_RECORD" in os.environ) else None
 SLEEP_S = float(os.environ.get("BENCH_SLEEP_S", "0"))
 FORWARD = os.environ.get("BENCH_FORWARD")
+DEAD_LETTER = bool(os.environ.get("BENCH_DEAD_LETTER"))
 counted = itertools.count(1)  # next() is atomic in CPython: the workers need no lock, as the raw loop needs none
 first = None
 
@@ -43,6 +45,8 @@ def process_message(message) -> bool:
         first = usage()
     elif seen == COUNT:
         Path(os.environ["BENCH_OUT"]).write_text(json.dumps({"first": first, "last": usage()}))
+    if DEAD_LETTER:
+        raise main.DeadLetter("benchmark")
     return True
 
 

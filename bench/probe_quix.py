@@ -1,4 +1,5 @@
-"""A peer: a Quix Streams Application (at-least-once) with a no-op, counting processing step.
+"""A peer: a Quix Streams Application (at-least-once) with a no-op, counting processing step; with
+$BENCH_FORWARD, each message also goes on to that topic (`to_topic`, committed once it is confirmed).
 
 Writes the same JSON as probe_kernel.py once $BENCH_COUNT messages were seen, then stops the app.
 """
@@ -47,7 +48,9 @@ def main() -> None:
             Path(os.environ["BENCH_OUT"]).write_text(json.dumps({"first": first, "last": usage()}))
             app.stop()
 
-    app.dataframe(topic).update(count)
+    frame = app.dataframe(topic).update(count)
+    if forward := os.environ.get("BENCH_FORWARD"):
+        frame.to_topic(app.topic(forward, key_serializer="bytes", value_serializer="bytes"))
     app.run()
 
 

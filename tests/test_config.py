@@ -85,6 +85,8 @@ CASES = {
     "produce timeout past int32": ({"KAFKA_PRODUCE_TIMEOUT_MS": "3000000000"},
                                    "KAFKA_PRODUCE_TIMEOUT_MS must be at most 2147483647"),
     "too many workers": ({"KERNEL_CONCURRENCY": "5000"}, "KERNEL_CONCURRENCY must be at most 1000, got 5000"),
+    "unknown producer": ({"KERNEL_PRODUCER": "librdkafka"}, "KERNEL_PRODUCER must be one of confluent-kafka, "
+                         "kafka-python, got 'librdkafka'"),
     "unknown propagator": ({"OTEL_TRACES_EXPORTER": "console", "OTEL_PROPAGATORS": "bogus"},
                            "OTEL_PROPAGATORS refused by OpenTelemetry: Propagator bogus not found"),
     "empty span batches": ({"OTEL_TRACES_EXPORTER": "console", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "0"},

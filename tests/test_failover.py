@@ -149,7 +149,7 @@ def test_sends_go_on_after_a_produce_request_timed_out_on_a_frozen_leader(cluste
     """A leader that stops answering but keeps its connections (a long GC pause, a hung disk: SIGSTOP
     here) times the kernel's produce request out on the client's side. kafka-python 2.3.3 then kept
     the output partition muted for good: every later send expired, and nothing was committed again
-    until a restart (KernelProducer.mended)."""
+    until a restart (KernelProducer.mended). kafka-python's producer (KERNEL_PRODUCER), whose line says so."""
     brokers = cluster.broker
     source, output = f"frozen-in-{uuid.uuid4().hex[:6]}", f"frozen-out-{uuid.uuid4().hex[:6]}"
     brokers.create_topic(source, 1, leader=2)
@@ -157,8 +157,8 @@ def test_sends_go_on_after_a_produce_request_timed_out_on_a_frozen_leader(cluste
     produced = cluster.produce(source, [(0, None, f"m{i}".encode()) for i in range(200)])
     handler = tmp_path / "slow_forwarder.py"
     handler.write_text(SLOW_FORWARDER.format(repo=kernels.repo))
-    kernel = kernels.start(kernels.env(source, "frozen", KAFKA_PRODUCE_TIMEOUT_MS=2000, TEST_OUTPUT_TOPIC=output),
-                           script=handler)
+    kernel = kernels.start(kernels.env(source, "frozen", KAFKA_PRODUCE_TIMEOUT_MS=2000, TEST_OUTPUT_TOPIC=output,
+                                       KERNEL_PRODUCER="kafka-python"), script=handler)
     kernel.wait_for_log("Partitions assigned", 60)
     time.sleep(1)  # sending: the 200 take 10 s
     leader = brokers.node(3).process

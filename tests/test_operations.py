@@ -162,6 +162,7 @@ def test_check_passes_against_the_tls_broker(cluster, kernels):
     assert "ok      KAFKA_CLIENT_CERT is signed by KAFKA_CA_CERT" in output
     assert re.search(r"ok +KAFKA_CA_CERT: subject .*; valid until", output)
     assert f"ok      topic {topic}: 2 partitions" in output
+    assert "ok      the producer (confluent-kafka) connected" in output
     assert re.search(rf"{topic}\[1\]: nothing committed: would start at 0 \(KAFKA_AUTO_OFFSET_RESET=earliest\), "
                      "end 1, lag 1", output), output
     assert list(kernels.certificate_tmpdir.iterdir()) == []

@@ -2,16 +2,20 @@
 output the broker never got keeps its input uncommitted (and retried) instead of losing it."""
 
 import json
+import logging
 import re
+import ssl
 import subprocess
 import sys
 import time
 import uuid
 
 import pytest
+from kafka.errors import KafkaTimeoutError
 
+import main
 from devtools.broker import free_port
-from tests.fixtures import REPO, http_get, wait_committed
+from tests.fixtures import REPO, http_get, settings_from, wait_committed
 
 pytestmark = pytest.mark.both_brokers
 
@@ -57,6 +61,16 @@ sys.exit(main.run_kernel(process_message, name="odd-records", default_topic="unu
 def test_odd_but_legal_records_are_dead_lettered_and_forwarded(cluster, kernels, tmp_path):
     """Null header values, tombstones, empty values, binary keys, many headers, and a record with
     neither key nor value: legal in Kafka, refused as they are by kafka-python's producer."""
+    forward_and_dead_letter_odd_records(cluster, kernels, tmp_path)
+
+
+@pytest.mark.brokers("tansu")
+def test_kafka_pythons_producer_forwards_and_dead_letters_as_well(cluster, kernels, tmp_path):
+    """KERNEL_PRODUCER=kafka-python, for a platform without confluent-kafka: the same outcome."""
+    forward_and_dead_letter_odd_records(cluster, kernels, tmp_path, KERNEL_PRODUCER="kafka-python")
+
+
+def forward_and_dead_letter_odd_records(cluster, kernels, tmp_path, **settings) -> None:
     source, output, dlt = (cluster.create_topic(partitions=1) for _ in range(3))
     many = [(f"h{i}", bytes([i])) for i in range(100)]
     odd = [
@@ -71,10 +85,11 @@ def test_odd_but_legal_records_are_dead_lettered_and_forwarded(cluster, kernels,
     produced = cluster.produce(source, odd)
     handler = tmp_path / "odd_handler.py"
     handler.write_text(ODD_HANDLER.format(repo=kernels.repo))
-    kernel = kernels.start(kernels.env(source, "odd-records", KERNEL_DEAD_LETTER_TOPIC=dlt, TEST_OUTPUT_TOPIC=output),
-                           script=handler)
+    kernel = kernels.start(kernels.env(source, "odd-records", KERNEL_DEAD_LETTER_TOPIC=dlt, TEST_OUTPUT_TOPIC=output,
+                                       **settings), script=handler)
     wait_committed(cluster, kernel, "odd-records", source, produced, 1)
     assert kernel.stop() == 0, kernel.log()[-3000:]
+    assert f"producer={settings.get('KERNEL_PRODUCER', 'confluent-kafka')}" in kernel.log()
 
     letters = {record.key(): record for record in cluster.read_topic(dlt, 1)}
     assert set(letters) == {key for _, key, _, _ in odd if key != b"forward"}
@@ -196,3 +211,42 @@ def too_large_to_publish(cluster, kernels, tmp_path, limit: str) -> None:
     values = {record.key(): record.value() for record in cluster.read_topic(replay_to, 1)}
     assert values[b"dead-big"] == b"dead" + b"x" * big
     assert re.search(r"Dead-lettered \S+\[0\]@0 to \S+ \(without its value of 50,004 bytes", kernel.log())
+
+
+def test_the_librdkafka_producer_takes_the_kernels_settings_with_certificates_as_pem_text(pki):
+    """One set of settings for both clients: librdkafka's names, certificates as text (no key file on disk)."""
+    env = {"KAFKA_BOOTSTRAP_SERVERS": "a:1,b:2", **pki.env, "KAFKA_SSL_CHECK_HOSTNAME": "false", "KAFKA_CLIENT_ID": "c",
+           "KAFKA_SASL_MECHANISM": "SCRAM-SHA-512", "KAFKA_SASL_USERNAME": "u", "KAFKA_SASL_PASSWORD": "secret-7",
+           "KAFKA_PRODUCE_TIMEOUT_MS": "2500", "KAFKA_FETCH_MAX_BYTES": "32768"}
+    config = main.librdkafka_config(settings_from(env))
+    pem = {name: config.pop(name) for name in ("ssl.ca.pem", "ssl.certificate.pem", "ssl.key.pem")}
+    assert pem["ssl.ca.pem"] == main.decode_pem("KAFKA_CA_CERT", pki.env["KAFKA_CA_CERT"], "CERTIFICATE").decode()
+    assert pem["ssl.certificate.pem"].startswith("-----BEGIN CERTIFICATE-----")
+    assert pem["ssl.key.pem"].startswith("-----BEGIN") and "PRIVATE KEY-----" in pem["ssl.key.pem"]
+    assert config == {
+        "bootstrap.servers": "a:1,b:2", "security.protocol": "SASL_SSL", "client.id": "c-producer", "acks": "all",
+        "enable.idempotence": True, "partitioner": "murmur2_random", "message.timeout.ms": 2500,
+        "request.timeout.ms": 2500, "topic.metadata.propagation.max.ms": main.MISSING_TOPIC_WAIT_MS,
+        "message.max.bytes": 32768, "linger.ms": 0, "ssl.endpoint.identification.algorithm": "none",
+        "sasl.mechanism": "SCRAM-SHA-512", "sasl.username": "u", "sasl.password": "secret-7"}
+    system_store = main.librdkafka_config(settings_from({"KAFKA_BOOTSTRAP_SERVERS": "a:1", "KAFKA_SECURITY_PROTOCOL": "SSL"}))
+    paths = ssl.get_default_verify_paths()
+    assert [(name, value) for name, value in system_store.items() if name.startswith("ssl.")] == [
+        ("ssl.ca.location", paths.cafile or paths.capath)], "without KAFKA_CA_CERT: the system's CAs, as Python's ssl has them"
+
+
+def test_librdkafkas_lines_go_through_the_kernels_logging_without_secrets(caplog, capfd):
+    """A producer whose broker is not there: its send fails within KAFKA_PRODUCE_TIMEOUT_MS, librdkafka's
+    complaints are the kernel's log lines (not raw on stderr), and none holds the password."""
+    settings = settings_from({"KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}", "KAFKA_SASL_MECHANISM": "PLAIN",
+                              "KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT", "KAFKA_SASL_USERNAME": "u",
+                              "KAFKA_SASL_PASSWORD": "secret-8", "KAFKA_PRODUCE_TIMEOUT_MS": "1000"})
+    producer = main.LibrdkafkaProducer(settings)
+    with caplog.at_level(logging.DEBUG):
+        future = producer.send("t", b"k", b"v", [])
+        with pytest.raises(KafkaTimeoutError):
+            future.get(timeout=5)
+        producer.close()
+    assert future.is_done and isinstance(future.exception, KafkaTimeoutError), future.exception
+    assert any(record.name in ("kernel", "librdkafka") and "127.0.0.1" in record.getMessage() for record in caplog.records)
+    assert "secret-8" not in caplog.text and "rdkafka" not in capfd.readouterr().err
