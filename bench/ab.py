@@ -2,6 +2,7 @@
 
     uv run bench/ab.py 9968888              # 6 pairs of 150,000 messages over 6 partitions
     uv run bench/ab.py 9968888 --runs 10
+    uv run bench/ab.py c7b8565 --forward    # each message forwarded with send() (c7b8565 on: librdkafka's producer)
     uv run bench/ab.py 9968888 --concurrency 8   # both arms at KERNEL_CONCURRENCY=8 (key order)
 
 Timings drift 2x between runs on a shared machine, so both arms run against the same preloaded topic
@@ -39,12 +40,17 @@ def main() -> None:
     parser.add_argument("commit", help="the earlier commit (A); B is the work tree")
     parser.add_argument("--runs", type=int, default=6, help="pairs of runs (default 6)")
     parser.add_argument("--concurrency", type=int, help="KERNEL_CONCURRENCY of both arms (default: the kernel's, 1)")
+    parser.add_argument("--forward", action="store_true", help="each message forwarded (send()) to a topic ab-out")
     args = parser.parse_args()
     env = {} if args.concurrency is None else {"KERNEL_CONCURRENCY": str(args.concurrency)}
+    if args.forward:
+        env["BENCH_FORWARD"] = "ab-out"
     with tempfile.TemporaryDirectory() as folder, Broker() as broker:
         arms = {args.commit: exported(args.commit, Path(folder)) / "bench" / "probe_kernel.py",
                 "work tree": HERE / "probe_kernel.py"}
         broker.create_topic("ab", 6)
+        if args.forward:
+            broker.create_topic("ab-out", 6)
         preload(broker.bootstrap, "ab", MESSAGES, partitions=6)
         results: dict[str, list[dict]] = {name: [] for name in arms}
         for run in range(args.runs):

@@ -37,4 +37,4 @@ def test_the_ab_script_loads_and_says_how_to_run_it():
     said = subprocess.run([sys.executable, str(REPO / "bench" / "ab.py"), "--help"], capture_output=True, text=True,
                           timeout=60)
     assert said.returncode == 0 and "commit" in said.stdout, said.stderr
-    assert "--runs" in said.stdout and "--concurrency" in said.stdout
+    assert "--runs" in said.stdout and "--concurrency" in said.stdout and "--forward" in said.stdout
