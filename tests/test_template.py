@@ -243,3 +243,14 @@ def test_an_edit_of_the_machinery_shows_in_check_and_one_of_your_part_does_not(t
     edited.write_text(original.replace("\nimport ssl\n", "\nimport ssl  # a whole-file sed reached it\n", 1))
     level, text = main.machinery_report(str(edited))
     assert level == "warning" and "`git diff template/main -- main.py`" in text
+
+
+def test_the_machinery_fits_a_screen_a_function_at_a_time():
+    """No function of main.py over 45 lines, no class over 220: a reviewer reads each whole."""
+    import ast
+
+    tree = ast.parse(MAIN.read_text())
+    too_long = [(node.name, node.end_lineno - node.lineno + 1) for node in ast.walk(tree)
+                if isinstance(node, (ast.FunctionDef, ast.ClassDef))
+                and node.end_lineno - node.lineno + 1 > (220 if isinstance(node, ast.ClassDef) else 45)]
+    assert too_long == [], "split these"
