@@ -148,6 +148,7 @@ import errno
 import functools
 import gc
 import hashlib
+import importlib.util
 import ipaddress
 import itertools
 import json
@@ -639,6 +640,7 @@ def parse_list(env: Mapping[str, str], name: str, default: str | None) -> list[s
     return items
 
 
+@functools.lru_cache(maxsize=1024)  # send() asks for each message: the regular expression cost a microsecond
 def is_topic_name(topic: str) -> bool:
     """Whether Kafka allows it: up to 249 of a-z, A-Z, 0-9, '.', '_' and '-' (not '.' or '..')."""
     return re.fullmatch(r"[A-Za-z0-9._-]{1,249}", topic) is not None and topic not in (".", "..")
@@ -1778,6 +1780,8 @@ class Delivery:
         if error is None:
             if health.missing_outputs:  # the topic may exist now (/readyz)
                 health.missing_outputs -= {message.topic()}
+            if health.refusal is not None and health.refusal is self.producer.refusal:  # accepted again
+                health.accepted()
             self.settle(None, message.topic())
             return
         if error.code() in (error._UNKNOWN_TOPIC, error.UNKNOWN_TOPIC_OR_PART):
@@ -1836,15 +1840,18 @@ class LibrdkafkaProducer:
 
     def __init__(self, settings: KernelSettings, metrics: KernelMetrics | None = None,
                  tracing: Tracing | None = None, health: HealthState | None = None):
-        try:  # imported here, so that KERNEL_PRODUCER=kafka-python runs where confluent-kafka has no wheel
-            import confluent_kafka
-        except ImportError:
+        # Imported on first use (most kernels never send); its absence is a configuration error at once, so
+        # that KERNEL_PRODUCER=kafka-python is said to be the way where confluent-kafka has no wheel.
+        if importlib.util.find_spec("confluent_kafka") is None:
             raise ConfigError("KERNEL_PRODUCER=confluent-kafka (the default) needs the confluent-kafka package: "
-                              "install it, or set KERNEL_PRODUCER=kafka-python") from None
-        self.config = librdkafka_config(settings) | {"logger": LibrdkafkaLog()}  # errors are logged too: no error_cb
+                              "install it, or set KERNEL_PRODUCER=kafka-python")
+        self.config = librdkafka_config(settings) | {"logger": LibrdkafkaLog(), "error_cb": self.client_error}
         if settings.sasl is not None and settings.sasl.oauth is not None:
             self.config["oauth_cb"] = functools.partial(self.oauth_token, oauth_tokens(settings.sasl.oauth))
-        self.new_client, self.refused = confluent_kafka.Producer, confluent_kafka.KafkaException
+        self.mechanism = settings.sasl.mechanism if settings.sasl is not None else None
+        self.last_error = None  # librdkafka's last error of the client as a whole (`check` says it)
+        self.refusal: AccessRefused | None = None  # the last refusal of the credentials librdkafka reported
+        self.refused: type[Exception] | tuple = ()  # confluent_kafka.KafkaException, once imported
         self.metrics = metrics  # counts confirmed and failed sends when set
         self.tracing = tracing  # puts the trace context into what it sends, when set
         self.health = health or HealthState(settings)  # /readyz names a topic sent to that does not exist
@@ -1880,8 +1887,21 @@ class LibrdkafkaProducer:
     def connect(self) -> None:
         with self.lock:  # taken only until the client exists
             if self.client is None:
-                self.client = self.new_client(self.config)
+                import confluent_kafka
+                self.refused = confluent_kafka.KafkaException
+                self.client = confluent_kafka.Producer(self.config)
                 threading.Thread(target=self.serve_events, name="producer-deliveries", daemon=True).start()
+
+    def client_error(self, error) -> None:
+        """librdkafka's errors of the client as a whole (on the poll thread), which it recovers from or tries
+        again for ever: logged as its other lines are; a refusal of the SASL credentials also turns /readyz to
+        503 and, with no send delivered since, stops the kernel after KAFKA_SESSION_TIMEOUT_MS, as the
+        consumer's client does (a password rotated, an OAuth client revoked)."""
+        self.last_error = error
+        LibrdkafkaLog.logger.warning("%s", error.str(), extra=REPEATING)
+        if error.code() == error._AUTHENTICATION and self.mechanism is not None:
+            self.refusal = sasl_refusal("a broker (to the producer)", self.mechanism)
+            self.health.refused(self.refusal)
 
     def serve_events(self) -> None:
         while not self.closing:
@@ -1903,15 +1923,13 @@ class LibrdkafkaProducer:
 
     def probe(self, timeout_s: float) -> str | None:
         """For `check`: connect as send() does and ask for the cluster's metadata; None if it answered, else why not."""
-        errors = []
-        self.config["error_cb"] = errors.append  # served, as OAuth token requests are, by the poll thread
         self.connect()
         try:
             self.client.list_topics(timeout=timeout_s)
             return None
         except self.refused as error:
-            time.sleep(PRODUCER_POLL_S)  # the errors that say why, served
-            return (errors[-1] if errors else error.args[0]).str()
+            time.sleep(PRODUCER_POLL_S)  # the errors that say why, served (by the poll thread)
+            return (self.last_error or error.args[0]).str()
         finally:
             self.closing = True
 
@@ -1922,9 +1940,12 @@ class LibrdkafkaProducer:
             self.client.flush(self.shutdown_timeout_s)
 
 
+AnyProducer = KernelProducer | LibrdkafkaProducer  # what send() and the dead letters go through
+
+
 def kernel_producer(settings: KernelSettings, tls: TlsFiles | None, consumer_config: dict,
                     metrics: KernelMetrics | None = None, tracing: Tracing | None = None,
-                    health: HealthState | None = None) -> KernelProducer | LibrdkafkaProducer:
+                    health: HealthState | None = None) -> AnyProducer:
     """The producer KERNEL_PRODUCER names; kafka-python's made as the consumer was (its version, its watched client)."""
     if settings.producer == "confluent-kafka":
         return LibrdkafkaProducer(settings, metrics, tracing, health)
@@ -1955,7 +1976,7 @@ class DeadLetterTopic:
     """KERNEL_DEAD_LETTER_TOPIC: where a message that will never succeed goes, with its origin and
     the reason in its headers, published through the kernel's producer."""
 
-    def __init__(self, settings: KernelSettings, producer: KernelProducer, metrics: KernelMetrics,
+    def __init__(self, settings: KernelSettings, producer: AnyProducer, metrics: KernelMetrics,
                  health: HealthState | None = None, tracing: Tracing | None = None):
         self.topic = settings.dead_letter_topic
         self.group_id = settings.group_id
@@ -2085,7 +2106,7 @@ class TaskOutcome:
         self.seconds = seconds  # how long process_task took over it
 
 
-def start_sends(producer: KernelProducer | None) -> list[Future]:
+def start_sends(producer: AnyProducer | None) -> list[Future]:
     """From now until current_call.sends is None again, send() on this worker thread goes to
     `producer`, and its futures into the list returned, for the caller to take after each call. (Not
     a context manager: that costs a microsecond a task, and with many keys a task can be a message or two.)"""
@@ -2168,7 +2189,7 @@ def undelivered(records: list, error: KafkaError, handler_name: str, batch_size:
                        batch_size=batch_size)
 
 
-def process_task(task: LaneTask, handler: Callable, stop: StopSignal, producer: KernelProducer | None = None,
+def process_task(task: LaneTask, handler: Callable, stop: StopSignal, producer: AnyProducer | None = None,
                  metrics: KernelMetrics | None = None) -> TaskOutcome:
     """Call process_message on each record of `task` until one is not done (on a worker thread, and in
     tests/kit.py's call()); what came of it. A record counts as finished once the broker confirmed what
@@ -2231,7 +2252,7 @@ def measured(handler: Callable, tally: list) -> Callable:
     return measured_handler
 
 
-def process_batch_task(task: LaneTask, handler: Callable, stop: StopSignal, producer: KernelProducer | None = None,
+def process_batch_task(task: LaneTask, handler: Callable, stop: StopSignal, producer: AnyProducer | None = None,
                        metrics: KernelMetrics | None = None) -> TaskOutcome:
     """Call process_batch on the task's records, once (on a worker thread); what came of it. Those it
     says are done count as finished once the broker has confirmed what the call sent. The one path of
@@ -2260,7 +2281,7 @@ def process_batch_task(task: LaneTask, handler: Callable, stop: StopSignal, prod
 
 
 def process_as_batch(handler: Callable, records: list,
-                     producer: KernelProducer | None) -> tuple[int, list[Future], TaskFailure | None]:
+                     producer: AnyProducer | None) -> tuple[int, list[Future], TaskFailure | None]:
     """Call process_batch on `records`: how many of them, from the first, count as done once the
     sends it made (also returned) are confirmed, and what happens to the others. True, all done;
     False (or RetryLater), the batch is tried again as it is; DeadLetter naming one of them, those
@@ -4057,4 +4078,4 @@ check_your_part(names_of_your_part)
 
 # The machinery's digest as the template shipped it (devtools/stamp_machinery.py writes it): `check` and
 # tests/test_template.py compare it with what is above, from "# End of your kernel" on.
-MACHINERY_SHA256 = "c41f863bd9da055622efdbd7ca4e4f1981c6e1e174c40d68acff18af6a427d18"
+MACHINERY_SHA256 = "6ec9c133013361a735fa69c0338530edda1523c6c073a886da97878ba6faad0c"

@@ -250,3 +250,31 @@ def test_librdkafkas_lines_go_through_the_kernels_logging_without_secrets(caplog
     assert future.is_done and isinstance(future.exception, KafkaTimeoutError), future.exception
     assert any(record.name in ("kernel", "librdkafka") and "127.0.0.1" in record.getMessage() for record in caplog.records)
     assert "secret-8" not in caplog.text and "rdkafka" not in capfd.readouterr().err
+
+
+def test_a_refusal_of_the_producers_credentials_is_not_ready_until_a_send_is_delivered():
+    """librdkafka says a broker refused the SASL credentials as an error of the client as a whole, never of
+    a send (those only time out): /readyz turns 503 on it, and the loop stops the kernel with exit 5 after
+    KAFKA_SESSION_TIMEOUT_MS, as for the consumer's client; a send delivered since says they work again."""
+    from confluent_kafka import KafkaError
+
+    settings = settings_from({"KAFKA_BOOTSTRAP_SERVERS": "a:1", "KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+                              "KAFKA_SASL_MECHANISM": "SCRAM-SHA-256", "KAFKA_SASL_USERNAME": "u",
+                              "KAFKA_SASL_PASSWORD": "p"})
+    health = main.HealthState(settings)
+    health.joined = True
+    producer = main.LibrdkafkaProducer(settings, health=health)
+    report_error = producer.config["error_cb"]  # what librdkafka calls
+    report_error(KafkaError(KafkaError._TRANSPORT, "a:1/bootstrap: Connect to ipv4#10.0.0.1:1 failed"))
+    assert health.ready() == (True, "ok"), "a lost connection is tried again, as the consumer's"
+    report_error(KafkaError(KafkaError._AUTHENTICATION, "SASL authentication error: Authentication failed"))
+    ready, reason = health.ready()
+    assert not ready and "refused the SASL SCRAM-SHA-256 credentials: check KAFKA_SASL_USERNAME" in reason, reason
+    assert health.refusal is producer.refusal, "the loop stops the kernel once it lasts a session timeout"
+
+    class Delivered:
+        def topic(self):
+            return "out"
+
+    main.Delivery(producer).report(None, Delivered())
+    assert health.ready() == (True, "ok")
