@@ -38,3 +38,17 @@ def test_the_ab_script_loads_and_says_how_to_run_it():
                           timeout=60)
     assert said.returncode == 0 and "commit" in said.stdout, said.stderr
     assert "--runs" in said.stdout and "--concurrency" in said.stdout and "--forward" in said.stdout
+
+
+def test_the_forwarding_limits_script_finds_the_line_it_alters():
+    """bench/forwarding_limits.py measures copies of main.py with its produce() line replaced: that line must
+    still be there, once, or the script would measure nothing (it says so, and so does this test)."""
+    import subprocess
+    import sys
+
+    from bench import forwarding_limits
+
+    assert (REPO / "main.py").read_text().count(forwarding_limits.PRODUCE) == 1, "update PRODUCE in the script"
+    said = subprocess.run([sys.executable, str(REPO / "bench" / "forwarding_limits.py"), "--help"],
+                          capture_output=True, text=True, timeout=60)
+    assert said.returncode == 0 and "--runs" in said.stdout, said.stderr
