@@ -141,6 +141,9 @@ def test_transform_never_loses_an_output_when_killed(cluster, kernels):
             assert all(outputs[n] for n in inputs), f"an input below the commit of partition {partition} has no output"
     kernel = kernels.start(env, module="examples.transform")
     wait_committed(cluster, kernel, group, source, produced, 3)
+    # The second kernel may have committed everything before it was killed: this one is stopped once it
+    # runs (its SIGTERM handler in place), not while Python still imports it (exit -15).
+    kernel.wait_for_log("Partitions assigned", 60)
     assert kernel.stop() == 0
     outputs = Counter(json.loads(r.value())["n"] for r in cluster.read_topic(output, 3))
     assert set(outputs) == set(range(total))
