@@ -1117,6 +1117,7 @@ class HealthState:
         self.dead_letter_trouble: str | None = None  # why the last dead letter could not be published
         self.refusal: AccessRefused | None = None  # the first refusal of the credentials since they were accepted
         self.refused_since_s = 0.0
+        self.producer_failed: KafkaError | None = None  # librdkafka's producer failed for good: the loop stops
 
     def refused(self, refusal: AccessRefused) -> None:
         """A broker, or the OAuth token endpoint, refused the credentials (from the client's threads)."""
@@ -1137,6 +1138,8 @@ class HealthState:
     def ready(self) -> tuple[bool, str]:
         if (refusal := self.refusal) is not None:
             return False, f"credentials refused: {refusal}"
+        if self.producer_failed is not None:
+            return False, self.producer_failed.args[0]
         if self.missing_topics:
             return False, f"topic {', '.join(self.missing_topics)} does not exist"
         if self.dead_letter_trouble:
@@ -1896,12 +1899,16 @@ class LibrdkafkaProducer:
         """librdkafka's errors of the client as a whole (on the poll thread), which it recovers from or tries
         again for ever: logged as its other lines are; a refusal of the SASL credentials also turns /readyz to
         503 and, with no send delivered since, stops the kernel after KAFKA_SESSION_TIMEOUT_MS, as the
-        consumer's client does (a password rotated, an OAuth client revoked)."""
+        consumer's client does (a password rotated, an OAuth client revoked). A fatal error (the idempotent
+        producer's sequence broken, say) leaves every later send failing: the loop stops the kernel on it."""
         self.last_error = error
         LibrdkafkaLog.logger.warning("%s", error.str(), extra=REPEATING)
         if error.code() == error._AUTHENTICATION and self.mechanism is not None:
             self.refusal = sasl_refusal("a broker (to the producer)", self.mechanism)
             self.health.refused(self.refusal)
+        if error.fatal():
+            self.health.producer_failed = KafkaError(f"the producer failed for good ({error.name()}: {error.str()}); "
+                                                     "no send can be delivered without a new one")
 
     def serve_events(self) -> None:
         while not self.closing:
@@ -3031,8 +3038,7 @@ class ConsumerLoop:
         # One poll's worth, and enough to keep every worker busy, is buffered before polling pauses.
         self.buffer_limit = max(settings.max_poll_records, 4 * settings.concurrency)
         self.last_commit_s = 0.0
-        # Counting and timing every message costs a little: only when /metrics is served.
-        per_message = self.metrics if settings.http_port else None
+        per_message = self.metrics if settings.http_port else None  # counting each message costs: only for /metrics
         self.producer = kernel_producer(settings, tls, consumer.config, per_message, tracing, self.health)
         dead_letters = (DeadLetterTopic(settings, self.producer, self.metrics, self.health, tracing)
                         if settings.dead_letter_topic else None)
@@ -3079,14 +3085,16 @@ class ConsumerLoop:
         self.watchdog.refresh_lag(self.consumer)
 
     def check_contact(self) -> None:
-        """Count a heartbeat answered as contact (records fetched count in poll()), and stop once the
-        credentials were refused for KAFKA_SESSION_TIMEOUT_MS with none accepted since, as at start-up."""
+        """Count a heartbeat answered as contact (records fetched count in poll()); stop once the credentials
+        were refused for KAFKA_SESSION_TIMEOUT_MS with none accepted since, or the producer failed for good."""
         health, now = self.health, time.monotonic()
         answered_s = last_heartbeat_answered_s(self.consumer)  # time.time(), -inf before the first
         health.last_contact_s = max(health.last_contact_s, now - (time.time() - answered_s))
         if (refusal := health.refusal) is not None and now - health.refused_since_s > health.out_of_touch_s:
             raise AccessRefused(f"{refusal}; refused for {now - health.refused_since_s:.0f} s while running "
                                 f"(KAFKA_SESSION_TIMEOUT_MS {self.settings.session_timeout_ms})", refusal.kind)
+        if health.producer_failed is not None:
+            raise health.producer_failed
 
     def poll(self, timeout_ms: int) -> None:
         polled = self.consumer.poll(timeout_ms=timeout_ms)
@@ -4078,4 +4086,4 @@ check_your_part(names_of_your_part)
 
 # The machinery's digest as the template shipped it (devtools/stamp_machinery.py writes it): `check` and
 # tests/test_template.py compare it with what is above, from "# End of your kernel" on.
-MACHINERY_SHA256 = "6ec9c133013361a735fa69c0338530edda1523c6c073a886da97878ba6faad0c"
+MACHINERY_SHA256 = "9485c733c0dd6e4c755a459ba5809defeb45ac169ec5328e5edde0ff4f7a8b97"

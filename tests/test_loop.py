@@ -4,6 +4,7 @@ back-pressure — with the real worker threads and a recording stand-in for Kafk
 import re
 import threading
 import time
+import types
 
 import prometheus_client
 import pytest
@@ -768,3 +769,14 @@ def test_readiness_says_when_credentials_are_refused_or_no_fetch_or_heartbeat_ca
     health.accepted()
     health.last_contact_s = time.monotonic()
     assert health.ready() == (True, "ok")
+
+
+def test_a_producer_failed_for_good_stops_the_loop():
+    """librdkafka's fatal errors reach the health state (tests/test_sending.py); the loop stops on one."""
+    loop = make_loop()
+    loop.consumer._coordinator = types.SimpleNamespace(heartbeat=types.SimpleNamespace(last_receive=time.time()))
+    loop.check_contact()
+    loop.health.producer_failed = main.KafkaError("the producer failed for good (OUT_OF_ORDER_SEQUENCE_NUMBER: ...)")
+    with pytest.raises(main.KafkaError, match="failed for good"):
+        loop.check_contact()
+    loop.workers.stop()

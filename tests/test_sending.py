@@ -278,3 +278,19 @@ def test_a_refusal_of_the_producers_credentials_is_not_ready_until_a_send_is_del
 
     main.Delivery(producer).report(None, Delivered())
     assert health.ready() == (True, "ok")
+
+
+def test_a_fatal_error_of_the_producer_is_not_ready_and_stops_the_kernel():
+    """A fatal error of librdkafka's (the idempotent producer's sequence broken, say) leaves every later
+    send failing: /readyz says so, and the loop stops the kernel (exit 3, its line naming the error), to
+    be started again with a new producer, rather than retry, then dead-letter, messages that did nothing wrong."""
+    from confluent_kafka import KafkaError
+
+    settings = settings_from({"KAFKA_BOOTSTRAP_SERVERS": "a:1"})
+    health = main.HealthState(settings)
+    health.joined = True
+    producer = main.LibrdkafkaProducer(settings, health=health)
+    producer.config["error_cb"](KafkaError(KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER, "broker: out of order", fatal=True))
+    ready, reason = health.ready()
+    assert not ready and reason.startswith("the producer failed for good (OUT_OF_ORDER_SEQUENCE_NUMBER"), reason
+    assert main.exit_code_for(health.producer_failed, settings) == main.EXIT_BROKER
