@@ -148,7 +148,6 @@ import errno
 import functools
 import gc
 import hashlib
-import importlib.util
 import ipaddress
 import itertools
 import json
@@ -1117,12 +1116,13 @@ class HealthState:
         self.dead_letter_trouble: str | None = None  # why the last dead letter could not be published
         self.refusal: AccessRefused | None = None  # the first refusal of the credentials since they were accepted
         self.refused_since_s = 0.0
-        self.producer_failed: KafkaError | None = None  # librdkafka's producer failed for good: the loop stops
+        self.producer_failed: KafkaError | AccessRefused | None = None  # librdkafka's producer failed for good
 
     def refused(self, refusal: AccessRefused) -> None:
         """A broker, or the OAuth token endpoint, refused the credentials (from the client's threads)."""
         if self.refusal is None:
-            self.refusal, self.refused_since_s = refusal, time.monotonic()
+            self.refused_since_s = time.monotonic()  # first: the loop reads it once it sees the refusal
+            self.refusal = refusal
 
     def accepted(self) -> None:
         self.refusal = None
@@ -1783,7 +1783,8 @@ class Delivery:
         if error is None:
             if health.missing_outputs:  # the topic may exist now (/readyz)
                 health.missing_outputs -= {message.topic()}
-            if health.refusal is not None and health.refusal is self.producer.refusal:  # accepted again
+            if self.producer.refusal is not None:  # the credentials work again
+                self.producer.refusal = None
                 health.accepted()
             self.settle(None, message.topic())
             return
@@ -1820,6 +1821,17 @@ def kafka_python_error(error, topic: str) -> KafkaError:
     return (kafka.errors.for_code(code) if code > 0 else KafkaError)(error.str())
 
 
+def failed_for_good(error) -> KafkaError | AccessRefused:
+    """What a fatal error of librdkafka's producer stops the kernel with, as every later send would fail:
+    access refused (exit 5) when the broker's ACLs deny it (IDEMPOTENT_WRITE, say), else exit 3."""
+    if "AUTHORIZATION" in error.name():
+        return AccessRefused(f"the broker denied the producer ({error.name()}: {error.str()}): grant this kernel's "
+                             "principal IDEMPOTENT_WRITE on the cluster and WRITE on its output topics",
+                             "authorization")
+    return KafkaError(f"the producer failed for good ({error.name()}: {error.str()}); no send can be delivered "
+                      "without a new one")
+
+
 class LibrdkafkaLog:
     """librdkafka's log lines (served on the producer's poll thread) as the kernel's own, under the logger
     "librdkafka": formatted, throttled and cut as the others, JSON under LOG_FORMAT=json, never on stderr."""
@@ -1843,18 +1855,18 @@ class LibrdkafkaProducer:
 
     def __init__(self, settings: KernelSettings, metrics: KernelMetrics | None = None,
                  tracing: Tracing | None = None, health: HealthState | None = None):
-        # Imported on first use (most kernels never send); its absence is a configuration error at once, so
-        # that KERNEL_PRODUCER=kafka-python is said to be the way where confluent-kafka has no wheel.
-        if importlib.util.find_spec("confluent_kafka") is None:
+        try:  # imported here (10 ms), so that KERNEL_PRODUCER=kafka-python runs where confluent-kafka has no wheel
+            import confluent_kafka
+        except ImportError:
             raise ConfigError("KERNEL_PRODUCER=confluent-kafka (the default) needs the confluent-kafka package: "
-                              "install it, or set KERNEL_PRODUCER=kafka-python")
+                              "install it, or set KERNEL_PRODUCER=kafka-python") from None
         self.config = librdkafka_config(settings) | {"logger": LibrdkafkaLog(), "error_cb": self.client_error}
         if settings.sasl is not None and settings.sasl.oauth is not None:
             self.config["oauth_cb"] = functools.partial(self.oauth_token, oauth_tokens(settings.sasl.oauth))
+        self.new_client, self.refused = confluent_kafka.Producer, confluent_kafka.KafkaException
         self.mechanism = settings.sasl.mechanism if settings.sasl is not None else None
         self.last_error = None  # librdkafka's last error of the client as a whole (`check` says it)
-        self.refusal: AccessRefused | None = None  # the last refusal of the credentials librdkafka reported
-        self.refused: type[Exception] | tuple = ()  # confluent_kafka.KafkaException, once imported
+        self.refusal: AccessRefused | None = None  # its refusal of the credentials, until a send is delivered
         self.metrics = metrics  # counts confirmed and failed sends when set
         self.tracing = tracing  # puts the trace context into what it sends, when set
         self.health = health or HealthState(settings)  # /readyz names a topic sent to that does not exist
@@ -1890,25 +1902,23 @@ class LibrdkafkaProducer:
     def connect(self) -> None:
         with self.lock:  # taken only until the client exists
             if self.client is None:
-                import confluent_kafka
-                self.refused = confluent_kafka.KafkaException
-                self.client = confluent_kafka.Producer(self.config)
+                self.client = self.new_client(self.config)
                 threading.Thread(target=self.serve_events, name="producer-deliveries", daemon=True).start()
 
     def client_error(self, error) -> None:
         """librdkafka's errors of the client as a whole (on the poll thread), which it recovers from or tries
         again for ever: logged as its other lines are; a refusal of the SASL credentials also turns /readyz to
         503 and, with no send delivered since, stops the kernel after KAFKA_SESSION_TIMEOUT_MS, as the
-        consumer's client does (a password rotated, an OAuth client revoked). A fatal error (the idempotent
-        producer's sequence broken, say) leaves every later send failing: the loop stops the kernel on it."""
+        consumer's client does (a password rotated, an OAuth client revoked). After a fatal error every later
+        send would fail: the loop stops the kernel on it (failed_for_good)."""
         self.last_error = error
-        LibrdkafkaLog.logger.warning("%s", error.str(), extra=REPEATING)
-        if error.code() == error._AUTHENTICATION and self.mechanism is not None:
+        LibrdkafkaLog.logger.warning(f"{error.name()}: %s", error.str(), extra=REPEATING)  # one repeat count per kind
+        # Only while it has messages to deliver: a refusal while idle (a broker restarting) could mend unseen.
+        if error.code() == error._AUTHENTICATION and self.mechanism is not None and len(self.client or ()):
             self.refusal = sasl_refusal("a broker (to the producer)", self.mechanism)
             self.health.refused(self.refusal)
         if error.fatal():
-            self.health.producer_failed = KafkaError(f"the producer failed for good ({error.name()}: {error.str()}); "
-                                                     "no send can be delivered without a new one")
+            self.health.producer_failed = failed_for_good(error)
 
     def serve_events(self) -> None:
         while not self.closing:
@@ -1916,6 +1926,9 @@ class LibrdkafkaProducer:
                 served = self.client.poll(PRODUCER_POLL_S)
             except self.refused as fatal:  # confluent-kafka raises librdkafka's fatal errors here
                 kernel_log.error("The producer failed: %s", fatal.args[0].str(), extra=REPEATING)
+                served = 1
+            except Exception:  # a fault of the kernel's own in a callback: said, and the reports go on being served
+                kernel_log.exception("A callback of the producer failed", extra=REPEATING)
                 served = 1
             if served:
                 with self.settled:
@@ -1930,6 +1943,7 @@ class LibrdkafkaProducer:
 
     def probe(self, timeout_s: float) -> str | None:
         """For `check`: connect as send() does and ask for the cluster's metadata; None if it answered, else why not."""
+        self.config["error_cb"] = functools.partial(setattr, self, "last_error")  # quiet: `check` says it its way
         self.connect()
         try:
             self.client.list_topics(timeout=timeout_s)
@@ -4086,4 +4100,4 @@ check_your_part(names_of_your_part)
 
 # The machinery's digest as the template shipped it (devtools/stamp_machinery.py writes it): `check` and
 # tests/test_template.py compare it with what is above, from "# End of your kernel" on.
-MACHINERY_SHA256 = "9485c733c0dd6e4c755a459ba5809defeb45ac169ec5328e5edde0ff4f7a8b97"
+MACHINERY_SHA256 = "ef9d44ba0c4dee23981c55b9ebcf157ed1ed762fac6b0671910079628f04d5c0"

@@ -254,23 +254,30 @@ def test_librdkafkas_lines_go_through_the_kernels_logging_without_secrets(caplog
 
 def test_a_refusal_of_the_producers_credentials_is_not_ready_until_a_send_is_delivered():
     """librdkafka says a broker refused the SASL credentials as an error of the client as a whole, never of
-    a send (those only time out): /readyz turns 503 on it, and the loop stops the kernel with exit 5 after
-    KAFKA_SESSION_TIMEOUT_MS, as for the consumer's client; a send delivered since says they work again."""
+    a send (those only time out): while it has messages to deliver, /readyz turns 503 on it, and the loop
+    stops the kernel with exit 5 after KAFKA_SESSION_TIMEOUT_MS, as for the consumer's client; a send
+    delivered since says they work again. Idle, a refusal (a broker restarting) could mend unseen: ignored."""
     from confluent_kafka import KafkaError
 
-    settings = settings_from({"KAFKA_BOOTSTRAP_SERVERS": "a:1", "KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
-                              "KAFKA_SASL_MECHANISM": "SCRAM-SHA-256", "KAFKA_SASL_USERNAME": "u",
-                              "KAFKA_SASL_PASSWORD": "p"})
+    settings = settings_from({"KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}", "KAFKA_SECURITY_PROTOCOL":
+                              "SASL_PLAINTEXT", "KAFKA_SASL_MECHANISM": "SCRAM-SHA-256", "KAFKA_SASL_USERNAME": "u",
+                              "KAFKA_SASL_PASSWORD": "p", "KAFKA_PRODUCE_TIMEOUT_MS": "2000",
+                              "KERNEL_SHUTDOWN_TIMEOUT_MS": "100"})
     health = main.HealthState(settings)
     health.joined = True
     producer = main.LibrdkafkaProducer(settings, health=health)
     report_error = producer.config["error_cb"]  # what librdkafka calls
-    report_error(KafkaError(KafkaError._TRANSPORT, "a:1/bootstrap: Connect to ipv4#10.0.0.1:1 failed"))
+    refused = KafkaError(KafkaError._AUTHENTICATION, "SASL authentication error: Authentication failed")
+    report_error(refused)
+    assert health.ready() == (True, "ok"), "nothing to deliver: not counted"
+    producer.send("out", b"k", b"v", [])  # to a broker that is not there: it stays queued
+    report_error(KafkaError(KafkaError._TRANSPORT, "Connect to ipv4#127.0.0.1 failed"))
     assert health.ready() == (True, "ok"), "a lost connection is tried again, as the consumer's"
-    report_error(KafkaError(KafkaError._AUTHENTICATION, "SASL authentication error: Authentication failed"))
+    report_error(refused)
+    report_error(refused)  # librdkafka says it again at each attempt, and for each broker
     ready, reason = health.ready()
     assert not ready and "refused the SASL SCRAM-SHA-256 credentials: check KAFKA_SASL_USERNAME" in reason, reason
-    assert health.refusal is producer.refusal, "the loop stops the kernel once it lasts a session timeout"
+    assert health.refusal is not None, "the loop stops the kernel once it lasts a session timeout"
 
     class Delivered:
         def topic(self):
@@ -278,19 +285,25 @@ def test_a_refusal_of_the_producers_credentials_is_not_ready_until_a_send_is_del
 
     main.Delivery(producer).report(None, Delivered())
     assert health.ready() == (True, "ok")
+    producer.close()
 
 
 def test_a_fatal_error_of_the_producer_is_not_ready_and_stops_the_kernel():
-    """A fatal error of librdkafka's (the idempotent producer's sequence broken, say) leaves every later
-    send failing: /readyz says so, and the loop stops the kernel (exit 3, its line naming the error), to
-    be started again with a new producer, rather than retry, then dead-letter, messages that did nothing wrong."""
+    """A fatal error of librdkafka's leaves every later send failing: /readyz says so, and the loop stops
+    the kernel (exit 3, its line naming the error; 5 when the broker's ACLs deny the producer), to be
+    started again with a new producer, rather than retry, then dead-letter, messages that did nothing wrong."""
     from confluent_kafka import KafkaError
 
     settings = settings_from({"KAFKA_BOOTSTRAP_SERVERS": "a:1"})
-    health = main.HealthState(settings)
-    health.joined = True
-    producer = main.LibrdkafkaProducer(settings, health=health)
-    producer.config["error_cb"](KafkaError(KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER, "broker: out of order", fatal=True))
-    ready, reason = health.ready()
-    assert not ready and reason.startswith("the producer failed for good (OUT_OF_ORDER_SEQUENCE_NUMBER"), reason
-    assert main.exit_code_for(health.producer_failed, settings) == main.EXIT_BROKER
+    for error, said, code in (
+            (KafkaError(KafkaError.INVALID_PRODUCER_EPOCH, "broker: producer fenced", fatal=True),
+             "the producer failed for good (INVALID_PRODUCER_EPOCH", main.EXIT_BROKER),
+            (KafkaError(KafkaError.CLUSTER_AUTHORIZATION_FAILED, "InitProducerId denied", fatal=True),
+             "the broker denied the producer (CLUSTER_AUTHORIZATION_FAILED", main.EXIT_REFUSED)):
+        health = main.HealthState(settings)
+        health.joined = True
+        producer = main.LibrdkafkaProducer(settings, health=health)
+        producer.config["error_cb"](error)
+        ready, reason = health.ready()
+        assert not ready and reason.startswith(said), reason
+        assert main.exit_code_for(health.producer_failed, settings) == code
