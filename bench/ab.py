@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.benchmark import HERE, preload, run_probe  # noqa: E402
+from bench.benchmark import HERE, interleaved, preload  # noqa: E402
 from devtools.broker import Broker  # noqa: E402
 
 MESSAGES = 150_000
@@ -46,19 +46,13 @@ def main() -> None:
     if args.forward:
         env["BENCH_FORWARD"] = "ab-out"
     with tempfile.TemporaryDirectory() as folder, Broker() as broker:
-        arms = {args.commit: exported(args.commit, Path(folder)) / "bench" / "probe_kernel.py",
-                "work tree": HERE / "probe_kernel.py"}
+        arms = {args.commit: (str(exported(args.commit, Path(folder)) / "bench" / "probe_kernel.py"), env),
+                "work tree": (str(HERE / "probe_kernel.py"), env)}
         broker.create_topic("ab", 6)
         if args.forward:
             broker.create_topic("ab-out", 6)
         preload(broker.bootstrap, "ab", MESSAGES, partitions=6)
-        results: dict[str, list[dict]] = {name: [] for name in arms}
-        for run in range(args.runs):
-            for name in list(arms)[::1 if run % 2 == 0 else -1]:
-                result = run_probe(str(arms[name]), broker, "ab", MESSAGES, env)
-                results[name].append(result)
-                print(f"{name}: {result['rate']:,.0f} messages/s, {result['cpu_per_1000'] * 1000:.2f} CPU ms per "
-                      f"1,000, peak {result['rss_mb']:.0f} MB", flush=True)
+        results = interleaved(arms, broker, "ab", MESSAGES, args.runs)
     medians = {name: (statistics.median(r["rate"] for r in runs), statistics.median(r["cpu_per_1000"] for r in runs))
                for name, runs in results.items()}
     for name, (rate, cpu) in medians.items():

@@ -103,6 +103,21 @@ def run_probe(script: str, broker: Broker, topic: str, count: int, env: dict[str
     return result
 
 
+def interleaved(arms: dict[str, tuple[str, dict[str, str]]], broker: Broker, topic: str, count: int,
+                runs: int) -> dict[str, list[dict]]:
+    """Each arm's (script, environment) run `runs` times over `topic`, in alternating order (the machine's
+    drift falls on every arm alike), each run's figures printed as it ends; the figures of each arm."""
+    results: dict[str, list[dict]] = {name: [] for name in arms}
+    for run in range(runs):
+        for name in list(arms)[:: 1 if run % 2 == 0 else -1]:
+            script, env = arms[name]
+            result = run_probe(script, broker, topic, count, env)
+            results[name].append(result)
+            print(f"{name}: {result['rate']:,.0f} messages/s, {result['cpu_per_1000'] * 1000:.2f} CPU ms per 1,000, "
+                  f"peak {result['rss_mb']:.0f} MB", flush=True)
+    return results
+
+
 def median_run(results: list[dict]) -> dict:
     return sorted(results, key=lambda result: result["rate"])[len(results) // 2]
 

@@ -19,6 +19,7 @@ the broker has not confirmed, which the kernel never does.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import shutil
 import statistics
 import sys
@@ -27,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.benchmark import HERE, preload, run_probe  # noqa: E402
+from bench.benchmark import HERE, interleaved, preload  # noqa: E402
 from devtools.broker import Broker  # noqa: E402
 
 MESSAGES = 150_000
@@ -53,26 +54,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3, help="interleaved rounds (default 3)")
     args = parser.parse_args()
+    if importlib.util.find_spec("quixstreams") is None:
+        sys.exit("Quix Streams, the peer, is missing: run `uv run --group bench bench/forwarding_limits.py`")
     with tempfile.TemporaryDirectory() as folder, Broker() as broker:
         forward = {"BENCH_FORWARD": "limits-out"}
         arms = {"kernel": (str(HERE / "probe_kernel.py"), forward)}
         for number, (name, replacement) in enumerate(VARIANTS.items()):
             (copy := Path(folder) / str(number)).mkdir()
             arms[name] = (str(altered_copy(copy, replacement)), forward)
-        arms["quix"] = ("probe_quix.py", forward)
+        arms["quix"] = (str(HERE / "probe_quix.py"), forward)
         arms["kernel, no-op"] = (str(HERE / "probe_kernel.py"), {})
         broker.create_topic("limits", 6)
         broker.create_topic("limits-out", 6)
         preload(broker.bootstrap, "limits", MESSAGES, partitions=6)
-        rates: dict[str, list[float]] = {name: [] for name in arms}
-        for run in range(args.runs):
-            for name in list(arms)[::1 if run % 2 == 0 else -1]:
-                script, env = arms[name]
-                result = run_probe(script, broker, "limits", MESSAGES, env)
-                rates[name].append(result["rate"])
-                print(f"{name}: {result['rate']:,.0f} messages/s, {result['cpu_per_1000'] * 1000:.2f} CPU ms per 1,000",
-                      flush=True)
-    medians = {name: statistics.median(values) for name, values in rates.items()}
+        results = interleaved(arms, broker, "limits", MESSAGES, args.runs)
+    medians = {name: statistics.median(result["rate"] for result in runs) for name, runs in results.items()}
     for name, rate in medians.items():
         print(f"median {name}: {rate:,.0f} messages/s, {rate / medians['quix']:.2f} of Quix Streams, "
               f"{rate / medians['kernel, no-op']:.2f} of the no-op kernel")
