@@ -2833,6 +2833,22 @@ class Watchdog:
                 pass
 
 
+COMMITTED_TIMEOUT_S = 10.0  # how long the offsets that are only said (in a log line, by `check`) are waited for
+UNKNOWN = "unknown"  # a committed offset the group's coordinator did not tell in time
+
+
+def committed_offsets(consumer: KafkaConsumer, partitions, timeout_s: float = COMMITTED_TIMEOUT_S) -> dict:
+    """The group's committed offset of each partition (None: nothing committed), UNKNOWN for those its
+    coordinator did not tell within timeout_s: kafka-python's committed() waits for ever without a timeout."""
+    deadline_s, offsets = time.monotonic() + timeout_s, {}
+    for tp in sorted(partitions):
+        try:
+            offsets[tp] = consumer.committed(tp, timeout_ms=max(0.0, deadline_s - time.monotonic()) * 1000)
+        except kafka.errors.KafkaError:  # timed out, or refused: the offset is only said
+            offsets[tp] = UNKNOWN
+    return offsets
+
+
 def format_partitions(partitions, offsets: Mapping | None = None) -> str:
     return ", ".join(
         f"{tp.topic}[{tp.partition}]" + (f"@{offsets.get(tp)}" if offsets is not None else "")
@@ -2855,8 +2871,8 @@ class RebalanceListener(ConsumerRebalanceListener):
     def on_partitions_assigned(self, assigned):
         self.loop.assigned(set(assigned))
         if assigned:
-            committed = {tp: self.loop.consumer.committed(tp) for tp in assigned}
-            kernel_log.info("Partitions assigned (committed offset): %s", format_partitions(assigned, committed))
+            kernel_log.info("Partitions assigned (committed offset): %s",
+                            format_partitions(assigned, committed_offsets(self.loop.consumer, assigned)))
         else:
             kernel_log.info("No partitions assigned (the group has more members than partitions)")
 
@@ -3929,8 +3945,12 @@ def describe_topic(consumer: KafkaConsumer, topic: str, report: CheckReport, aut
     tps = [TopicPartition(topic, p) for p in sorted(partitions)]
     ends = high_watermarks(consumer, tps)
     starts = consumer.beginning_offsets(tps) if auto_offset_reset == "earliest" else ends
-    for tp in tps:
-        committed, end = consumer.committed(tp), ends[tp]
+    for tp, committed in committed_offsets(consumer, tps).items():
+        end = ends[tp]
+        if committed is UNKNOWN:
+            report.say("warning", f"  {topic}[{tp.partition}]: committed offset unknown (the group's coordinator did "
+                                  f"not answer within {COMMITTED_TIMEOUT_S:.0f} s), end {end}")
+            continue
         if committed is None and end is not None:  # where the group would start, and all from there is lag
             report.say("ok", f"  {topic}[{tp.partition}]: nothing committed: would start at {starts[tp]} "
                              f"(KAFKA_AUTO_OFFSET_RESET={auto_offset_reset}), end {end}, lag {end - starts[tp]}")
@@ -4100,4 +4120,4 @@ check_your_part(names_of_your_part)
 
 # The machinery's digest as the template shipped it (devtools/stamp_machinery.py writes it): `check` and
 # tests/test_template.py compare it with what is above, from "# End of your kernel" on.
-MACHINERY_SHA256 = "ef9d44ba0c4dee23981c55b9ebcf157ed1ed762fac6b0671910079628f04d5c0"
+MACHINERY_SHA256 = "00b8494cfc8f462cc52c5795fe66dbe5ad6ecdc3e9dd20ed1a04d22d661eb8e3"

@@ -428,7 +428,7 @@ class Runner:
         if kernel is not None:
             if kernel.signals_sent == 0:  # Ctrl-C came while it was being started
                 kernel.signal(signal.SIGINT)
-            self.last_exit_code = kernel.process.wait()
+            self.last_exit_code = self.wait_for_exit(kernel)
         return self.last_exit_code
 
     def restart(self, kernel: KernelProcess | None, changed: set[Path], watcher: SourceWatcher) -> KernelProcess | None:
@@ -452,6 +452,11 @@ class Runner:
     def stop_gracefully(self, kernel: KernelProcess) -> int:
         """SIGTERM: the kernel finishes the messages in hand, commits and leaves its group."""
         kernel.signal(signal.SIGTERM)
+        return self.wait_for_exit(kernel)
+
+    @staticmethod
+    def wait_for_exit(kernel: KernelProcess) -> int:
+        """Its exit code, once it stopped after a signal: a kernel stuck on its way out is killed."""
         try:
             return kernel.process.wait(timeout=KERNEL_STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:

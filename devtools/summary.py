@@ -76,11 +76,18 @@ def partitions_of(consumer: KafkaConsumer, topics: list[str]) -> list[TopicParti
     return [TopicPartition(topic, p) for topic in topics for p in sorted(consumer.partitions_for_topic(topic) or ())]
 
 
+def committed_offsets(consumer: KafkaConsumer, partitions: list[TopicPartition]) -> dict[TopicPartition, int | None]:
+    """The group's committed offsets, within READ_TIMEOUT_S in all: kafka-python's committed() waits for
+    ever for a coordinator without a timeout."""
+    deadline = time.monotonic() + READ_TIMEOUT_S
+    return {tp: consumer.committed(tp, timeout_ms=max(0.0, deadline - time.monotonic()) * 1000) for tp in partitions}
+
+
 def partition_progress(config: dict, group: str, topics: list[str]) -> list[PartitionProgress]:
     consumer = KafkaConsumer(**config, group_id=group, enable_auto_commit=False)
     try:
         partitions = partitions_of(consumer, topics)
-        committed = {tp: consumer.committed(tp) for tp in partitions}  # before assign(): the group's, not ours
+        committed = committed_offsets(consumer, partitions)  # before assign(): the group's, not ours
         ends, _ = read_from_start(consumer, partitions)
     finally:
         consumer.close(autocommit=False)

@@ -780,3 +780,22 @@ def test_a_producer_failed_for_good_stops_the_loop():
     with pytest.raises(main.KafkaError, match="failed for good"):
         loop.check_contact()
     loop.workers.stop()
+
+
+def test_committed_offsets_that_are_only_said_are_waited_for_within_a_bound():
+    class Coordinator:  # answers the first partition, then never again (kafka-python raises at the timeout given)
+        def __init__(self):
+            self.timeouts_ms = []
+
+        def committed(self, tp, timeout_ms=None):
+            self.timeouts_ms.append(timeout_ms)
+            if tp == P0:
+                return 7
+            time.sleep(timeout_ms / 1000)
+            raise KafkaTimeoutError("Failed to get committed offsets")
+
+    consumer = Coordinator()
+    started = time.monotonic()
+    assert main.committed_offsets(consumer, {P1, P0}, timeout_s=0.2) == {P0: 7, P1: main.UNKNOWN}
+    assert None not in consumer.timeouts_ms and time.monotonic() - started < 1
+    assert main.format_partitions({P0, P1}, {P0: 7, P1: main.UNKNOWN}) == "t[0]@7, t[1]@unknown"
