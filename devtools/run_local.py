@@ -12,6 +12,7 @@ broker; a second Ctrl-C stops the kernel at once.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
 import os
@@ -475,6 +476,7 @@ class Runner:
 
 def main(argv: list[str] | None = None) -> int:
     arguments = parse_arguments(argv)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1` prints where each thread is, if it hangs
     try:
         return Runner(arguments).run()
     except (MessageError, LocalRunError) as error:

@@ -100,7 +100,9 @@ class LocalRunProcess:
         try:
             return self.process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            pytest.fail(f"the local run did not stop within {timeout_s} s\n{self.output()[-3000:]}")
+            os.kill(self.process.pid, signal.SIGUSR1)  # its threads' stacks, into the output
+            time.sleep(1)
+            pytest.fail(f"the local run did not stop within {timeout_s} s\n{self.output()[-6000:]}")
 
     def summary_partitions(self) -> dict[int, tuple[int, int]]:
         """partition → (committed offset, 0 for nothing committed; end) from the summary's lines."""
