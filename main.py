@@ -2124,7 +2124,7 @@ class TaskOutcome:
         self.task = task
         self.finished = finished  # task.records[:finished] are done
         self.failure = failure  # why records[finished] did not finish (None: all did, or it was cancelled)
-        self.seconds = seconds  # how long process_task took over it
+        self.seconds = seconds  # how long the handler took over it (not the wait for its sends to be confirmed)
 
 
 def start_sends(producer: AnyProducer | None) -> list[Future]:
@@ -2248,11 +2248,12 @@ def process_task(task: LaneTask, handler: Callable, stop: StopSignal, producer: 
                 finished += 1
     finally:
         current_call.sends = None
+    seconds = monotonic() - began_s  # what the handler took: the wait below says nothing of it
     if unconfirmed:  # a send of an earlier record that failed comes first, before any failure but a fatal one
         finished, unsent = confirm_sends(task, unconfirmed, finished, producer.timeout_s if producer else 0)
         if unsent and not (failure and failure.consequence is Consequence.FATAL):
             failure = unsent
-    return TaskOutcome(task, finished, failure, monotonic() - began_s)
+    return TaskOutcome(task, finished, failure, seconds)
 
 
 def measured(handler: Callable, tally: list) -> Callable:
@@ -2494,11 +2495,14 @@ class PartitionState:
 # dropped for each task cost a tenth of a no-op message), about 200 bytes each: dropped once there are
 # this many lanes in all, or twice as many as hold something.
 IDLE_LANES_KEPT = 8192
-# While the handler is quick (recent tasks took under QUICK_MESSAGE_S a message), a task takes several
-# lanes when more than TASKS_PER_WORKER are queued per worker: a task costs the loop a few microseconds,
-# as much as a no-op message, and a poll can bring hundreds of keys. A message then holds up only the
-# lanes after it in its task, and by little; a failed one hands them back. A slower handler gains
-# nothing from it: its tasks take one lane each, so a slow message holds up no other key.
+# At most TASKS_PER_WORKER tasks per worker are in flight; lanes queued meanwhile wait for a place. While
+# the handler is quick (recent tasks took under QUICK_MESSAGE_S a message), the lanes queued are shared
+# among the places free, several a task: a task costs the loop a few microseconds, as much as a no-op
+# message, a poll can bring hundreds of keys, and a task that sent something waits once for their
+# confirmation (handed out as they came back, lanes made tasks of three or four records, and forwarding at
+# concurrency 2 ran at a fifth of concurrency 1). A message then holds up only the lanes after it in its
+# task, and by little; a failed one hands them back. A slower handler gains nothing from it: its tasks
+# take one lane each, so a slow message holds up no other key.
 TASKS_PER_WORKER = 4
 QUICK_MESSAGE_S = 0.0001
 
@@ -2513,7 +2517,7 @@ class Ledger:
     def __init__(self, keyed: bool, batch_policy: BatchPolicy | None = None, workers: int = 1):
         self.keyed = keyed  # one lane per key (KERNEL_ORDERING=key above concurrency 1), else per partition
         self.batch_policy = batch_policy  # process_batch: tasks of up to its max_messages, after waiting for more
-        self.tasks_wanted = TASKS_PER_WORKER * workers  # more lanes queued than this: several lanes a task
+        self.tasks_wanted = TASKS_PER_WORKER * workers  # in flight at most
         self.message_s = QUICK_MESSAGE_S  # what a message took lately (a moving average over tasks)
         self.partitions: dict[TopicPartition, PartitionState] = {}  # the assigned ones
         self.queued: dict[Lane, None] = {}  # lanes with records and nothing in flight or waiting, in order
@@ -2583,18 +2587,22 @@ class Ledger:
 
     def start_tasks(self, now_s: float) -> list[LaneTask]:
         """Tasks for the lanes that are queued (with process_batch, whose batch is full or has waited
-        long enough), or whose retry is due by `now_s`; now in flight. A task takes one lane, or with
-        more than TASKS_PER_WORKER queued per worker while the handler is quick, several lanes of a
-        partition, lane after lane."""
+        long enough), or whose retry is due by `now_s`, as many as there are places (tasks_wanted); now in
+        flight. A task takes one lane, or while the handler is quick, its share of the lanes queued, several
+        lanes of a partition, lane after lane."""
         for lane in [lane for lane in self.retrying if lane.retry.due_s <= now_s]:
             self.retrying.discard(lane)
             self.queued[lane] = None
         if self.batch_policy is not None:
             return self.start_batches(now_s)
+        if (places := self.tasks_wanted - len(self.in_flight)) <= 0:
+            return []
         tasks, task = [], None
-        lanes_per_task = -(-len(self.queued) // self.tasks_wanted) if self.message_s < QUICK_MESSAGE_S else 1
+        lanes_per_task = -(-len(self.queued) // places) if self.message_s < QUICK_MESSAGE_S else 1
         for lane in self.queued:
             if task is None or len(task.lanes) == lanes_per_task or lane.partition != task.partition:
+                if len(tasks) == places:
+                    break
                 task = LaneTask(lane.partition, [], [])
                 tasks.append(task)
             task.lanes.append(lane)
@@ -2603,7 +2611,11 @@ class Ledger:
             lane.end = len(task.records)
             lane.records = []
         self.in_flight.update(tasks)
-        self.queued.clear()
+        if task is not None and len(self.queued) > sum(len(task.lanes) for task in tasks):
+            for lane in itertools.chain.from_iterable(task.lanes for task in tasks):
+                del self.queued[lane]
+        else:
+            self.queued.clear()
         return tasks
 
     def start_batches(self, now_s: float) -> list[LaneTask]:
@@ -4120,4 +4132,4 @@ check_your_part(names_of_your_part)
 
 # The machinery's digest as the template shipped it (devtools/stamp_machinery.py writes it): `check` and
 # tests/test_template.py compare it with what is above, from "# End of your kernel" on.
-MACHINERY_SHA256 = "00b8494cfc8f462cc52c5795fe66dbe5ad6ecdc3e9dd20ed1a04d22d661eb8e3"
+MACHINERY_SHA256 = "fae7de6c495da3a8506aaf3b439086d35dd9a498e9405005c60dae87ee2efc5c"

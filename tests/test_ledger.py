@@ -93,21 +93,38 @@ def test_with_many_lanes_ready_a_task_takes_several_of_one_partition_each_in_off
     assert sum(len(task.records) for task in tasks) == 41 and book.start_tasks(0) == []
 
 
+def test_lanes_queued_while_every_place_is_taken_wait_and_then_go_in_fewer_tasks():
+    book = several_lanes_a_task()  # quick; one worker: four tasks in flight at most
+    book.tasks_wanted = 4
+    book.add(P0, [record(P0, offset, b"k%d" % offset) for offset in range(8)])
+    tasks = book.start_tasks(0)
+    assert [len(task.lanes) for task in tasks] == [2, 2, 2, 2]
+    book.add(P0, [record(P0, offset, b"k%d" % offset) for offset in range(8, 20)])
+    assert book.start_tasks(0) == [] and len(book.queued) == 12, "no place: they wait, queued"
+    back(book, tasks[0], finished=2)
+    [task] = book.start_tasks(0)
+    assert [r.offset for r in task.records] == list(range(8, 20)), "one place: one task takes them all, in order"
+    assert not book.queued and book.commits_due() == {P0: 2}
+
+
 def test_a_task_takes_several_lanes_only_while_the_handler_is_quick():
     book = ledger(keyed=True)  # one worker: more than four lanes ready is many
 
-    def tasks_for_ten_keys(message_s: float) -> int:
+    def lanes_a_task_for_ten_keys(message_s: float) -> list[int]:
         start = book.partitions[P0].fetched_end or 0
         book.add(P0, [record(P0, offset, b"k%d" % (offset % 10)) for offset in range(start, start + 20)])
         tasks = book.start_tasks(0)
         for task in tasks:
             back(book, task, finished=len(task.records), seconds=message_s * len(task.records))
-        return len(tasks)
+        while more := book.start_tasks(0):  # the lanes left waiting for a place
+            for task in more:
+                back(book, task, finished=len(task.records), seconds=message_s * len(task.records))
+        return [len(task.lanes) for task in tasks]
 
-    assert tasks_for_ten_keys(0.00001) == 10, "nothing seen yet: a lane a task"
-    assert tasks_for_ten_keys(0.00001) == 4, "quick: three lanes a task"
-    assert tasks_for_ten_keys(6.0) == 4
-    assert tasks_for_ten_keys(0.00001) == 10, "a slow message: a lane a task again"
+    assert lanes_a_task_for_ten_keys(0.00001) == [1, 1, 1, 1], "nothing seen yet: a lane a task, four in flight"
+    assert lanes_a_task_for_ten_keys(0.00001) == [3, 3, 3, 1], "quick: three lanes a task"
+    assert lanes_a_task_for_ten_keys(6.0) == [3, 3, 3, 1]
+    assert lanes_a_task_for_ten_keys(0.00001) == [1, 1, 1, 1], "a slow message: a lane a task again"
 
 
 def test_tasks_that_come_back_unstarted_say_nothing_of_the_handlers_pace():
@@ -116,8 +133,7 @@ def test_tasks_that_come_back_unstarted_say_nothing_of_the_handlers_pace():
     book.add(P1, [record(P1, offset, b"k%d" % offset) for offset in range(200)])
     for task in book.start_tasks(0):  # revoked while they waited for a worker
         back(book, task, finished=0, seconds=0.000002)
-    book.add(P0, [record(P0, offset, b"k%d" % offset) for offset in range(20)])
-    assert len(book.start_tasks(0)) == 20, "still slow: a lane a task"
+    assert [len(task.lanes) for task in book.start_tasks(0)] == [1, 1, 1, 1], "still slow: a lane a task"
 
 
 def test_a_task_of_several_lanes_commits_below_each_lanes_first_unfinished_and_hands_back_the_rest():
@@ -148,8 +164,9 @@ def test_a_traced_call_knows_its_records_attempt_in_a_task_of_several_lanes():
 def test_the_commit_looks_at_the_lanes_that_hold_something_and_each_lane_that_gets_records_again():
     book = ledger(keyed=True)
     book.add(P0, [record(P0, offset, b"k%d" % offset) for offset in range(100)])
-    for task in book.start_tasks(0):
-        back(book, task, finished=len(task.records))
+    while tasks := book.start_tasks(0):
+        for task in tasks:
+            back(book, task, finished=len(task.records))
     assert book.commits_due() == {P0: 100} and book.partitions[P0].active == {}, "all idle: none looked at"
     assert len(book.partitions[P0].lanes) == 100, "kept for their keys"
     book.add(P0, [record(P0, 100, b"k7"), record(P0, 101, b"k8")])

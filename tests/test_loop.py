@@ -339,11 +339,13 @@ def test_a_message_counts_as_done_only_once_what_it_sent_is_confirmed():
     worker.start()
     wait_for(lambda: len(producer.futures) == 2)
     assert task.progress[0] == 0, "nothing may be committed while its output could still be lost"
+    time.sleep(0.3)
     producer.futures[0][2].success((0, -1, None))
     wait_for(lambda: task.progress[0] == 1)
     producer.futures[1][2].success((1, -1, None))
     worker.join(timeout=5)
     assert (outcomes[0].finished, outcomes[0].failure) == (2, None)
+    assert outcomes[0].seconds < 0.2, "the handler's pace (Ledger.message_s), without the wait for confirmations"
 
 
 def test_an_undelivered_send_stops_the_task_at_its_message_to_be_tried_again():
