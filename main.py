@@ -30,7 +30,7 @@ Words of the machinery, each defined once, here:
 The life of a message, in the core:
   ConsumerLoop.run_once()       the loop, one turn at a time, on the main thread
   ConsumerLoop.poll()           consumer.poll() brings records; Ledger.add() sorts them into lanes
-  ConsumerLoop.hand_out()       Ledger.start_tasks() makes tasks of the ready lanes; WorkerPool.give()
+  ConsumerLoop.hand_out()       Ledger.start_tasks() makes tasks of the ready lanes that have places; WorkerPool.give()
   process_task()                on a worker thread: process_message(record) for each record of the task,
                                 one after another; what it send()s is confirmed (confirm_sends) before the
                                 record counts as finished; False or an exception ends the task (TaskFailure)
@@ -2495,14 +2495,14 @@ class PartitionState:
 # dropped for each task cost a tenth of a no-op message), about 200 bytes each: dropped once there are
 # this many lanes in all, or twice as many as hold something.
 IDLE_LANES_KEPT = 8192
-# At most TASKS_PER_WORKER tasks per worker are in flight; lanes queued meanwhile wait for a place. While
-# the handler is quick (recent tasks took under QUICK_MESSAGE_S a message), the lanes queued are shared
-# among the places free, several a task: a task costs the loop a few microseconds, as much as a no-op
-# message, a poll can bring hundreds of keys, and a task that sent something waits once for their
-# confirmation (handed out as they came back, lanes made tasks of three or four records, and forwarding at
-# concurrency 2 ran at a fifth of concurrency 1). A message then holds up only the lanes after it in its
-# task, and by little; a failed one hands them back. A slower handler gains nothing from it: its tasks
-# take one lane each, so a slow message holds up no other key.
+# At most TASKS_PER_WORKER tasks per worker are in flight (with process_message); lanes queued meanwhile
+# wait for a place. While the handler is quick (recent tasks took under QUICK_MESSAGE_S a message), the
+# lanes queued are shared among the places free, several a task: a task costs the loop a few
+# microseconds, as much as a no-op message, a poll can bring hundreds of keys, and a task that sent
+# something waits once for their confirmation (handed out as they came back, lanes made tasks of three or
+# four records, and forwarding at concurrency 2 ran at a fifth of concurrency 1). A message then holds up
+# only the lanes after it in its task, and by little; a failed one hands them back. A slower handler
+# gains nothing from it: its tasks take one lane each, so a slow message holds up no other key.
 TASKS_PER_WORKER = 4
 QUICK_MESSAGE_S = 0.0001
 
@@ -2517,7 +2517,7 @@ class Ledger:
     def __init__(self, keyed: bool, batch_policy: BatchPolicy | None = None, workers: int = 1):
         self.keyed = keyed  # one lane per key (KERNEL_ORDERING=key above concurrency 1), else per partition
         self.batch_policy = batch_policy  # process_batch: tasks of up to its max_messages, after waiting for more
-        self.tasks_wanted = TASKS_PER_WORKER * workers  # in flight at most
+        self.tasks_wanted = TASKS_PER_WORKER * workers  # in flight at most (process_batch's are not counted)
         self.message_s = QUICK_MESSAGE_S  # what a message took lately (a moving average over tasks)
         self.partitions: dict[TopicPartition, PartitionState] = {}  # the assigned ones
         self.queued: dict[Lane, None] = {}  # lanes with records and nothing in flight or waiting, in order
@@ -2529,6 +2529,11 @@ class Ledger:
     @property
     def unfinished(self) -> int:
         return sum(state.unfinished for state in self.partitions.values())
+
+    @property
+    def waiting_for_places(self) -> bool:
+        """Whether lanes wait for a task to come back (their batches aside, which may wait for more)."""
+        return bool(self.queued) and self.batch_policy is None
 
     @property
     def unfinished_bytes(self) -> int:
@@ -2587,9 +2592,9 @@ class Ledger:
 
     def start_tasks(self, now_s: float) -> list[LaneTask]:
         """Tasks for the lanes that are queued (with process_batch, whose batch is full or has waited
-        long enough), or whose retry is due by `now_s`, as many as there are places (tasks_wanted); now in
-        flight. A task takes one lane, or while the handler is quick, its share of the lanes queued, several
-        lanes of a partition, lane after lane."""
+        long enough), or whose retry is due by `now_s`; now in flight. With process_message, as many as there
+        are places (tasks_wanted in flight at most), the other lanes staying queued; a task takes one lane,
+        or while the handler is quick, its share of the lanes queued, several of a partition, lane after lane."""
         for lane in [lane for lane in self.retrying if lane.retry.due_s <= now_s]:
             self.retrying.discard(lane)
             self.queued[lane] = None
@@ -3051,6 +3056,15 @@ def commit_offsets(consumer: KafkaConsumer, offsets: dict[TopicPartition, int], 
     return True
 
 
+def warn_too_large(records: list, buffer_max_bytes: int) -> None:
+    largest = max(records, key=lambda record: memory_cost((record,)))
+    if memory_cost((largest,)) > buffer_max_bytes:
+        kernel_log.warning("%s holds %s, more than KERNEL_BUFFER_MAX_BYTES (%d): it is taken alone, the other "
+                           "partitions wait until it is done; set KERNEL_BUFFER_MAX_BYTES (and the memory limit) "
+                           "above the largest message", coordinates(largest), describe_size(largest.value),
+                           buffer_max_bytes, extra=log_fields(largest) | REPEATING)
+
+
 class ConsumerLoop:
     """Polls, has the workers process each lane's records in order, commits the finished prefixes.
 
@@ -3120,7 +3134,11 @@ class ConsumerLoop:
                 self.keep_membership()
         else:
             self.budget.apply()
-            self.poll(BUSY_POLL_TIMEOUT_MS if self.ledger.in_flight else self.poll_timeout_ms())
+            if self.ledger.waiting_for_places:  # the next task back frees one: wait for it, not for records
+                self.poll(0)
+                self.settle_handed_back(timeout_s=BUSY_POLL_TIMEOUT_MS / 1000)
+            else:
+                self.poll(BUSY_POLL_TIMEOUT_MS if self.ledger.in_flight else self.poll_timeout_ms())
         self.watchdog.watch_in_flight()
         self.check_contact()
         self.commit()
@@ -3143,19 +3161,11 @@ class ConsumerLoop:
         now_s = time.monotonic()  # when the records arrived: a batch waits for more from here
         for partition, records in polled.items():
             if self.ledger.add(partition, records, now_s) > self.settings.buffer_max_bytes:
-                self.warn_too_large(records)
+                warn_too_large(records, self.settings.buffer_max_bytes)
         self.health.last_poll_s = now_s
         if polled:
             self.health.last_contact_s = now_s
         self.budget.polled()
-
-    def warn_too_large(self, records: list) -> None:
-        largest = max(records, key=lambda record: memory_cost((record,)))
-        if memory_cost((largest,)) > self.settings.buffer_max_bytes:
-            kernel_log.warning("%s holds %s, more than KERNEL_BUFFER_MAX_BYTES (%d): it is taken alone, the other "
-                               "partitions wait until it is done; set KERNEL_BUFFER_MAX_BYTES (and the memory limit) "
-                               "above the largest message", coordinates(largest), describe_size(largest.value),
-                               self.settings.buffer_max_bytes, extra=log_fields(largest) | REPEATING)
 
     def poll_timeout_ms(self) -> int:
         """Poll no longer than until the next retry, or the next batch, is due."""
@@ -4132,4 +4142,4 @@ check_your_part(names_of_your_part)
 
 # The machinery's digest as the template shipped it (devtools/stamp_machinery.py writes it): `check` and
 # tests/test_template.py compare it with what is above, from "# End of your kernel" on.
-MACHINERY_SHA256 = "fae7de6c495da3a8506aaf3b439086d35dd9a498e9405005c60dae87ee2efc5c"
+MACHINERY_SHA256 = "59904d3e792506aea951b8ffaddaf2e4955dc1233db219675734e891a8c8c361"

@@ -129,11 +129,13 @@ def test_a_task_takes_several_lanes_only_while_the_handler_is_quick():
 
 def test_tasks_that_come_back_unstarted_say_nothing_of_the_handlers_pace():
     book = ledger(keyed=True)
-    book.message_s = 0.05  # a 50 ms handler
+    book.message_s, book.tasks_wanted = 0.05, 1000  # a 50 ms handler; places for every lane
     book.add(P1, [record(P1, offset, b"k%d" % offset) for offset in range(200)])
     for task in book.start_tasks(0):  # revoked while they waited for a worker
         back(book, task, finished=0, seconds=0.000002)
-    assert [len(task.lanes) for task in book.start_tasks(0)] == [1, 1, 1, 1], "still slow: a lane a task"
+    book.tasks_wanted = 4
+    book.add(P0, [record(P0, offset, b"k%d" % offset) for offset in range(20)])
+    assert [len(task.lanes) for task in book.start_tasks(0)] == [1] * 4, "still slow: a lane a task"
 
 
 def test_a_task_of_several_lanes_commits_below_each_lanes_first_unfinished_and_hands_back_the_rest():

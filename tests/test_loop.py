@@ -801,3 +801,20 @@ def test_committed_offsets_that_are_only_said_are_waited_for_within_a_bound():
     assert main.committed_offsets(consumer, {P1, P0}, timeout_s=0.2) == {P0: 7, P1: main.UNKNOWN}
     assert None not in consumer.timeouts_ms and time.monotonic() - started < 1
     assert main.format_partitions({P0, P1}, {P0: 7, P1: main.UNKNOWN}) == "t[0]@7, t[1]@unknown"
+
+
+def test_lanes_waiting_for_a_place_wait_for_a_task_to_come_back_not_for_records(monkeypatch):
+    release = threading.Event()
+    loop = make_loop(lambda message: release.wait(5), KERNEL_CONCURRENCY="2", KAFKA_MAX_POLL_RECORDS="100")
+    timeouts = []
+    loop.consumer.poll = lambda timeout_ms: timeouts.append(timeout_ms) or {}
+    loop.consumer.highwater = lambda tp: None
+    monkeypatch.setattr(main, "last_heartbeat_answered_s", lambda consumer: time.time())
+    loop.ledger.add(P0, [record(P0, offset, b"k%d" % offset) for offset in range(20)])
+    loop.hand_out()
+    assert len(loop.ledger.in_flight) == 8 and len(loop.ledger.queued) == 12, "two workers: eight places"
+    loop.run_once()
+    assert timeouts == [0], "a poll that finds nothing must not hold up the lanes waiting for a place"
+    release.set()
+    settle_all(loop)
+    assert loop.ledger.unfinished == 0
