@@ -2616,11 +2616,11 @@ class Ledger:
             lane.end = len(task.records)
             lane.records = []
         self.in_flight.update(tasks)
-        if task is not None and len(self.queued) > sum(len(task.lanes) for task in tasks):
-            for lane in itertools.chain.from_iterable(task.lanes for task in tasks):
-                del self.queued[lane]
-        else:
+        if (taken := sum(len(task.lanes) for task in tasks)) == len(self.queued):
             self.queued.clear()
+        else:  # the first `taken` went out, in order; the others wait for a place
+            for lane in list(itertools.islice(self.queued, taken)):
+                del self.queued[lane]
         return tasks
 
     def start_batches(self, now_s: float) -> list[LaneTask]:
@@ -4142,4 +4142,4 @@ check_your_part(names_of_your_part)
 
 # The machinery's digest as the template shipped it (devtools/stamp_machinery.py writes it): `check` and
 # tests/test_template.py compare it with what is above, from "# End of your kernel" on.
-MACHINERY_SHA256 = "59904d3e792506aea951b8ffaddaf2e4955dc1233db219675734e891a8c8c361"
+MACHINERY_SHA256 = "971ef0f110d1041cb07949f0b2adc2ae22f57e6697e86ed1cc78384fe07c3492"
