@@ -33,7 +33,8 @@ The life of a message, in the core:
   ConsumerLoop.hand_out()       Ledger.start_tasks() makes tasks of the ready lanes that have places; WorkerPool.give()
   process_task()                on a worker thread: process_message(record) for each record of the task,
                                 one after another; what it send()s is confirmed (confirm_sends) before the
-                                record counts as finished; False or an exception ends the task (TaskFailure)
+                                record counts as finished, as is its dead letter when it raised DeadLetter
+                                (DeadLetterSent); False or another exception ends the task (TaskFailure)
   WorkerPool.work()             hands the task's outcome back whole (TaskOutcome), through a queue that
                                 the loop reads with WorkerPool.next_back()
   ConsumerLoop.settle()         Ledger.take_back(); a failure goes to FailurePolicy.apply(): a retry after a
@@ -2022,19 +2023,26 @@ class DeadLetterTopic:
                 future = self.send(record, attempts, reason, exception, without=dropped)
                 error = delivery_error(future, self.producer.timeout_s)
             if error is not None:
-                kernel_log.warning("Could not publish %s to the dead-letter topic %s (%r); it stays uncommitted and "
-                                   "is retried", coordinates(record), self.topic, error,
-                                   extra=log_fields(record) | REPEATING)
-                self.health.dead_letter_trouble = f"dead letters cannot be published to {self.topic}: {error!r}"
-                self.metrics.dead_letter_failures.inc()
+                self.not_published(record, error)
                 return published, error
-            self.health.dead_letter_trouble = None
-            self.metrics.dead_lettered.labels(record.topic).inc()
-            without = " and ".join(f"its {part} of {describe_size(getattr(record, part))}" for part in dropped)
-            kernel_log.error("Dead-lettered %s to %s%s: %s", coordinates(record), self.topic,
-                             f" (without {without}, too large for the dead-letter topic: {coordinates(record)} still "
-                             "holds it)" if dropped else "", reason, extra=log_fields(record))
+            self.published(record, reason, dropped)
         return len(records), None
+
+    def published(self, record, reason: str, dropped: tuple[str, ...] = ()) -> None:
+        """Say that the broker confirmed the dead letter of `record` (sent without the parts `dropped`)."""
+        self.health.dead_letter_trouble = None
+        self.metrics.dead_lettered.labels(record.topic).inc()
+        without = " and ".join(f"its {part} of {describe_size(getattr(record, part))}" for part in dropped)
+        kernel_log.error("Dead-lettered %s to %s%s: %s", coordinates(record), self.topic,
+                         f" (without {without}, too large for the dead-letter topic: {coordinates(record)} still "
+                         "holds it)" if dropped else "", reason, extra=log_fields(record))
+
+    def not_published(self, record, error: KafkaError) -> None:
+        """Say that the dead letter of `record` was not delivered: /readyz answers 503 until one is."""
+        kernel_log.warning("Could not publish %s to the dead-letter topic %s (%r); it stays uncommitted and "
+                           "is retried", coordinates(record), self.topic, error, extra=log_fields(record) | REPEATING)
+        self.health.dead_letter_trouble = f"dead letters cannot be published to {self.topic}: {error!r}"
+        self.metrics.dead_letter_failures.inc()
 
     def send(self, record, attempts: int, reason: str, exception: str, without: tuple[str, ...] = ()) -> Future:
         """Send the record with its origin and the reason (without its value, or key, when too large:
@@ -2089,7 +2097,9 @@ class Consequence(enum.Enum):
 class TaskFailure:
     consequence: Consequence
     reason: str
-    error: BaseException | None = None  # what stops the kernel, for Consequence.FATAL
+    # FATAL: what stops the kernel. DEAD_LETTER: why the dead letter its worker sent was not delivered
+    # (the loop retries the record later, as when it cannot publish one itself).
+    error: BaseException | None = None
     batch_size: int | None = None  # process_batch: how many records from the failed one go together
     exception: str = "DeadLetter"  # for Consequence.DEAD_LETTER: what the dead letter says it was
     delay_s: float | None = None  # RetryLater: the wait it asked for (None: the backoff)
@@ -2113,6 +2123,10 @@ class LaneTask:
     progress: tuple[int, float] = (0, 0.0)
     warned_slow: int = -1  # the `finished` index a slowness warning was logged for (the loop's)
     cancelled: bool = False
+
+    def attempt(self, record) -> int:
+        """Which attempt at `record` this is: its lane keeps the count of a retried one while the task runs."""
+        return max(lane.attempt(record.offset) for lane in self.lanes)
 
 
 class TaskOutcome:
@@ -2171,6 +2185,29 @@ def undecodable(record: UndecodableRecord, batch_size: int | None = None) -> Tas
                        exception="CorruptRecordError")
 
 
+class DeadLetterSent(list):
+    """Among a task's unconfirmed sends, in the place of a record's: its dead letter, which its worker
+    sent and went on, so that a topic whose messages all fail goes at the pace of sends, not of a round
+    trip each. Confirmed, the record is done, dead-lettered; not, it goes back to the loop."""
+
+    __slots__ = ("dead_letters", "record", "failure")
+
+    def __init__(self, dead_letters: DeadLetterTopic, record, failure: TaskFailure, attempts: int):
+        super().__init__((dead_letters.send(record, attempts, failure.reason, failure.exception),))
+        self.dead_letters, self.record, self.failure = dead_letters, record, failure
+
+    def confirmed(self) -> None:
+        self.dead_letters.published(self.record, self.failure.reason)
+
+    def not_confirmed(self, error: KafkaError) -> TaskFailure:
+        """Too large, the loop publishes it again without its value (DeadLetterTopic.publish); else
+        it is retried later, as when the loop cannot publish one."""
+        if isinstance(error, SIZE_ERRORS):
+            return self.failure
+        self.dead_letters.not_published(self.record, error)
+        return dataclasses.replace(self.failure, error=error)
+
+
 def confirm_sends(task: LaneTask, unconfirmed: deque, finished: int,
                   timeout_s: float) -> tuple[int, TaskFailure | None]:
     """Advance `finished` over the records whose sends the broker confirmed, in order; with a zero
@@ -2187,9 +2224,13 @@ def confirm_sends(task: LaneTask, unconfirmed: deque, finished: int,
             else:
                 return finished, None
             if error is not None:
+                sent = unconfirmed[0]
                 unconfirmed.clear()
+                if type(sent) is DeadLetterSent:
+                    return finished, sent.not_confirmed(error)
                 return finished, undelivered(task.records[finished:finished + 1], error, "process_message", None)
-        unconfirmed.popleft()
+        if type(sent := unconfirmed.popleft()) is DeadLetterSent:
+            sent.confirmed()
         finished += 1
         if timeout_s:
             task.progress = (finished, task.progress[1])
@@ -2211,11 +2252,11 @@ def undelivered(records: list, error: KafkaError, handler_name: str, batch_size:
 
 
 def process_task(task: LaneTask, handler: Callable, stop: StopSignal, producer: AnyProducer | None = None,
-                 metrics: KernelMetrics | None = None) -> TaskOutcome:
+                 metrics: KernelMetrics | None = None, dead_letters: DeadLetterTopic | None = None) -> TaskOutcome:
     """Call process_message on each record of `task` until one is not done (on a worker thread, and in
-    tests/kit.py's call()); what came of it. A record counts as finished once the broker confirmed what
-    its call sent: collected without waiting as the records go by, waited for when the task ends. The
-    kernel's innermost loop: what it does per message, every kernel pays for, so it looks up nothing twice."""
+    tests/kit.py's call()); what came of it. A record is finished once the broker confirmed what its call
+    sent, or its dead letter (sent here with `dead_letters`): seen without waiting as the records go by,
+    waited for when the task ends. The innermost loop, which every kernel pays for: it looks nothing up twice."""
     if metrics is not None:
         handler = measured(handler, metrics.calls.tally(task.partition.topic))
     unconfirmed: deque[list[Future]] = deque()  # sends of the records after records[finished] that returned True
@@ -2234,26 +2275,39 @@ def process_task(task: LaneTask, handler: Callable, stop: StopSignal, producer: 
                 result = handler(record)
             except BaseException as error:
                 failure = failure_raised("process_message", [record], error)
-                break
-            if result is not True:  # what it sent is not awaited: it is retried or dead-lettered anyway
-                failure = failure_returned("process_message", [record], result)
-                break
-            if sends or unconfirmed:  # it sent something, or an earlier record's sends are unconfirmed
+                if dead_letters is None or failure.consequence is not Consequence.DEAD_LETTER:
+                    break
+                sends.clear()  # what it sent is not awaited: it is dead-lettered
+                unconfirmed.append(DeadLetterSent(dead_letters, record, failure, task.attempt(record)))
+            else:
+                if result is not True:  # what it sent is not awaited: it is retried or dead-lettered anyway
+                    failure = failure_returned("process_message", [record], result)
+                    break
+                if not (sends or unconfirmed):  # it sent nothing, and no earlier record's sends are unconfirmed
+                    finished += 1
+                    continue
                 unconfirmed.append(sends.copy())
                 sends.clear()
-                finished, failure = confirm_sends(task, unconfirmed, finished, timeout_s=0)
-                if failure:
-                    break
-            else:
-                finished += 1
+            finished, failure = confirm_sends(task, unconfirmed, finished, timeout_s=0)
+            if failure:
+                break
     finally:
         current_call.sends = None
     seconds = monotonic() - began_s  # what the handler took: the wait below says nothing of it
-    if unconfirmed:  # a send of an earlier record that failed comes first, before any failure but a fatal one
-        finished, unsent = confirm_sends(task, unconfirmed, finished, producer.timeout_s if producer else 0)
-        if unsent and not (failure and failure.consequence is Consequence.FATAL):
-            failure = unsent
+    finished, failure = confirm_the_rest(task, unconfirmed, finished, failure, producer)
     return TaskOutcome(task, finished, failure, seconds)
+
+
+def confirm_the_rest(task: LaneTask, unconfirmed: deque, finished: int, failure: TaskFailure | None,
+                     producer: AnyProducer | None) -> tuple[int, TaskFailure | None]:
+    """At the end of a task, wait for its sends still unconfirmed: how far it finished, and why not
+    further. A send of an earlier record that failed comes first, before any failure but a fatal one."""
+    if not unconfirmed:
+        return finished, failure
+    finished, unsent = confirm_sends(task, unconfirmed, finished, producer.timeout_s if producer else 0)
+    if unsent and not (failure and failure.consequence is Consequence.FATAL):
+        return finished, unsent
+    return finished, failure
 
 
 def measured(handler: Callable, tally: list) -> Callable:
@@ -2769,7 +2823,8 @@ class FailurePolicy:
                 others = f" (and the other {len(failed) - 1} messages of its batch)" if len(failed) > 1 else ""
                 raise NoDeadLetterTopic(failed[0], reason + others, self.way_on(failed[0]))
             exception = failure.exception if failure.consequence is Consequence.DEAD_LETTER else "RetriesExhausted"
-            published, error = self.dead_letters.publish(failed, attempts, reason, exception)
+            published, error = ((0, failure.error) if failure.error is not None
+                                else self.dead_letters.publish(failed, attempts, reason, exception))
             for _ in range(published):
                 self.ledger.pass_first(lane)
             if published == len(failed):
@@ -3100,7 +3155,8 @@ class ConsumerLoop:
                         if settings.dead_letter_topic else None)
         self.failures = FailurePolicy(settings, self.ledger, dead_letters, self.metrics)
         self.watchdog = Watchdog(settings, self.ledger, self.health, self.metrics, kernel_handler)
-        process = process_batch_task if takes_batches else process_task
+        # A worker dead-letters what process_message raised DeadLetter for; the loop, a batch's.
+        process = process_batch_task if takes_batches else functools.partial(process_task, dead_letters=dead_letters)
         if tracing is not None:  # chosen once: without tracing, the workers call the handler as it is
             process = tracing.traced(process, takes_batches)
         handler = kernel_handler.function
@@ -3621,16 +3677,11 @@ class Tracing:
         call = self.call_batch if takes_batches else self.call_message
         return lambda task, handler, *rest: process(task, functools.partial(call, handler, task), *rest)
 
-    @staticmethod
-    def attempt(task: LaneTask, record) -> int:
-        """Which attempt at `record` this is: its lane keeps the count of a retried one while the task runs."""
-        return max(lane.attempt(record.offset) for lane in task.lanes)
-
     def call_message(self, handler: Callable, task: LaneTask, record):
         attributes = self.process_attributes | {
             "messaging.destination.name": record.topic, "messaging.destination.partition.id": str(record.partition),
             "messaging.kafka.offset": record.offset, "messaging.message.body.size": len(record.value or b""),
-            "kernel.attempt": self.attempt(task, record)}
+            "kernel.attempt": task.attempt(record)}
         if record.value is None:
             attributes["messaging.kafka.message.tombstone"] = True
         if record.key is not None:
@@ -3647,7 +3698,7 @@ class Tracing:
                  if (context := self.trace.get_current_span(self.context_of(record)).get_span_context()).is_valid]
         attributes = self.process_attributes | {
             "messaging.destination.name": first.topic, "messaging.destination.partition.id": str(first.partition),
-            "messaging.batch.message_count": len(records), "kernel.attempt": self.attempt(task, first)}
+            "messaging.batch.message_count": len(records), "kernel.attempt": task.attempt(first)}
         with self.tracer.start_as_current_span(f"process {first.topic}", None, self.trace.SpanKind.CONSUMER,
                                                attributes, links, record_exception=False,
                                                set_status_on_exception=False) as span:
@@ -4142,4 +4193,4 @@ check_your_part(names_of_your_part)
 
 # The machinery's digest as the template shipped it (devtools/stamp_machinery.py writes it): `check` and
 # tests/test_template.py compare it with what is above, from "# End of your kernel" on.
-MACHINERY_SHA256 = "971ef0f110d1041cb07949f0b2adc2ae22f57e6697e86ed1cc78384fe07c3492"
+MACHINERY_SHA256 = "a6e732a6293ec9b90e8e6365b2d2cc96a95afb7457ea112e0e4525328ba21cf0"

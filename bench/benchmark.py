@@ -35,7 +35,7 @@ HERE = Path(__file__).resolve().parent
 MESSAGES = 200_000
 PARTITIONS = 6
 KEYS = 1_000
-DEAD_LETTERS = 10_000  # of the messages, when every one is dead-lettered (each awaited, in turn: a slow path)
+DEAD_LETTERS = 50_000  # of the messages, when every one is dead-lettered
 REPEATS = 5
 HANDLER_SLEEP_S = 0.020
 # Messages per concurrency level for the 20 ms handler: about six seconds of ideal work each.

@@ -160,7 +160,7 @@ def test_a_traced_call_knows_its_records_attempt_in_a_task_of_several_lanes():
     first, retried = main.Lane(P0, b"a"), main.Lane(P0, b"b")
     retried.retry = main.PendingRetry(offset=3, attempts=2, due_s=0)
     task = main.LaneTask(P0, [first, retried], [record(P0, 1, b"a"), record(P0, 3, b"b")])
-    assert [main.Tracing.attempt(task, r) for r in task.records] == [1, 3]
+    assert [task.attempt(r) for r in task.records] == [1, 3]
 
 
 def test_the_commit_looks_at_the_lanes_that_hold_something_and_each_lane_that_gets_records_again():

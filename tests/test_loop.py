@@ -378,7 +378,7 @@ def test_dead_letter_without_a_dead_letter_topic_stops_the_kernel_uncommitted():
 
 def test_dead_letter_is_published_with_its_reason_then_passed():
     loop = make_loop(answers({(0, 6): main.DeadLetter("not an event")}), KERNEL_DEAD_LETTER_TOPIC="dlt")
-    loop.failures.dead_letters.producer = producer = PendingProducer()
+    loop.producer = loop.failures.dead_letters.producer = producer = PendingProducer()
     loop.ledger.add(P0, [record(P0, 5), record(P0, 6), record(P0, 7)])
     loop.hand_out()
     assert loop.settle_handed_back(timeout_s=5)  # 5 done, 6 rejected: its dead letter goes unconfirmed
@@ -392,6 +392,48 @@ def test_dead_letter_is_published_with_its_reason_then_passed():
     loop.commit(force=True)
     assert loop.consumer.commits()[-1] == {P0: 8}
     assert loop.metrics.dead_lettered.labels("t")._value.get() == 1
+
+
+def test_a_worker_dead_letters_and_goes_on_without_waiting_for_the_dead_letter():
+    """A topic whose messages all raise DeadLetter goes at the pace of sends: the worker sends the dead
+    letter and calls process_message on the next record at once, in the same task; the record counts
+    as finished, and is committed past, only once the dead-letter topic confirmed it."""
+    calls = []
+
+    def reject_six(message):
+        calls.append((message.offset, len(producer.futures)))
+        return answers({(0, 6): main.DeadLetter("not an event")})(message)
+
+    loop = make_loop(reject_six, KERNEL_DEAD_LETTER_TOPIC="dlt")
+    loop.producer = loop.failures.dead_letters.producer = producer = PendingProducer()
+    producer.timeout_s = 5
+    loop.ledger.add(P0, [record(P0, 5), record(P0, 6), record(P0, 7)])
+    loop.hand_out()
+    wait_for(lambda: len(calls) == 3)
+    assert calls == [(5, 0), (6, 0), (7, 1)], "7 while 6's dead letter was still unconfirmed"
+    assert loop.ledger.in_flight and loop.workers.next_back(0.2) is None, "the task waits for it"
+    producer.futures[0][2].success((0, -1, None))
+    settle_all(loop)
+    loop.commit(force=True)
+    assert loop.consumer.commits() == [{P0: 8}] and [topic for topic, _, _ in producer.futures] == ["dlt"]
+    assert loop.metrics.dead_lettered.labels("t")._value.get() == 1
+
+
+def test_a_dead_letter_too_large_for_the_worker_is_published_by_the_loop_without_its_value(caplog):
+    class SizeLimited(CapturingProducer):
+        def send(self, topic, key, value, headers):
+            if len(value or b"") > 10:
+                return main.kafka.future.Future().failure(main.kafka.errors.MessageSizeTooLargeError("too large"))
+            return super().send(topic, key, value, headers)
+
+    loop = make_loop(answers({(0, 0): main.DeadLetter("no")}), KERNEL_DEAD_LETTER_TOPIC="dlt")
+    loop.producer = loop.failures.dead_letters.producer = producer = SizeLimited()
+    loop.ledger.add(P0, [make_message(b"x" * 20, topic="t", offset=0), record(P0, 1)])
+    settle_all(loop)
+    loop.commit()
+    assert [(topic, value) for topic, _, value, _ in producer.sent] == [("dlt", b"")]
+    assert "Dead-lettered t[0]@0 to dlt (without its value of 20 bytes" in caplog.text
+    assert loop.consumer.commits() == [{P0: 2}]
 
 
 def wait_for(condition, timeout_s: float = 5):
