@@ -38,7 +38,8 @@ The life of a message, in the core:
   WorkerPool.work()             hands the task's outcome back whole (TaskOutcome), through a queue that
                                 the loop reads with WorkerPool.next_back()
   ConsumerLoop.settle()         Ledger.take_back(); a failure goes to FailurePolicy.apply(): a retry after a
-                                backoff (Ledger.retry_later), or the dead-letter topic (Ledger.pass_first)
+                                backoff (Ledger.retry_later), or the dead-letter topic (Ledger.pass_first:
+                                what the workers did not dead-letter themselves)
   ConsumerLoop.commit()         Ledger.commits_due(): each partition's finished prefix, committed
 With process_batch, process_batch_task() takes the place of process_task(): one call per task.
 
@@ -1745,8 +1746,9 @@ def librdkafka_config(settings: KernelSettings) -> dict:
         "topic.metadata.propagation.max.ms": MISSING_TOPIC_WAIT_MS,
         # The largest message sent: what the kernel fetches at most (librdkafka takes up to 1,000,000,000).
         "message.max.bytes": min(settings.fetch_max_bytes, 1_000_000_000),
-        # A task's sends, and each dead letter, are awaited before the kernel goes on: a batch lingering for more
-        # would only lengthen that wait (under load, batches still fill while requests are in flight).
+        # A task's sends (its dead letters among them) are awaited at its end, the loop's dead letters each in
+        # turn: a batch lingering for more would only lengthen that wait (under load, batches still fill while
+        # requests are in flight).
         "linger.ms": 0,
     }
     if settings.uses_tls:
@@ -2118,7 +2120,8 @@ class LaneTask:
     partition: TopicPartition
     lanes: list[Lane]
     records: list
-    # (finished, started_s): records[:finished] are done (returned True, what they sent confirmed), and
+    # (finished, started_s): records[:finished] are done (returned True with what they sent confirmed, or
+    # dead-lettered), and
     # the one in hand started at time.monotonic() started_s (0.0: none yet).
     progress: tuple[int, float] = (0, 0.0)
     warned_slow: int = -1  # the `finished` index a slowness warning was logged for (the loop's)
@@ -2126,7 +2129,7 @@ class LaneTask:
 
     def attempt(self, record) -> int:
         """Which attempt at `record` this is: its lane keeps the count of a retried one while the task runs."""
-        return max(lane.attempt(record.offset) for lane in self.lanes)
+        return max((lane.attempt(record.offset) for lane in self.lanes), default=1)
 
 
 class TaskOutcome:
@@ -2187,23 +2190,34 @@ def undecodable(record: UndecodableRecord, batch_size: int | None = None) -> Tas
 
 class DeadLetterSent(list):
     """Among a task's unconfirmed sends, in the place of a record's: its dead letter, which its worker
-    sent and went on, so that a topic whose messages all fail goes at the pace of sends, not of a round
-    trip each. Confirmed, the record is done, dead-lettered; not, it goes back to the loop."""
+    sent before going on, so that a topic whose messages all fail goes at the pace of sends, not of a
+    round trip each. Too large, it goes again without its value, then without its key too, as
+    DeadLetterTopic.publish sends one; confirmed, the record is done; not, it is retried later."""
 
-    __slots__ = ("dead_letters", "record", "failure")
+    __slots__ = ("dead_letters", "record", "failure", "attempts", "dropped")
 
     def __init__(self, dead_letters: DeadLetterTopic, record, failure: TaskFailure, attempts: int):
-        super().__init__((dead_letters.send(record, attempts, failure.reason, failure.exception),))
-        self.dead_letters, self.record, self.failure = dead_letters, record, failure
+        self.dead_letters, self.record, self.failure, self.attempts = dead_letters, record, failure, attempts
+        self.dropped: tuple[str, ...] = ()
+        super().__init__((self.send(),))
+
+    def send(self) -> Future:
+        return self.dead_letters.send(self.record, self.attempts, self.failure.reason, self.failure.exception,
+                                      self.dropped)
+
+    def sent_smaller(self, error: KafkaError) -> bool:
+        """Whether, refused as too large, it went again without one more of its parts."""
+        if not isinstance(error, SIZE_ERRORS) or len(self.dropped) == len(DROPPABLE):
+            return False
+        self.dropped = DROPPABLE[:len(self.dropped) + 1]
+        self[0] = self.send()
+        return True
 
     def confirmed(self) -> None:
-        self.dead_letters.published(self.record, self.failure.reason)
+        self.dead_letters.published(self.record, self.failure.reason, self.dropped)
 
     def not_confirmed(self, error: KafkaError) -> TaskFailure:
-        """Too large, the loop publishes it again without its value (DeadLetterTopic.publish); else
-        it is retried later, as when the loop cannot publish one."""
-        if isinstance(error, SIZE_ERRORS):
-            return self.failure
+        """The record is retried later, as when the loop cannot publish a dead letter (FailurePolicy)."""
         self.dead_letters.not_published(self.record, error)
         return dataclasses.replace(self.failure, error=error)
 
@@ -2224,17 +2238,33 @@ def confirm_sends(task: LaneTask, unconfirmed: deque, finished: int,
             else:
                 return finished, None
             if error is not None:
-                sent = unconfirmed[0]
-                unconfirmed.clear()
-                if type(sent) is DeadLetterSent:
-                    return finished, sent.not_confirmed(error)
-                return finished, undelivered(task.records[finished:finished + 1], error, "process_message", None)
-        if type(sent := unconfirmed.popleft()) is DeadLetterSent:
-            sent.confirmed()
-        finished += 1
-        if timeout_s:
-            task.progress = (finished, task.progress[1])
+                break
+        else:  # every send of the record confirmed (or it sent nothing)
+            if type(sent := unconfirmed.popleft()) is DeadLetterSent:
+                sent.confirmed()
+            finished += 1
+            if timeout_s:
+                task.progress = (finished, task.progress[1])
+            continue
+        if type(sent := unconfirmed[0]) is not DeadLetterSent or not sent.sent_smaller(error):
+            return finished, given_up(task, unconfirmed, finished, error)
     return finished, None
+
+
+def given_up(task: LaneTask, unconfirmed: deque, finished: int, error: KafkaError) -> TaskFailure:
+    """Why records[finished], the first of `unconfirmed`, is not finished: a send of it failed, or its
+    dead letter. The records after it are processed again: what they sent may go twice, and a dead
+    letter of theirs may be published twice, each said (confirmed within the delivery timeout)."""
+    failed = unconfirmed.popleft()
+    if later := [sent for sent in unconfirmed if type(sent) is DeadLetterSent]:
+        deadline_s = time.monotonic() + later[0].dead_letters.producer.timeout_s
+        for sent in later:
+            if delivery_error(sent[0], max(0.0, deadline_s - time.monotonic())) is None:
+                sent.confirmed()
+    unconfirmed.clear()
+    if type(failed) is DeadLetterSent:
+        return failed.not_confirmed(error)
+    return undelivered(task.records[finished:finished + 1], error, "process_message", None)
 
 
 def undelivered(records: list, error: KafkaError, handler_name: str, batch_size: int | None) -> TaskFailure:
@@ -2259,7 +2289,7 @@ def process_task(task: LaneTask, handler: Callable, stop: StopSignal, producer: 
     waited for when the task ends. The innermost loop, which every kernel pays for: it looks nothing up twice."""
     if metrics is not None:
         handler = measured(handler, metrics.calls.tally(task.partition.topic))
-    unconfirmed: deque[list[Future]] = deque()  # sends of the records after records[finished] that returned True
+    unconfirmed: deque[list[Future]] = deque()  # sends (or dead letter) of each record after records[finished]
     monotonic, finished, failure = time.monotonic, 0, None
     sends = start_sends(producer)
     began_s = monotonic()
@@ -2725,7 +2755,7 @@ class Ledger:
         state.drop_unfinished(finished, memory_cost(task.records if finished == len(task.records)
                                                     else task.records[:finished]))
         for lane in task.lanes:
-            if finished > lane.start and lane.retry is not None:  # the retried message succeeded
+            if finished > lane.start and lane.retry is not None:  # the retried message is done (or dead-lettered)
                 lane.retry = None
             if finished < lane.end:  # some of its records go back
                 lane.records[:0] = task.records[max(finished, lane.start):lane.end]
@@ -4193,4 +4223,4 @@ check_your_part(names_of_your_part)
 
 # The machinery's digest as the template shipped it (devtools/stamp_machinery.py writes it): `check` and
 # tests/test_template.py compare it with what is above, from "# End of your kernel" on.
-MACHINERY_SHA256 = "a6e732a6293ec9b90e8e6365b2d2cc96a95afb7457ea112e0e4525328ba21cf0"
+MACHINERY_SHA256 = "2b308c2bbccf7d1ed435e06355c241c0364de8f8329980072335478e78739464"

@@ -412,28 +412,86 @@ def test_a_worker_dead_letters_and_goes_on_without_waiting_for_the_dead_letter()
     wait_for(lambda: len(calls) == 3)
     assert calls == [(5, 0), (6, 0), (7, 1)], "7 while 6's dead letter was still unconfirmed"
     assert loop.ledger.in_flight and loop.workers.next_back(0.2) is None, "the task waits for it"
+    loop.commit(force=True)
+    assert loop.consumer.commits() == [{P0: 6}], "6 not committed past before its dead letter is confirmed"
     producer.futures[0][2].success((0, -1, None))
     settle_all(loop)
     loop.commit(force=True)
-    assert loop.consumer.commits() == [{P0: 8}] and [topic for topic, _, _ in producer.futures] == ["dlt"]
+    assert loop.consumer.commits()[-1] == {P0: 8} and [topic for topic, _, _ in producer.futures] == ["dlt"]
     assert loop.metrics.dead_lettered.labels("t")._value.get() == 1
 
 
-def test_a_dead_letter_too_large_for_the_worker_is_published_by_the_loop_without_its_value(caplog):
-    class SizeLimited(CapturingProducer):
-        def send(self, topic, key, value, headers):
-            if len(value or b"") > 10:
-                return main.kafka.future.Future().failure(main.kafka.errors.MessageSizeTooLargeError("too large"))
-            return super().send(topic, key, value, headers)
+class ScriptedProducer:
+    """Confirms each send at once, except those `failing` gives an error for (by topic, value and how
+    many sends came before): they fail 0.2 s later, as a broker's answer would. Keeps the dead-letter
+    topic's sends as (offset, value)."""
 
-    loop = make_loop(answers({(0, 0): main.DeadLetter("no")}), KERNEL_DEAD_LETTER_TOPIC="dlt")
-    loop.producer = loop.failures.dead_letters.producer = producer = SizeLimited()
-    loop.ledger.add(P0, [make_message(b"x" * 20, topic="t", offset=0), record(P0, 1)])
-    settle_all(loop)
-    loop.commit()
-    assert [(topic, value) for topic, _, value, _ in producer.sent] == [("dlt", b"")]
-    assert "Dead-lettered t[0]@0 to dlt (without its value of 20 bytes" in caplog.text
-    assert loop.consumer.commits() == [{P0: 2}]
+    timeout_s = 5
+
+    def __init__(self, failing):
+        self.failing, self.sends, self.dead_letters = failing, 0, []
+
+    def send(self, topic, key, value, headers):
+        self.sends += 1
+        if topic == "dlt":
+            self.dead_letters.append((int.from_bytes(dict(headers)["kafka_dlt-original-offset"], "big"), value))
+        if (error := self.failing(topic, value, self.sends)) is None:
+            return main.kafka.future.Future().success(None)
+        produced = FutureProduceResult(TopicPartition(topic, 0))
+        threading.Timer(0.2, lambda: produced.failure(error)).start()
+        return FutureRecordMetadata(produced, 0, 0, None, 0, 0, 0)
+
+
+def settle_with_retries(loop, rounds: int = 20):
+    """settle_all(), the retries made due at once, until the ledger holds nothing more."""
+    for _ in range(rounds):
+        settle_all(loop)
+        for lane in loop.ledger.partitions[P0].lanes.values():
+            if lane.retry is not None:
+                lane.retry.due_s = 0
+        if not loop.ledger.unfinished:
+            return
+
+
+def test_a_dead_letter_too_large_goes_again_without_its_value_from_the_worker_and_once(caplog):
+    """The dead-letter topic refuses a letter as too large (after the worker went on): the worker sends
+    it again without its value; the letters after it go once, and nothing is processed twice."""
+    calls = []
+
+    def reject_all(message):
+        calls.append(message.offset)
+        raise main.DeadLetter("no")
+
+    too_large = main.kafka.errors.MessageSizeTooLargeError("too large")
+    loop = make_loop(reject_all, KERNEL_DEAD_LETTER_TOPIC="dlt")
+    loop.producer = loop.failures.dead_letters.producer = producer = ScriptedProducer(
+        lambda topic, value, _: too_large if len(value or b"") > 10 else None)
+    loop.ledger.add(P0, [make_message(b"x" * 20, b"k", topic="t", offset=5), record(P0, 6)])
+    settle_with_retries(loop)
+    loop.commit(force=True)
+    assert producer.dead_letters == [(5, b"x" * 20), (6, b"v"), (5, b"")] and calls == [5, 6]
+    assert "Dead-lettered t[0]@5 to dlt (without its value of 20 bytes" in caplog.text
+    assert loop.consumer.commits()[-1] == {P0: 7}
+
+
+def test_dead_letters_after_a_send_that_failed_go_again_and_both_are_said(caplog):
+    """5's output is not delivered, so 5 and the records after it are processed again: 6's dead letter,
+    confirmed meanwhile, goes twice (as outputs may), and the log and /metrics count both."""
+    def forward_five(message):
+        if message.offset == 5:
+            return forward(message)
+        raise main.DeadLetter("not an event")
+
+    not_delivered = KafkaTimeoutError("not delivered")
+    loop = make_loop(forward_five, KERNEL_DEAD_LETTER_TOPIC="dlt")
+    loop.producer = loop.failures.dead_letters.producer = producer = ScriptedProducer(
+        lambda topic, _, sends: not_delivered if (topic, sends) == ("out", 1) else None)
+    loop.ledger.add(P0, [record(P0, 5), record(P0, 6)])
+    settle_with_retries(loop)
+    loop.commit(force=True)
+    assert loop.consumer.commits()[-1] == {P0: 7} and producer.dead_letters == [(6, b"v"), (6, b"v")]
+    assert caplog.text.count("Dead-lettered t[0]@6 to dlt") == 2
+    assert loop.metrics.dead_lettered.labels("t")._value.get() == 2
 
 
 def wait_for(condition, timeout_s: float = 5):
