@@ -1746,9 +1746,9 @@ def librdkafka_config(settings: KernelSettings) -> dict:
         "topic.metadata.propagation.max.ms": MISSING_TOPIC_WAIT_MS,
         # The largest message sent: what the kernel fetches at most (librdkafka takes up to 1,000,000,000).
         "message.max.bytes": min(settings.fetch_max_bytes, 1_000_000_000),
-        # A task's sends (its dead letters among them) are awaited at its end, the loop's dead letters each in
-        # turn: a batch lingering for more would only lengthen that wait (under load, batches still fill while
-        # requests are in flight).
+        # A task's sends (its dead letters among them) are awaited at its end, the loop's dead letters as it
+        # publishes them: a batch lingering for more would only lengthen that wait (under load, batches still
+        # fill while requests are in flight).
         "linger.ms": 0,
     }
     if settings.uses_tls:
@@ -2227,7 +2227,8 @@ def confirm_sends(task: LaneTask, unconfirmed: deque, finished: int,
     """Advance `finished` over the records whose sends the broker confirmed, in order; with a zero
     timeout only as far as confirmations have already arrived, else waiting, each step published in
     task.progress for the loop to commit. A failed send stops the advance at its record, which is then
-    tried again (the failure returned): its outputs may be sent twice, never lost."""
+    tried again (the failure returned): its outputs may be sent twice, never lost. A dead letter refused
+    as too large goes again smaller first, waited for as long as the first."""
     deadline_s = time.monotonic() + timeout_s if timeout_s else 0.0
     while unconfirmed:
         for future in unconfirmed[0]:  # once per message sent: checked inline, waited for only when it must
@@ -2247,17 +2248,19 @@ def confirm_sends(task: LaneTask, unconfirmed: deque, finished: int,
                 task.progress = (finished, task.progress[1])
             continue
         if type(sent := unconfirmed[0]) is not DeadLetterSent or not sent.sent_smaller(error):
-            return finished, given_up(task, unconfirmed, finished, error)
+            return finished, given_up(task, unconfirmed, finished, error, deadline_s)
+        if timeout_s:
+            deadline_s = time.monotonic() + timeout_s
     return finished, None
 
 
-def given_up(task: LaneTask, unconfirmed: deque, finished: int, error: KafkaError) -> TaskFailure:
+def given_up(task: LaneTask, unconfirmed: deque, finished: int, error: KafkaError, deadline_s: float) -> TaskFailure:
     """Why records[finished], the first of `unconfirmed`, is not finished: a send of it failed, or its
-    dead letter. The records after it are processed again: what they sent may go twice, and a dead
-    letter of theirs may be published twice, each said (confirmed within the delivery timeout)."""
+    dead letter. The records after it are processed again: what they sent may go twice, and so may
+    their dead letters, each said if confirmed by `deadline_s` (0.0: within the delivery timeout)."""
     failed = unconfirmed.popleft()
     if later := [sent for sent in unconfirmed if type(sent) is DeadLetterSent]:
-        deadline_s = time.monotonic() + later[0].dead_letters.producer.timeout_s
+        deadline_s = deadline_s or time.monotonic() + later[0].dead_letters.producer.timeout_s
         for sent in later:
             if delivery_error(sent[0], max(0.0, deadline_s - time.monotonic())) is None:
                 sent.confirmed()
@@ -4223,4 +4226,4 @@ check_your_part(names_of_your_part)
 
 # The machinery's digest as the template shipped it (devtools/stamp_machinery.py writes it): `check` and
 # tests/test_template.py compare it with what is above, from "# End of your kernel" on.
-MACHINERY_SHA256 = "2b308c2bbccf7d1ed435e06355c241c0364de8f8329980072335478e78739464"
+MACHINERY_SHA256 = "1be5349bdff380ed33aeda96cc1f1f1843e50f1477251cdc8534e8deba6bf290"

@@ -422,23 +422,25 @@ def test_a_worker_dead_letters_and_goes_on_without_waiting_for_the_dead_letter()
 
 
 class ScriptedProducer:
-    """Confirms each send at once, except those `failing` gives an error for (by topic, value and how
-    many sends came before): they fail 0.2 s later, as a broker's answer would. Keeps the dead-letter
-    topic's sends as (offset, value)."""
+    """Confirms each send at once, except as `answer` says (from the topic, key, value and the count of
+    sends so far, this one included): (seconds, error), a broker's answer after that long, failing
+    with the error unless it is None. Keeps the dead-letter topic's sends as (offset, key, value)."""
 
     timeout_s = 5
 
-    def __init__(self, failing):
-        self.failing, self.sends, self.dead_letters = failing, 0, []
+    def __init__(self, answer):
+        self.answer, self.sends, self.dead_letters = answer, 0, []
 
     def send(self, topic, key, value, headers):
         self.sends += 1
         if topic == "dlt":
-            self.dead_letters.append((int.from_bytes(dict(headers)["kafka_dlt-original-offset"], "big"), value))
-        if (error := self.failing(topic, value, self.sends)) is None:
+            self.dead_letters.append((int.from_bytes(dict(headers)["kafka_dlt-original-offset"], "big"), key, value))
+        if (answer := self.answer(topic, key, value, self.sends)) is None:
             return main.kafka.future.Future().success(None)
+        seconds, error = answer
         produced = FutureProduceResult(TopicPartition(topic, 0))
-        threading.Timer(0.2, lambda: produced.failure(error)).start()
+        threading.Timer(seconds, lambda: produced.success((0, -1, None)) if error is None
+                        else produced.failure(error)).start()
         return FutureRecordMetadata(produced, 0, 0, None, 0, 0, 0)
 
 
@@ -453,9 +455,10 @@ def settle_with_retries(loop, rounds: int = 20):
             return
 
 
-def test_a_dead_letter_too_large_goes_again_without_its_value_from_the_worker_and_once(caplog):
+def test_a_dead_letter_too_large_goes_again_without_its_value_then_its_key_from_the_worker_and_once(caplog):
     """The dead-letter topic refuses a letter as too large (after the worker went on): the worker sends
-    it again without its value; the letters after it go once, and nothing is processed twice."""
+    it again without its value, then without its key too, each waited for as long as the first; the
+    letters after it go once, and nothing is processed twice."""
     calls = []
 
     def reject_all(message):
@@ -464,19 +467,22 @@ def test_a_dead_letter_too_large_goes_again_without_its_value_from_the_worker_an
 
     too_large = main.kafka.errors.MessageSizeTooLargeError("too large")
     loop = make_loop(reject_all, KERNEL_DEAD_LETTER_TOPIC="dlt")
-    loop.producer = loop.failures.dead_letters.producer = producer = ScriptedProducer(
-        lambda topic, value, _: too_large if len(value or b"") > 10 else None)
-    loop.ledger.add(P0, [make_message(b"x" * 20, b"k", topic="t", offset=5), record(P0, 6)])
+    loop.producer = loop.failures.dead_letters.producer = producer = ScriptedProducer(  # answers in 0.3 s of 0.5
+        lambda topic, key, value, _: (0.3, too_large if len(key or b"") + len(value) > 10 else None))
+    producer.timeout_s = 0.5
+    loop.ledger.add(P0, [make_message(b"x" * 20, b"y" * 20, topic="t", offset=5), record(P0, 6)])
     settle_with_retries(loop)
     loop.commit(force=True)
-    assert producer.dead_letters == [(5, b"x" * 20), (6, b"v"), (5, b"")] and calls == [5, 6]
-    assert "Dead-lettered t[0]@5 to dlt (without its value of 20 bytes" in caplog.text
+    assert producer.dead_letters == [(5, b"y" * 20, b"x" * 20), (6, b"k", b"v"), (5, b"y" * 20, b""), (5, None, b"")]
+    assert calls == [5, 6] and "Could not publish" not in caplog.text
+    assert ("Dead-lettered t[0]@5 to dlt (without its value of 20 bytes and its key of 20 bytes, too large for the "
+            "dead-letter topic: t[0]@5 still holds it): no") in caplog.text
     assert loop.consumer.commits()[-1] == {P0: 7}
 
 
 def test_dead_letters_after_a_send_that_failed_go_again_and_both_are_said(caplog):
     """5's output is not delivered, so 5 and the records after it are processed again: 6's dead letter,
-    confirmed meanwhile, goes twice (as outputs may), and the log and /metrics count both."""
+    confirmed after that, goes twice (as outputs may), and the log and /metrics count both."""
     def forward_five(message):
         if message.offset == 5:
             return forward(message)
@@ -485,11 +491,11 @@ def test_dead_letters_after_a_send_that_failed_go_again_and_both_are_said(caplog
     not_delivered = KafkaTimeoutError("not delivered")
     loop = make_loop(forward_five, KERNEL_DEAD_LETTER_TOPIC="dlt")
     loop.producer = loop.failures.dead_letters.producer = producer = ScriptedProducer(
-        lambda topic, _, sends: not_delivered if (topic, sends) == ("out", 1) else None)
+        lambda topic, key, value, sends: {1: (0.2, not_delivered), 2: (0.4, None)}.get(sends))
     loop.ledger.add(P0, [record(P0, 5), record(P0, 6)])
     settle_with_retries(loop)
     loop.commit(force=True)
-    assert loop.consumer.commits()[-1] == {P0: 7} and producer.dead_letters == [(6, b"v"), (6, b"v")]
+    assert loop.consumer.commits()[-1] == {P0: 7} and producer.dead_letters == [(6, b"k", b"v")] * 2
     assert caplog.text.count("Dead-lettered t[0]@6 to dlt") == 2
     assert loop.metrics.dead_lettered.labels("t")._value.get() == 2
 
