@@ -1848,6 +1848,7 @@ class LibrdkafkaLog:
 
 
 PRODUCER_POLL_S = 0.1  # how long the poll thread waits for an event before it looks for a stop
+PRODUCER_END_S = 2.0  # how long a close waits for the poll thread to end, and again for the client's threads
 
 
 class LibrdkafkaProducer:
@@ -1874,6 +1875,7 @@ class LibrdkafkaProducer:
         self.tracing = tracing  # puts the trace context into what it sends, when set
         self.health = health or HealthState(settings)  # /readyz names a topic sent to that does not exist
         self.client = None
+        self.poller: threading.Thread | None = None  # serves the client's events (serve_events)
         self.lock = threading.Lock()
         self.settled = threading.Condition()  # notified once delivery reports were served
         self.closing = False
@@ -1906,7 +1908,8 @@ class LibrdkafkaProducer:
         with self.lock:  # taken only until the client exists
             if self.client is None:
                 self.client = self.new_client(self.config)
-                threading.Thread(target=self.serve_events, name="producer-deliveries", daemon=True).start()
+                self.poller = threading.Thread(target=self.serve_events, name="producer-deliveries", daemon=True)
+                self.poller.start()
 
     def client_error(self, error) -> None:
         """librdkafka's errors of the client as a whole (on the poll thread), which it recovers from or tries
@@ -1955,13 +1958,28 @@ class LibrdkafkaProducer:
             time.sleep(PRODUCER_POLL_S)  # the errors that say why, served (by the poll thread)
             return (self.last_error or error.args[0]).str()
         finally:
-            self.closing = True
+            self.end()
 
     def close(self) -> None:
-        """Flush what is still queued, within KERNEL_SHUTDOWN_TIMEOUT_MS, and stop the poll thread."""
+        """Flush what is still queued, within KERNEL_SHUTDOWN_TIMEOUT_MS, and end the client."""
         self.closing = True
         if self.client is not None:
             self.client.flush(self.shutdown_timeout_s)
+        self.end()
+
+    def end(self) -> None:
+        """Stop the poll thread, then destroy the client (confluent-kafka does once nothing refers to it),
+        ending librdkafka's threads: left running into the process's exit, one over TLS crashed in the
+        exit's clean-up (a segmentation fault after `check` had said ok). Each wait is bounded."""
+        self.closing = True
+        if self.poller is not None:
+            self.poller.join(PRODUCER_END_S)
+        if self.client is None:
+            return
+        holder, self.client = [self.client], None
+        ending = threading.Thread(target=holder.clear, name="producer-end", daemon=True)  # drops the last reference
+        ending.start()
+        ending.join(PRODUCER_END_S)
 
 
 AnyProducer = KernelProducer | LibrdkafkaProducer  # what send() and the dead letters go through
@@ -4226,4 +4244,4 @@ check_your_part(names_of_your_part)
 
 # The machinery's digest as the template shipped it (devtools/stamp_machinery.py writes it): `check` and
 # tests/test_template.py compare it with what is above, from "# End of your kernel" on.
-MACHINERY_SHA256 = "1be5349bdff380ed33aeda96cc1f1f1843e50f1477251cdc8534e8deba6bf290"
+MACHINERY_SHA256 = "0ef59161b12d457198fc2da8729d08677049ec75de7e4c48edef1e81c8b0863b"

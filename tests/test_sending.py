@@ -1,6 +1,7 @@
 """send() from process_message: a message is committed only after what it sent is confirmed, so an
 output the broker never got keeps its input uncommitted (and retried) instead of losing it."""
 
+import glob
 import json
 import logging
 import re
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 from kafka.errors import KafkaTimeoutError
@@ -250,6 +252,26 @@ def test_librdkafkas_lines_go_through_the_kernels_logging_without_secrets(caplog
     assert future.is_done and isinstance(future.exception, KafkaTimeoutError), future.exception
     assert any(record.name in ("kernel", "librdkafka") and "127.0.0.1" in record.getMessage() for record in caplog.records)
     assert "secret-8" not in caplog.text and "rdkafka" not in capfd.readouterr().err
+
+
+def librdkafka_threads() -> int:
+    """How many threads of librdkafka's this process has (it names them rdk:main, rdk:broker-1...)."""
+    return sum(Path(comm).read_text().startswith("rdk:") for comm in glob.glob("/proc/self/task/*/comm"))
+
+
+def test_a_closed_producer_and_the_probe_of_check_leave_no_thread_of_librdkafkas():
+    """Left running into the process's exit, librdkafka's threads crashed it once over TLS (a segmentation
+    fault after `check` had said ok): closing the producer destroys its client, and so does `check`'s probe."""
+    settings = settings_from({"KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}", "KAFKA_PRODUCE_TIMEOUT_MS": "500",
+                              "KERNEL_SHUTDOWN_TIMEOUT_MS": "100"})
+    for use in (lambda producer: producer.probe(0.3), lambda producer: (producer.send("t", b"k", b"v", []),
+                                                                        producer.close())):
+        before = librdkafka_threads()  # another test's producer, on this worker, may have some
+        producer = main.LibrdkafkaProducer(settings)
+        producer.connect()
+        assert librdkafka_threads() > before
+        use(producer)
+        assert librdkafka_threads() <= before and producer.client is None and not producer.poller.is_alive()
 
 
 def test_a_refusal_of_the_producers_credentials_is_not_ready_until_a_send_is_delivered():
