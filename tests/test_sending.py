@@ -1,7 +1,6 @@
 """send() from process_message: a message is committed only after what it sent is confirmed, so an
 output the broker never got keeps its input uncommitted (and retried) instead of losing it."""
 
-import glob
 import json
 import logging
 import re
@@ -10,7 +9,6 @@ import subprocess
 import sys
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 from kafka.errors import KafkaTimeoutError
@@ -254,24 +252,37 @@ def test_librdkafkas_lines_go_through_the_kernels_logging_without_secrets(caplog
     assert "secret-8" not in caplog.text and "rdkafka" not in capfd.readouterr().err
 
 
-def librdkafka_threads() -> int:
-    """How many threads of librdkafka's this process has (it names them rdk:main, rdk:broker-1...)."""
-    return sum(Path(comm).read_text().startswith("rdk:") for comm in glob.glob("/proc/self/task/*/comm"))
+ENDING = """import glob, sys
+sys.path.insert(0, {repo!r})
+import main
+from tests.fixtures import settings_from
+
+def threads():  # librdkafka names its threads rdk:main, rdk:broker-1...
+    return sum(open(comm).read().startswith("rdk:") for comm in glob.glob("/proc/self/task/*/comm"))
+
+settings = settings_from({{"KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:{port}", "KAFKA_PRODUCE_TIMEOUT_MS": "500",
+                          "KERNEL_SHUTDOWN_TIMEOUT_MS": "100"}})
+for use in (lambda producer: producer.probe(0.3), lambda producer: (producer.send("t", b"k", b"v", []),
+                                                                    producer.close())):
+    producer = main.LibrdkafkaProducer(settings)
+    producer.connect()
+    running = threads()
+    use(producer)
+    print(running, threads(), producer.client is None and not producer.poller.is_alive())
+"""
 
 
-def test_a_closed_producer_and_the_probe_of_check_leave_no_thread_of_librdkafkas():
+def test_a_closed_producer_and_the_probe_of_check_leave_no_thread_of_librdkafkas(tmp_path):
     """Left running into the process's exit, librdkafka's threads crashed it once over TLS (a segmentation
-    fault after `check` had said ok): closing the producer destroys its client, and so does `check`'s probe."""
-    settings = settings_from({"KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}", "KAFKA_PRODUCE_TIMEOUT_MS": "500",
-                              "KERNEL_SHUTDOWN_TIMEOUT_MS": "100"})
-    for use in (lambda producer: producer.probe(0.3), lambda producer: (producer.send("t", b"k", b"v", []),
-                                                                        producer.close())):
-        before = librdkafka_threads()  # another test's producer, on this worker, may have some
-        producer = main.LibrdkafkaProducer(settings)
-        producer.connect()
-        assert librdkafka_threads() > before
-        use(producer)
-        assert librdkafka_threads() <= before and producer.client is None and not producer.poller.is_alive()
+    fault after `check` had said ok): closing the producer destroys its client, and so does `check`'s
+    probe. In a process of its own: another test's producer would have threads of its own."""
+    script = tmp_path / "ending.py"
+    script.write_text(ENDING.format(repo=str(REPO), port=free_port()))
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    lines = [line.split() for line in run.stdout.splitlines()]
+    assert run.returncode == 0 and len(lines) == 2, run.stdout + run.stderr[-2000:]
+    for running, left, ended in lines:
+        assert int(running) > 0 and (left, ended) == ("0", "True"), run.stdout
 
 
 def test_a_refusal_of_the_producers_credentials_is_not_ready_until_a_send_is_delivered():
