@@ -1652,6 +1652,14 @@ SIZE_ERRORS = (kafka.errors.MessageSizeTooLargeError, kafka.errors.RecordListToo
 DROPPABLE = ("value", "key")  # what a dead letter too large goes without, in turn
 
 
+def smaller(dropped: tuple[str, ...], error: KafkaError | None) -> tuple[str, ...] | None:
+    """What a dead letter sent without `dropped`, and refused with `error`, goes without next: one part
+    more when it was too large, None when that is not why or nothing is left to drop."""
+    if isinstance(error, SIZE_ERRORS) and len(dropped) < len(DROPPABLE):
+        return DROPPABLE[:len(dropped) + 1]
+    return None
+
+
 def producible_headers(headers: list) -> list[tuple[str, bytes]]:
     """Headers as kafka-python's producer takes them: (str, bytes) pairs. A null value, which Kafka
     allows (and message.headers can hold) but the producer refuses, is sent empty; anything else
@@ -2038,8 +2046,8 @@ class DeadLetterTopic:
         for published, (record, future) in enumerate(zip(records, futures, strict=True)):
             error = delivery_error(future, max(0.0, deadline_s - time.monotonic()))
             dropped = ()
-            while isinstance(error, SIZE_ERRORS) and len(dropped) < len(DROPPABLE):
-                dropped = DROPPABLE[:len(dropped) + 1]
+            while (fewer := smaller(dropped, error)) is not None:
+                dropped = fewer
                 future = self.send(record, attempts, reason, exception, without=dropped)
                 error = delivery_error(future, self.producer.timeout_s)
             if error is not None:
@@ -2139,8 +2147,7 @@ class LaneTask:
     lanes: list[Lane]
     records: list
     # (finished, started_s): records[:finished] are done (returned True with what they sent confirmed, or
-    # dead-lettered), and
-    # the one in hand started at time.monotonic() started_s (0.0: none yet).
+    # dead-lettered), and the one in hand started at time.monotonic() started_s (0.0: none yet).
     progress: tuple[int, float] = (0, 0.0)
     warned_slow: int = -1  # the `finished` index a slowness warning was logged for (the loop's)
     cancelled: bool = False
@@ -2225,9 +2232,9 @@ class DeadLetterSent(list):
 
     def sent_smaller(self, error: KafkaError) -> bool:
         """Whether, refused as too large, it went again without one more of its parts."""
-        if not isinstance(error, SIZE_ERRORS) or len(self.dropped) == len(DROPPABLE):
+        if (fewer := smaller(self.dropped, error)) is None:
             return False
-        self.dropped = DROPPABLE[:len(self.dropped) + 1]
+        self.dropped = fewer
         self[0] = self.send()
         return True
 
@@ -4244,4 +4251,4 @@ check_your_part(names_of_your_part)
 
 # The machinery's digest as the template shipped it (devtools/stamp_machinery.py writes it): `check` and
 # tests/test_template.py compare it with what is above, from "# End of your kernel" on.
-MACHINERY_SHA256 = "0ef59161b12d457198fc2da8729d08677049ec75de7e4c48edef1e81c8b0863b"
+MACHINERY_SHA256 = "4402fb1f0a111e1c6d3ab617a392132a2beba8c8d1f4d7c2858ac7b86232bc61"
